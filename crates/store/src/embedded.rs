@@ -1,0 +1,487 @@
+//! The embedded datastore: SQLite in WAL mode holding a revisioned key/value log, the way k3s's
+//! kine serves etcd's model from SQL. Several processes (lab agents, the CLI, the CNI plugin) open
+//! the same file at once; SQLite's locking serialises writers and WAL lets readers run alongside.
+//!
+//! Tables: `log` (one row per change; its row id is the revision; a NULL value is a deletion),
+//! `current` (the latest value of every live key, for fast get/list), `meta` (compaction point).
+//! Watches poll `PRAGMA data_version`, which changes whenever another connection commits, and
+//! are woken at once by writes from this process.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{mpsc, watch};
+
+use crate::{Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
+
+/// Exclusive upper key bound for a prefix scan; `None` for the empty prefix (everything).
+fn upper_bound(prefix: &str) -> Option<Vec<u8>> {
+    (!prefix.is_empty()).then(|| prefix_end(prefix))
+}
+
+/// Where the lab and the CLI keep the embedded store unless told otherwise.
+pub const DEFAULT_PATH: &str = "/var/lib/gingham/store.db";
+
+/// How much history the store keeps for watches before compacting automatically.
+const KEEP_REVISIONS: i64 = 10_000;
+/// Automatic compaction runs every this many revisions.
+const COMPACT_EVERY: i64 = 1_000;
+/// How often watchers look for commits made by other processes.
+const POLL: Duration = Duration::from_millis(5);
+/// Rows a watcher reads per query.
+const WATCH_BATCH: i64 = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log (
+    rev INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    value BLOB,
+    create_rev INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_key_rev ON log (key, rev);
+CREATE TABLE IF NOT EXISTS current (
+    key TEXT PRIMARY KEY,
+    rev INTEGER NOT NULL,
+    create_rev INTEGER NOT NULL,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_rev', 0);
+";
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            StoreError::Unavailable(format!(
+                "embedded store is locked by another process for too long: {e}"
+            ))
+        }
+        e => StoreError::Backend(format!("sqlite: {e}")),
+    }
+}
+
+struct Shared {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    /// Latest revision known to this process; watchers wait on changes to it.
+    notify: watch::Sender<Revision>,
+    poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// An embedded store handle; cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot open embedded store {}: {e}",
+            path.display()
+        ))
+    })?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_err)?;
+    // NORMAL in WAL mode: a crashed process loses nothing committed; only power loss can drop
+    // the last transactions, never corrupt the file.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(db_err)?;
+    Ok(conn)
+}
+
+impl EmbeddedStore {
+    /// Open (creating if needed) the store at `path`, creating its directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = open_connection(&path)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        let rev = current_revision(&conn).map_err(db_err)?;
+        let (notify, _) = watch::channel(rev);
+        Ok(EmbeddedStore {
+            shared: Arc::new(Shared {
+                path,
+                conn: Mutex::new(conn),
+                notify,
+                poller: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection itself usable.
+        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` in an IMMEDIATE transaction (takes the write lock up front, so the reads inside
+    /// it see the state the write applies to) and wake local watchers.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Revision)>,
+    ) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let (out, rev) = f(&tx)?;
+        if rev % COMPACT_EVERY == 0 && rev > KEEP_REVISIONS {
+            compact_tx(&tx, rev - KEEP_REVISIONS)?;
+        }
+        tx.commit().map_err(db_err)?;
+        drop(conn);
+        self.shared.notify.send_if_modified(|r| {
+            let newer = rev > *r;
+            *r = (*r).max(rev);
+            newer
+        });
+        Ok(out)
+    }
+
+    /// Start the one poller per store that notices other processes' commits.
+    fn ensure_poller(&self) -> Result<()> {
+        let mut slot = self.shared.poller.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
+        }
+        let conn = open_connection(&self.shared.path)?;
+        let weak = Arc::downgrade(&self.shared);
+        *slot = Some(tokio::spawn(async move {
+            let mut last_version: i64 = -1;
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                let Ok(version) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+                else {
+                    continue;
+                };
+                if version != last_version {
+                    last_version = version;
+                    if let Ok(rev) = current_revision(&conn) {
+                        shared.notify.send_if_modified(|r| {
+                            let newer = rev > *r;
+                            *r = (*r).max(rev);
+                            newer
+                        });
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+fn current_revision(conn: &Connection) -> rusqlite::Result<Revision> {
+    conn.query_row(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
+        [],
+        |r| r.get(0),
+    )
+}
+
+fn compact_rev(conn: &Connection) -> rusqlite::Result<Revision> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE name = 'compact_rev'",
+        [],
+        |r| r.get(0),
+    )
+}
+
+fn compact_tx(tx: &rusqlite::Transaction<'_>, rev: Revision) -> Result<()> {
+    tx.execute("DELETE FROM log WHERE rev < ?1", params![rev])
+        .map_err(db_err)?;
+    tx.execute(
+        "UPDATE meta SET value = MAX(value, ?1 - 1) WHERE name = 'compact_rev'",
+        params![rev],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn current_row(tx: &Connection, key: &str) -> Result<Option<(Revision, Revision)>> {
+    tx.query_row(
+        "SELECT rev, create_rev FROM current WHERE key = ?1",
+        params![key],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map_err(db_err)
+}
+
+/// Append a change to the log and apply it to `current`; returns the new revision.
+fn append(
+    tx: &Connection,
+    key: &str,
+    value: Option<&[u8]>,
+    create_rev: Option<Revision>,
+) -> Result<Revision> {
+    tx.execute(
+        "INSERT INTO log (key, value, create_rev) VALUES (?1, ?2, ?3)",
+        params![key, value, create_rev.unwrap_or(0)],
+    )
+    .map_err(db_err)?;
+    let rev = tx.last_insert_rowid();
+    match value {
+        Some(v) => {
+            let create = create_rev.unwrap_or(rev);
+            tx.execute(
+                "INSERT INTO current (key, rev, create_rev, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET rev = excluded.rev, value = excluded.value",
+                params![key, rev, create, v],
+            )
+            .map_err(db_err)?;
+        }
+        None => {
+            tx.execute("DELETE FROM current WHERE key = ?1", params![key])
+                .map_err(db_err)?;
+        }
+    }
+    Ok(rev)
+}
+
+#[async_trait]
+impl Datastore for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded store {}", self.shared.path.display())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.conn()
+            .query_row(
+                "SELECT rev, create_rev, value FROM current WHERE key = ?1",
+                params![key],
+                |r| {
+                    Ok(KeyValue {
+                        key: key.to_string(),
+                        mod_revision: r.get(0)?,
+                        create_revision: r.get(1)?,
+                        value: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db_err)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut conn = self.conn();
+        // One read transaction: the items and the revision are one consistent snapshot.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(db_err)?;
+        let end = upper_bound(prefix);
+        let items = {
+            let mut stmt = tx
+                .prepare_cached("SELECT key, rev, create_rev, value FROM current WHERE key >= ?1 AND (?2 IS NULL OR key < CAST(?2 AS TEXT)) ORDER BY key")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![prefix, end], |r| {
+                    Ok(KeyValue {
+                        key: r.get(0)?,
+                        mod_revision: r.get(1)?,
+                        create_revision: r.get(2)?,
+                        value: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
+        };
+        let revision = current_revision(&tx).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Listing { items, revision })
+    }
+
+    async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
+        self.write(|tx| {
+            if current_row(tx, key)?.is_some() {
+                return Err(StoreError::AlreadyExists { key: key.into() });
+            }
+            let rev = append(tx, key, Some(value), None)?;
+            Ok((rev, rev))
+        })
+    }
+
+    async fn update(&self, key: &str, value: &[u8], revision: Revision) -> Result<Revision> {
+        self.write(|tx| {
+            let Some((rev, create)) = current_row(tx, key)? else {
+                return Err(StoreError::NotFound { key: key.into() });
+            };
+            if rev != revision {
+                return Err(StoreError::Conflict {
+                    key: key.into(),
+                    expected: revision,
+                    actual: rev,
+                });
+            }
+            let rev = append(tx, key, Some(value), Some(create))?;
+            Ok((rev, rev))
+        })
+    }
+
+    async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision> {
+        self.write(|tx| {
+            let Some((rev, create)) = current_row(tx, key)? else {
+                return Err(StoreError::NotFound { key: key.into() });
+            };
+            if let Some(expected) = revision.filter(|e| *e != rev) {
+                return Err(StoreError::Conflict {
+                    key: key.into(),
+                    expected,
+                    actual: rev,
+                });
+            }
+            let rev = append(tx, key, None, Some(create))?;
+            Ok((rev, rev))
+        })
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
+        self.ensure_poller()?;
+        let conn = open_connection(&self.shared.path)?;
+        let start = if from > 0 {
+            from
+        } else {
+            current_revision(&conn).map_err(db_err)? + 1
+        };
+        let compacted = compact_rev(&conn).map_err(db_err)?;
+        let (tx, rx) = mpsc::channel(1024);
+        if start <= compacted {
+            let _ = tx.try_send(Err(StoreError::Compacted {
+                requested: start,
+                compacted,
+            }));
+            return Ok(Watch::new(rx, tokio::spawn(async {})));
+        }
+        let mut wake = self.shared.notify.subscribe();
+        let prefix = prefix.to_string();
+        let end = upper_bound(&prefix);
+        let task = tokio::spawn(async move {
+            let mut next = start;
+            loop {
+                // Drain everything up to the newest revision, a batch at a time.
+                loop {
+                    let batch = read_log(&conn, &prefix, &end, next);
+                    let batch = match batch {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    let Some(&(last_rev, _)) = batch.last() else {
+                        break;
+                    };
+                    let full = batch.len() as i64 == WATCH_BATCH;
+                    for (_, ev) in batch {
+                        if let Some(ev) = ev {
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    next = last_rev + 1;
+                    if !full {
+                        break;
+                    }
+                }
+                // History we have not read yet may have been compacted away meanwhile.
+                if let Ok(c) = compact_rev(&conn) {
+                    if next <= c {
+                        let _ = tx
+                            .send(Err(StoreError::Compacted {
+                                requested: next,
+                                compacted: c,
+                            }))
+                            .await;
+                        return;
+                    }
+                }
+                if wake.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Watch::new(rx, task))
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        current_revision(&self.conn()).map_err(db_err)
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let current = current_revision(&tx).map_err(db_err)?;
+        if revision > current {
+            return Err(StoreError::Backend(format!(
+                "cannot compact to {revision}: the store is only at {current}"
+            )));
+        }
+        compact_tx(&tx, revision)?;
+        tx.commit().map_err(db_err)
+    }
+}
+
+/// Log rows with rev ≥ `from`, in order. Rows outside the prefix come back as `None` so the
+/// caller still advances past them (the scan is by revision, not by key).
+fn read_log(
+    conn: &Connection,
+    prefix: &str,
+    end: &Option<Vec<u8>>,
+    from: Revision,
+) -> Result<Vec<(Revision, Option<Event>)>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT rev, key, value, create_rev FROM log WHERE rev >= ?1 ORDER BY rev LIMIT ?2",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![from, WATCH_BATCH], |r| {
+            let rev: Revision = r.get(0)?;
+            let key: String = r.get(1)?;
+            let value: Option<Vec<u8>> = r.get(2)?;
+            let create: Revision = r.get(3)?;
+            Ok((rev, key, value, create))
+        })
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (rev, key, value, create) = row.map_err(db_err)?;
+        let inside = key.as_bytes() >= prefix.as_bytes()
+            && end.as_ref().is_none_or(|e| key.as_bytes() < e.as_slice());
+        // A create is logged with create_rev 0: it was created at its own revision.
+        let create = if create == 0 { rev } else { create };
+        let ev = inside.then(|| match value {
+            Some(value) => Event::Put(KeyValue {
+                key,
+                value,
+                mod_revision: rev,
+                create_revision: create,
+            }),
+            None => Event::Delete { key, revision: rev },
+        });
+        out.push((rev, ev));
+    }
+    Ok(out)
+}

@@ -1,0 +1,158 @@
+//! The Datastore trait and its two backends: an embedded SQLite revision log (several processes
+//! on one machine) and etcd v3 (clusters). Revisions are etcd's: one global counter, each key
+//! carrying the revision of its last change, compare-and-swap on that revision, and watches that
+//! resume from a revision or say that it was compacted.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub mod config;
+pub mod embedded;
+pub mod etcd;
+pub mod resources;
+pub mod testing;
+
+pub use config::{DatastoreConfig, connect};
+pub use resources::ResourceStore;
+
+pub type Revision = i64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the last change to this key (the resourceVersion).
+    pub mod_revision: Revision,
+    /// Revision at which the key was created.
+    pub create_revision: Revision,
+}
+
+/// A list result and the store revision it was read at (watch from `revision + 1`).
+#[derive(Clone, Debug)]
+pub struct Listing {
+    pub items: Vec<KeyValue>,
+    pub revision: Revision,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: String, revision: Revision },
+}
+
+impl Event {
+    pub fn revision(&self) -> Revision {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("{key} already exists")]
+    AlreadyExists { key: String },
+    #[error("{key} does not exist")]
+    NotFound { key: String },
+    #[error("{key} was changed by someone else (expected revision {expected}, now {actual})")]
+    Conflict {
+        key: String,
+        expected: Revision,
+        actual: Revision,
+    },
+    /// The watch (or read) asked for history that compaction removed: re-list, then watch again.
+    #[error(
+        "revision {requested} is compacted (history starts after {compacted}); re-list and watch again"
+    )]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    #[error("datastore unavailable: {0}")]
+    Unavailable(String),
+    #[error("datastore error: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A stream of ordered events. Ends with an error (e.g. `Compacted`) when the caller must re-list.
+pub struct Watch {
+    rx: mpsc::Receiver<Result<Event>>,
+    _task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Watch {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<Event>>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Watch {
+            rx,
+            _task: Some(task),
+        }
+    }
+
+    /// The next event; `None` when the watch has ended.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.rx.recv().await
+    }
+
+    /// The next event, or `None` if nothing arrives within `timeout`.
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Option<Result<Event>> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(t) = self._task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[async_trait]
+pub trait Datastore: Send + Sync {
+    /// Which backend this is, for messages ("embedded /var/lib/gingham/store.db", "etcd …").
+    fn describe(&self) -> String;
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+    /// Every key starting with `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<Listing>;
+    /// Fails with `AlreadyExists` if the key is present.
+    async fn create(&self, key: &str, value: &[u8]) -> Result<Revision>;
+    /// Compare-and-swap: writes only if the key's revision is still `revision`.
+    async fn update(&self, key: &str, value: &[u8], revision: Revision) -> Result<Revision>;
+    /// Deletes the key (only at `revision`, if given); returns the deletion's revision.
+    async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision>;
+    /// Events for keys under `prefix` with revision ≥ `from` (0 = from now on), in order.
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch>;
+    /// The store's current revision.
+    async fn revision(&self) -> Result<Revision>;
+    /// Drop history before `revision`.
+    async fn compact(&self, revision: Revision) -> Result<()>;
+}
+
+/// The exclusive upper bound of keys starting with `prefix`.
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // empty prefix: everything (etcd's convention)
+}

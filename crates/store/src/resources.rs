@@ -1,0 +1,274 @@
+//! Typed resource access over any Datastore: objects in Calico's key layout, the datastore
+//! revision exposed as metadata.resourceVersion, and create-or-update with immutable-field checks.
+
+use std::sync::Arc;
+
+use gingham_api::object::check_update;
+use gingham_api::{FieldError, Kind, Object};
+
+use crate::{Datastore, KeyValue, Revision, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored object {key} is not readable: {message}")]
+    Decode { key: String, message: String },
+    #[error("{kind} {name}: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        kind: Kind,
+        name: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("{kind} {name}: metadata.resourceVersion: {value:?} is not a revision number")]
+    BadResourceVersion {
+        kind: Kind,
+        name: String,
+        value: String,
+    },
+}
+
+pub type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// What `apply` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Updated,
+}
+
+#[derive(Clone)]
+pub struct ResourceStore {
+    ds: Arc<dyn Datastore>,
+}
+
+fn decode(kv: &KeyValue) -> Result<Object> {
+    let mut obj: Object = serde_json::from_slice(&kv.value).map_err(|e| ResourceError::Decode {
+        key: kv.key.clone(),
+        message: e.to_string(),
+    })?;
+    obj.metadata.resource_version = Some(kv.mod_revision.to_string());
+    Ok(obj)
+}
+
+fn kind_of(obj: &Object) -> Result<Kind> {
+    obj.kind().ok_or_else(|| ResourceError::Invalid {
+        kind: Kind::IPPool,
+        name: obj.metadata.name.clone(),
+        errors: vec![FieldError::new(
+            "kind",
+            format!("unknown kind {:?}", obj.kind),
+        )],
+    })
+}
+
+fn key_of(kind: Kind, obj: &Object) -> String {
+    kind.key(obj.namespace(), obj.name())
+}
+
+fn parse_rv(kind: Kind, obj: &Object) -> Result<Option<Revision>> {
+    match &obj.metadata.resource_version {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ResourceError::BadResourceVersion {
+                kind,
+                name: obj.name().into(),
+                value: v.clone(),
+            }),
+    }
+}
+
+/// A random RFC 4122 version-4 UUID for metadata.uid.
+fn new_uid() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        b = (nanos ^ u128::from(std::process::id()) << 64).to_le_bytes();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Now as RFC 3339 UTC, e.g. `2026-11-22T22:10:00Z`.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl ResourceStore {
+    pub fn new(ds: Arc<dyn Datastore>) -> Self {
+        ResourceStore { ds }
+    }
+
+    pub fn datastore(&self) -> &Arc<dyn Datastore> {
+        &self.ds
+    }
+
+    pub async fn get(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Object>> {
+        self.ds
+            .get(&kind.key(namespace, name))
+            .await?
+            .as_ref()
+            .map(decode)
+            .transpose()
+    }
+
+    /// Every object of `kind`, in one namespace or (None) in all.
+    pub async fn list(&self, kind: Kind, namespace: Option<&str>) -> Result<Vec<Object>> {
+        let listing = self.ds.list(&kind.prefix(namespace)).await?;
+        listing.items.iter().map(decode).collect()
+    }
+
+    /// Create; fails with AlreadyExists. Sets uid and creationTimestamp.
+    pub async fn create(&self, mut obj: Object) -> Result<Object> {
+        let kind = kind_of(&obj)?;
+        obj.metadata.uid = Some(new_uid());
+        obj.metadata.creation_timestamp = Some(now_rfc3339());
+        let rev = self
+            .ds
+            .create(&key_of(kind, &obj), &obj.to_stored_json())
+            .await?;
+        obj.metadata.resource_version = Some(rev.to_string());
+        Ok(obj)
+    }
+
+    /// Replace an existing object. With metadata.resourceVersion set, only if it is still current;
+    /// without, against whatever is stored now. Immutable fields are checked against the stored copy.
+    pub async fn update(&self, mut obj: Object) -> Result<Object> {
+        let kind = kind_of(&obj)?;
+        let key = key_of(kind, &obj);
+        let Some(current_kv) = self.ds.get(&key).await? else {
+            return Err(StoreError::NotFound { key }.into());
+        };
+        let current = decode(&current_kv)?;
+        let expected = parse_rv(kind, &obj)?.unwrap_or(current_kv.mod_revision);
+        let errors = check_update(&current, &obj);
+        if !errors.is_empty() {
+            return Err(ResourceError::Invalid {
+                kind,
+                name: obj.name().into(),
+                errors,
+            });
+        }
+        obj.metadata.uid = current.metadata.uid.clone();
+        obj.metadata.creation_timestamp = current.metadata.creation_timestamp.clone();
+        let rev = self
+            .ds
+            .update(&key, &obj.to_stored_json(), expected)
+            .await?;
+        obj.metadata.resource_version = Some(rev.to_string());
+        Ok(obj)
+    }
+
+    /// Create or replace (calicoctl apply). Retries when it races another writer.
+    pub async fn apply(&self, obj: Object) -> Result<(Object, Applied)> {
+        let kind = kind_of(&obj)?;
+        let pinned = parse_rv(kind, &obj)?.is_some();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let result = match self.get(kind, obj.namespace(), obj.name()).await? {
+                None if !pinned => self
+                    .create(obj.clone())
+                    .await
+                    .map(|o| (o, Applied::Created)),
+                None => Err(StoreError::NotFound {
+                    key: key_of(kind, &obj),
+                }
+                .into()),
+                Some(current) => {
+                    let mut next = obj.clone();
+                    if !pinned {
+                        next.metadata.resource_version = current.metadata.resource_version.clone();
+                    }
+                    self.update(next).await.map(|o| (o, Applied::Updated))
+                }
+            };
+            match result {
+                Err(ResourceError::Store(
+                    StoreError::AlreadyExists { .. }
+                    | StoreError::Conflict { .. }
+                    | StoreError::NotFound { .. },
+                )) if !pinned && attempts < 10 => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Delete, optionally only at a given resourceVersion; returns the deleted object.
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        revision: Option<Revision>,
+    ) -> Result<Object> {
+        let key = kind.key(namespace, name);
+        let Some(kv) = self.ds.get(&key).await? else {
+            return Err(StoreError::NotFound { key }.into());
+        };
+        let obj = decode(&kv)?;
+        self.ds
+            .delete(&key, Some(revision.unwrap_or(kv.mod_revision)))
+            .await?;
+        Ok(obj)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_and_time_shapes() {
+        let u = new_uid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, new_uid());
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

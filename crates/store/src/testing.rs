@@ -1,0 +1,184 @@
+//! Test support: a real etcd server (the distribution's etcd-server) on a free loopback port, in a
+//! temporary data directory, stopped and removed on drop. Used by tests and the store benchmark.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::etcd::{EtcdConfig, EtcdStore};
+
+pub struct EtcdServer {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub config: EtcdConfig,
+}
+
+/// Client-side TLS material written by [`write_test_certificates`].
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(cmd: &mut Command) -> std::io::Result<()> {
+    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI).
+pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
+    let p = |n: &str| dir.join(n);
+    let key = |name: &str| {
+        run(Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+            ])
+            .arg(p(name)))
+    };
+    key("ca.key")?;
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-new", "-key"])
+        .arg(p("ca.key"))
+        .args(["-subj", "/CN=gingham-test-ca", "-days", "2", "-out"])
+        .arg(p("ca.pem")))?;
+    for (name, usage) in [
+        ("server", "serverAuth,clientAuth"),
+        ("client", "clientAuth"),
+    ] {
+        key(&format!("{name}.key"))?;
+        run(Command::new("openssl")
+            .args(["req", "-new", "-key"])
+            .arg(p(&format!("{name}.key")))
+            .args(["-subj", &format!("/CN={name}"), "-out"])
+            .arg(p(&format!("{name}.csr"))))?;
+        std::fs::write(
+            p(&format!("{name}.ext")),
+            format!(
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
+            ),
+        )?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-in"])
+            .arg(p(&format!("{name}.csr")))
+            .arg("-CA")
+            .arg(p("ca.pem"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .args(["-CAcreateserial", "-days", "2", "-extfile"])
+            .arg(p(&format!("{name}.ext")))
+            .arg("-out")
+            .arg(p(&format!("{name}.pem"))))?;
+    }
+    Ok(TlsFiles {
+        ca: p("ca.pem"),
+        server_cert: p("server.pem"),
+        server_key: p("server.key"),
+        client_cert: p("client.pem"),
+        client_key: p("client.key"),
+    })
+}
+
+impl EtcdServer {
+    /// Start a plain-HTTP etcd; `data_base` picks where the data dir lives (tmpfs makes fsync free).
+    pub fn start_in(data_base: &Path) -> std::io::Result<EtcdServer> {
+        Self::launch(data_base, None)
+    }
+
+    pub fn start() -> std::io::Result<EtcdServer> {
+        Self::launch(Path::new("/tmp"), None)
+    }
+
+    /// Start etcd serving TLS with client-certificate authentication.
+    pub fn start_tls(tls: &TlsFiles) -> std::io::Result<EtcdServer> {
+        Self::launch(Path::new("/tmp"), Some(tls))
+    }
+
+    fn launch(data_base: &Path, tls: Option<&TlsFiles>) -> std::io::Result<EtcdServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("gingham-etcd-")
+            .tempdir_in(data_base)?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=gingham-test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=gingham-test={peer_url}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("etcd.log"))?);
+        if let Some(t) = tls {
+            cmd.arg(format!("--cert-file={}", t.server_cert.display()))
+                .arg(format!("--key-file={}", t.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot start etcd (is the etcd-server package installed?): {e}"
+            ))
+        })?;
+        let config = EtcdConfig {
+            endpoints: vec![client_url],
+            ca_cert_file: tls.map(|t| t.ca.display().to_string()),
+            cert_file: tls.map(|t| t.client_cert.display().to_string()),
+            key_file: tls.map(|t| t.client_key.display().to_string()),
+        };
+        let mut server = EtcdServer { child, dir, config };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if Instant::now() > deadline || server.child.try_wait()?.is_some() {
+                let log =
+                    std::fs::read_to_string(server.dir.path().join("etcd.log")).unwrap_or_default();
+                return Err(std::io::Error::other(format!("etcd did not start: {log}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    /// Connect, retrying while etcd finishes starting (it accepts TCP before it serves).
+    pub async fn connect(&self) -> crate::Result<EtcdStore> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match EtcdStore::connect(&self.config).await {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,320 @@
+//! One conformance suite, run on both backends: the embedded SQLite store and a real etcd
+//! server (the etcd-server package) started on a free loopback port for each test.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gingham_store::embedded::EmbeddedStore;
+use gingham_store::testing::{EtcdServer, write_test_certificates};
+use gingham_store::{Datastore, Event, StoreError};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Keeps the temporary directory or the etcd process alive for the test's duration.
+#[allow(dead_code)]
+enum Backend {
+    Embedded(tempfile::TempDir),
+    Etcd(EtcdServer),
+}
+
+async fn open(kind: &str) -> (Arc<dyn Datastore>, Backend) {
+    match kind {
+        "embedded" => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(dir.path().join("store.db")).unwrap();
+            (Arc::new(store), Backend::Embedded(dir))
+        }
+        _ => {
+            let base = if Path::new("/dev/shm").is_dir() {
+                Path::new("/dev/shm")
+            } else {
+                Path::new("/tmp")
+            };
+            let server = EtcdServer::start_in(base)
+                .expect("etcd-server must be installed (the test command installs it)");
+            let store = server.connect().await.unwrap();
+            (Arc::new(store), Backend::Etcd(server))
+        }
+    }
+}
+
+async fn create_get_and_exists(ds: &dyn Datastore) {
+    let rev = ds.create("/t/a", b"1").await.unwrap();
+    let kv = ds.get("/t/a").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
+        (&b"1"[..], rev, rev)
+    );
+    assert_eq!(
+        ds.create("/t/a", b"2").await,
+        Err(StoreError::AlreadyExists { key: "/t/a".into() })
+    );
+    assert_eq!(
+        ds.get("/t/a").await.unwrap().unwrap().value,
+        b"1",
+        "a failed create changes nothing"
+    );
+    assert_eq!(ds.get("/t/missing").await.unwrap(), None);
+    assert!(ds.revision().await.unwrap() >= rev);
+}
+
+async fn compare_and_swap(ds: &dyn Datastore) {
+    let r1 = ds.create("/t/cas", b"v1").await.unwrap();
+    let r2 = ds.update("/t/cas", b"v2", r1).await.unwrap();
+    assert!(r2 > r1);
+    match ds.update("/t/cas", b"stale", r1).await {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (r1, r2)),
+        other => panic!("stale update must conflict, got {other:?}"),
+    }
+    let kv = ds.get("/t/cas").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
+        (&b"v2"[..], r2, r1)
+    );
+    assert_eq!(
+        ds.update("/t/none", b"x", 1).await,
+        Err(StoreError::NotFound {
+            key: "/t/none".into()
+        })
+    );
+}
+
+async fn delete_at_revision(ds: &dyn Datastore) {
+    let r1 = ds.create("/t/d", b"x").await.unwrap();
+    let r2 = ds.update("/t/d", b"y", r1).await.unwrap();
+    assert!(matches!(
+        ds.delete("/t/d", Some(r1)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(
+        ds.get("/t/d").await.unwrap().is_some(),
+        "a conflicting delete deletes nothing"
+    );
+    let r3 = ds.delete("/t/d", Some(r2)).await.unwrap();
+    assert!(r3 > r2);
+    assert_eq!(ds.get("/t/d").await.unwrap(), None);
+    assert_eq!(
+        ds.delete("/t/d", None).await,
+        Err(StoreError::NotFound { key: "/t/d".into() })
+    );
+    ds.create("/t/d", b"again").await.unwrap();
+    ds.delete("/t/d", None).await.unwrap();
+    // Re-created keys start a new life: create_revision moves on.
+    let r = ds.create("/t/d", b"third").await.unwrap();
+    assert_eq!(ds.get("/t/d").await.unwrap().unwrap().create_revision, r);
+}
+
+async fn list_by_prefix(ds: &dyn Datastore) {
+    for k in ["/p/a/2", "/p/a/1", "/p/ab/1", "/p/b/1", "/q/a/1"] {
+        ds.create(k, k.as_bytes()).await.unwrap();
+    }
+    let l = ds.list("/p/a/").await.unwrap();
+    let keys: Vec<&str> = l.items.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["/p/a/1", "/p/a/2"]);
+    assert_eq!(l.items[0].value, b"/p/a/1");
+    assert!(l.revision >= l.items.iter().map(|kv| kv.mod_revision).max().unwrap());
+    assert_eq!(ds.list("/p/").await.unwrap().items.len(), 4);
+    assert!(ds.list("/nothing/").await.unwrap().items.is_empty());
+}
+
+async fn watch_from_revision(ds: &dyn Datastore) {
+    let start = ds.revision().await.unwrap() + 1;
+    let r1 = ds.create("/w/x", b"1").await.unwrap();
+    ds.create("/other/x", b"ignored").await.unwrap();
+    let r2 = ds.update("/w/x", b"2", r1).await.unwrap();
+    let r3 = ds.delete("/w/x", None).await.unwrap();
+    let mut w = ds.watch("/w/", start).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(w.next_timeout(WAIT).await.expect("event").unwrap());
+    }
+    assert!(
+        matches!(&got[0], Event::Put(kv) if kv.key == "/w/x" && kv.value == b"1" && kv.mod_revision == r1 && kv.create_revision == r1)
+    );
+    assert!(
+        matches!(&got[1], Event::Put(kv) if kv.value == b"2" && kv.mod_revision == r2 && kv.create_revision == r1)
+    );
+    assert_eq!(
+        got[2],
+        Event::Delete {
+            key: "/w/x".into(),
+            revision: r3
+        }
+    );
+    // Then live events, still in order, still only the prefix.
+    ds.create("/other/y", b"ignored").await.unwrap();
+    let r4 = ds.create("/w/y", b"live").await.unwrap();
+    let ev = w.next_timeout(WAIT).await.expect("live event").unwrap();
+    assert_eq!((ev.key(), ev.revision()), ("/w/y", r4));
+    assert!(
+        w.next_timeout(Duration::from_millis(200)).await.is_none(),
+        "no event for other prefixes"
+    );
+}
+
+async fn watch_from_now(ds: &dyn Datastore) {
+    ds.create("/n/old", b"before").await.unwrap();
+    let mut w = ds.watch("/n/", 0).await.unwrap();
+    let r = ds.create("/n/new", b"after").await.unwrap();
+    let ev = w.next_timeout(WAIT).await.expect("event").unwrap();
+    assert_eq!((ev.key(), ev.revision()), ("/n/new", r));
+}
+
+async fn compaction_is_reported(ds: &dyn Datastore) {
+    let first = ds.create("/c/k", b"0").await.unwrap();
+    let mut rev = first;
+    for i in 1..5 {
+        rev = ds
+            .update("/c/k", i.to_string().as_bytes(), rev)
+            .await
+            .unwrap();
+    }
+    ds.compact(rev).await.unwrap();
+    let mut w = ds.watch("/c/", first).await.unwrap();
+    match w
+        .next_timeout(WAIT)
+        .await
+        .expect("the watch must report compaction")
+    {
+        Err(StoreError::Compacted { .. }) => {}
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    // Current state is unaffected, and watching from the compaction point works.
+    assert_eq!(ds.get("/c/k").await.unwrap().unwrap().value, b"4");
+    let mut w = ds.watch("/c/", rev).await.unwrap();
+    let ev = w
+        .next_timeout(WAIT)
+        .await
+        .expect("event at the compaction revision")
+        .unwrap();
+    assert_eq!(ev.revision(), rev);
+}
+
+/// Many writers incrementing one counter by compare-and-swap: no lost update.
+async fn concurrent_cas_loses_nothing(ds: Arc<dyn Datastore>) {
+    ds.create("/cnt", b"0").await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let ds = ds.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0;
+            for _ in 0..25 {
+                loop {
+                    let kv = ds.get("/cnt").await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
+                    match ds
+                        .update("/cnt", (n + 1).to_string().as_bytes(), kv.mod_revision)
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(StoreError::Conflict { .. }) => conflicts += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(ds.get("/cnt").await.unwrap().unwrap().value, b"200");
+}
+
+macro_rules! conformance {
+    ($($name:ident),* ; $arc:ident) => {
+        mod embedded {
+            use super::*;
+            $( #[tokio::test] async fn $name() { let (ds, _b) = open("embedded").await; super::$name(ds.as_ref()).await; } )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $arc() { let (ds, _b) = open("embedded").await; super::$arc(ds).await; }
+        }
+        mod etcd {
+            use super::*;
+            $( #[tokio::test] async fn $name() { let (ds, _b) = open("etcd").await; super::$name(ds.as_ref()).await; } )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $arc() { let (ds, _b) = open("etcd").await; super::$arc(ds).await; }
+        }
+    };
+}
+
+conformance!(
+    create_get_and_exists,
+    compare_and_swap,
+    delete_at_revision,
+    list_by_prefix,
+    watch_from_revision,
+    watch_from_now,
+    compaction_is_reported;
+    concurrent_cas_loses_nothing
+);
+
+/// Two handles on one file behave like two processes: a watch on one sees the other's commits
+/// (through PRAGMA data_version polling, not the in-process wake-up).
+#[tokio::test]
+async fn embedded_handles_share_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = EmbeddedStore::open(&path).unwrap();
+    let b = EmbeddedStore::open(&path).unwrap();
+    let mut w = a.watch("/s/", 0).await.unwrap();
+    let r = b.create("/s/k", b"from b").await.unwrap();
+    let ev = w
+        .next_timeout(WAIT)
+        .await
+        .expect("a sees b's write")
+        .unwrap();
+    assert_eq!((ev.key(), ev.revision()), ("/s/k", r));
+    assert_eq!(a.get("/s/k").await.unwrap().unwrap().value, b"from b");
+    assert!(matches!(
+        a.update("/s/k", b"x", r - 1).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+/// History beyond the retention window is compacted automatically, and a slow watcher that
+/// falls behind it is told to re-list.
+#[tokio::test]
+async fn embedded_compacts_automatically() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = EmbeddedStore::open(dir.path().join("c.db")).unwrap();
+    let mut rev = s.create("/a/k", b"0").await.unwrap();
+    for i in 0..11_000 {
+        rev = s
+            .update("/a/k", i.to_string().as_bytes(), rev)
+            .await
+            .unwrap();
+    }
+    let mut w = s.watch("/a/", 2).await.unwrap();
+    assert!(matches!(
+        w.next_timeout(WAIT).await,
+        Some(Err(StoreError::Compacted { .. }))
+    ));
+    let mut w = s.watch("/a/", rev - 100).await.unwrap();
+    assert_eq!(
+        w.next_timeout(WAIT).await.unwrap().unwrap().revision(),
+        rev - 100
+    );
+}
+
+#[tokio::test]
+async fn etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = write_test_certificates(dir.path()).unwrap();
+    let server = EtcdServer::start_tls(&tls).unwrap();
+    let store = server.connect().await.unwrap();
+    let r = store.create("/tls/k", b"v").await.unwrap();
+    assert_eq!(store.get("/tls/k").await.unwrap().unwrap().mod_revision, r);
+    // Without the client certificate the server refuses us.
+    let mut no_cert = server.config.clone();
+    no_cert.cert_file = None;
+    no_cert.key_file = None;
+    assert!(
+        gingham_store::etcd::EtcdStore::connect(&no_cert)
+            .await
+            .is_err()
+    );
+}
