@@ -67,6 +67,16 @@ fn subject(v: &Value) -> Option<String> {
 /// Parse every document in `text` (YAML or JSON). All documents are validated; on any error
 /// every error is returned and nothing is usable, so callers write nothing.
 pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Vec<DocumentError>> {
+    parse_documents_in(source, text, None)
+}
+
+/// As [`parse_documents`]; namespaced resources that name no namespace get `default_namespace`
+/// (calicoctl's `-n`), else `default`.
+pub fn parse_documents_in(
+    source: &str,
+    text: &str,
+    default_namespace: Option<&str>,
+) -> Result<Vec<Document>, Vec<DocumentError>> {
     let values: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(v) => v,
         Err(e) => {
@@ -100,7 +110,16 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Vec<Do
         };
         match expand(value.clone()) {
             Ok(items) => {
-                for (item, mapped_from) in items {
+                for (mut item, mapped_from) in items {
+                    if let (Some(ns), Ok(kind)) = (default_namespace, kind_of(&item)) {
+                        if kind.namespaced() && item.pointer("/metadata/namespace").is_none() {
+                            if let Some(meta) =
+                                item.get_mut("metadata").and_then(Value::as_object_mut)
+                            {
+                                meta.insert("namespace".into(), Value::String(ns.into()));
+                            }
+                        }
+                    }
                     match normalize(&item) {
                         Ok(object) => docs.push(Document {
                             source: source.into(),

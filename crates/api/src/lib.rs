@@ -10,7 +10,7 @@ pub mod policy;
 pub mod selector;
 pub mod validate;
 
-pub use document::{Document, DocumentError, parse_documents};
+pub use document::{Document, DocumentError, parse_documents, parse_documents_in};
 pub use object::{Kind, Object, ObjectMeta};
 pub use selector::Selector;
 pub use validate::FieldError;

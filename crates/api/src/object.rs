@@ -338,19 +338,29 @@ impl fmt::Display for Kind {
 pub struct ObjectMeta {
     #[serde(default)]
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub generate_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub finalizers: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_references: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub managed_fields: Option<Value>,
 }
 
@@ -458,8 +468,9 @@ fn typed<S: Spec>(object: &Value) -> Result<Object, Vec<FieldError>> {
             format!("{k} is cluster-scoped; remove namespace {ns:?}"),
         ));
     }
-    for key in metadata.labels.keys() {
+    for (key, value) in &metadata.labels {
         crate::validate::check_label_key(key, &format!("metadata.labels.{key}"), &mut errors);
+        crate::validate::check_label_value(value, &format!("metadata.labels.{key}"), &mut errors);
     }
     spec.default_fields(&metadata);
     spec.validate(&metadata, &mut errors);

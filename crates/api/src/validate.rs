@@ -99,6 +99,25 @@ pub fn check_label_key(key: &str, path: &str, errors: &mut Errors) {
     }
 }
 
+/// Kubernetes label value: empty, or ≤ 63 alphanumerics, '-', '_', '.' starting and ending alphanumeric.
+pub fn check_label_value(value: &str, path: &str, errors: &mut Errors) {
+    let b = value.as_bytes();
+    let ok = value.is_empty()
+        || (b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric());
+    if !ok {
+        errors.push(FieldError::new(
+            path,
+            format!(
+                "{value:?} is not a valid label value (at most 63 letters, digits, '-', '_', '.')"
+            ),
+        ));
+    }
+}
+
 pub fn check_selector(sel: &str, path: &str, errors: &mut Errors) -> Option<Selector> {
     match Selector::parse(sel) {
         Ok(s) => Some(s),

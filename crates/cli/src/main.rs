@@ -1,3 +1,339 @@
-fn main() {
-    println!("Hello, world!");
+//! `gingham`: the calicoctl-style command line.
+
+mod output;
+mod resources;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gingham_store::config::{DatastoreConfig, Settings};
+use gingham_store::{ResourceStore, connect};
+
+use crate::output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "gingham",
+    version,
+    about = "gingham: Calico-compatible Kubernetes networking — resource and cluster management"
+)]
+struct Cli {
+    #[command(flatten)]
+    datastore: DatastoreFlags,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Datastore selection (flags beat the config file, which beats the environment).
+#[derive(Args)]
+struct DatastoreFlags {
+    /// calicoctl-style config file (kind CalicoAPIConfig).
+    #[arg(short = 'c', long = "config", env = "GINGHAM_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// embedded or etcdv3.
+    #[arg(long, global = true)]
+    datastore_type: Option<String>,
+    /// Comma-separated etcd endpoints.
+    #[arg(long, global = true)]
+    etcd_endpoints: Option<String>,
+    #[arg(long, global = true)]
+    etcd_ca_cert_file: Option<String>,
+    #[arg(long, global = true)]
+    etcd_cert_file: Option<String>,
+    #[arg(long, global = true)]
+    etcd_key_file: Option<String>,
+    /// The embedded store's file (default /var/lib/gingham/store.db).
+    #[arg(long, global = true)]
+    store_path: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct FileArgs {
+    /// File, directory or - for standard input (YAML or JSON, several documents allowed).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<String>,
+    /// Descend into subdirectories.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// Namespace for namespaced resources that do not name one.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or replace resources from files.
+    Apply(FileArgs),
+    /// Create resources; fails if any exists (unless --skip-exists).
+    Create {
+        #[command(flatten)]
+        files: FileArgs,
+        #[arg(long)]
+        skip_exists: bool,
+    },
+    /// Replace existing resources (compare-and-swap on resourceVersion when given).
+    Replace(FileArgs),
+    /// Delete resources by KIND NAME... or from files.
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        skip_not_exists: bool,
+    },
+    /// Show resources.
+    Get {
+        kind: String,
+        names: Vec<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "ps")]
+        output: Format,
+    },
+    /// Change a resource with a JSON/YAML merge patch.
+    Patch {
+        kind: String,
+        name: String,
+        #[arg(short = 'p', long)]
+        patch: String,
+        /// merge (RFC 7386; "strategic" is taken as merge).
+        #[arg(short = 't', long = "type", default_value = "merge")]
+        patch_type: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Set (key=value) or remove (key- or --remove key) a label.
+    Label {
+        kind: String,
+        name: String,
+        label: String,
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long)]
+        remove: bool,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Validate files without touching the datastore.
+    Validate(FileArgs),
+    /// The selector language.
+    Selector {
+        #[command(subcommand)]
+        command: SelectorCommand,
+    },
+    /// Show which datastore the other commands use.
+    Datastore,
+}
+
+#[derive(Subcommand)]
+enum SelectorCommand {
+    /// Evaluate a selector against labels: prints true or false.
+    Eval {
+        selector: String,
+        /// Labels as a JSON object of strings.
+        #[arg(long, default_value = "{}")]
+        labels: String,
+    },
+}
+
+impl DatastoreFlags {
+    fn resolve(&self) -> anyhow::Result<DatastoreConfig> {
+        let flags = Settings {
+            datastore_type: self.datastore_type.clone(),
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_ca_cert_file: self.etcd_ca_cert_file.clone(),
+            etcd_cert_file: self.etcd_cert_file.clone(),
+            etcd_key_file: self.etcd_key_file.clone(),
+            store_path: self.store_path.clone(),
+        };
+        DatastoreConfig::resolve(
+            flags,
+            self.config.as_deref(),
+            Settings::from_env(|k| std::env::var(k).ok()),
+        )
+        .map_err(anyhow::Error::msg)
+    }
+
+    async fn open(&self) -> anyhow::Result<ResourceStore> {
+        let cfg = self.resolve()?;
+        let ds = connect(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(ResourceStore::new(ds))
+    }
+}
+
+fn selector_eval(selector: &str, labels: &str) -> anyhow::Result<bool> {
+    let labels: std::collections::BTreeMap<String, String> = serde_json::from_str(labels)
+        .map_err(|e| anyhow::anyhow!("--labels must be a JSON object of strings: {e}"))?;
+    let sel = gingham_api::Selector::parse(selector)
+        .map_err(|e| anyhow::anyhow!("invalid selector: {e}\n{}", e.pointer(selector)))?;
+    Ok(sel.matches(&labels))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ds = &cli.datastore;
+    match cli.command {
+        Command::Selector {
+            command: SelectorCommand::Eval { selector, labels },
+        } => {
+            println!("{}", selector_eval(&selector, &labels)?);
+            Ok(())
+        }
+        Command::Validate(f) => resources::validate(&f),
+        Command::Datastore => {
+            let store = ds.open().await?;
+            println!("{}", store.datastore().describe());
+            Ok(())
+        }
+        Command::Apply(f) => resources::apply(&ds.open().await?, &f, resources::Mode::Apply).await,
+        Command::Create { files, skip_exists } => {
+            resources::apply(
+                &ds.open().await?,
+                &files,
+                resources::Mode::Create { skip_exists },
+            )
+            .await
+        }
+        Command::Replace(f) => {
+            resources::apply(&ds.open().await?, &f, resources::Mode::Replace).await
+        }
+        Command::Delete {
+            kind,
+            names,
+            files,
+            recursive,
+            namespace,
+            skip_not_exists,
+        } => {
+            let store = ds.open().await?;
+            if files.is_empty() {
+                let Some(kind) = kind else {
+                    anyhow::bail!("give KIND NAME... or -f FILE")
+                };
+                resources::delete_named(
+                    &store,
+                    &kind,
+                    &names,
+                    namespace.as_deref(),
+                    skip_not_exists,
+                )
+                .await
+            } else {
+                resources::delete_files(
+                    &store,
+                    &FileArgs {
+                        files,
+                        recursive,
+                        namespace,
+                    },
+                    skip_not_exists,
+                )
+                .await
+            }
+        }
+        Command::Get {
+            kind,
+            names,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            resources::get(
+                &ds.open().await?,
+                &kind,
+                &names,
+                namespace.as_deref(),
+                all_namespaces,
+                output,
+            )
+            .await
+        }
+        Command::Patch {
+            kind,
+            name,
+            patch,
+            patch_type,
+            namespace,
+        } => {
+            if !matches!(patch_type.as_str(), "merge" | "strategic") {
+                anyhow::bail!(
+                    "--type {patch_type}: only merge (and strategic, applied as merge) patches are supported"
+                );
+            }
+            resources::patch(
+                &ds.open().await?,
+                &kind,
+                &name,
+                namespace.as_deref(),
+                &patch,
+            )
+            .await
+        }
+        Command::Label {
+            kind,
+            name,
+            label,
+            overwrite,
+            remove,
+            namespace,
+        } => {
+            resources::label(
+                &ds.open().await?,
+                &kind,
+                &name,
+                namespace.as_deref(),
+                &label,
+                overwrite,
+                remove,
+            )
+            .await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_eval_reports_position() {
+        assert!(selector_eval("a == 'b'", r#"{"a":"b"}"#).unwrap());
+        assert!(!selector_eval("has(x)", "{}").unwrap());
+        let err = selector_eval("a = 'b'", "{}").unwrap_err().to_string();
+        assert!(err.contains("position 2") && err.contains("\n  ^"), "{err}");
+        assert!(
+            selector_eval("all()", "[1]")
+                .unwrap_err()
+                .to_string()
+                .contains("--labels")
+        );
+    }
 }

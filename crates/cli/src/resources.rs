@@ -1,0 +1,549 @@
+//! apply / create / replace / delete / get / patch / label / validate, calicoctl style.
+//! Every multi-document write validates every document (and checks it against the store) before
+//! writing anything.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use gingham_api::network::BGPConfigurationSpec;
+use gingham_api::object::check_update;
+use gingham_api::validate::parse_asn;
+use gingham_api::{Document, Kind, Object, parse_documents_in};
+use gingham_store::resources::ResourceError;
+use gingham_store::{ResourceStore, StoreError};
+use serde_json::Value;
+
+use crate::FileArgs;
+use crate::output::{self, Format, TableContext};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Apply,
+    Create { skip_exists: bool },
+    Replace,
+}
+
+impl Mode {
+    fn past(self) -> &'static str {
+        match self {
+            Mode::Apply => "applied",
+            Mode::Create { .. } => "created",
+            Mode::Replace => "replaced",
+        }
+    }
+    fn verb(self) -> &'static str {
+        match self {
+            Mode::Apply => "apply",
+            Mode::Create { .. } => "create",
+            Mode::Replace => "replace",
+        }
+    }
+}
+
+fn collect_files(
+    dir: &Path,
+    recursive: bool,
+    out: &mut Vec<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            if recursive {
+                collect_files(&p, recursive, out)?;
+            }
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// (name to show in messages, text) for every input.
+fn read_inputs(f: &FileArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut inputs = Vec::new();
+    for name in &f.files {
+        if name == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read standard input")?;
+            inputs.push(("<stdin>".to_string(), text));
+            continue;
+        }
+        let path = Path::new(name);
+        let mut files = Vec::new();
+        if path.is_dir() {
+            collect_files(path, f.recursive, &mut files)?;
+            if files.is_empty() {
+                bail!("{name}: no .yaml, .yml or .json files in this directory");
+            }
+        } else {
+            files.push(path.to_path_buf());
+        }
+        for p in files {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            inputs.push((p.display().to_string(), text));
+        }
+    }
+    Ok(inputs)
+}
+
+/// Parse and validate every document of every input; report all errors at once.
+fn read_documents(f: &FileArgs) -> anyhow::Result<Vec<Document>> {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (source, text) in read_inputs(f)? {
+        match parse_documents_in(&source, &text, f.namespace.as_deref()) {
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        bail!(
+            "{}\nnothing was written: fix the errors above and try again",
+            lines.join("\n")
+        );
+    }
+    if docs.is_empty() {
+        bail!("no resources found in {}", f.files.join(", "));
+    }
+    Ok(docs)
+}
+
+fn describe(doc: &Document) -> String {
+    let o = &doc.object;
+    let kind = o
+        .kind()
+        .map(|k| k.to_string())
+        .unwrap_or_else(|| o.kind.clone());
+    match o.namespace() {
+        Some(ns) => format!(
+            "{}: document {}: {kind} {ns}/{}",
+            doc.source,
+            doc.index,
+            o.name()
+        ),
+        None => format!(
+            "{}: document {}: {kind} {}",
+            doc.source,
+            doc.index,
+            o.name()
+        ),
+    }
+}
+
+fn store_err(e: ResourceError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+fn success(verb: &str, objects: &[&Object]) -> String {
+    let kinds: std::collections::BTreeSet<&str> = objects.iter().map(|o| o.kind.as_str()).collect();
+    if kinds.len() == 1 {
+        format!(
+            "Successfully {verb} {} '{}' resource(s)",
+            objects.len(),
+            objects[0].kind
+        )
+    } else {
+        format!("Successfully {verb} {} resource(s)", objects.len())
+    }
+}
+
+pub fn validate(f: &FileArgs) -> anyhow::Result<()> {
+    let docs = read_documents(f)?;
+    let objs: Vec<&Object> = docs.iter().map(|d| &d.object).collect();
+    println!("{}", success("validated", &objs));
+    Ok(())
+}
+
+pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::Result<()> {
+    let docs = read_documents(f)?;
+    // Check every document against what is stored before writing any.
+    let mut problems = Vec::new();
+    let mut skip = vec![false; docs.len()];
+    for (i, doc) in docs.iter().enumerate() {
+        let o = &doc.object;
+        let kind = o.kind().context("normalised objects have a known kind")?;
+        let current = store
+            .get(kind, o.namespace(), o.name())
+            .await
+            .map_err(store_err)?;
+        match (mode, current) {
+            (Mode::Create { skip_exists: true }, Some(_)) => skip[i] = true,
+            (Mode::Create { .. }, Some(_)) => problems.push(format!(
+                "{}: already exists (use apply or replace, or --skip-exists)",
+                describe(doc)
+            )),
+            (Mode::Replace, None) => problems.push(format!(
+                "{}: does not exist (use create or apply)",
+                describe(doc)
+            )),
+            (_, Some(cur)) => problems.extend(
+                check_update(&cur, o)
+                    .iter()
+                    .map(|e| format!("{}: {e}", describe(doc))),
+            ),
+            _ => {}
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{}\nnothing was written: fix the errors above and try again",
+            problems.join("\n")
+        );
+    }
+    let mut done: Vec<&Object> = Vec::new();
+    let todo = docs.iter().zip(&skip).filter(|(_, s)| !**s).count();
+    for (doc, _) in docs.iter().zip(&skip).filter(|(_, s)| !**s) {
+        let result = match mode {
+            Mode::Apply => store.apply(doc.object.clone()).await.map(|_| ()),
+            Mode::Create { .. } => store.create(doc.object.clone()).await.map(|_| ()),
+            Mode::Replace => store.update(doc.object.clone()).await.map(|_| ()),
+        };
+        if let Err(e) = result {
+            let head = if done.is_empty() {
+                format!("Failed to {} '{}' resource", mode.verb(), doc.object.kind)
+            } else {
+                format!(
+                    "Partial success: {} the first {} out of {todo} resources; then failed",
+                    mode.past(),
+                    done.len()
+                )
+            };
+            bail!("{head}: {}: {e}", describe(doc));
+        }
+        if let Some(from) = &doc.mapped_from {
+            eprintln!(
+                "note: {} (from {from}) was written as {} {}",
+                doc.source,
+                doc.object.kind,
+                doc.object.name()
+            );
+        }
+        done.push(&doc.object);
+    }
+    if done.is_empty() {
+        println!(
+            "No resources {}: all {} already exist",
+            mode.past(),
+            docs.len()
+        );
+    } else {
+        println!("{}", success(mode.past(), &done));
+    }
+    Ok(())
+}
+
+pub fn resolve_kind(name: &str) -> anyhow::Result<Kind> {
+    Kind::from_cli(name).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.cli_name()).collect();
+        anyhow::anyhow!(
+            "unknown resource type {name:?}; known types: {}",
+            known.join(", ")
+        )
+    })
+}
+
+fn namespace_for(kind: Kind, ns: Option<&str>) -> Option<String> {
+    kind.namespaced()
+        .then(|| ns.unwrap_or("default").to_string())
+}
+
+pub async fn delete_named(
+    store: &ResourceStore,
+    kind: &str,
+    names: &[String],
+    ns: Option<&str>,
+    skip_missing: bool,
+) -> anyhow::Result<()> {
+    let kind = resolve_kind(kind)?;
+    if names.is_empty() {
+        bail!("name the {kind} resource(s) to delete");
+    }
+    let ns = namespace_for(kind, ns);
+    let mut deleted = Vec::new();
+    let mut failures = Vec::new();
+    for name in names {
+        match store.delete(kind, ns.as_deref(), name, None).await {
+            Ok(o) => deleted.push(o),
+            Err(ResourceError::Store(StoreError::NotFound { .. })) if skip_missing => {}
+            Err(ResourceError::Store(StoreError::NotFound { .. })) => {
+                failures.push(format!("resource does not exist: {kind}({})", name))
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    report_deletes(kind, &deleted, &failures)
+}
+
+fn report_deletes(kind: Kind, deleted: &[Object], failures: &[String]) -> anyhow::Result<()> {
+    if failures.is_empty() {
+        let refs: Vec<&Object> = deleted.iter().collect();
+        if refs.is_empty() {
+            println!("Successfully deleted 0 '{}' resource(s)", kind.kind_name());
+        } else {
+            println!("{}", success("deleted", &refs));
+        }
+        return Ok(());
+    }
+    if deleted.is_empty() {
+        bail!(
+            "Failed to delete '{}' resource: {}",
+            kind.kind_name(),
+            failures.join("; ")
+        );
+    }
+    bail!(
+        "Partial success: deleted the first {} out of {} resources: {}",
+        deleted.len(),
+        deleted.len() + failures.len(),
+        failures.join("; ")
+    )
+}
+
+pub async fn delete_files(
+    store: &ResourceStore,
+    f: &FileArgs,
+    skip_missing: bool,
+) -> anyhow::Result<()> {
+    let docs = read_documents(f)?;
+    let mut deleted = Vec::new();
+    let mut failures = Vec::new();
+    for doc in &docs {
+        let o = &doc.object;
+        let kind = o.kind().context("normalised objects have a known kind")?;
+        match store.delete(kind, o.namespace(), o.name(), None).await {
+            Ok(obj) => deleted.push(obj),
+            Err(ResourceError::Store(StoreError::NotFound { .. })) if skip_missing => {}
+            Err(e) => failures.push(format!("{}: {e}", describe(doc))),
+        }
+    }
+    let kind = docs[0].object.kind().unwrap_or(Kind::IPPool);
+    report_deletes(kind, &deleted, &failures)
+}
+
+pub async fn get(
+    store: &ResourceStore,
+    kind: &str,
+    names: &[String],
+    ns: Option<&str>,
+    all_ns: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let kind = resolve_kind(kind)?;
+    let ns = namespace_for(kind, ns);
+    let mut objects = Vec::new();
+    let mut missing = Vec::new();
+    if names.is_empty() {
+        objects = store
+            .list(kind, if all_ns { None } else { ns.as_deref() })
+            .await
+            .map_err(store_err)?;
+    } else {
+        for n in names {
+            match store.get(kind, ns.as_deref(), n).await.map_err(store_err)? {
+                Some(o) => objects.push(o),
+                None => missing.push(format!("resource does not exist: {kind}({n})")),
+            }
+        }
+    }
+    let text = match format {
+        Format::Ps | Format::Wide => {
+            let mut ctx = TableContext::default();
+            if kind == Kind::Node && format == Format::Wide {
+                if let Some(cfg) = store
+                    .get(Kind::BGPConfiguration, None, "default")
+                    .await
+                    .map_err(store_err)?
+                {
+                    let spec: BGPConfigurationSpec = cfg.spec_as().unwrap_or_default();
+                    ctx.default_asn = spec.as_number.as_ref().and_then(|a| parse_asn(a).ok());
+                }
+            }
+            let (mut header, mut rows) =
+                output::columns(kind, format == Format::Wide, &objects, &ctx);
+            if kind.namespaced() && all_ns {
+                header.insert(0, "NAMESPACE");
+                for (row, o) in rows.iter_mut().zip(&objects) {
+                    row.insert(0, o.namespace().unwrap_or_default().to_string());
+                }
+            }
+            if objects.is_empty() && !missing.is_empty() {
+                String::new()
+            } else {
+                format!("{}\n", output::table(&header, &rows))
+            }
+        }
+        Format::Yaml | Format::Json if objects.is_empty() && !missing.is_empty() => String::new(),
+        Format::Yaml | Format::Json => output::render(
+            &output::document(kind, &objects, names.len() != 1, None),
+            format,
+        ),
+    };
+    print!("{text}");
+    if !missing.is_empty() {
+        bail!("{}", missing.join("\n"));
+    }
+    Ok(())
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Default::default());
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// Re-validate a modified object and write it with compare-and-swap on the revision it was read at.
+async fn write_back(
+    store: &ResourceStore,
+    kind: Kind,
+    original: &Object,
+    value: Value,
+) -> anyhow::Result<Object> {
+    let subject = format!("{kind} {}", original.name());
+    for (field, want) in [
+        ("/apiVersion", Value::String(original.api_version.clone())),
+        ("/kind", Value::String(original.kind.clone())),
+        (
+            "/metadata/name",
+            Value::String(original.metadata.name.clone()),
+        ),
+    ] {
+        if value.pointer(field) != Some(&want) {
+            bail!(
+                "{subject}: {}: cannot be changed",
+                field.trim_start_matches('/').replace('/', ".")
+            );
+        }
+    }
+    if value.pointer("/metadata/namespace")
+        != original
+            .metadata
+            .namespace
+            .as_ref()
+            .map(|n| Value::String(n.clone()))
+            .as_ref()
+    {
+        bail!("{subject}: metadata.namespace: cannot be changed");
+    }
+    let mut obj = kind.normalize(&value).map_err(|errs| {
+        anyhow::anyhow!(
+            "{}",
+            errs.iter()
+                .map(|e| format!("{subject}: {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    obj.metadata.resource_version = original.metadata.resource_version.clone();
+    store.update(obj).await.map_err(store_err)
+}
+
+pub async fn patch(
+    store: &ResourceStore,
+    kind: &str,
+    name: &str,
+    ns: Option<&str>,
+    patch: &str,
+) -> anyhow::Result<()> {
+    let kind = resolve_kind(kind)?;
+    let ns = namespace_for(kind, ns);
+    let patch: Value = serde_saphyr::from_str(patch)
+        .map_err(|e| anyhow::anyhow!("the patch is not valid JSON or YAML: {e}"))?;
+    if !patch.is_object() {
+        bail!("the patch must be a JSON object, e.g. '{{\"spec\":{{\"disabled\":true}}}}'");
+    }
+    let current = store
+        .get(kind, ns.as_deref(), name)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| anyhow::anyhow!("resource does not exist: {kind}({name})"))?;
+    let mut value = serde_json::to_value(&current)?;
+    merge_patch(&mut value, &patch);
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    write_back(store, kind, &current, value).await?;
+    println!("Successfully patched 1 '{}' resource", kind.kind_name());
+    Ok(())
+}
+
+pub async fn label(
+    store: &ResourceStore,
+    kind: &str,
+    name: &str,
+    ns: Option<&str>,
+    label: &str,
+    overwrite: bool,
+    remove: bool,
+) -> anyhow::Result<()> {
+    let kind = resolve_kind(kind)?;
+    let ns = namespace_for(kind, ns);
+    let current = store
+        .get(kind, ns.as_deref(), name)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| anyhow::anyhow!("resource does not exist: {kind}({name})"))?;
+    let mut obj = current.clone();
+    let message = if remove || label.ends_with('-') && !label.contains('=') {
+        let key = label.trim_end_matches('-');
+        if obj.metadata.labels.remove(key).is_none() {
+            bail!("{kind} {name} has no label {key:?}");
+        }
+        format!(
+            "Successfully removed label {key} from {} {name}",
+            kind.cli_name()
+        )
+    } else {
+        let Some((key, value)) = label.split_once('=') else {
+            bail!("label {label:?}: use key=value to set, key- or --remove key to remove");
+        };
+        let verb = match obj.metadata.labels.get(key) {
+            Some(old) if old == value => "updated",
+            Some(old) if !overwrite => {
+                bail!("{kind} {name} already has label {key}={old}; use --overwrite to change it")
+            }
+            Some(_) => "updated",
+            None => "set",
+        };
+        obj.metadata
+            .labels
+            .insert(key.to_string(), value.to_string());
+        format!(
+            "Successfully {verb} label {key} on {} {name}",
+            kind.cli_name()
+        )
+    };
+    let mut value = serde_json::to_value(&obj)?;
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    write_back(store, kind, &current, value).await?;
+    println!("{message}");
+    Ok(())
+}

@@ -1,0 +1,543 @@
+//! The `gingham` binary end to end: seeds, output formats, bad input, several processes on one
+//! embedded store, and the same commands against a real etcd.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use gingham_store::testing::EtcdServer;
+
+const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seeds");
+
+/// A fresh embedded store (or an etcd) and a way to run gingham against it.
+struct Env {
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+    etcd: Option<String>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store.db");
+        Env {
+            _dir: dir,
+            store,
+            etcd: None,
+        }
+    }
+
+    fn etcd(endpoint: &str) -> Env {
+        Env {
+            etcd: Some(endpoint.to_string()),
+            ..Env::new()
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gingham"));
+        c.args(args)
+            .env_remove("ETCD_ENDPOINTS")
+            .env_remove("DATASTORE_TYPE")
+            .env_remove("GINGHAM_CONFIG");
+        match &self.etcd {
+            Some(e) => c.env("DATASTORE_TYPE", "etcdv3").env("ETCD_ENDPOINTS", e),
+            None => c.env("GINGHAM_STORE_PATH", &self.store),
+        };
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run, require success, return stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "gingham {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run, require failure, return stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "gingham {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn with_stdin(&self, args: &[&str], input: &str) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+fn seed(name: &str) -> String {
+    Path::new(SEEDS).join(name).display().to_string()
+}
+
+fn seed_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(SEEDS)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn every_seed_applies_to_a_fresh_store() {
+    for f in seed_files() {
+        let env = Env::new();
+        let out = env.ok(&["apply", "-f", &f]);
+        assert!(out.starts_with("Successfully applied "), "{f}: {out}");
+    }
+}
+
+fn seed_readback(env: &Env) {
+    env.ok(&["apply", "-f", &seed("ippool-ipip-always.yaml")]);
+    assert_eq!(
+        env.ok(&["get", "ippool", "-o", "wide"]),
+        "NAME                  CIDR            NAT    IPIPMODE   VXLANMODE   DISABLED   SELECTOR\n\
+         default-ipv4-ippool   172.20.0.0/16   true   Always     Never       false      all()\n\n"
+    );
+    assert_eq!(
+        env.ok(&["get", "ippools"]),
+        "NAME                  CIDR            SELECTOR\ndefault-ipv4-ippool   172.20.0.0/16   all()\n\n"
+    );
+    // The same pool redefined step by step, as the seeds do: encapsulation may change.
+    env.ok(&["apply", "-f", &seed("ippool-no-encap.yaml")]);
+    assert!(
+        env.ok(&["get", "ipp", "-o", "wide"])
+            .contains("default-ipv4-ippool   172.20.0.0/16   true   Never      Never")
+    );
+
+    env.ok(&["apply", "-f", &seed("bgpconfiguration-no-mesh.yaml")]);
+    assert_eq!(
+        env.ok(&["get", "bgpconfig"]),
+        "NAME      LOGSEVERITY   MESHENABLED   ASNUMBER\ndefault   Info          false         64512\n\n"
+    );
+
+    env.ok(&["apply", "-f", &seed("node-rr.yaml")]);
+    assert_eq!(
+        env.ok(&["get", "node", "-o", "wide"]),
+        "NAME            ASN     IPV4               IPV6\n192.168.10.11   64512   192.168.10.11/24\n\n"
+    );
+    // A node without its own AS shows the cluster default in parentheses.
+    env.ok(&[
+        "patch",
+        "node",
+        "192.168.10.11",
+        "-p",
+        r#"{"spec":{"bgp":{"asNumber":null}}}"#,
+    ]);
+    assert!(
+        env.ok(&["get", "nodes", "-o", "wide"])
+            .contains("192.168.10.11   (64512)   192.168.10.11/24")
+    );
+
+    let yaml = env.ok(&["get", "ippool", "default-ipv4-ippool", "-o", "yaml"]);
+    for line in [
+        "apiVersion: projectcalico.org/v3",
+        "kind: IPPool",
+        "  name: default-ipv4-ippool",
+        "  cidr: 172.20.0.0/16",
+        "  blockSize: 26",
+        "  natOutgoing: true",
+        "  nodeSelector: all()",
+    ] {
+        assert!(
+            yaml.lines().any(|l| l == line),
+            "missing {line:?} in\n{yaml}"
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["get", "ippool", "-o", "json"])).unwrap();
+    assert_eq!(json["kind"], "IPPoolList");
+    assert_eq!(json["items"][0]["spec"]["ipipMode"], "Never");
+    // What get prints applies back unchanged.
+    let out = env.with_stdin(&["apply", "-f", "-"], &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    env.ok(&[
+        "apply",
+        "-f",
+        &seed("networkpolicy-allow-web-to-api.yaml"),
+        "-f",
+        &seed("networkpolicy-limit-external-access.yaml"),
+    ]);
+    let all = env.ok(&["get", "knp", "-A"]);
+    assert!(
+        all.starts_with(
+            "NAMESPACE              NAME                    PODSELECTOR    POLICYTYPES\n"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("restricted-namespace   limit-external-access   all()          Egress"),
+        "{all}"
+    );
+    assert_eq!(
+        env.ok(&["get", "knp", "-n", "my-namespace"]),
+        "NAME               PODSELECTOR    POLICYTYPES\nallow-web-to-api   app == 'api'   Ingress\n\n"
+    );
+
+    env.ok(&["apply", "-f", &seed("bgppeer-rr-mode1.yaml")]);
+    assert_eq!(
+        env.ok(&["get", "bgppeer"]),
+        "NAME         PEERIP   NODE              ASN\nrr-to-node            !has(calico-rr)\nrr-to-rr              has(calico-rr)\n\n"
+    );
+}
+
+#[test]
+fn seeds_read_back_in_calicoctl_formats() {
+    seed_readback(&Env::new());
+}
+
+#[test]
+fn seeds_read_back_from_etcd() {
+    let server = EtcdServer::start().expect("etcd-server must be installed");
+    let env = Env::etcd(&server.config.endpoints[0]);
+    for _ in 0..100 {
+        if env.run(&["get", "ippool"]).status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    seed_readback(&env);
+    assert!(env.ok(&["datastore"]).starts_with("etcd http://127.0.0.1:"));
+}
+
+#[test]
+fn operator_network_is_mapped_onto_ippool_and_bgpconfiguration() {
+    let env = Env::new();
+    let out = env.run(&["apply", "-f", &seed("operator-calico-network.yaml")]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was written as IPPool default-ipv4-ippool")
+            && err.contains("was written as BGPConfiguration default"),
+        "{err}"
+    );
+    assert!(env.ok(&["get", "ippool", "-o", "wide"]).contains(
+        "default-ipv4-ippool   192.168.0.0/16   true   Never      CrossSubnet   false      all()"
+    ));
+    assert!(
+        env.ok(&["get", "bgpconfig"])
+            .contains("default   -             true          -")
+    );
+}
+
+#[test]
+fn bad_input_names_file_document_resource_and_field() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
+        )
+    };
+    let good = pool("good", "  cidr: 10.10.0.0/16");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed.yaml", "apiVersion: projectcalico.org/v3\nkind: [IPPool\n".into(), "malformed.yaml: malformed YAML/JSON"),
+        ("kind.yaml", format!("{good}---\napiVersion: projectcalico.org/v3\nkind: IPPoool\nmetadata: {{name: x}}\n"), "kind.yaml: document 2: IPPoool x: kind: unknown kind \"IPPoool\""),
+        ("field.yaml", pool("p", "  cidr: 10.0.0.0/16\n  ipipmode: Always"), "field.yaml: document 1: IPPool p: spec.ipipmode: unknown field `ipipmode`"),
+        ("cidr.yaml", pool("p", "  cidr: 10.0.0.0/33"), "cidr.yaml: document 1: IPPool p: spec.cidr: \"10.0.0.0/33\" is not a valid CIDR"),
+        ("hostbits.yaml", pool("p", "  cidr: 10.0.0.1/16"), "hostbits.yaml: document 1: IPPool p: spec.cidr: 10.0.0.1/16 has host bits set; did you mean 10.0.0.0/16?"),
+        ("block.yaml", pool("default-ipv4-ippool", "  cidr: 10.0.0.0/16\n  blockSize: 33"), "block.yaml: document 1: IPPool default-ipv4-ippool: spec.blockSize: 33 is outside 20..32"),
+        ("sel.yaml", pool("p", "  cidr: 10.0.0.0/16\n  nodeSelector: rack = 'a'"), "sel.yaml: document 1: IPPool p: spec.nodeSelector: invalid selector \"rack = 'a'\""),
+        (
+            "port.yaml",
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec:\n  ingress:\n  - action: Allow\n    protocol: TCP\n    destination:\n      ports: [80, '90:85']\n".into(),
+            "port.yaml: document 1: NetworkPolicy ns1/p: spec.ingress[0].destination.ports[1]: port range \"90:85\" has min > max",
+        ),
+        ("noname.yaml", "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {labels: {a: b}}\nspec: {nets: [10.0.0.0/8]}\n".into(), "noname.yaml: document 1: GlobalNetworkSet <no name>: metadata.name: a name is required"),
+        ("proto.yaml", "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  egress:\n  - action: Allow\n    protocol: 300\n".into(), "spec.egress[0].protocol: protocol 300 is outside 1..255"),
+        ("asn.yaml", "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: p}\nspec: {peerIP: 10.0.0.1, asNumber: 99999999999}\n".into(), "BGPPeer p: spec.asNumber: 99999999999 is not a valid AS number"),
+    ];
+    for (file, text, want) in cases {
+        let path = write(dir.path(), file, &text);
+        let err = env.fails(&["apply", "-f", &path]);
+        let want = want.replace(&format!("{file}:"), &format!("{path}:"));
+        assert!(err.contains(&want), "{file}: expected {want:?} in\n{err}");
+    }
+    // Nothing from any of those files was written, not even the valid document before the bad one.
+    assert_eq!(env.ok(&["get", "ippool"]), "NAME   CIDR   SELECTOR\n\n");
+
+    // Immutable fields: the error says how to migrate, and nothing else in the apply is written.
+    env.ok(&["apply", "-f", &seed("ippool-ipip-always.yaml")]);
+    let err = env.fails(&["apply", "-f", &seed("ippool-resize.yaml")]);
+    assert!(err.contains("ippool-resize.yaml: document 2: IPPool default-ipv4-ippool: spec.blockSize: cannot change from 26 to 25"), "{err}");
+    assert!(err.contains("To migrate, create a new IPPool"), "{err}");
+    assert!(
+        !env.ok(&["get", "ippool"]).contains("temporary-pool"),
+        "document 1 must not be written when document 2 is refused"
+    );
+    let err = env.fails(&[
+        "patch",
+        "ippool",
+        "default-ipv4-ippool",
+        "-p",
+        r#"{"spec":{"cidr":"10.1.0.0/16"}}"#,
+    ]);
+    assert!(
+        err.contains("IPPool default-ipv4-ippool: spec.cidr: cannot change"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "patch",
+        "ippool",
+        "default-ipv4-ippool",
+        "-p",
+        r#"{"spec":{"vxlanMode":"Always"}}"#,
+    ]);
+    assert!(
+        err.contains(
+            "IPPool default-ipv4-ippool: spec.vxlanMode: IPIP and VXLAN cannot both be enabled"
+        ),
+        "{err}"
+    );
+    let err = env.fails(&["get", "ippol"]);
+    assert!(err.contains("unknown resource type \"ippol\""), "{err}");
+}
+
+#[test]
+fn create_replace_delete_patch_label() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "gns.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: external\n  labels: {role: db}\nspec:\n  nets: [10.20.0.0/16]\n",
+    );
+    assert_eq!(
+        env.ok(&["create", "-f", &f]),
+        "Successfully created 1 'GlobalNetworkSet' resource(s)\n"
+    );
+    assert!(env.fails(&["create", "-f", &f]).contains("already exists"));
+    assert_eq!(
+        env.ok(&["create", "-f", &f, "--skip-exists"]),
+        "No resources created: all 1 already exist\n"
+    );
+    assert_eq!(
+        env.ok(&["replace", "-f", &f]),
+        "Successfully replaced 1 'GlobalNetworkSet' resource(s)\n"
+    );
+
+    // replace with a stale resourceVersion is refused (compare-and-swap).
+    let stale = write(
+        dir.path(),
+        "stale.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: external\n  resourceVersion: '1'\nspec:\n  nets: [10.30.0.0/16]\n",
+    );
+    assert!(
+        env.fails(&["replace", "-f", &stale])
+            .contains("changed by someone else")
+    );
+
+    assert_eq!(
+        env.ok(&[
+            "patch",
+            "globalnetworkset",
+            "external",
+            "-p",
+            r#"{"spec":{"nets":["10.40.0.0/16"]}}"#
+        ]),
+        "Successfully patched 1 'GlobalNetworkSet' resource\n"
+    );
+    assert!(
+        env.ok(&["get", "gns", "-o", "wide"])
+            .contains("external   10.40.0.0/16")
+    );
+    assert_eq!(
+        env.ok(&["label", "gns", "external", "tier=backend"]),
+        "Successfully set label tier on globalnetworkset external\n"
+    );
+    assert!(
+        env.fails(&["label", "gns", "external", "tier=frontend"])
+            .contains("--overwrite")
+    );
+    assert_eq!(
+        env.ok(&["label", "gns", "external", "tier=frontend", "--overwrite"]),
+        "Successfully updated label tier on globalnetworkset external\n"
+    );
+    assert!(
+        env.fails(&["label", "gns", "external", "bad key=x"])
+            .contains("metadata.labels.bad key")
+    );
+    assert_eq!(
+        env.ok(&["label", "gns", "external", "tier-"]),
+        "Successfully removed label tier from globalnetworkset external\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["get", "gns", "external", "-o", "json"])).unwrap();
+    assert_eq!(
+        json["metadata"]["labels"],
+        serde_json::json!({"role": "db"})
+    );
+    assert_eq!(json["spec"]["nets"], serde_json::json!(["10.40.0.0/16"]));
+
+    // Namespaced kinds: -n, default namespace, -A.
+    let np = write(
+        dir.path(),
+        "np.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: allow}\nspec:\n  selector: app == 'web'\n  ingress: [{action: Allow}]\n",
+    );
+    env.ok(&["apply", "-f", &np, "-n", "team-a"]);
+    env.ok(&["apply", "-f", &np]);
+    assert_eq!(
+        env.ok(&["get", "np", "-A"]),
+        "NAMESPACE   NAME\ndefault     allow\nteam-a      allow\n\n"
+    );
+    assert_eq!(
+        env.ok(&["get", "networkpolicy", "-n", "team-a", "-o", "wide"]),
+        "NAME    ORDER   SELECTOR\nallow           app == 'web'\n\n"
+    );
+
+    assert_eq!(
+        env.ok(&["delete", "np", "allow", "-n", "team-a"]),
+        "Successfully deleted 1 'NetworkPolicy' resource(s)\n"
+    );
+    assert!(
+        env.fails(&["delete", "np", "allow", "-n", "team-a"])
+            .contains("resource does not exist: NetworkPolicy(allow)")
+    );
+    assert_eq!(
+        env.ok(&["delete", "np", "allow", "-n", "team-a", "--skip-not-exists"]),
+        "Successfully deleted 0 'NetworkPolicy' resource(s)\n"
+    );
+    assert_eq!(
+        env.ok(&["delete", "-f", &f]),
+        "Successfully deleted 1 'GlobalNetworkSet' resource(s)\n"
+    );
+    assert!(
+        env.fails(&["get", "gns", "external"])
+            .contains("resource does not exist: GlobalNetworkSet(external)")
+    );
+}
+
+#[test]
+fn selector_eval() {
+    let env = Env::new();
+    assert_eq!(
+        env.ok(&[
+            "selector",
+            "eval",
+            "app == 'web' && !has(canary)",
+            "--labels",
+            r#"{"app":"web"}"#
+        ]),
+        "true\n"
+    );
+    assert_eq!(
+        env.ok(&[
+            "selector",
+            "eval",
+            "tier in {'db', 'cache'}",
+            "--labels",
+            r#"{"tier":"web"}"#
+        ]),
+        "false\n"
+    );
+    assert_eq!(env.ok(&["selector", "eval", "missing != 'x'"]), "true\n");
+    let out = env.run(&["selector", "eval", "app == 'web' & b == 'c'"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at position 13") && err.contains("app == 'web' & b == 'c'\n             ^"),
+        "{err}"
+    );
+}
+
+/// Several gingham processes write to one embedded store at once; nothing is lost.
+#[test]
+fn several_processes_share_the_embedded_store() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let docs: String = (0..10)
+                .map(|j| format!("---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {{name: set-{i}-{j}}}\nspec: {{nets: [10.{i}.{j}.0/24]}}\n"))
+                .collect();
+            let f = write(dir.path(), &format!("p{i}.yaml"), &docs);
+            env.cmd(&["apply", "-f", &f]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let listing = env.ok(&["get", "globalnetworksets"]);
+    assert_eq!(
+        listing.lines().filter(|l| l.starts_with("set-")).count(),
+        80
+    );
+}
+
+#[test]
+fn datastore_is_chosen_from_flags_file_and_environment() {
+    let env = Env::new();
+    assert_eq!(
+        env.ok(&["datastore"]),
+        format!("embedded store {}\n", env.store.display())
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.db");
+    assert_eq!(
+        env.ok(&["--store-path", other.to_str().unwrap(), "datastore"]),
+        format!("embedded store {}\n", other.display())
+    );
+    let cfg = write(
+        dir.path(),
+        "gingham.cfg",
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata: {{}}\nspec:\n  datastoreType: embedded\n  storePath: {}\n",
+            dir.path().join("cfg.db").display()
+        ),
+    );
+    assert_eq!(
+        env.ok(&["-c", &cfg, "datastore"]),
+        format!("embedded store {}\n", dir.path().join("cfg.db").display())
+    );
+    let err = env
+        .cmd(&["datastore"])
+        .env_remove("GINGHAM_STORE_PATH")
+        .env("DATASTORE_TYPE", "etcdv3")
+        .env("ETCD_ENDPOINTS", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("etcd"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+}
