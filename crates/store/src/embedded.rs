@@ -30,7 +30,7 @@ const KEEP_REVISIONS: i64 = 10_000;
 /// Automatic compaction runs every this many revisions.
 const COMPACT_EVERY: i64 = 1_000;
 /// How often watchers look for commits made by other processes.
-const POLL: Duration = Duration::from_millis(5);
+const POLL: Duration = Duration::from_millis(2);
 /// Rows a watcher reads per query.
 const WATCH_BATCH: i64 = 512;
 

@@ -21,6 +21,9 @@ pub struct EtcdConfig {
     pub key_file: Option<String>,
 }
 
+/// Objects per list request.
+const LIST_PAGE: i64 = 1000;
+
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
@@ -137,18 +140,38 @@ impl Datastore for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
-        let opts = GetOptions::new().with_range(prefix_end(prefix));
-        let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(opts))
-            .await
-            .map_err(err)?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        Ok(Listing {
-            items: resp.kvs().iter().map(kv).collect(),
-            revision,
-        })
+        // Page through the range at one revision: a consistent snapshot, and no response larger
+        // than the gRPC message limit (4 MiB) however many objects a kind has.
+        let end = prefix_end(prefix);
+        let mut items = Vec::new();
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .client
+                .clone()
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(err)?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            items.extend(resp.kvs().iter().map(kv));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(Listing { items, revision })
     }
 
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {

@@ -120,6 +120,20 @@ async fn list_by_prefix(ds: &dyn Datastore) {
     assert!(ds.list("/nothing/").await.unwrap().items.is_empty());
 }
 
+/// More objects than one etcd page and more bytes than one gRPC message.
+async fn list_large(ds: &dyn Datastore) {
+    let value = vec![b'v'; 2048];
+    for i in 0..2500 {
+        ds.create(&format!("/big/{i:05}"), &value).await.unwrap();
+    }
+    let l = ds.list("/big/").await.unwrap();
+    assert_eq!(l.items.len(), 2500);
+    assert!(
+        l.items.windows(2).all(|w| w[0].key < w[1].key),
+        "in key order, no duplicates"
+    );
+}
+
 async fn watch_from_revision(ds: &dyn Datastore) {
     let start = ds.revision().await.unwrap() + 1;
     let r1 = ds.create("/w/x", b"1").await.unwrap();
@@ -246,6 +260,7 @@ conformance!(
     compare_and_swap,
     delete_at_revision,
     list_by_prefix,
+    list_large,
     watch_from_revision,
     watch_from_now,
     compaction_is_reported;

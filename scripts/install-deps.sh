@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the system packages gingham's build and tests need, only if something is missing.
+# Idempotent: `apt-get update` once, then one `apt-get install -y`.
+set -euo pipefail
+
+# binary -> Debian package
+declare -A NEED=(
+  [etcd]=etcd-server        # the etcd backend's tests and benchmark run a real etcd
+  [etcdctl]=etcd-client
+  [protoc]=protobuf-compiler # etcd-client's gRPC code generation at build time
+  [openssl]=openssl         # TLS test certificates
+)
+missing=()
+for bin in "${!NEED[@]}"; do
+  command -v "$bin" >/dev/null 2>&1 || missing+=("${NEED[$bin]}")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) != 0 ]]; then
+    echo "install-deps: missing ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: installs what the tests need, then the whole workspace's test suite
+# (unit, property, CLI end-to-end, and the datastore conformance suite on SQLite and a real etcd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo test --workspace --locked "$@"
