@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, watch};
 
-use crate::{Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
+use crate::{Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch, condition_error, prefix_end};
 
 /// Exclusive upper key bound for a prefix scan; `None` for the empty prefix (everything).
 fn upper_bound(prefix: &str) -> Option<Vec<u8>> {
@@ -351,6 +351,31 @@ impl Datastore for EmbeddedStore {
             }
             let rev = append(tx, key, None, Some(create))?;
             Ok((rev, rev))
+        })
+    }
+
+    async fn txn(&self, ops: &[TxnOp]) -> Result<Vec<Revision>> {
+        self.write(|tx| {
+            let mut current = Vec::with_capacity(ops.len());
+            for op in ops {
+                let row = current_row(tx, op.key())?;
+                if let Some(e) = condition_error(op.key(), op.condition(), row.map(|(r, _)| r)) {
+                    return Err(e);
+                }
+                current.push(row);
+            }
+            // Each log row has its own revision; readers never see part of the transaction, as
+            // all rows commit together.
+            let mut revs = Vec::with_capacity(ops.len());
+            for (op, row) in ops.iter().zip(current) {
+                revs.push(match op {
+                    TxnOp::Put { key, value, .. } => append(tx, key, Some(value), row.map(|(_, c)| c))?,
+                    TxnOp::Delete { key, .. } if row.is_some() => append(tx, key, None, row.map(|(_, c)| c))?,
+                    TxnOp::Delete { .. } => current_revision(tx).map_err(db_err)?,
+                });
+            }
+            let last = revs.iter().copied().max().unwrap_or_default();
+            Ok((revs, last))
         })
     }
 

@@ -10,7 +10,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use crate::{Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
+use crate::{Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -212,6 +212,41 @@ impl Datastore for EtcdStore {
             return Err(Self::explain(key, revision.unwrap_or_default(), &resp));
         }
         Ok(Self::revision_of(&resp))
+    }
+
+    async fn txn(&self, ops: &[crate::TxnOp]) -> Result<Vec<Revision>> {
+        let mut compares = Vec::new();
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        for op in ops {
+            let key = op.key();
+            match op.condition() {
+                Condition::Absent => compares.push(Compare::version(key, CompareOp::Equal, 0)),
+                Condition::At(r) => compares.push(Compare::mod_revision(key, CompareOp::Equal, r)),
+                Condition::Exists => compares.push(Compare::version(key, CompareOp::Greater, 0)),
+                Condition::Any => {}
+            }
+            writes.push(match op {
+                crate::TxnOp::Put { key, value, .. } => TxnOp::put(key.as_str(), value.clone(), None),
+                crate::TxnOp::Delete { key, .. } => TxnOp::delete(key.as_str(), None),
+            });
+            reads.push(TxnOp::get(key, None));
+        }
+        let resp = self.client.clone().txn(Txn::new().when(compares).and_then(writes).or_else(reads)).await.map_err(err)?;
+        if resp.succeeded() {
+            return Ok(vec![Self::revision_of(&resp); ops.len()]);
+        }
+        // Work out which condition failed from the reads etcd ran instead.
+        for (op, r) in ops.iter().zip(resp.op_responses()) {
+            let current = match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|k| k.mod_revision()),
+                _ => None,
+            };
+            if let Some(e) = crate::condition_error(op.key(), op.condition(), current) {
+                return Err(e);
+            }
+        }
+        Err(StoreError::Backend("etcd transaction failed with no failing condition (raced; retry)".into()))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {

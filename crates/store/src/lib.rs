@@ -57,6 +57,49 @@ impl Event {
     }
 }
 
+/// What must hold for one key for a transaction to commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist at exactly this revision.
+    At(Revision),
+    /// The key must exist (any revision).
+    Exists,
+    /// No condition.
+    Any,
+}
+
+/// One write inside a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    Put { key: String, value: Vec<u8>, condition: Condition },
+    Delete { key: String, condition: Condition },
+}
+
+impl TxnOp {
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key, .. } => key,
+        }
+    }
+    pub fn condition(&self) -> Condition {
+        match self {
+            TxnOp::Put { condition, .. } | TxnOp::Delete { condition, .. } => *condition,
+        }
+    }
+}
+
+/// The error for `key` whose state (`current` revision, None if absent) fails `condition`.
+pub(crate) fn condition_error(key: &str, condition: Condition, current: Option<Revision>) -> Option<StoreError> {
+    match (condition, current) {
+        (Condition::Absent, Some(_)) => Some(StoreError::AlreadyExists { key: key.into() }),
+        (Condition::At(_) | Condition::Exists, None) => Some(StoreError::NotFound { key: key.into() }),
+        (Condition::At(expected), Some(actual)) if expected != actual => Some(StoreError::Conflict { key: key.into(), expected, actual }),
+        _ => None,
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("{key} already exists")]
@@ -137,6 +180,11 @@ pub trait Datastore: Send + Sync {
     async fn update(&self, key: &str, value: &[u8], revision: Revision) -> Result<Revision>;
     /// Deletes the key (only at `revision`, if given); returns the deletion's revision.
     async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision>;
+    /// Apply every op or none: all conditions are checked, then all writes commit together.
+    /// Returns the revision each op left its key at (etcd: one revision for all; embedded: one
+    /// log row each). Fails with the error of the first op whose condition does not hold. Keys
+    /// must be distinct.
+    async fn txn(&self, ops: &[TxnOp]) -> Result<Vec<Revision>>;
     /// Events for keys under `prefix` with revision ≥ `from` (0 = from now on), in order.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch>;
     /// The store's current revision.
