@@ -15,7 +15,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, watch};
 
-use crate::{Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch, condition_error, prefix_end};
+use crate::{
+    Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch,
+    condition_error, prefix_end,
+};
 
 /// Exclusive upper key bound for a prefix scan; `None` for the empty prefix (everything).
 fn upper_bound(prefix: &str) -> Option<Vec<u8>> {
@@ -369,8 +372,12 @@ impl Datastore for EmbeddedStore {
             let mut revs = Vec::with_capacity(ops.len());
             for (op, row) in ops.iter().zip(current) {
                 revs.push(match op {
-                    TxnOp::Put { key, value, .. } => append(tx, key, Some(value), row.map(|(_, c)| c))?,
-                    TxnOp::Delete { key, .. } if row.is_some() => append(tx, key, None, row.map(|(_, c)| c))?,
+                    TxnOp::Put { key, value, .. } => {
+                        append(tx, key, Some(value), row.map(|(_, c)| c))?
+                    }
+                    TxnOp::Delete { key, .. } if row.is_some() => {
+                        append(tx, key, None, row.map(|(_, c)| c))?
+                    }
                     TxnOp::Delete { .. } => current_revision(tx).map_err(db_err)?,
                 });
             }

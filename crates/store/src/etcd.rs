@@ -10,7 +10,9 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use crate::{Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
+use crate::{
+    Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end,
+};
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -227,12 +229,19 @@ impl Datastore for EtcdStore {
                 Condition::Any => {}
             }
             writes.push(match op {
-                crate::TxnOp::Put { key, value, .. } => TxnOp::put(key.as_str(), value.clone(), None),
+                crate::TxnOp::Put { key, value, .. } => {
+                    TxnOp::put(key.as_str(), value.clone(), None)
+                }
                 crate::TxnOp::Delete { key, .. } => TxnOp::delete(key.as_str(), None),
             });
             reads.push(TxnOp::get(key, None));
         }
-        let resp = self.client.clone().txn(Txn::new().when(compares).and_then(writes).or_else(reads)).await.map_err(err)?;
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().when(compares).and_then(writes).or_else(reads))
+            .await
+            .map_err(err)?;
         if resp.succeeded() {
             return Ok(vec![Self::revision_of(&resp); ops.len()]);
         }
@@ -246,7 +255,9 @@ impl Datastore for EtcdStore {
                 return Err(e);
             }
         }
-        Err(StoreError::Backend("etcd transaction failed with no failing condition (raced; retry)".into()))
+        Err(StoreError::Backend(
+            "etcd transaction failed with no failing condition (raced; retry)".into(),
+        ))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {

@@ -73,8 +73,15 @@ pub enum Condition {
 /// One write inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnOp {
-    Put { key: String, value: Vec<u8>, condition: Condition },
-    Delete { key: String, condition: Condition },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        condition: Condition,
+    },
+    Delete {
+        key: String,
+        condition: Condition,
+    },
 }
 
 impl TxnOp {
@@ -91,11 +98,23 @@ impl TxnOp {
 }
 
 /// The error for `key` whose state (`current` revision, None if absent) fails `condition`.
-pub(crate) fn condition_error(key: &str, condition: Condition, current: Option<Revision>) -> Option<StoreError> {
+pub(crate) fn condition_error(
+    key: &str,
+    condition: Condition,
+    current: Option<Revision>,
+) -> Option<StoreError> {
     match (condition, current) {
         (Condition::Absent, Some(_)) => Some(StoreError::AlreadyExists { key: key.into() }),
-        (Condition::At(_) | Condition::Exists, None) => Some(StoreError::NotFound { key: key.into() }),
-        (Condition::At(expected), Some(actual)) if expected != actual => Some(StoreError::Conflict { key: key.into(), expected, actual }),
+        (Condition::At(_) | Condition::Exists, None) => {
+            Some(StoreError::NotFound { key: key.into() })
+        }
+        (Condition::At(expected), Some(actual)) if expected != actual => {
+            Some(StoreError::Conflict {
+                key: key.into(),
+                expected,
+                actual,
+            })
+        }
         _ => None,
     }
 }

@@ -132,6 +132,47 @@ pub fn now_rfc3339() -> String {
     )
 }
 
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-22T22:10:00Z`, fractions and
+/// offsets accepted); None if it is not one.
+pub fn parse_rfc3339(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let (y, m, d, hh, mm, ss) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    // Days from civil (inverse of the conversion in now_rfc3339).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    // A numeric offset after optional fractional seconds.
+    let rest = t[19..].trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    if let Some(sign @ ('+' | '-')) = rest.chars().next() {
+        let off = n(t.len() - rest.len() + 1..t.len() - rest.len() + 3)? * 3600
+            + n(t.len() - rest.len() + 4..t.len() - rest.len() + 6)? * 60;
+        secs -= if sign == '+' { off } else { -off };
+    }
+    Some(secs)
+}
+
 impl ResourceStore {
     pub fn new(ds: Arc<dyn Datastore>) -> Self {
         ResourceStore { ds }
@@ -270,5 +311,16 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), 20, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z'));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((parse_rfc3339(&t).unwrap() - now).abs() <= 1);
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2000-03-01T00:00:00.5+01:00"),
+            Some(951_865_200)
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

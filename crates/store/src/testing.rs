@@ -4,9 +4,83 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::etcd::{EtcdConfig, EtcdStore};
+use crate::{Datastore, KeyValue, Listing, Result, Revision, TxnOp, Watch};
+
+/// A Datastore that counts the reads and writes passing through it (for tests and benchmarks
+/// that claim "one write per allocation").
+pub struct CountingStore {
+    inner: Arc<dyn Datastore>,
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl CountingStore {
+    pub fn new(inner: Arc<dyn Datastore>) -> Self {
+        CountingStore {
+            inner,
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+    fn read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+    fn write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[async_trait::async_trait]
+impl Datastore for CountingStore {
+    fn describe(&self) -> String {
+        format!("counting {}", self.inner.describe())
+    }
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.read();
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        self.read();
+        self.inner.list(prefix).await
+    }
+    async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
+        self.write();
+        self.inner.create(key, value).await
+    }
+    async fn update(&self, key: &str, value: &[u8], revision: Revision) -> Result<Revision> {
+        self.write();
+        self.inner.update(key, value, revision).await
+    }
+    async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision> {
+        self.write();
+        self.inner.delete(key, revision).await
+    }
+    async fn txn(&self, ops: &[TxnOp]) -> Result<Vec<Revision>> {
+        self.write();
+        self.inner.txn(ops).await
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn revision(&self) -> Result<Revision> {
+        self.read();
+        self.inner.revision().await
+    }
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.inner.compact(revision).await
+    }
+}
 
 pub struct EtcdServer {
     child: Child,

@@ -122,11 +122,22 @@ async fn list_by_prefix(ds: &dyn Datastore) {
 
 async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
     let r1 = ds.create("/x/block", b"b1").await.unwrap();
-    let put = |k: &str, v: &[u8], c| TxnOp::Put { key: k.into(), value: v.to_vec(), condition: c };
+    let put = |k: &str, v: &[u8], c| TxnOp::Put {
+        key: k.into(),
+        value: v.to_vec(),
+        condition: c,
+    };
     // Block CAS + new handle + delete of another key: one revision, all applied.
     ds.create("/x/old", b"o").await.unwrap();
     let revs = ds
-        .txn(&[put("/x/block", b"b2", Condition::At(r1)), put("/x/handle", b"h", Condition::Absent), TxnOp::Delete { key: "/x/old".into(), condition: Condition::Exists }])
+        .txn(&[
+            put("/x/block", b"b2", Condition::At(r1)),
+            put("/x/handle", b"h", Condition::Absent),
+            TxnOp::Delete {
+                key: "/x/old".into(),
+                condition: Condition::Exists,
+            },
+        ])
         .await
         .unwrap();
     assert_eq!(ds.get("/x/block").await.unwrap().unwrap().value, b"b2");
@@ -134,20 +145,62 @@ async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
     assert_eq!(ds.get("/x/old").await.unwrap(), None);
     let block_rev = ds.get("/x/block").await.unwrap().unwrap().mod_revision;
     assert_eq!(revs[0], block_rev);
-    assert_eq!(revs[1], ds.get("/x/handle").await.unwrap().unwrap().mod_revision);
+    assert_eq!(
+        revs[1],
+        ds.get("/x/handle").await.unwrap().unwrap().mod_revision
+    );
     assert!(block_rev > r1);
     // One failing condition: nothing is written, and the error names that key.
     let before = ds.revision().await.unwrap();
-    let e = ds.txn(&[put("/x/block", b"b3", Condition::At(block_rev)), put("/x/handle", b"h2", Condition::Absent)]).await.unwrap_err();
-    assert_eq!(e, StoreError::AlreadyExists { key: "/x/handle".into() });
-    match ds.txn(&[put("/x/new", b"n", Condition::Any), put("/x/block", b"b3", Condition::At(r1))]).await.unwrap_err() {
-        StoreError::Conflict { key, expected, actual } => assert_eq!((key.as_str(), expected, actual), ("/x/block", r1, block_rev)),
+    let e = ds
+        .txn(&[
+            put("/x/block", b"b3", Condition::At(block_rev)),
+            put("/x/handle", b"h2", Condition::Absent),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        StoreError::AlreadyExists {
+            key: "/x/handle".into()
+        }
+    );
+    match ds
+        .txn(&[
+            put("/x/new", b"n", Condition::Any),
+            put("/x/block", b"b3", Condition::At(r1)),
+        ])
+        .await
+        .unwrap_err()
+    {
+        StoreError::Conflict {
+            key,
+            expected,
+            actual,
+        } => assert_eq!(
+            (key.as_str(), expected, actual),
+            ("/x/block", r1, block_rev)
+        ),
         other => panic!("{other:?}"),
     }
-    assert_eq!(ds.txn(&[TxnOp::Delete { key: "/x/none".into(), condition: Condition::Exists }]).await.unwrap_err(), StoreError::NotFound { key: "/x/none".into() });
+    assert_eq!(
+        ds.txn(&[TxnOp::Delete {
+            key: "/x/none".into(),
+            condition: Condition::Exists
+        }])
+        .await
+        .unwrap_err(),
+        StoreError::NotFound {
+            key: "/x/none".into()
+        }
+    );
     assert_eq!(ds.get("/x/block").await.unwrap().unwrap().value, b"b2");
     assert_eq!(ds.get("/x/new").await.unwrap(), None);
-    assert_eq!(ds.revision().await.unwrap(), before, "a failed transaction does not move the revision");
+    assert_eq!(
+        ds.revision().await.unwrap(),
+        before,
+        "a failed transaction does not move the revision"
+    );
 }
 
 /// More objects than one etcd page and more bytes than one gRPC message.

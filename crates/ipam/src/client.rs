@@ -1,0 +1,923 @@
+//! The IPAM client: auto-assign, assign a given IP, release by handle or by address, on any
+//! Datastore. Every change to a block is one transaction that also updates the handle index, so
+//! an allocation from a block this node already owns is exactly one datastore write; conflicts
+//! (another writer got there first) re-read and retry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gingham_api::Kind;
+use gingham_api::network::{IPAMConfigSpec, IPPoolSpec, NodeSpec};
+use gingham_store::resources::{now_rfc3339, parse_rfc3339};
+use gingham_store::{Condition, Datastore, ResourceStore, Revision, StoreError, TxnOp};
+use ipnet::IpNet;
+
+use crate::IpamError;
+use crate::block::{AllocationBlock, host_affinity};
+use crate::model::*;
+use crate::pools::{Pool, Use, select};
+
+/// Conflicting writers retry this many times before giving up.
+const MAX_ATTEMPTS: usize = 100;
+
+/// An auto-assign request (reference §3.3).
+#[derive(Clone, Debug, Default)]
+pub struct AutoAssign {
+    pub num_v4: usize,
+    pub num_v6: usize,
+    pub handle: String,
+    /// Secondary attributes: node, namespace, pod, timestamp (workloads) or node, type (tunnels).
+    pub attrs: BTreeMap<String, String>,
+    pub node: String,
+    /// Pools by name or CIDR; empty = every pool that selects this node and namespace.
+    pub pools_v4: Vec<String>,
+    pub pools_v6: Vec<String>,
+    pub namespace_labels: Option<BTreeMap<String, String>>,
+    pub tunnel: bool,
+    /// Caller's block limit (0 = none); the lower of this and maxBlocksPerHost applies.
+    pub max_blocks: u32,
+}
+
+/// Addresses handed out, each with its block's prefix length (e.g. 10.65.0.5/26).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Assigned {
+    pub v4: Vec<IpNet>,
+    pub v6: Vec<IpNet>,
+}
+
+/// Checks a release must pass (so a stale caller cannot free an address someone reused).
+#[derive(Clone, Debug, Default)]
+pub struct ReleaseGuard {
+    pub handle: Option<String>,
+    pub sequence_number: Option<u64>,
+}
+
+/// What one block write does, besides changing the block itself.
+struct BlockChange<T> {
+    out: T,
+    /// Change in the number of addresses each handle holds in this block.
+    handles: BTreeMap<String, isize>,
+}
+
+/// IPAM settings in force (the IPAMConfiguration `default`, or Calico's defaults).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub strict_affinity: bool,
+    pub auto_allocate_blocks: bool,
+    pub max_blocks_per_host: u32,
+}
+
+pub struct IpamClient {
+    ds: Arc<dyn Datastore>,
+    resources: ResourceStore,
+    blocks: Mutex<HashMap<IpNet, (AllocationBlock, Revision)>>,
+    handles: Mutex<HashMap<String, (IpamHandle, Revision)>>,
+    node_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// How long another node's empty block must have been claimed before this node may take it.
+    pub reclaim_after: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_condition_failure(e: &StoreError) -> Option<&str> {
+    match e {
+        StoreError::Conflict { key, .. }
+        | StoreError::AlreadyExists { key }
+        | StoreError::NotFound { key } => Some(key),
+        _ => None,
+    }
+}
+
+fn seq_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+impl IpamClient {
+    pub fn new(ds: Arc<dyn Datastore>) -> Self {
+        IpamClient {
+            resources: ResourceStore::new(ds.clone()),
+            ds,
+            blocks: Mutex::default(),
+            handles: Mutex::default(),
+            node_locks: Mutex::default(),
+            reclaim_after: Duration::from_secs(60),
+        }
+    }
+
+    pub fn datastore(&self) -> &Arc<dyn Datastore> {
+        &self.ds
+    }
+
+    pub fn resources(&self) -> &ResourceStore {
+        &self.resources
+    }
+
+    /// One node's allocations are serialised inside this process (they contend for the same
+    /// blocks); other processes and nodes are kept apart by the datastore's compare-and-swap.
+    fn node_lock(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.node_locks)
+            .entry(node.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
+        let objs = self.resources.list(Kind::IPPool, None).await?;
+        Ok(objs
+            .iter()
+            .filter_map(|o| Pool::from_spec(o.name(), o.spec_as::<IPPoolSpec>().ok()?))
+            .collect())
+    }
+
+    pub async fn settings(&self) -> Result<Settings, IpamError> {
+        let spec: IPAMConfigSpec = match self
+            .resources
+            .get(Kind::IPAMConfiguration, None, "default")
+            .await?
+        {
+            Some(o) => o.spec_as().unwrap_or_default(),
+            None => IPAMConfigSpec::default(),
+        };
+        Ok(Settings {
+            strict_affinity: spec.strict_affinity.unwrap_or(false),
+            auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
+            max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
+        })
+    }
+
+    async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>, IpamError> {
+        Ok(self
+            .resources
+            .get(Kind::Node, None, node)
+            .await?
+            .map(|o| o.metadata.labels)
+            .unwrap_or_default())
+    }
+
+    /// The block at `cidr` (from this client's cache unless `refresh`), or None if absent.
+    async fn block(
+        &self,
+        cidr: IpNet,
+        refresh: bool,
+    ) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
+        if !refresh {
+            if let Some(b) = lock(&self.blocks).get(&cidr) {
+                return Ok(Some(b.clone()));
+            }
+        }
+        let key = block_key(&cidr);
+        let Some(kv) = self.ds.get(&key).await? else {
+            lock(&self.blocks).remove(&cidr);
+            return Ok(None);
+        };
+        let mut b: AllocationBlock =
+            serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
+                key: key.clone(),
+                message: e.to_string(),
+            })?;
+        b.upgrade();
+        lock(&self.blocks).insert(cidr, (b.clone(), kv.mod_revision));
+        Ok(Some((b, kv.mod_revision)))
+    }
+
+    /// The handle's record: cached, or read when `read` (else assumed new).
+    async fn handle_record(
+        &self,
+        handle: &str,
+        read: bool,
+    ) -> Result<(IpamHandle, Option<Revision>), IpamError> {
+        if let Some((h, r)) = lock(&self.handles).get(handle) {
+            return Ok((h.clone(), Some(*r)));
+        }
+        if !read {
+            return Ok((IpamHandle::default(), None));
+        }
+        let key = handle_key(handle);
+        match self.ds.get(&key).await? {
+            Some(kv) => {
+                let h: IpamHandle =
+                    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
+                        key,
+                        message: e.to_string(),
+                    })?;
+                Ok((h, Some(kv.mod_revision)))
+            }
+            None => Ok((IpamHandle::default(), None)),
+        }
+    }
+
+    /// Read-modify-write one block (and the handles it touches) in one transaction, retrying on
+    /// conflicts. `change` returns None when there is nothing to do. An empty block with no
+    /// owner is deleted.
+    async fn update_block<T>(
+        &self,
+        cidr: IpNet,
+        mut change: impl FnMut(&mut AllocationBlock) -> Result<Option<BlockChange<T>>, IpamError>,
+    ) -> Result<Option<T>, IpamError> {
+        let key = block_key(&cidr);
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some((mut block, rev)) = self.block(cidr, attempt > 0).await? else {
+                return Ok(None);
+            };
+            let Some(c) = change(&mut block)? else {
+                return Ok(None);
+            };
+            let delete = block.is_empty() && block.affinity.is_none();
+            let mut ops = vec![if delete {
+                TxnOp::Delete {
+                    key: key.clone(),
+                    condition: Condition::At(rev),
+                }
+            } else {
+                TxnOp::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&block).unwrap_or_default(),
+                    condition: Condition::At(rev),
+                }
+            }];
+            let mut new_handles = Vec::new();
+            for (h, delta) in &c.handles {
+                // A handle we have not seen is assumed new when it gains addresses (no read);
+                // if it exists after all, the transaction says so and the retry reads it.
+                let (mut rec, hrev) = self.handle_record(h, attempt > 0 || *delta < 0).await?;
+                if *delta >= 0 {
+                    rec.add(&cidr, *delta as usize);
+                } else {
+                    rec.remove(&cidr, delta.unsigned_abs());
+                }
+                let hkey = handle_key(h);
+                let op = match (rec.is_empty(), hrev) {
+                    (true, Some(r)) => TxnOp::Delete {
+                        key: hkey,
+                        condition: Condition::At(r),
+                    },
+                    (true, None) => continue,
+                    (false, r) => TxnOp::Put {
+                        key: hkey,
+                        value: serde_json::to_vec(&rec).unwrap_or_default(),
+                        condition: r.map_or(Condition::Absent, Condition::At),
+                    },
+                };
+                new_handles.push((h.clone(), rec));
+                ops.push(op);
+            }
+            match self.ds.txn(&ops).await {
+                Ok(revs) => {
+                    let mut blocks = lock(&self.blocks);
+                    if delete {
+                        blocks.remove(&cidr);
+                    } else {
+                        blocks.insert(cidr, (block, revs[0]));
+                    }
+                    drop(blocks);
+                    let mut handles = lock(&self.handles);
+                    for ((h, rec), r) in new_handles.into_iter().zip(&revs[1..]) {
+                        if rec.is_empty() {
+                            handles.remove(&h);
+                        } else {
+                            handles.insert(h, (rec, *r));
+                        }
+                    }
+                    return Ok(Some(c.out));
+                }
+                Err(e) => match is_condition_failure(&e) {
+                    Some(k) => {
+                        if let Some(h) = k.strip_prefix(&handles_prefix()) {
+                            lock(&self.handles).remove(h);
+                        }
+                    }
+                    None => return Err(e.into()),
+                },
+            }
+        }
+        Err(IpamError::Contention { key })
+    }
+
+    /// Allocate up to `want` addresses from one block, if `eligible` accepts it.
+    async fn take_from(
+        &self,
+        cidr: IpNet,
+        want: usize,
+        req: &AutoAssign,
+        eligible: impl Fn(&AllocationBlock) -> bool,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        let got = self
+            .update_block(cidr, |b| {
+                if !eligible(b) || b.free() == 0 {
+                    return Ok(None);
+                }
+                let ords = b.allocate(want, &req.handle, &req.attrs, |_| false);
+                if ords.is_empty() {
+                    return Ok(None);
+                }
+                let ips = ords
+                    .iter()
+                    .map(|o| IpNet::new(b.ip(*o), b.cidr.prefix_len()).unwrap_or(b.cidr))
+                    .collect::<Vec<_>>();
+                Ok(Some(BlockChange {
+                    handles: [(req.handle.clone(), ips.len() as isize)].into(),
+                    out: ips,
+                }))
+            })
+            .await?;
+        Ok(got.unwrap_or_default())
+    }
+
+    /// Blocks this node holds (confirmed affinities), in address order.
+    pub async fn affine_blocks(&self, node: &str, v4: bool) -> Result<Vec<IpNet>, IpamError> {
+        let listing = self.ds.list(&node_affinities_prefix(node, v4)).await?;
+        let mut out: Vec<IpNet> = listing
+            .items
+            .iter()
+            .filter(|kv| {
+                BlockAffinity::parse(&kv.value).is_some_and(|a| {
+                    a.state == crate::model::AffinityState::Confirmed && !a.deleted
+                })
+            })
+            .filter_map(|kv| parse_affinity_key(&kv.key).map(|(_, c)| c))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every block of one family with its revision.
+    pub async fn all_blocks(
+        &self,
+        v4: bool,
+    ) -> Result<Vec<(AllocationBlock, Revision)>, IpamError> {
+        let listing = self.ds.list(&blocks_prefix(v4)).await?;
+        listing
+            .items
+            .iter()
+            .map(|kv| {
+                let mut b: AllocationBlock =
+                    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
+                        key: kv.key.clone(),
+                        message: e.to_string(),
+                    })?;
+                b.upgrade();
+                Ok((b, kv.mod_revision))
+            })
+            .collect()
+    }
+
+    /// Claim a block for `node`: a free block of the pools (searched from the node's own
+    /// starting point), else another node's empty block whose claim is older than
+    /// `reclaim_after`. Affinity and block are written in one transaction, so a crash never
+    /// leaves a half-claimed block.
+    async fn claim(
+        &self,
+        pools: &[Pool],
+        node: &str,
+        v4: bool,
+        known: &[IpNet],
+    ) -> Result<Option<IpNet>, IpamError> {
+        let existing = self.all_blocks(v4).await?;
+        let taken: std::collections::HashSet<IpNet> =
+            existing.iter().map(|(b, _)| b.cidr).collect();
+        // A block that names this node but lost its affinity record: adopt it again.
+        for (b, _) in &existing {
+            if b.is_affine_to(node)
+                && b.free() > 0
+                && !known.contains(&b.cidr)
+                && pools.iter().any(|p| p.cidr.contains(&b.cidr))
+            {
+                let aff = TxnOp::Put {
+                    key: affinity_key(node, &b.cidr),
+                    value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
+                    condition: Condition::Any,
+                };
+                self.ds.txn(&[aff]).await?;
+                return Ok(Some(b.cidr));
+            }
+        }
+        for pool in pools {
+            for cidr in pool.blocks_for(node) {
+                if taken.contains(&cidr) {
+                    continue;
+                }
+                let block = AllocationBlock::new(
+                    cidr,
+                    Some(host_affinity(node)),
+                    Some(now_rfc3339()),
+                    seq_now(),
+                );
+                let ops = [
+                    TxnOp::Put {
+                        key: affinity_key(node, &cidr),
+                        value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
+                        condition: Condition::Any,
+                    },
+                    TxnOp::Put {
+                        key: block_key(&cidr),
+                        value: serde_json::to_vec(&block).unwrap_or_default(),
+                        condition: Condition::Absent,
+                    },
+                ];
+                match self.ds.txn(&ops).await {
+                    Ok(revs) => {
+                        lock(&self.blocks).insert(cidr, (block, revs[1]));
+                        return Ok(Some(cidr));
+                    }
+                    Err(StoreError::AlreadyExists { .. }) => continue, // another node took it just now
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let now = parse_rfc3339(&now_rfc3339()).unwrap_or_default();
+        for (b, rev) in existing {
+            let in_pool = pools
+                .iter()
+                .any(|p| p.cidr.contains(&b.cidr) && p.block_size == b.cidr.prefix_len());
+            let old_enough = b
+                .affinity_claim_time
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .is_none_or(|t| now - t >= self.reclaim_after.as_secs() as i64);
+            if !in_pool || !b.is_empty() || b.is_affine_to(node) || !old_enough {
+                continue;
+            }
+            let mut mine = b.clone();
+            mine.affinity = Some(host_affinity(node));
+            mine.affinity_claim_time = Some(now_rfc3339());
+            mine.sequence_number += 1;
+            let mut ops = vec![
+                TxnOp::Put {
+                    key: block_key(&b.cidr),
+                    value: serde_json::to_vec(&mine).unwrap_or_default(),
+                    condition: Condition::At(rev),
+                },
+                TxnOp::Put {
+                    key: affinity_key(node, &b.cidr),
+                    value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
+                    condition: Condition::Any,
+                },
+            ];
+            if let Some(other) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")) {
+                ops.push(TxnOp::Delete {
+                    key: affinity_key(other, &b.cidr),
+                    condition: Condition::Any,
+                });
+            }
+            match self.ds.txn(&ops).await {
+                Ok(revs) => {
+                    lock(&self.blocks).insert(b.cidr, (mine, revs[0]));
+                    return Ok(Some(b.cidr));
+                }
+                Err(e) if is_condition_failure(&e).is_some() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn assign_family(
+        &self,
+        req: &AutoAssign,
+        v4: bool,
+        want: usize,
+        pools_all: &[Pool],
+        settings: &Settings,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let requested = if v4 { &req.pools_v4 } else { &req.pools_v6 };
+        let use_ = if req.tunnel {
+            Use::Tunnel
+        } else {
+            Use::Workload
+        };
+        let pools = select(
+            pools_all,
+            v4,
+            requested,
+            &req.node,
+            labels,
+            req.namespace_labels.as_ref(),
+            use_,
+        )?;
+        let in_pools = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
+        let mut got = Vec::new();
+        let mut affine = self.affine_blocks(&req.node, v4).await?;
+        for cidr in affine.iter().filter(|c| in_pools(c)) {
+            let node = req.node.clone();
+            got.extend(
+                self.take_from(*cidr, want - got.len(), req, move |b| b.is_affine_to(&node))
+                    .await?,
+            );
+            if got.len() == want {
+                return Ok(got);
+            }
+        }
+        let limit = [settings.max_blocks_per_host, req.max_blocks]
+            .into_iter()
+            .filter(|l| *l > 0)
+            .min();
+        let mut limit_hit = false;
+        while got.len() < want && settings.auto_allocate_blocks {
+            if limit.is_some_and(|l| affine.len() as u32 >= l) {
+                limit_hit = true;
+                break;
+            }
+            let Some(cidr) = self.claim(&pools, &req.node, v4, &affine).await? else {
+                break;
+            };
+            affine.push(cidr);
+            let node = req.node.clone();
+            got.extend(
+                self.take_from(cidr, want - got.len(), req, move |b| b.is_affine_to(&node))
+                    .await?,
+            );
+        }
+        if got.len() < want && !settings.strict_affinity {
+            // Borrow from other nodes' blocks (no affinity is claimed).
+            for (b, _) in self.all_blocks(v4).await? {
+                if b.free() == 0 || b.is_affine_to(&req.node) || !in_pools(&b.cidr) {
+                    continue;
+                }
+                got.extend(
+                    self.take_from(b.cidr, want - got.len(), req, |_| true)
+                        .await?,
+                );
+                if got.len() == want {
+                    return Ok(got);
+                }
+            }
+        }
+        if got.len() < want {
+            // Nothing half-done: give back what this request took.
+            let ips: Vec<IpAddr> = got.iter().map(|n| n.addr()).collect();
+            self.release_ips(
+                &ips,
+                &ReleaseGuard {
+                    handle: Some(req.handle.clone()),
+                    sequence_number: None,
+                },
+            )
+            .await?;
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            return Err(match limit {
+                Some(l) if limit_hit => IpamError::BlockLimit {
+                    node: req.node.clone(),
+                    limit: l,
+                    family,
+                    wanted: want,
+                    got: got.len(),
+                    strict: settings.strict_affinity,
+                },
+                _ => IpamError::Exhausted {
+                    node: req.node.clone(),
+                    family,
+                    wanted: want,
+                    got: got.len(),
+                    pools: pools
+                        .iter()
+                        .map(|p| format!("{} ({})", p.name, p.cidr))
+                        .collect(),
+                },
+            });
+        }
+        Ok(got)
+    }
+
+    /// Hand out `num_v4` + `num_v6` addresses under `handle`. All or nothing.
+    pub async fn auto_assign(&self, req: &AutoAssign) -> Result<Assigned, IpamError> {
+        if req.handle.is_empty() {
+            return Err(IpamError::InvalidRequest("a handle is required".into()));
+        }
+        let node_lock = self.node_lock(&req.node);
+        let _guard = node_lock.lock().await;
+        let pools = self.pools().await?;
+        let settings = self.settings().await?;
+        let labels = self.node_labels(&req.node).await?;
+        let v4 = self
+            .assign_family(req, true, req.num_v4, &pools, &settings, &labels)
+            .await?;
+        let v6 = match self
+            .assign_family(req, false, req.num_v6, &pools, &settings, &labels)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let ips: Vec<IpAddr> = v4.iter().map(|n| n.addr()).collect();
+                self.release_ips(
+                    &ips,
+                    &ReleaseGuard {
+                        handle: Some(req.handle.clone()),
+                        sequence_number: None,
+                    },
+                )
+                .await?;
+                return Err(e);
+            }
+        };
+        Ok(Assigned { v4, v6 })
+    }
+
+    /// Assign one given address (it must lie in an enabled pool allowing this use).
+    pub async fn assign_ip(
+        &self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+        node: &str,
+        tunnel: bool,
+    ) -> Result<IpNet, IpamError> {
+        let use_ok = |p: &Pool| {
+            let want = if tunnel { "Tunnel" } else { "Workload" };
+            p.spec
+                .allowed_uses
+                .as_ref()
+                .is_none_or(|u| u.is_empty() || u.iter().any(|x| x == want))
+        };
+        let pools = self.pools().await?;
+        let Some(pool) = pools
+            .iter()
+            .find(|p| !p.disabled() && p.cidr.contains(&ip) && use_ok(p))
+        else {
+            return Err(IpamError::NotInPool { ip });
+        };
+        let cidr = pool.block_of(ip).ok_or(IpamError::NotInPool { ip })?;
+        let settings = self.settings().await?;
+        let node_lock = self.node_lock(node);
+        let _guard = node_lock.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            if self.block(cidr, true).await?.is_none() {
+                // Nobody owns this block yet: claim it for this node.
+                let block = AllocationBlock::new(
+                    cidr,
+                    Some(host_affinity(node)),
+                    Some(now_rfc3339()),
+                    seq_now(),
+                );
+                let ops = [
+                    TxnOp::Put {
+                        key: affinity_key(node, &cidr),
+                        value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
+                        condition: Condition::Any,
+                    },
+                    TxnOp::Put {
+                        key: block_key(&cidr),
+                        value: serde_json::to_vec(&block).unwrap_or_default(),
+                        condition: Condition::Absent,
+                    },
+                ];
+                match self.ds.txn(&ops).await {
+                    Ok(_) | Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let result = self
+                .update_block(cidr, |b| {
+                    if settings.strict_affinity && !b.is_affine_to(node) {
+                        return Err(IpamError::StrictAffinity {
+                            ip,
+                            owner: b.affinity.clone().unwrap_or_default(),
+                        });
+                    }
+                    let ord = b.ordinal(ip).ok_or(IpamError::NotInPool { ip })?;
+                    if !b.allocate_ordinal(ord, handle, attrs) {
+                        return Err(IpamError::AlreadyAllocated {
+                            ip,
+                            handle: b.handle_of(ord).unwrap_or_default().to_string(),
+                        });
+                    }
+                    Ok(Some(BlockChange {
+                        out: IpNet::new(ip, b.cidr.prefix_len()).unwrap_or(b.cidr),
+                        handles: [(handle.to_string(), 1)].into(),
+                    }))
+                })
+                .await?;
+            if let Some(n) = result {
+                return Ok(n);
+            }
+        }
+        Err(IpamError::Contention {
+            key: block_key(&cidr),
+        })
+    }
+
+    /// Release every address held by `handle`; returns them (empty if the handle is unknown).
+    pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let (rec, rev) = self.handle_record(handle, true).await?;
+        lock(&self.handles).remove(handle);
+        let mut released = Vec::new();
+        for cidr in rec.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
+            let ips = self
+                .update_block(cidr, |b| {
+                    let ords = b.ordinals_of(handle);
+                    if ords.is_empty() {
+                        return Ok(None);
+                    }
+                    let ips: Vec<IpAddr> = ords.iter().map(|o| b.ip(*o)).collect();
+                    b.release(&ords);
+                    Ok(Some(BlockChange {
+                        handles: [(handle.to_string(), -(ips.len() as isize))].into(),
+                        out: ips,
+                    }))
+                })
+                .await?;
+            released.extend(ips.unwrap_or_default());
+        }
+        // A handle record that names blocks no longer holding it is removed too.
+        if rev.is_some() {
+            if let Some(kv) = self.ds.get(&handle_key(handle)).await? {
+                let h: IpamHandle = serde_json::from_slice(&kv.value).unwrap_or_default();
+                let mut stale = true;
+                for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
+                    if self
+                        .block(cidr, true)
+                        .await?
+                        .is_some_and(|(b, _)| !b.ordinals_of(handle).is_empty())
+                    {
+                        stale = false;
+                    }
+                }
+                if stale {
+                    match self
+                        .ds
+                        .delete(&handle_key(handle), Some(kv.mod_revision))
+                        .await
+                    {
+                        Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// The block holding `ip`: from the pools, else any existing block that contains it.
+    async fn block_for_ip(&self, ip: IpAddr, pools: &[Pool]) -> Result<Option<IpNet>, IpamError> {
+        if let Some(c) = pools.iter().find_map(|p| p.block_of(ip)) {
+            if self.block(c, false).await?.is_some() {
+                return Ok(Some(c));
+            }
+        }
+        Ok(self
+            .all_blocks(ip.is_ipv4())
+            .await?
+            .into_iter()
+            .map(|(b, _)| b.cidr)
+            .find(|c| c.contains(&ip)))
+    }
+
+    /// Release the given addresses. Returns, per address, whether it was allocated. With a
+    /// guard, an address held by another handle or allocated at another sequence number is an
+    /// error and nothing in its block is released.
+    pub async fn release_ips(
+        &self,
+        ips: &[IpAddr],
+        guard: &ReleaseGuard,
+    ) -> Result<Vec<(IpAddr, bool)>, IpamError> {
+        let pools = if ips.is_empty() {
+            Vec::new()
+        } else {
+            self.pools().await?
+        };
+        let mut by_block: BTreeMap<IpNet, Vec<IpAddr>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for ip in ips {
+            match self.block_for_ip(*ip, &pools).await? {
+                Some(c) => by_block.entry(c).or_default().push(*ip),
+                None => out.push((*ip, false)),
+            }
+        }
+        for (cidr, ips) in by_block {
+            let result = self
+                .update_block(cidr, |b| {
+                    let mut ords = Vec::new();
+                    let mut report = Vec::new();
+                    for ip in &ips {
+                        let Some(ord) = b
+                            .ordinal(*ip)
+                            .filter(|o| b.allocations[*o as usize].is_some())
+                        else {
+                            report.push((*ip, false));
+                            continue;
+                        };
+                        if let Some(h) = &guard.handle {
+                            if b.handle_of(ord) != Some(h.as_str()) {
+                                return Err(IpamError::HandleMismatch {
+                                    ip: *ip,
+                                    expected: h.clone(),
+                                    actual: b.handle_of(ord).unwrap_or_default().to_string(),
+                                });
+                            }
+                        }
+                        if let Some(seq) = guard.sequence_number {
+                            let actual = b
+                                .sequence_number_for_allocation
+                                .get(&ord.to_string())
+                                .copied();
+                            if actual != Some(seq) {
+                                return Err(IpamError::SequenceMismatch {
+                                    ip: *ip,
+                                    expected: seq,
+                                    actual,
+                                });
+                            }
+                        }
+                        ords.push(ord);
+                        report.push((*ip, true));
+                    }
+                    if ords.is_empty() {
+                        return Ok(None); // nothing allocated here: no write
+                    }
+                    let mut handles: BTreeMap<String, isize> = BTreeMap::new();
+                    for r in b.release(&ords) {
+                        if let Some(h) = r.handle {
+                            *handles.entry(h).or_default() -= 1;
+                        }
+                    }
+                    Ok(Some(BlockChange {
+                        out: report,
+                        handles,
+                    }))
+                })
+                .await?;
+            out.extend(result.unwrap_or_else(|| ips.iter().map(|ip| (*ip, false)).collect()));
+        }
+        Ok(out)
+    }
+
+    /// Drop `node`'s affinity for `cidr` if the block is empty (node removal, pool no longer
+    /// selecting it). Returns false if the block still has addresses in use.
+    pub async fn release_affinity(&self, node: &str, cidr: IpNet) -> Result<bool, IpamError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let aff = TxnOp::Delete {
+                key: affinity_key(node, &cidr),
+                condition: Condition::Any,
+            };
+            let Some((b, rev)) = self.block(cidr, true).await? else {
+                self.ds.txn(&[aff]).await?;
+                return Ok(true);
+            };
+            if !b.is_empty() {
+                return Ok(false);
+            }
+            let ops = [
+                TxnOp::Delete {
+                    key: block_key(&cidr),
+                    condition: Condition::At(rev),
+                },
+                aff,
+            ];
+            match self.ds.txn(&ops).await {
+                Ok(_) => {
+                    lock(&self.blocks).remove(&cidr);
+                    return Ok(true);
+                }
+                Err(e) if is_condition_failure(&e).is_some() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            key: block_key(&cidr),
+        })
+    }
+
+    /// Who holds `ip`: (handle, secondary attributes), or None if it is free.
+    pub async fn holder(
+        &self,
+        ip: IpAddr,
+    ) -> Result<Option<(String, BTreeMap<String, String>)>, IpamError> {
+        let pools = self.pools().await?;
+        let Some(cidr) = self.block_for_ip(ip, &pools).await? else {
+            return Ok(None);
+        };
+        let Some((b, _)) = self.block(cidr, true).await? else {
+            return Ok(None);
+        };
+        let Some(ord) = b.ordinal(ip) else {
+            return Ok(None);
+        };
+        Ok(b.attribute(ord).map(|a| {
+            (
+                a.handle_id.clone().unwrap_or_default(),
+                a.secondary.clone().unwrap_or_default(),
+            )
+        }))
+    }
+
+    /// The Node resource's spec, for tunnel-address bookkeeping.
+    pub(crate) async fn node_spec(
+        &self,
+        node: &str,
+    ) -> Result<Option<(gingham_api::Object, NodeSpec)>, IpamError> {
+        Ok(self.resources.get(Kind::Node, None, node).await?.map(|o| {
+            let spec = o.spec_as().unwrap_or_default();
+            (o, spec)
+        }))
+    }
+}
