@@ -1,5 +1,6 @@
 //! `gingham`: the calicoctl-style command line.
 
+mod ipam;
 mod output;
 mod resources;
 
@@ -131,6 +132,31 @@ enum Command {
     },
     /// Show which datastore the other commands use.
     Datastore,
+    /// IP address management: usage, consistency, manual release.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpamCommand {
+    /// Addresses per pool (and block), who holds an address, or the IPAM settings.
+    Show {
+        #[arg(long)]
+        show_blocks: bool,
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        show_configuration: bool,
+    },
+    /// Find leaked addresses, endpoints without allocations, stale handles and affinities.
+    Check,
+    /// Release one address regardless of who holds it.
+    Release {
+        #[arg(long)]
+        ip: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +213,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate(f) => resources::validate(&f),
+        Command::Ipam { command } => {
+            let client = gingham_ipam::IpamClient::new(ds.open().await?.datastore().clone());
+            match command {
+                IpamCommand::Show {
+                    show_blocks,
+                    ip,
+                    show_configuration,
+                } => ipam::show(&client, show_blocks, ip, show_configuration).await,
+                IpamCommand::Check => ipam::run_check(&client).await,
+                IpamCommand::Release { ip } => ipam::release(&client, ip).await,
+            }
+        }
         Command::Datastore => {
             let store = ds.open().await?;
             println!("{}", store.datastore().describe());

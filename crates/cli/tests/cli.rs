@@ -541,3 +541,95 @@ fn datastore_is_chosen_from_flags_file_and_environment() {
         String::from_utf8_lossy(&err.stderr)
     );
 }
+
+#[test]
+fn ipam_show_check_release() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "setup.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: default-ipv4-ippool}\nspec: {cidr: 10.65.0.0/16, blockSize: 26}\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1}\nspec: {}\n",
+    );
+    env.ok(&["apply", "-f", &f]);
+    // Allocate as the node agent would (the library, on the same store file).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ips = rt.block_on(async {
+        let ds =
+            std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap());
+        let req = gingham_ipam::AutoAssign {
+            num_v4: 5,
+            handle: "k8s-pod-network.c1".into(),
+            node: "n1".into(),
+            attrs: [("node", "n1"), ("namespace", "default"), ("pod", "web-1")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        gingham_ipam::IpamClient::new(ds)
+            .auto_assign(&req)
+            .await
+            .unwrap()
+            .v4
+    });
+    let show = env.ok(&["ipam", "show"]);
+    assert_eq!(
+        show,
+        "+----------+--------------+-----------+------------+--------------+\n\
+         | GROUPING |     CIDR     | IPS TOTAL | IPS IN USE |   IPS FREE   |\n\
+         +----------+--------------+-----------+------------+--------------+\n\
+         | IP Pool  | 10.65.0.0/16 |     65536 |     5 (0%) | 65531 (100%) |\n\
+         +----------+--------------+-----------+------------+--------------+\n"
+    );
+    let blocks = env.ok(&["ipam", "show", "--show-blocks"]);
+    assert!(
+        blocks.contains(&format!(
+            "| Block    | {:<12} |        64 |     5 (8%) |     59 (92%) |",
+            ips[0].trunc()
+        )),
+        "{blocks}"
+    );
+    let ip = ips[0].addr().to_string();
+    assert_eq!(
+        env.ok(&["ipam", "show", &format!("--ip={ip}")]),
+        format!(
+            "IP {ip} is in use\nHandle ID: k8s-pod-network.c1\nAttributes:\n    namespace: default\n    node: n1\n    pod: web-1\n"
+        )
+    );
+    assert_eq!(
+        env.ok(&["ipam", "show", "--ip=10.65.255.255"]),
+        "IP 10.65.255.255 is not assigned\n"
+    );
+    assert!(
+        env.ok(&["ipam", "show", "--show-configuration"])
+            .contains("| StrictAffinity     | false |")
+    );
+    // No endpoint uses these addresses: check reports each as a leak, with the command to fix it.
+    let report = env.ok(&["ipam", "check"]);
+    assert!(report.starts_with("Checking IPAM for inconsistencies...\nLoading all IPAM blocks...\nFound 1 IPAM blocks.\n"), "{report}");
+    assert!(report.contains(&format!("{ip} is allocated (handle k8s-pod-network.c1, pod default/web-1) but no endpoint or node uses it: gingham ipam release --ip={ip}")));
+    assert!(
+        report.ends_with("Check complete; found 5 problems.\n"),
+        "{report}"
+    );
+    assert_eq!(
+        env.ok(&["ipam", "release", &format!("--ip={ip}")]),
+        format!("Successfully released IP {ip}\n")
+    );
+    assert!(
+        env.fails(&["ipam", "release", &format!("--ip={ip}")])
+            .contains("is not assigned")
+    );
+    assert!(
+        env.ok(&["ipam", "check"])
+            .ends_with("Check complete; found 4 problems.\n")
+    );
+    assert!(
+        env.ok(&["ipam", "show"])
+            .contains("|     4 (0%) | 65532 (100%) |")
+    );
+}

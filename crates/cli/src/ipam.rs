@@ -1,0 +1,218 @@
+//! `gingham ipam show | check | release`, in calicoctl's formats.
+
+use std::net::IpAddr;
+
+use anyhow::bail;
+use gingham_ipam::check::{check, usage};
+use gingham_ipam::{IpamClient, ReleaseGuard};
+
+/// Go's `%.5g` for a count: plain up to 99999, then `1.0486e+06` style.
+pub fn g5(n: u128) -> String {
+    if n < 100_000 {
+        return n.to_string();
+    }
+    let s = format!("{:.4e}", n as f64); // e.g. 1.0486e6
+    let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+    let exp: i32 = exp.parse().unwrap_or(0);
+    format!(
+        "{mantissa}e{}{:02}",
+        if exp < 0 { '-' } else { '+' },
+        exp.abs()
+    )
+}
+
+fn percent(part: u128, total: u128) -> String {
+    if total == 0 {
+        "0%".into()
+    } else {
+        format!("{:.0}%", part as f64 * 100.0 / total as f64)
+    }
+}
+
+/// A box-drawn table: headers centred, `right` columns right-aligned, others left-aligned.
+pub fn boxed(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let rule = format!(
+        "+{}+\n",
+        w.iter()
+            .map(|n| "-".repeat(n + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    let mut out = rule.clone();
+    let cells: Vec<String> = header
+        .iter()
+        .zip(&w)
+        .map(|(h, n)| {
+            let left = (n - h.len()) / 2;
+            format!(
+                " {}{h}{} ",
+                " ".repeat(left),
+                " ".repeat(n - h.len() - left)
+            )
+        })
+        .collect();
+    out.push_str(&format!("|{}|\n", cells.join("|")));
+    out.push_str(&rule);
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&w)
+            .zip(right)
+            .map(|((c, n), right)| {
+                if *right {
+                    format!(" {c:>n$} ")
+                } else {
+                    format!(" {c:<n$} ")
+                }
+            })
+            .collect();
+        out.push_str(&format!("|{}|\n", cells.join("|")));
+    }
+    out.push_str(&rule);
+    out
+}
+
+pub async fn show(
+    ipam: &IpamClient,
+    show_blocks: bool,
+    ip: Option<IpAddr>,
+    show_config: bool,
+) -> anyhow::Result<()> {
+    if let Some(ip) = ip {
+        match ipam.holder(ip).await? {
+            None => println!("IP {ip} is not assigned"),
+            Some((handle, attrs)) => {
+                println!("IP {ip} is in use");
+                println!("Handle ID: {handle}");
+                println!("Attributes:");
+                for (k, v) in attrs {
+                    println!("    {k}: {v}");
+                }
+            }
+        }
+        return Ok(());
+    }
+    if show_config {
+        let s = ipam.settings().await?;
+        let rows = vec![
+            vec!["StrictAffinity".to_string(), s.strict_affinity.to_string()],
+            vec![
+                "AutoAllocateBlocks".to_string(),
+                s.auto_allocate_blocks.to_string(),
+            ],
+            vec![
+                "MaxBlocksPerHost".to_string(),
+                s.max_blocks_per_host.to_string(),
+            ],
+        ];
+        print!("{}", boxed(&["PROPERTY", "VALUE"], &rows, &[false, false]));
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for p in usage(ipam).await? {
+        let free = p.total - p.in_use;
+        rows.push(vec![
+            "IP Pool".into(),
+            p.cidr.to_string(),
+            g5(p.total),
+            format!("{} ({})", g5(p.in_use), percent(p.in_use, p.total)),
+            format!("{} ({})", g5(free), percent(free, p.total)),
+        ]);
+        if show_blocks {
+            for b in p.blocks {
+                let free = b.total - b.in_use;
+                rows.push(vec![
+                    "Block".into(),
+                    b.cidr.to_string(),
+                    g5(b.total),
+                    format!("{} ({})", g5(b.in_use), percent(b.in_use, b.total)),
+                    format!("{} ({})", g5(free), percent(free, b.total)),
+                ]);
+            }
+        }
+    }
+    print!(
+        "{}",
+        boxed(
+            &["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"],
+            &rows,
+            &[false, false, true, true, true]
+        )
+    );
+    Ok(())
+}
+
+pub async fn run_check(ipam: &IpamClient) -> anyhow::Result<()> {
+    let report = check(ipam).await?;
+    for line in &report.progress {
+        println!("{line}");
+    }
+    if !report.problems.is_empty() {
+        println!("\nProblems:");
+        for p in &report.problems {
+            println!("  - {p}");
+        }
+    }
+    println!("Check complete; found {} problems.", report.problems.len());
+    Ok(())
+}
+
+pub async fn release(ipam: &IpamClient, ip: IpAddr) -> anyhow::Result<()> {
+    let out = ipam.release_ips(&[ip], &ReleaseGuard::default()).await?;
+    if out.iter().any(|(_, released)| *released) {
+        println!("Successfully released IP {ip}");
+        Ok(())
+    } else {
+        bail!("IP {ip} is not assigned: nothing to release")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_match_calicoctl() {
+        assert_eq!(g5(65536), "65536");
+        assert_eq!(g5(1_048_576), "1.0486e+06");
+        assert_eq!(g5(100_000), "1e+05");
+        assert_eq!(percent(5, 65536), "0%");
+        assert_eq!(percent(5, 64), "8%");
+        let t = boxed(
+            &["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"],
+            &[
+                vec![
+                    "IP Pool".into(),
+                    "192.168.0.0/16".into(),
+                    "65536".into(),
+                    "5 (0%)".into(),
+                    "65531 (100%)".into(),
+                ],
+                vec![
+                    "Block".into(),
+                    "192.168.1.0/26".into(),
+                    "64".into(),
+                    "5 (8%)".into(),
+                    "59 (92%)".into(),
+                ],
+            ],
+            &[false, false, true, true, true],
+        );
+        assert_eq!(
+            t,
+            "+----------+----------------+-----------+------------+--------------+\n\
+             | GROUPING |      CIDR      | IPS TOTAL | IPS IN USE |   IPS FREE   |\n\
+             +----------+----------------+-----------+------------+--------------+\n\
+             | IP Pool  | 192.168.0.0/16 |     65536 |     5 (0%) | 65531 (100%) |\n\
+             | Block    | 192.168.1.0/26 |        64 |     5 (8%) |     59 (92%) |\n\
+             +----------+----------------+-----------+------------+--------------+\n"
+        );
+    }
+}
