@@ -27,21 +27,9 @@ impl LabelSelector {
     /// Calico's translation (reference §1.10): matchLabels sorted by key, then expressions in
     /// order, joined by ` && `; an empty selector is `all()`.
     pub fn to_calico(&self) -> String {
-        let mut parts: Vec<String> = self
-            .match_labels
-            .iter()
-            .flatten()
-            .map(|(k, v)| format!("{k} == '{v}'"))
-            .collect();
+        let mut parts: Vec<String> = self.match_labels.iter().flatten().map(|(k, v)| format!("{k} == '{v}'")).collect();
         for r in self.match_expressions.iter().flatten() {
-            let vals = || {
-                r.values
-                    .iter()
-                    .flatten()
-                    .map(|v| format!("'{v}'"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let vals = || r.values.iter().flatten().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
             parts.push(match r.operator.as_str() {
                 "In" => format!("{} in {{ {} }}", r.key, vals()),
                 "NotIn" => format!("{} not in {{ {} }}", r.key, vals()),
@@ -49,11 +37,7 @@ impl LabelSelector {
                 _ => format!("! has({})", r.key),
             });
         }
-        if parts.is_empty() {
-            "all()".into()
-        } else {
-            parts.join(" && ")
-        }
+        if parts.is_empty() { "all()".into() } else { parts.join(" && ") }
     }
 
     fn validate(&self, path: &str, e: &mut Errors) {
@@ -63,22 +47,15 @@ impl LabelSelector {
         for (i, r) in self.match_expressions.iter().flatten().enumerate() {
             let p = format!("{path}.matchExpressions[{i}]");
             check_label_key(&r.key, &format!("{p}.key"), e);
-            check_enum(
-                &r.operator,
-                &["In", "NotIn", "Exists", "DoesNotExist"],
-                &format!("{p}.operator"),
-                e,
-            );
+            check_enum(&r.operator, &["In", "NotIn", "Exists", "DoesNotExist"], &format!("{p}.operator"), e);
             let has_values = r.values.as_ref().is_some_and(|v| !v.is_empty());
             match r.operator.as_str() {
-                "In" | "NotIn" if !has_values => e.push(FieldError::new(
-                    format!("{p}.values"),
-                    format!("{} needs at least one value", r.operator),
-                )),
-                "Exists" | "DoesNotExist" if has_values => e.push(FieldError::new(
-                    format!("{p}.values"),
-                    format!("{} takes no values", r.operator),
-                )),
+                "In" | "NotIn" if !has_values => {
+                    e.push(FieldError::new(format!("{p}.values"), format!("{} needs at least one value", r.operator)))
+                }
+                "Exists" | "DoesNotExist" if has_values => {
+                    e.push(FieldError::new(format!("{p}.values"), format!("{} takes no values", r.operator)))
+                }
                 _ => {}
             }
         }
@@ -153,20 +130,14 @@ fn check_peers(peers: &[NetworkPolicyPeer], path: &str, e: &mut Errors) {
                     let xp = format!("{pp}.ipBlock.except[{j}]");
                     if let Some(xn) = check_cidr(x, &xp, e) {
                         if !net.contains(&xn) || xn == net {
-                            e.push(FieldError::new(
-                                xp,
-                                format!("{x} is not strictly inside {}", b.cidr),
-                            ));
+                            e.push(FieldError::new(xp, format!("{x} is not strictly inside {}", b.cidr)));
                         }
                     }
                 }
             }
         }
         if p.pod_selector.is_none() && p.namespace_selector.is_none() && p.ip_block.is_none() {
-            e.push(FieldError::new(
-                pp,
-                "a peer needs podSelector, namespaceSelector or ipBlock",
-            ));
+            e.push(FieldError::new(pp, "a peer needs podSelector, namespaceSelector or ipBlock"));
         }
     }
 }
@@ -182,14 +153,9 @@ fn check_np_ports(ports: &[NetworkPolicyPort], path: &str, e: &mut Errors) {
             Some(IntOrString::Str(s)) => {
                 if s.is_empty()
                     || s.len() > 15
-                    || !s
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    || !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 {
-                    e.push(FieldError::new(
-                        format!("{pp}.port"),
-                        format!("{s:?} is not a port number or named port"),
-                    ));
+                    e.push(FieldError::new(format!("{pp}.port"), format!("{s:?} is not a port number or named port")));
                 }
             }
             None => {}
@@ -197,14 +163,10 @@ fn check_np_ports(ports: &[NetworkPolicyPort], path: &str, e: &mut Errors) {
         if let Some(end) = p.end_port {
             match &p.port {
                 Some(IntOrString::Int(start)) if end >= *start && end <= 65535 => {}
-                Some(IntOrString::Int(start)) => e.push(FieldError::new(
-                    format!("{pp}.endPort"),
-                    format!("{end} must be within {start}..65535"),
-                )),
-                _ => e.push(FieldError::new(
-                    format!("{pp}.endPort"),
-                    "endPort needs a numeric port",
-                )),
+                Some(IntOrString::Int(start)) => {
+                    e.push(FieldError::new(format!("{pp}.endPort"), format!("{end} must be within {start}..65535")))
+                }
+                _ => e.push(FieldError::new(format!("{pp}.endPort"), "endPort needs a numeric port")),
             }
         }
     }
@@ -223,36 +185,15 @@ impl Spec for K8sNetworkPolicySpec {
     fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
         self.pod_selector.validate("spec.podSelector", e);
         for (i, t) in self.policy_types.iter().flatten().enumerate() {
-            check_enum(
-                t,
-                &["Ingress", "Egress"],
-                &format!("spec.policyTypes[{i}]"),
-                e,
-            );
+            check_enum(t, &["Ingress", "Egress"], &format!("spec.policyTypes[{i}]"), e);
         }
         for (i, r) in self.ingress.iter().flatten().enumerate() {
-            check_peers(
-                r.from.as_deref().unwrap_or_default(),
-                &format!("spec.ingress[{i}].from"),
-                e,
-            );
-            check_np_ports(
-                r.ports.as_deref().unwrap_or_default(),
-                &format!("spec.ingress[{i}].ports"),
-                e,
-            );
+            check_peers(r.from.as_deref().unwrap_or_default(), &format!("spec.ingress[{i}].from"), e);
+            check_np_ports(r.ports.as_deref().unwrap_or_default(), &format!("spec.ingress[{i}].ports"), e);
         }
         for (i, r) in self.egress.iter().flatten().enumerate() {
-            check_peers(
-                r.to.as_deref().unwrap_or_default(),
-                &format!("spec.egress[{i}].to"),
-                e,
-            );
-            check_np_ports(
-                r.ports.as_deref().unwrap_or_default(),
-                &format!("spec.egress[{i}].ports"),
-                e,
-            );
+            check_peers(r.to.as_deref().unwrap_or_default(), &format!("spec.egress[{i}].to"), e);
+            check_np_ports(r.ports.as_deref().unwrap_or_default(), &format!("spec.egress[{i}].ports"), e);
         }
     }
 }
@@ -275,36 +216,21 @@ mod tests {
     #[test]
     fn label_selector_translation() {
         let s = LabelSelector {
-            match_labels: Some(
-                [
-                    ("b".to_string(), "2".to_string()),
-                    ("a".to_string(), "1".to_string()),
-                ]
-                .into(),
-            ),
+            match_labels: Some([("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())].into()),
             match_expressions: Some(vec![
                 LabelSelectorRequirement {
                     key: "env".into(),
                     operator: "In".into(),
                     values: Some(vec!["prod".into(), "dev".into()]),
                 },
-                LabelSelectorRequirement {
-                    key: "x".into(),
-                    operator: "DoesNotExist".into(),
-                    values: None,
-                },
+                LabelSelectorRequirement { key: "x".into(), operator: "DoesNotExist".into(), values: None },
             ]),
         };
         let calico = s.to_calico();
-        assert_eq!(
-            calico,
-            "a == '1' && b == '2' && env in { 'prod', 'dev' } && ! has(x)"
-        );
+        assert_eq!(calico, "a == '1' && b == '2' && env in { 'prod', 'dev' } && ! has(x)");
         let parsed = Selector::parse(&calico).unwrap();
-        let labels: BTreeMap<String, String> = [("a", "1"), ("b", "2"), ("env", "dev")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let labels: BTreeMap<String, String> =
+            [("a", "1"), ("b", "2"), ("env", "dev")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert!(parsed.matches(&labels));
         assert_eq!(LabelSelector::default().to_calico(), "all()");
     }

@@ -71,66 +71,46 @@ impl Spec for IPPoolSpec {
         if self.allowed_uses.as_ref().is_none_or(Vec::is_empty) {
             self.allowed_uses = Some(vec!["Workload".into(), "Tunnel".into()]);
         }
-        self.assignment_mode
-            .get_or_insert_with(|| "Automatic".into());
+        self.assignment_mode.get_or_insert_with(|| "Automatic".into());
     }
 
     fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
         if self.cidr.is_empty() {
             e.push(FieldError::new("spec.cidr", "a CIDR is required"));
         }
-        let net = if self.cidr.is_empty() {
-            None
-        } else {
-            check_cidr(&self.cidr, "spec.cidr", e)
-        };
+        let net = if self.cidr.is_empty() { None } else { check_cidr(&self.cidr, "spec.cidr", e) };
         if let Some(net) = net {
             if net.trunc() != net {
                 e.push(FieldError::new(
                     "spec.cidr",
-                    format!(
-                        "{} has host bits set; did you mean {}?",
-                        self.cidr,
-                        net.trunc()
-                    ),
+                    format!("{} has host bits set; did you mean {}?", self.cidr, net.trunc()),
                 ));
             }
-            let link_local: IpNet = if net.addr().is_ipv4() {
-                "169.254.0.0/16"
-            } else {
-                "fe80::/10"
-            }
-            .parse()
-            .expect("constant");
+            let link_local: IpNet =
+                if net.addr().is_ipv4() { "169.254.0.0/16" } else { "fe80::/10" }.parse().expect("constant");
             if link_local.contains(&net.network()) || net.contains(&link_local.network()) {
                 e.push(FieldError::new(
                     "spec.cidr",
                     format!("{} overlaps the link-local range {link_local}", self.cidr),
                 ));
             }
-            let (lo, hi) = if net.addr().is_ipv4() {
-                (20, 32)
-            } else {
-                (116, 128)
-            };
+            let (lo, hi) = if net.addr().is_ipv4() { (20, 32) } else { (116, 128) };
             if let Some(bs) = self.block_size {
                 if !(lo..=hi).contains(&bs) {
-                    e.push(FieldError::new(
-                        "spec.blockSize",
-                        format!("{bs} is outside {lo}..{hi}"),
-                    ));
+                    e.push(FieldError::new("spec.blockSize", format!("{bs} is outside {lo}..{hi}")));
                 } else if net.prefix_len() > bs && self.disabled != Some(true) {
                     e.push(FieldError::new(
                         "spec.blockSize",
-                        format!("{bs} is larger than the pool itself ({}); use a blockSize of at least /{}", self.cidr, net.prefix_len()),
+                        format!(
+                            "{bs} is larger than the pool itself ({}); use a blockSize of at least /{}",
+                            self.cidr,
+                            net.prefix_len()
+                        ),
                     ));
                 }
             }
             if net.addr().is_ipv6() && IPPoolSpec::encap_enabled(&self.ipip_mode) {
-                e.push(FieldError::new(
-                    "spec.ipipMode",
-                    "IPIP is not supported on IPv6 pools; use vxlanMode",
-                ));
+                e.push(FieldError::new("spec.ipipMode", "IPIP is not supported on IPv6 pools; use vxlanMode"));
             }
         }
         if let Some(m) = &self.ipip_mode {
@@ -139,60 +119,36 @@ impl Spec for IPPoolSpec {
         if let Some(m) = &self.vxlan_mode {
             check_enum(m, ENCAP_MODES, "spec.vxlanMode", e);
         }
-        if IPPoolSpec::encap_enabled(&self.ipip_mode) && IPPoolSpec::encap_enabled(&self.vxlan_mode)
-        {
+        if IPPoolSpec::encap_enabled(&self.ipip_mode) && IPPoolSpec::encap_enabled(&self.vxlan_mode) {
             e.push(FieldError::new(
                 "spec.vxlanMode",
                 "IPIP and VXLAN cannot both be enabled on one pool (ipipMode is also set)",
             ));
         }
-        for (sel, path) in [
-            (&self.node_selector, "spec.nodeSelector"),
-            (&self.namespace_selector, "spec.namespaceSelector"),
-        ] {
+        for (sel, path) in
+            [(&self.node_selector, "spec.nodeSelector"), (&self.namespace_selector, "spec.namespaceSelector")]
+        {
             if let Some(s) = sel {
                 if s.len() > 1024 {
-                    e.push(FieldError::new(
-                        path,
-                        "selector is longer than 1024 characters",
-                    ));
+                    e.push(FieldError::new(path, "selector is longer than 1024 characters"));
                 } else if check_selector(s, path, e).is_some_and(|p| p.uses_global()) {
-                    e.push(FieldError::new(
-                        path,
-                        "global() is not allowed in an IPPool selector",
-                    ));
+                    e.push(FieldError::new(path, "global() is not allowed in an IPPool selector"));
                 }
             }
         }
         let uses = self.allowed_uses.clone().unwrap_or_default();
         for (i, u) in uses.iter().enumerate() {
-            check_enum(
-                u,
-                &["Workload", "Tunnel", "LoadBalancer"],
-                &format!("spec.allowedUses[{i}]"),
-                e,
-            );
+            check_enum(u, &["Workload", "Tunnel", "LoadBalancer"], &format!("spec.allowedUses[{i}]"), e);
         }
         if uses.iter().any(|u| u == "LoadBalancer") {
             if uses.len() > 1 {
-                e.push(FieldError::new(
-                    "spec.allowedUses",
-                    "LoadBalancer cannot be combined with Workload or Tunnel",
-                ));
+                e.push(FieldError::new("spec.allowedUses", "LoadBalancer cannot be combined with Workload or Tunnel"));
             }
-            if IPPoolSpec::encap_enabled(&self.ipip_mode)
-                || IPPoolSpec::encap_enabled(&self.vxlan_mode)
-            {
-                e.push(FieldError::new(
-                    "spec.allowedUses",
-                    "a LoadBalancer pool cannot use IPIP or VXLAN",
-                ));
+            if IPPoolSpec::encap_enabled(&self.ipip_mode) || IPPoolSpec::encap_enabled(&self.vxlan_mode) {
+                e.push(FieldError::new("spec.allowedUses", "a LoadBalancer pool cannot use IPIP or VXLAN"));
             }
             if self.disable_bgp_export == Some(true) {
-                e.push(FieldError::new(
-                    "spec.disableBGPExport",
-                    "a LoadBalancer pool must be exported over BGP",
-                ));
+                e.push(FieldError::new("spec.disableBGPExport", "a LoadBalancer pool must be exported over BGP"));
             }
         }
         if let Some(m) = &self.assignment_mode {
@@ -220,24 +176,13 @@ impl Spec for IPAMConfigSpec {
     }
     fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
         if self.max_blocks_per_host.is_some_and(|m| m < 0) {
-            e.push(FieldError::new(
-                "spec.maxBlocksPerHost",
-                "must be 0 (unlimited) or positive",
-            ));
+            e.push(FieldError::new("spec.maxBlocksPerHost", "must be 0 (unlimited) or positive"));
         }
         if let Some(c) = self.ip_cooldown_seconds.filter(|c| !(0..=1200).contains(c)) {
-            e.push(FieldError::new(
-                "spec.ipCooldownSeconds",
-                format!("{c} is outside 0..1200"),
-            ));
+            e.push(FieldError::new("spec.ipCooldownSeconds", format!("{c} is outside 0..1200")));
         }
         if let Some(p) = &self.kube_virt_vm_address_persistence {
-            check_enum(
-                p,
-                &["Enabled", "Disabled"],
-                "spec.kubeVirtVMAddressPersistence",
-                e,
-            );
+            check_enum(p, &["Enabled", "Disabled"], "spec.kubeVirtVMAddressPersistence", e);
         }
     }
 }
@@ -276,9 +221,7 @@ pub struct Password {
     pub secret_key_ref: Option<SecretKeyRef>,
 }
 
-const LOG_LEVELS: &[&str] = &[
-    "Trace", "Debug", "Info", "Warning", "Error", "Fatal", "None",
-];
+const LOG_LEVELS: &[&str] = &["Trace", "Debug", "Info", "Warning", "Error", "Fatal", "None"];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -314,10 +257,7 @@ impl Spec for BGPConfigurationSpec {
         if meta.name != "default" && !meta.name.starts_with("node.") {
             e.push(FieldError::new(
                 "metadata.name",
-                format!(
-                    "{:?}: BGPConfiguration is named \"default\" or \"node.<nodename>\"",
-                    meta.name
-                ),
+                format!("{:?}: BGPConfiguration is named \"default\" or \"node.<nodename>\"", meta.name),
             ));
         }
         if let Some(l) = &self.log_severity_screen {
@@ -349,21 +289,13 @@ impl Spec for BGPConfigurationSpec {
             }
         }
         if self.node_mesh_password.is_some() && meta.name != "default" {
-            e.push(FieldError::new(
-                "spec.nodeMeshPassword",
-                "only allowed on the \"default\" BGPConfiguration",
-            ));
+            e.push(FieldError::new("spec.nodeMeshPassword", "only allowed on the \"default\" BGPConfiguration"));
         }
         if let Some(d) = &self.node_mesh_max_restart_time {
             check_duration(d, "spec.nodeMeshMaxRestartTime", e);
         }
         if let Some(m) = &self.service_load_balancer_aggregation {
-            check_enum(
-                m,
-                &["Enabled", "Disabled"],
-                "spec.serviceLoadBalancerAggregation",
-                e,
-            );
+            check_enum(m, &["Enabled", "Disabled"], "spec.serviceLoadBalancerAggregation", e);
         }
         if let Some(m) = &self.bind_mode {
             check_enum(m, &["None", "NodeIP"], "spec.bindMode", e);
@@ -371,25 +303,14 @@ impl Spec for BGPConfigurationSpec {
         if let Some(m) = &self.program_cluster_routes {
             check_enum(
                 m,
-                &[
-                    "Enabled",
-                    "Disabled",
-                    "EnabledIPIPOnly",
-                    "EnabledNoEncapOnly",
-                ],
+                &["Enabled", "Disabled", "EnabledIPIPOnly", "EnabledNoEncapOnly"],
                 "spec.programClusterRoutes",
                 e,
             );
         }
         for (v, f) in [
-            (
-                &self.local_workload_peering_ipv4,
-                "localWorkloadPeeringIPV4",
-            ),
-            (
-                &self.local_workload_peering_ipv6,
-                "localWorkloadPeeringIPV6",
-            ),
+            (&self.local_workload_peering_ipv4, "localWorkloadPeeringIPV4"),
+            (&self.local_workload_peering_ipv6, "localWorkloadPeeringIPV6"),
         ] {
             if let Some(ip) = v {
                 check_ip(ip, &format!("spec.{f}"), e);
@@ -407,10 +328,7 @@ fn check_community(v: &str, path: &str, e: &mut Errors) {
         _ => false,
     };
     if !ok {
-        e.push(FieldError::new(
-            path,
-            format!("{v:?} is not a community (aa:nn or aa:nn:mm)"),
-        ));
+        e.push(FieldError::new(path, format!("{v:?} is not a community (aa:nn or aa:nn:mm)")));
     }
 }
 
@@ -458,10 +376,7 @@ impl Spec for BGPPeerSpec {
         if self.node.as_deref().is_some_and(|n| !n.is_empty())
             && self.node_selector.as_deref().is_some_and(|s| !s.is_empty())
         {
-            e.push(FieldError::new(
-                "spec.nodeSelector",
-                "node and nodeSelector cannot both be set",
-            ));
+            e.push(FieldError::new("spec.nodeSelector", "node and nodeSelector cannot both be set"));
         }
         if let Some(s) = &self.node_selector {
             check_selector(s, "spec.nodeSelector", e);
@@ -475,20 +390,14 @@ impl Spec for BGPPeerSpec {
                 ));
             }
         } else if self.peer_ip.is_none() {
-            e.push(FieldError::new(
-                "spec.peerIP",
-                "either peerIP (with asNumber) or peerSelector is required",
-            ));
+            e.push(FieldError::new("spec.peerIP", "either peerIP (with asNumber) or peerSelector is required"));
         }
         if let Some(ip) = &self.peer_ip {
             if let Err(m) = parse_peer_ip(ip) {
                 e.push(FieldError::new("spec.peerIP", m));
             }
             if self.as_number.is_none() {
-                e.push(FieldError::new(
-                    "spec.asNumber",
-                    "required when peerIP is set",
-                ));
+                e.push(FieldError::new("spec.asNumber", "required when peerIP is set"));
             }
         }
         if let Some(a) = &self.as_number {
@@ -506,28 +415,16 @@ impl Spec for BGPPeerSpec {
         if let Some(m) = &self.reverse_peering {
             check_enum(m, &["Auto", "Manual"], "spec.reversePeering", e);
         }
-        for (d, f) in [
-            (&self.max_restart_time, "maxRestartTime"),
-            (&self.keepalive_time, "keepaliveTime"),
-        ] {
+        for (d, f) in [(&self.max_restart_time, "maxRestartTime"), (&self.keepalive_time, "keepaliveTime")] {
             if let Some(d) = d {
                 check_duration(d, &format!("spec.{f}"), e);
             }
         }
         if let Some(t) = self.ttl_security.filter(|t| !(0..=255).contains(t)) {
-            e.push(FieldError::new(
-                "spec.ttlSecurity",
-                format!("{t} is outside 0..255"),
-            ));
+            e.push(FieldError::new("spec.ttlSecurity", format!("{t} is outside 0..255")));
         }
-        if let Some(n) = self
-            .num_allowed_local_as_numbers
-            .filter(|n| !(0..=10).contains(n))
-        {
-            e.push(FieldError::new(
-                "spec.numAllowedLocalASNumbers",
-                format!("{n} is outside 0..10"),
-            ));
+        if let Some(n) = self.num_allowed_local_as_numbers.filter(|n| !(0..=10).contains(n)) {
+            e.push(FieldError::new("spec.numAllowedLocalASNumbers", format!("{n} is outside 0..10")));
         }
         if let Some(r) = &self.reachable_by {
             check_ip(r, "spec.reachableBy", e);
@@ -592,11 +489,7 @@ pub struct NodeSpec {
 
 fn check_mac(m: &str, path: &str, e: &mut Errors) {
     let parts: Vec<&str> = m.split(':').collect();
-    if parts.len() != 6
-        || !parts
-            .iter()
-            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
-    {
+    if parts.len() != 6 || !parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok()) {
         e.push(FieldError::new(path, format!("{m:?} is not a MAC address")));
     }
 }
@@ -607,10 +500,7 @@ impl Spec for NodeSpec {
             if let Some(a) = &b.as_number {
                 check_asn(a, "spec.bgp.asNumber", e);
             }
-            for (v, f, v4) in [
-                (&b.ipv4_address, "ipv4Address", true),
-                (&b.ipv6_address, "ipv6Address", false),
-            ] {
+            for (v, f, v4) in [(&b.ipv4_address, "ipv4Address", true), (&b.ipv6_address, "ipv6Address", false)] {
                 if let Some(addr) = v {
                     if let Some(n) = check_cidr(addr, &format!("spec.bgp.{f}"), e) {
                         if n.addr().is_ipv4() != v4 {
@@ -652,10 +542,7 @@ impl Spec for NodeSpec {
         }
         for (i, r) in self.orch_refs.iter().flatten().enumerate() {
             if r.orchestrator.is_empty() {
-                e.push(FieldError::new(
-                    format!("spec.orchRefs[{i}].orchestrator"),
-                    "required",
-                ));
+                e.push(FieldError::new(format!("spec.orchRefs[{i}].orchestrator"), "required"));
             }
         }
         for (i, a) in self.addresses.iter().flatten().enumerate() {
@@ -737,10 +624,7 @@ impl Spec for FelixConfigurationSpec {
         if meta.name != "default" && !meta.name.starts_with("node.") {
             e.push(FieldError::new(
                 "metadata.name",
-                format!(
-                    "{:?}: FelixConfiguration is named \"default\" or \"node.<nodename>\"",
-                    meta.name
-                ),
+                format!("{:?}: FelixConfiguration is named \"default\" or \"node.<nodename>\"", meta.name),
             ));
         }
         for (v, f) in [
@@ -753,10 +637,7 @@ impl Spec for FelixConfigurationSpec {
             }
         }
         if let Some(v) = self.vxlan_vni.filter(|v| !(1..=16_777_215).contains(v)) {
-            e.push(FieldError::new(
-                "spec.vxlanVNI",
-                format!("{v} is outside 1..16777215"),
-            ));
+            e.push(FieldError::new("spec.vxlanVNI", format!("{v} is outside 1..16777215")));
         }
         for (v, f) in [
             (&self.ipip_mtu, "ipipMTU"),
@@ -765,53 +646,20 @@ impl Spec for FelixConfigurationSpec {
             (&self.wireguard_mtu, "wireguardMTU"),
         ] {
             if let Some(m) = v.filter(|m| *m != 0 && !(68..=65535).contains(m)) {
-                e.push(FieldError::new(
-                    format!("spec.{f}"),
-                    format!("{m} is outside 68..65535 (0 = auto)"),
-                ));
+                e.push(FieldError::new(format!("spec.{f}"), format!("{m} is outside 68..65535 (0 = auto)")));
             }
         }
-        if let Some(p) = self
-            .device_route_protocol
-            .filter(|p| !(0..=255).contains(p))
-        {
-            e.push(FieldError::new(
-                "spec.deviceRouteProtocol",
-                format!("{p} is outside 0..255"),
-            ));
+        if let Some(p) = self.device_route_protocol.filter(|p| !(0..=255).contains(p)) {
+            e.push(FieldError::new("spec.deviceRouteProtocol", format!("{p} is outside 0..255")));
         }
         for (v, f, allowed) in [
-            (
-                &self.default_endpoint_to_host_action,
-                "defaultEndpointToHostAction",
-                &["Drop", "Return", "Accept"][..],
-            ),
-            (
-                &self.chain_insert_mode,
-                "chainInsertMode",
-                &["Insert", "Append", "insert", "append"][..],
-            ),
-            (
-                &self.nftables_mode,
-                "nftablesMode",
-                &["Enabled", "Disabled", "Auto"][..],
-            ),
-            (
-                &self.route_source,
-                "routeSource",
-                &["CalicoIPAM", "WorkloadIPs"][..],
-            ),
-            (
-                &self.service_loop_prevention,
-                "serviceLoopPrevention",
-                &["Drop", "Reject", "Disabled"][..],
-            ),
+            (&self.default_endpoint_to_host_action, "defaultEndpointToHostAction", &["Drop", "Return", "Accept"][..]),
+            (&self.chain_insert_mode, "chainInsertMode", &["Insert", "Append", "insert", "append"][..]),
+            (&self.nftables_mode, "nftablesMode", &["Enabled", "Disabled", "Auto"][..]),
+            (&self.route_source, "routeSource", &["CalicoIPAM", "WorkloadIPs"][..]),
+            (&self.service_loop_prevention, "serviceLoopPrevention", &["Drop", "Reject", "Disabled"][..]),
             (&self.log_severity_screen, "logSeverityScreen", LOG_LEVELS),
-            (
-                &self.nat_outgoing_exclusions,
-                "natOutgoingExclusions",
-                &["IPPoolsOnly", "IPPoolsAndHostIPs"][..],
-            ),
+            (&self.nat_outgoing_exclusions, "natOutgoingExclusions", &["IPPoolsOnly", "IPPoolsAndHostIPs"][..]),
         ] {
             if let Some(v) = v {
                 check_enum(v, allowed, &format!("spec.{f}"), e);
@@ -831,14 +679,8 @@ impl Spec for FelixConfigurationSpec {
             }
         }
         for (list, f) in [
-            (
-                &self.failsafe_inbound_host_ports,
-                "failsafeInboundHostPorts",
-            ),
-            (
-                &self.failsafe_outbound_host_ports,
-                "failsafeOutboundHostPorts",
-            ),
+            (&self.failsafe_inbound_host_ports, "failsafeInboundHostPorts"),
+            (&self.failsafe_outbound_host_ports, "failsafeOutboundHostPorts"),
         ] {
             for (i, pp) in list.iter().flatten().enumerate() {
                 check_enum(

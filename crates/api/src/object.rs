@@ -82,43 +82,25 @@ impl Kind {
             kind_aliases: &[],
         };
         match self {
-            Kind::IPPool => calico(
-                "IPPool",
-                "ippools",
-                false,
-                &["ippool", "ippools", "ipp", "ipps", "pool", "pools"],
-            ),
+            Kind::IPPool => calico("IPPool", "ippools", false, &["ippool", "ippools", "ipp", "ipps", "pool", "pools"]),
             Kind::IPAMConfiguration => KindInfo {
                 kind_aliases: &["IPAMConfig"],
                 ..calico(
                     "IPAMConfiguration",
                     "ipamconfigurations",
                     false,
-                    &[
-                        "ipamconfiguration",
-                        "ipamconfigurations",
-                        "ipamconfig",
-                        "ipamconfigs",
-                    ],
+                    &["ipamconfiguration", "ipamconfigurations", "ipamconfig", "ipamconfigs"],
                 )
             },
             Kind::BGPConfiguration => calico(
                 "BGPConfiguration",
                 "bgpconfigurations",
                 false,
-                &[
-                    "bgpconfiguration",
-                    "bgpconfigurations",
-                    "bgpconfig",
-                    "bgpconfigs",
-                ],
+                &["bgpconfiguration", "bgpconfigurations", "bgpconfig", "bgpconfigs"],
             ),
-            Kind::BGPPeer => calico(
-                "BGPPeer",
-                "bgppeers",
-                false,
-                &["bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps"],
-            ),
+            Kind::BGPPeer => {
+                calico("BGPPeer", "bgppeers", false, &["bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps"])
+            }
             Kind::Node => calico("Node", "nodes", false, &["node", "nodes", "no", "nos"]),
             Kind::WorkloadEndpoint => calico(
                 "WorkloadEndpoint",
@@ -126,85 +108,42 @@ impl Kind {
                 true,
                 &["workloadendpoint", "workloadendpoints", "wep", "weps"],
             ),
-            Kind::HostEndpoint => calico(
-                "HostEndpoint",
-                "hostendpoints",
-                false,
-                &["hostendpoint", "hostendpoints", "hep", "heps"],
-            ),
+            Kind::HostEndpoint => {
+                calico("HostEndpoint", "hostendpoints", false, &["hostendpoint", "hostendpoints", "hep", "heps"])
+            }
             Kind::NetworkPolicy => calico(
                 "NetworkPolicy",
                 "networkpolicies",
                 true,
-                &[
-                    "networkpolicy",
-                    "networkpolicies",
-                    "policy",
-                    "policies",
-                    "np",
-                    "nps",
-                    "pol",
-                    "pols",
-                ],
+                &["networkpolicy", "networkpolicies", "policy", "policies", "np", "nps", "pol", "pols"],
             ),
             Kind::GlobalNetworkPolicy => calico(
                 "GlobalNetworkPolicy",
                 "globalnetworkpolicies",
                 false,
-                &[
-                    "globalnetworkpolicy",
-                    "globalnetworkpolicies",
-                    "gnp",
-                    "gnps",
-                    "globalpolicy",
-                    "globalpolicies",
-                ],
+                &["globalnetworkpolicy", "globalnetworkpolicies", "gnp", "gnps", "globalpolicy", "globalpolicies"],
             ),
-            Kind::NetworkSet => calico(
-                "NetworkSet",
-                "networksets",
-                true,
-                &["networkset", "networksets", "netset", "netsets"],
-            ),
+            Kind::NetworkSet => {
+                calico("NetworkSet", "networksets", true, &["networkset", "networksets", "netset", "netsets"])
+            }
             Kind::GlobalNetworkSet => calico(
                 "GlobalNetworkSet",
                 "globalnetworksets",
                 false,
-                &[
-                    "globalnetworkset",
-                    "globalnetworksets",
-                    "gns",
-                    "globalnetset",
-                    "globalnetsets",
-                ],
+                &["globalnetworkset", "globalnetworksets", "gns", "globalnetset", "globalnetsets"],
             ),
-            Kind::Profile => calico(
-                "Profile",
-                "profiles",
-                false,
-                &["profile", "profiles", "pro", "pros"],
-            ),
+            Kind::Profile => calico("Profile", "profiles", false, &["profile", "profiles", "pro", "pros"]),
             Kind::FelixConfiguration => calico(
                 "FelixConfiguration",
                 "felixconfigurations",
                 false,
-                &[
-                    "felixconfiguration",
-                    "felixconfigurations",
-                    "felixconfig",
-                    "felixconfigs",
-                ],
+                &["felixconfiguration", "felixconfigurations", "felixconfig", "felixconfigs"],
             ),
             Kind::ClusterInformation => calico(
                 "ClusterInformation",
                 "clusterinformations",
                 false,
-                &[
-                    "clusterinformation",
-                    "clusterinformations",
-                    "clusterinfo",
-                    "clusterinfos",
-                ],
+                &["clusterinformation", "clusterinformations", "clusterinfo", "clusterinfos"],
             ),
             Kind::KubernetesNetworkPolicy => KindInfo {
                 kind: "NetworkPolicy",
@@ -260,9 +199,7 @@ impl Kind {
     /// Resolve a command-line kind name (case-insensitive, Calico's short names included).
     pub fn from_cli(name: &str) -> Option<Kind> {
         let lower = name.to_ascii_lowercase();
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.info().cli_names.contains(&lower.as_str()))
+        Kind::ALL.into_iter().find(|k| k.info().cli_names.contains(&lower.as_str()))
     }
 
     /// Resolve a document's apiVersion + kind.
@@ -286,14 +223,7 @@ impl Kind {
 
     /// The datastore key of one resource (Calico's etcd layout).
     pub fn key(self, namespace: Option<&str>, name: &str) -> String {
-        format!(
-            "{}{name}",
-            self.prefix(if self.namespaced() {
-                Some(namespace.unwrap_or("default"))
-            } else {
-                None
-            })
-        )
+        format!("{}{name}", self.prefix(if self.namespaced() { Some(namespace.unwrap_or("default")) } else { None }))
     }
 
     /// Singletons that are named `default` (or `node.<name>`) only.
@@ -431,31 +361,14 @@ fn typed<S: Spec>(object: &Value) -> Result<Object, Vec<FieldError>> {
     let parsed: TypedObject<S> = serde_path_to_error::deserialize(object).map_err(|e| {
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
-        vec![FieldError::new(
-            if path == "." { String::new() } else { path },
-            message,
-        )]
+        vec![FieldError::new(if path == "." { String::new() } else { path }, message)]
     })?;
-    let kind = object
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let api_version = object
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
     let Some(k) = Kind::from_document(api_version, kind) else {
-        return Err(vec![FieldError::new(
-            "kind",
-            format!("unknown kind {kind:?} for apiVersion {api_version:?}"),
-        )]);
+        return Err(vec![FieldError::new("kind", format!("unknown kind {kind:?} for apiVersion {api_version:?}"))]);
     };
-    let TypedObject {
-        metadata,
-        mut spec,
-        status,
-        ..
-    } = parsed;
+    let TypedObject { metadata, mut spec, status, .. } = parsed;
     let mut errors = Vec::new();
     check_name(k, &metadata.name, &mut errors);
     if k.namespaced() {
@@ -463,10 +376,7 @@ fn typed<S: Spec>(object: &Value) -> Result<Object, Vec<FieldError>> {
             check_namespace(ns, &mut errors);
         }
     } else if let Some(ns) = &metadata.namespace {
-        errors.push(FieldError::new(
-            "metadata.namespace",
-            format!("{k} is cluster-scoped; remove namespace {ns:?}"),
-        ));
+        errors.push(FieldError::new("metadata.namespace", format!("{k} is cluster-scoped; remove namespace {ns:?}")));
     }
     for (key, value) in &metadata.labels {
         crate::validate::check_label_key(key, &format!("metadata.labels.{key}"), &mut errors);
@@ -481,16 +391,9 @@ fn typed<S: Spec>(object: &Value) -> Result<Object, Vec<FieldError>> {
     if k.namespaced() && metadata.namespace.is_none() {
         metadata.namespace = Some("default".into());
     }
-    let mut spec =
-        serde_json::to_value(&spec).map_err(|e| vec![FieldError::new("spec", e.to_string())])?;
+    let mut spec = serde_json::to_value(&spec).map_err(|e| vec![FieldError::new("spec", e.to_string())])?;
     strip_empty(&mut spec);
-    Ok(Object {
-        api_version: k.api_version().into(),
-        kind: k.kind_name().into(),
-        metadata,
-        spec,
-        status,
-    })
+    Ok(Object { api_version: k.api_version().into(), kind: k.kind_name().into(), metadata, spec, status })
 }
 
 /// Changes that an update may not make: an IPPool's cidr and blockSize are fixed for life, since
@@ -523,9 +426,7 @@ pub fn strip_empty(v: &mut Value) {
                 strip_empty(child);
             }
             map.retain(|_, c| {
-                !(c.is_null()
-                    || c.as_array().is_some_and(Vec::is_empty)
-                    || c.as_object().is_some_and(|m| m.is_empty()))
+                !(c.is_null() || c.as_array().is_some_and(Vec::is_empty) || c.as_object().is_some_and(|m| m.is_empty()))
             });
         }
         Value::Array(items) => items.iter_mut().for_each(strip_empty),
@@ -567,9 +468,7 @@ impl<'de> Deserialize<'de> for IntOrString {
                 Ok(IntOrString::Int(v))
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrString, E> {
-                i64::try_from(v)
-                    .map(IntOrString::Int)
-                    .map_err(|_| E::custom(format!("{v} is too large")))
+                i64::try_from(v).map(IntOrString::Int).map_err(|_| E::custom(format!("{v} is too large")))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<IntOrString, E> {
                 Err(E::custom(format!("{v} is not a whole number")))
@@ -627,9 +526,6 @@ mod tests {
         }
         assert_eq!(Kind::from_cli("IPP"), Some(Kind::IPPool));
         assert_eq!(Kind::from_cli("bogus"), None);
-        assert_eq!(
-            Kind::from_document(CALICO_API_VERSION, "IPAMConfig"),
-            Some(Kind::IPAMConfiguration)
-        );
+        assert_eq!(Kind::from_document(CALICO_API_VERSION, "IPAMConfig"), Some(Kind::IPAMConfiguration));
     }
 }

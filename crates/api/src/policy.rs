@@ -86,28 +86,20 @@ const PROTOCOL_NAMES: &[&str] = &["TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "UDPLi
 /// Protocol names are Calico's (case-insensitive on input); numbers 1–255.
 pub fn check_protocol(p: &IntOrString, path: &str, e: &mut Errors) {
     match p {
-        IntOrString::Int(n) if !(1..=255).contains(n) => e.push(FieldError::new(
-            path,
-            format!("protocol {n} is outside 1..255"),
-        )),
-        IntOrString::Str(s) if !PROTOCOL_NAMES.iter().any(|n| n.eq_ignore_ascii_case(s)) => {
-            e.push(FieldError::new(
-                path,
-                format!(
-                    "{s:?} is not a protocol (one of {} or 1-255)",
-                    PROTOCOL_NAMES.join(", ")
-                ),
-            ))
+        IntOrString::Int(n) if !(1..=255).contains(n) => {
+            e.push(FieldError::new(path, format!("protocol {n} is outside 1..255")))
         }
+        IntOrString::Str(s) if !PROTOCOL_NAMES.iter().any(|n| n.eq_ignore_ascii_case(s)) => e.push(FieldError::new(
+            path,
+            format!("{s:?} is not a protocol (one of {} or 1-255)", PROTOCOL_NAMES.join(", ")),
+        )),
         _ => {}
     }
 }
 
 fn supports_ports(p: &Option<IntOrString>) -> bool {
     match p {
-        Some(IntOrString::Str(s)) => ["TCP", "UDP", "SCTP", "UDPLite"]
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(s)),
+        Some(IntOrString::Str(s)) => ["TCP", "UDP", "SCTP", "UDPLite"].iter().any(|n| n.eq_ignore_ascii_case(s)),
         Some(IntOrString::Int(n)) => matches!(n, 6 | 17 | 132 | 136),
         None => false,
     }
@@ -116,36 +108,24 @@ fn supports_ports(p: &Option<IntOrString>) -> bool {
 /// A port entry: a number, a "min:max" range, or a named port.
 pub fn check_port(p: &IntOrString, path: &str, e: &mut Errors) {
     match p {
-        IntOrString::Int(n) if !(0..=65535).contains(n) => e.push(FieldError::new(
-            path,
-            format!("port {n} is outside 0..65535"),
-        )),
+        IntOrString::Int(n) if !(0..=65535).contains(n) => {
+            e.push(FieldError::new(path, format!("port {n} is outside 0..65535")))
+        }
         IntOrString::Int(_) => {}
         IntOrString::Str(s) => {
             if let Some((lo, hi)) = s.split_once(':') {
                 match (lo.parse::<u16>(), hi.parse::<u16>()) {
                     (Ok(lo), Ok(hi)) if lo <= hi => {}
-                    (Ok(_), Ok(_)) => e.push(FieldError::new(
-                        path,
-                        format!("port range {s:?} has min > max"),
-                    )),
-                    _ => e.push(FieldError::new(
-                        path,
-                        format!("{s:?} is not a port range (min:max, each 0-65535)"),
-                    )),
+                    (Ok(_), Ok(_)) => e.push(FieldError::new(path, format!("port range {s:?} has min > max"))),
+                    _ => e.push(FieldError::new(path, format!("{s:?} is not a port range (min:max, each 0-65535)"))),
                 }
             } else if s.parse::<u16>().is_ok() {
             } else if s.is_empty()
                 || s.len() > 15
-                || !s
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                || !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 || !s.bytes().any(|b| b.is_ascii_lowercase())
             {
-                e.push(FieldError::new(
-                    path,
-                    format!("{s:?} is not a port, port range or named port"),
-                ));
+                e.push(FieldError::new(path, format!("{s:?} is not a port, port range or named port")));
             }
         }
     }
@@ -153,22 +133,13 @@ pub fn check_port(p: &IntOrString, path: &str, e: &mut Errors) {
 
 fn check_icmp(icmp: &IcmpFields, path: &str, e: &mut Errors) {
     if let Some(t) = icmp.icmp_type.filter(|t| !(0..=254).contains(t)) {
-        e.push(FieldError::new(
-            format!("{path}.type"),
-            format!("{t} is outside 0..254"),
-        ));
+        e.push(FieldError::new(format!("{path}.type"), format!("{t} is outside 0..254")));
     }
     if let Some(c) = icmp.code {
         if icmp.icmp_type.is_none() {
-            e.push(FieldError::new(
-                format!("{path}.code"),
-                "an ICMP code needs an ICMP type",
-            ));
+            e.push(FieldError::new(format!("{path}.code"), "an ICMP code needs an ICMP type"));
         } else if !(0..=255).contains(&c) {
-            e.push(FieldError::new(
-                format!("{path}.code"),
-                format!("{c} is outside 0..255"),
-            ));
+            e.push(FieldError::new(format!("{path}.code"), format!("{c} is outside 0..255")));
         }
     }
 }
@@ -190,10 +161,7 @@ fn check_entity(ent: &EntityRule, rule: &Rule, path: &str, e: &mut Errors) {
     }
     for (list, f) in [(&ent.ports, "ports"), (&ent.not_ports, "notPorts")] {
         if list.as_ref().is_some_and(|l| !l.is_empty()) && !supports_ports(&rule.protocol) {
-            e.push(FieldError::new(
-                format!("{path}.{f}"),
-                "ports need protocol TCP, UDP or SCTP on the rule",
-            ));
+            e.push(FieldError::new(format!("{path}.{f}"), "ports need protocol TCP, UDP or SCTP on the rule"));
         }
         for (i, p) in list.iter().flatten().enumerate() {
             check_port(p, &format!("{path}.{f}[{i}]"), e);
@@ -205,10 +173,7 @@ fn check_entity(ent: &EntityRule, rule: &Rule, path: &str, e: &mut Errors) {
         }
     }
     if ent.services.is_some()
-        && (ent.selector.is_some()
-            || ent.nets.is_some()
-            || ent.service_accounts.is_some()
-            || ent.not_nets.is_some())
+        && (ent.selector.is_some() || ent.nets.is_some() || ent.service_accounts.is_some() || ent.not_nets.is_some())
     {
         e.push(FieldError::new(
             format!("{path}.services"),
@@ -219,31 +184,17 @@ fn check_entity(ent: &EntityRule, rule: &Rule, path: &str, e: &mut Errors) {
 
 pub fn check_rules(rules: &[Rule], path: &str, e: &mut Errors) {
     if rules.len() > 1024 {
-        e.push(FieldError::new(
-            path,
-            format!("{} rules; at most 1024 are allowed", rules.len()),
-        ));
+        e.push(FieldError::new(path, format!("{} rules; at most 1024 are allowed", rules.len())));
     }
     for (i, r) in rules.iter().enumerate() {
         let p = format!("{path}[{i}]");
         if r.action.is_empty() {
-            e.push(FieldError::new(
-                format!("{p}.action"),
-                "an action is required (Allow, Deny, Log or Pass)",
-            ));
+            e.push(FieldError::new(format!("{p}.action"), "an action is required (Allow, Deny, Log or Pass)"));
         } else {
-            check_enum(
-                &r.action,
-                &["Allow", "Deny", "Log", "Pass"],
-                &format!("{p}.action"),
-                e,
-            );
+            check_enum(&r.action, &["Allow", "Deny", "Log", "Pass"], &format!("{p}.action"), e);
         }
         if let Some(v) = r.ip_version.filter(|v| *v != 4 && *v != 6) {
-            e.push(FieldError::new(
-                format!("{p}.ipVersion"),
-                format!("{v} is not 4 or 6"),
-            ));
+            e.push(FieldError::new(format!("{p}.ipVersion"), format!("{v} is not 4 or 6")));
         }
         if let Some(pr) = &r.protocol {
             check_protocol(pr, &format!("{p}.protocol"), e);
@@ -256,10 +207,7 @@ pub fn check_rules(rules: &[Rule], path: &str, e: &mut Errors) {
         for (icmp, f) in [(&r.icmp, "icmp"), (&r.not_icmp, "notICMP")] {
             if let Some(icmp) = icmp {
                 if !icmp_proto {
-                    e.push(FieldError::new(
-                        format!("{p}.{f}"),
-                        "ICMP matches need protocol ICMP or ICMPv6",
-                    ));
+                    e.push(FieldError::new(format!("{p}.{f}"), "ICMP matches need protocol ICMP or ICMPv6"));
                 }
                 check_icmp(icmp, &format!("{p}.{f}"), e);
             }
@@ -305,10 +253,8 @@ pub struct NetworkPolicySpec {
 
 impl Spec for NetworkPolicySpec {
     fn default_fields(&mut self, _meta: &ObjectMeta) {
-        let (i, eg) = (
-            self.ingress.as_ref().is_some_and(|r| !r.is_empty()),
-            self.egress.as_ref().is_some_and(|r| !r.is_empty()),
-        );
+        let (i, eg) =
+            (self.ingress.as_ref().is_some_and(|r| !r.is_empty()), self.egress.as_ref().is_some_and(|r| !r.is_empty()));
         default_types(&mut self.types, eg, i);
         self.tier.get_or_insert_with(|| "default".into());
         self.selector.get_or_insert_with(|| "all()".into());
@@ -348,12 +294,7 @@ fn common_policy(
     check_rules(ingress.as_deref().unwrap_or_default(), "spec.ingress", e);
     check_rules(egress.as_deref().unwrap_or_default(), "spec.egress", e);
     for (i, h) in hints.iter().flatten().enumerate() {
-        check_enum(
-            h,
-            &["AssumeNeededOnEveryNode"],
-            &format!("spec.performanceHints[{i}]"),
-            e,
-        );
+        check_enum(h, &["AssumeNeededOnEveryNode"], &format!("spec.performanceHints[{i}]"), e);
     }
     if order.is_some_and(|o| !o.is_finite()) {
         e.push(FieldError::new("spec.order", "must be a finite number"));
@@ -380,10 +321,8 @@ pub struct GlobalNetworkPolicySpec {
 
 impl Spec for GlobalNetworkPolicySpec {
     fn default_fields(&mut self, _meta: &ObjectMeta) {
-        let (i, eg) = (
-            self.ingress.as_ref().is_some_and(|r| !r.is_empty()),
-            self.egress.as_ref().is_some_and(|r| !r.is_empty()),
-        );
+        let (i, eg) =
+            (self.ingress.as_ref().is_some_and(|r| !r.is_empty()), self.egress.as_ref().is_some_and(|r| !r.is_empty()));
         default_types(&mut self.types, eg, i);
         self.tier.get_or_insert_with(|| "default".into());
         self.selector.get_or_insert_with(|| "all()".into());
@@ -405,32 +344,19 @@ impl Spec for GlobalNetworkPolicySpec {
         let forward = self.apply_on_forward == Some(true);
         if self.do_not_track == Some(true) {
             if !forward {
-                e.push(FieldError::new(
-                    "spec.applyOnForward",
-                    "doNotTrack policies need applyOnForward: true",
-                ));
+                e.push(FieldError::new("spec.applyOnForward", "doNotTrack policies need applyOnForward: true"));
             }
             if self.pre_dnat == Some(true) {
-                e.push(FieldError::new(
-                    "spec.preDNAT",
-                    "preDNAT and doNotTrack cannot both be set",
-                ));
+                e.push(FieldError::new("spec.preDNAT", "preDNAT and doNotTrack cannot both be set"));
             }
         }
         if self.pre_dnat == Some(true) {
             if !forward {
-                e.push(FieldError::new(
-                    "spec.applyOnForward",
-                    "preDNAT policies need applyOnForward: true",
-                ));
+                e.push(FieldError::new("spec.applyOnForward", "preDNAT policies need applyOnForward: true"));
             }
-            if self.egress.as_ref().is_some_and(|r| !r.is_empty())
-                || self.types.iter().flatten().any(|t| t == "Egress")
+            if self.egress.as_ref().is_some_and(|r| !r.is_empty()) || self.types.iter().flatten().any(|t| t == "Egress")
             {
-                e.push(FieldError::new(
-                    "spec.egress",
-                    "preDNAT policies are ingress-only",
-                ));
+                e.push(FieldError::new("spec.egress", "preDNAT policies are ingress-only"));
             }
         }
     }
@@ -446,11 +372,7 @@ pub struct ProfileSpec {
 
 impl Spec for ProfileSpec {
     fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
-        check_rules(
-            self.ingress.as_deref().unwrap_or_default(),
-            "spec.ingress",
-            e,
-        );
+        check_rules(self.ingress.as_deref().unwrap_or_default(), "spec.ingress", e);
         check_rules(self.egress.as_deref().unwrap_or_default(), "spec.egress", e);
         for k in self.labels_to_apply.iter().flatten().map(|(k, _)| k) {
             check_label_key(k, &format!("spec.labelsToApply.{k}"), e);
@@ -532,10 +454,7 @@ impl Spec for WorkloadEndpointSpec {
             let path = format!("spec.ipNetworks[{i}]");
             if let Some(net) = check_cidr(n, &path, e) {
                 if net.prefix_len() != net.max_prefix_len() {
-                    e.push(FieldError::new(
-                        path,
-                        format!("{n}: workload addresses must be /32 or /128"),
-                    ));
+                    e.push(FieldError::new(path, format!("{n}: workload addresses must be /32 or /128")));
                 }
             }
         }
@@ -543,20 +462,12 @@ impl Spec for WorkloadEndpointSpec {
             check_ip(&n.internal_ip, &format!("spec.ipNATs[{i}].internalIP"), e);
             check_ip(&n.external_ip, &format!("spec.ipNATs[{i}].externalIP"), e);
         }
-        for (v, f) in [
-            (&self.ipv4_gateway, "ipv4Gateway"),
-            (&self.ipv6_gateway, "ipv6Gateway"),
-        ] {
+        for (v, f) in [(&self.ipv4_gateway, "ipv4Gateway"), (&self.ipv6_gateway, "ipv6Gateway")] {
             if let Some(g) = v {
                 check_ip(g, &format!("spec.{f}"), e);
             }
         }
-        for (i, n) in self
-            .allow_spoofed_source_prefixes
-            .iter()
-            .flatten()
-            .enumerate()
-        {
+        for (i, n) in self.allow_spoofed_source_prefixes.iter().flatten().enumerate() {
             check_cidr(n, &format!("spec.allowSpoofedSourcePrefixes[{i}]"), e);
         }
         check_endpoint_ports(self.ports.as_deref().unwrap_or_default(), e);
@@ -579,17 +490,10 @@ impl Spec for HostEndpointSpec {
         if self.node.as_deref().unwrap_or_default().is_empty() {
             e.push(FieldError::new("spec.node", "the node is required"));
         }
-        if self
-            .interface_name
-            .as_deref()
-            .unwrap_or_default()
-            .is_empty()
+        if self.interface_name.as_deref().unwrap_or_default().is_empty()
             && self.expected_ips.as_ref().is_none_or(Vec::is_empty)
         {
-            e.push(FieldError::new(
-                "spec.interfaceName",
-                "set interfaceName or expectedIPs",
-            ));
+            e.push(FieldError::new("spec.interfaceName", "set interfaceName or expectedIPs"));
         }
         for (i, ip) in self.expected_ips.iter().flatten().enumerate() {
             check_ip(ip, &format!("spec.expectedIPs[{i}]"), e);

@@ -42,10 +42,7 @@ pub struct SelectorError {
 impl SelectorError {
     /// The selector with a caret under the offending position, for terminal output.
     pub fn pointer(&self, input: &str) -> String {
-        format!(
-            "{input}\n{}^",
-            " ".repeat(input[..self.position.min(input.len())].chars().count())
-        )
+        format!("{input}\n{}^", " ".repeat(input[..self.position.min(input.len())].chars().count()))
     }
 }
 
@@ -68,10 +65,7 @@ impl Labels for HashMap<String, String> {
 
 impl Selector {
     pub fn parse(input: &str) -> Result<Selector, SelectorError> {
-        let mut p = Parser {
-            s: input.as_bytes(),
-            pos: 0,
-        };
+        let mut p = Parser { s: input.as_bytes(), pos: 0 };
         p.skip_ws();
         if p.at_end() {
             return Ok(Selector::All);
@@ -91,9 +85,7 @@ impl Selector {
             Selector::Eq(k, v) => labels.label(k) == Some(v.as_str()),
             Selector::Ne(k, v) => labels.label(k) != Some(v.as_str()),
             Selector::Contains(k, v) => labels.label(k).is_some_and(|l| l.contains(v.as_str())),
-            Selector::StartsWith(k, v) => {
-                labels.label(k).is_some_and(|l| l.starts_with(v.as_str()))
-            }
+            Selector::StartsWith(k, v) => labels.label(k).is_some_and(|l| l.starts_with(v.as_str())),
             Selector::EndsWith(k, v) => labels.label(k).is_some_and(|l| l.ends_with(v.as_str())),
             Selector::In(k, set) => labels.label(k).is_some_and(|l| set.contains(l)),
             Selector::NotIn(k, set) => !labels.label(k).is_some_and(|l| set.contains(l)),
@@ -116,19 +108,12 @@ impl Selector {
     /// Calico's unique ID: `s:` + base64url(SHA-224(`s:` + canonical form)), used for set names.
     pub fn unique_id(&self) -> String {
         let digest = Sha224::digest(format!("s:{self}").as_bytes());
-        format!(
-            "s:{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
-        )
+        format!("s:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest))
     }
 }
 
 fn quote(v: &str) -> String {
-    if v.contains('"') {
-        format!("'{v}'")
-    } else {
-        format!("\"{v}\"")
-    }
+    if v.contains('"') { format!("'{v}'") } else { format!("\"{v}\"") }
 }
 
 /// Canonical form (reference §2.4): parsing it gives back an equal selector.
@@ -208,10 +193,7 @@ impl Parser<'_> {
                 format!("{:?}", text.chars().take(10).collect::<String>())
             }
         };
-        SelectorError {
-            position: self.pos,
-            message: format!("{message} (found {found})"),
-        }
+        SelectorError { position: self.pos, message: format!("{message} (found {found})") }
     }
 
     fn skip_ws(&mut self) {
@@ -260,11 +242,7 @@ impl Parser<'_> {
                 break;
             }
         }
-        Ok(if ops.len() == 1 {
-            ops.remove(0)
-        } else {
-            Selector::Or(ops)
-        })
+        Ok(if ops.len() == 1 { ops.remove(0) } else { Selector::Or(ops) })
     }
 
     fn and(&mut self) -> Result<Selector, SelectorError> {
@@ -279,11 +257,7 @@ impl Parser<'_> {
                 break;
             }
         }
-        Ok(if ops.len() == 1 {
-            ops.remove(0)
-        } else {
-            Selector::And(ops)
-        })
+        Ok(if ops.len() == 1 { ops.remove(0) } else { Selector::And(ops) })
     }
 
     fn unary(&mut self) -> Result<Selector, SelectorError> {
@@ -298,11 +272,7 @@ impl Parser<'_> {
             }
         }
         let primary = self.primary()?;
-        Ok(if negate {
-            Selector::Not(Box::new(primary))
-        } else {
-            primary
-        })
+        Ok(if negate { Selector::Not(Box::new(primary)) } else { primary })
     }
 
     fn primary(&mut self) -> Result<Selector, SelectorError> {
@@ -335,9 +305,7 @@ impl Parser<'_> {
                 }
                 Ok(inner)
             }
-            Some(b'"' | b'\'') => {
-                Err(self.error("a string literal cannot start an expression; expected a label"))
-            }
+            Some(b'"' | b'\'') => Err(self.error("a string literal cannot start an expression; expected a label")),
             Some(b) if is_label_byte(b) => self.comparison(),
             _ => Err(self.error("expected a label, has(), all(), global(), \"!\" or \"(\"")),
         }
@@ -378,17 +346,15 @@ impl Parser<'_> {
         } else if self.eat_word_op(&["in"]) {
             Op::In
         } else {
-            return Err(self.error("expected operator after label (==, !=, in, not in, contains, starts with, ends with)"));
+            return Err(
+                self.error("expected operator after label (==, !=, in, not in, contains, starts with, ends with)")
+            );
         };
         self.skip_ws();
         Ok(match op {
             Op::In | Op::NotIn => {
                 let set = self.string_set()?;
-                if matches!(op, Op::In) {
-                    Selector::In(label, set)
-                } else {
-                    Selector::NotIn(label, set)
-                }
+                if matches!(op, Op::In) { Selector::In(label, set) } else { Selector::NotIn(label, set) }
             }
             Op::Eq => Selector::Eq(label, self.string()?),
             Op::Ne => Selector::Ne(label, self.string()?),
@@ -406,10 +372,7 @@ impl Parser<'_> {
         let start = self.pos;
         self.pos += 1;
         let Some(len) = self.rest().iter().position(|&b| b == quote) else {
-            return Err(SelectorError {
-                position: start,
-                message: "unterminated string".into(),
-            });
+            return Err(SelectorError { position: start, message: "unterminated string".into() });
         };
         let value = String::from_utf8_lossy(&self.s[self.pos..self.pos + len]).into_owned();
         self.pos += len + 1;
@@ -445,16 +408,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn canon(s: &str) -> String {
-        Selector::parse(s)
-            .unwrap_or_else(|e| panic!("{s:?}: {e}"))
-            .to_string()
+        Selector::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}")).to_string()
     }
 
     #[test]
@@ -464,31 +422,19 @@ mod tests {
             ("  \t ", "all()"),
             (" (all() )", "all()"),
             ("! (has( b)||! has(a ))", "!(has(b) || !has(a))"),
-            (
-                "! (a == \"b\"&&! c != \"d\")",
-                "!(a == \"b\" && !c != \"d\")",
-            ),
+            ("! (a == \"b\"&&! c != \"d\")", "!(a == \"b\" && !c != \"d\")"),
             ("a == '\"'", "a == '\"'"),
             ("a startswith '\"'", "a starts with '\"'"),
             ("a endswith \"'\"", "a ends with \"'\""),
             ("a!='\"'", "a != '\"'"),
-            (
-                "a in {\"z\", \"z\", \"x\", \"y\", \"x\", \"a\"}",
-                "a in {\"a\", \"x\", \"y\", \"z\"}",
-            ),
+            ("a in {\"z\", \"z\", \"x\", \"y\", \"x\", \"a\"}", "a in {\"a\", \"x\", \"y\", \"z\"}"),
             ("!(k == 'v')", "!k == \"v\""),
             ("k == 'v' && x == 'y'", "(k == \"v\" && x == \"y\")"),
             ("a notin {}", "a not in {}"),
             ("a in {'x',}", "a in {\"x\"}"),
             ("!!has(a)", "has(a)"),
-            (
-                "a == 'x' || b == 'y' && c == 'z'",
-                "(a == \"x\" || (b == \"y\" && c == \"z\"))",
-            ),
-            (
-                "contains contains \"contains\"",
-                "contains contains \"contains\"",
-            ),
+            ("a == 'x' || b == 'y' && c == 'z'", "(a == \"x\" || (b == \"y\" && c == \"z\"))"),
+            ("contains contains \"contains\"", "contains contains \"contains\""),
             ("global()", "global()"),
             ("a   starts   with 'p'", "a starts with \"p\""),
         ];
@@ -499,18 +445,13 @@ mod tests {
 
     #[test]
     fn unique_ids() {
-        assert_eq!(
-            Selector::parse("all()").unwrap().unique_id(),
-            "s:5y5I3VdRZfDU01O--xXAPx2yxCQQqMf0M6IWug"
-        );
+        assert_eq!(Selector::parse("all()").unwrap().unique_id(), "s:5y5I3VdRZfDU01O--xXAPx2yxCQQqMf0M6IWug");
         assert_eq!(
             Selector::parse("!(has(b) || !has(a))").unwrap().unique_id(),
             "s:Iss0uCleLYv1GSv_pNm7hAO58kE9jAx1NKyG3Q"
         );
         assert_eq!(
-            Selector::parse("!(a == \"b\" && !c != \"d\")")
-                .unwrap()
-                .unique_id(),
+            Selector::parse("!(a == \"b\" && !c != \"d\")").unwrap().unique_id(),
             "s:lh3haoY1ikTRkd4UZu0nWSaIBknYLPJLX16d-w"
         );
     }
@@ -581,12 +522,7 @@ mod tests {
             assert_eq!(err.position, pos, "{input:?}: {err}");
         }
         let long = "a".repeat(513);
-        assert!(
-            Selector::parse(&format!("has({long})"))
-                .unwrap_err()
-                .message
-                .contains("too long")
-        );
+        assert!(Selector::parse(&format!("has({long})")).unwrap_err().message.contains("too long"));
         assert!(Selector::parse(&format!("has({})", "a".repeat(512))).is_ok());
     }
 
@@ -606,12 +542,7 @@ mod tests {
     }
 
     fn value_strategy() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just(String::new()),
-            Just("x".to_string()),
-            "[a-z \"]{0,4}",
-            "[a-z ']{0,4}"
-        ]
+        prop_oneof![Just(String::new()), Just("x".to_string()), "[a-z \"]{0,4}", "[a-z ']{0,4}"]
     }
 
     fn selector_strategy() -> impl Strategy<Value = Selector> {
@@ -624,15 +555,9 @@ mod tests {
             (label_strategy(), value_strategy()).prop_map(|(k, v)| Selector::Contains(k, v)),
             (label_strategy(), value_strategy()).prop_map(|(k, v)| Selector::StartsWith(k, v)),
             (label_strategy(), value_strategy()).prop_map(|(k, v)| Selector::EndsWith(k, v)),
-            (
-                label_strategy(),
-                prop::collection::btree_set(value_strategy(), 0..4)
-            )
+            (label_strategy(), prop::collection::btree_set(value_strategy(), 0..4))
                 .prop_map(|(k, s)| Selector::In(k, s)),
-            (
-                label_strategy(),
-                prop::collection::btree_set(value_strategy(), 0..4)
-            )
+            (label_strategy(), prop::collection::btree_set(value_strategy(), 0..4))
                 .prop_map(|(k, s)| Selector::NotIn(k, s)),
         ];
         // A value holding both quote kinds cannot be written without escapes: keep them out.

@@ -17,20 +17,13 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            path: path.into(),
-            message: message.into(),
-        }
+        FieldError { path: path.into(), message: message.into() }
     }
 }
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
     }
 }
 
@@ -39,8 +32,7 @@ pub type Errors = Vec<FieldError>;
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -55,26 +47,24 @@ pub fn check_name(kind: Kind, name: &str, errors: &mut Errors) {
     if name.is_empty() {
         errors.push(FieldError::new(path, "a name is required"));
     } else if kind == Kind::Namespace && !is_dns_label(name) {
-        errors.push(FieldError::new(path, format!("{name:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63)")));
+        errors.push(FieldError::new(
+            path,
+            format!("{name:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63)"),
+        ));
     } else if !is_dns_subdomain(name) {
         errors.push(FieldError::new(
             path,
             format!("{name:?} is not a valid name (lower-case letters, digits, '-' and '.', at most 253 characters)"),
         ));
     } else if kind.is_singleton() && name != "default" {
-        errors.push(FieldError::new(
-            path,
-            format!("{kind} is a singleton: its name must be \"default\", not {name:?}"),
-        ));
+        errors
+            .push(FieldError::new(path, format!("{kind} is a singleton: its name must be \"default\", not {name:?}")));
     }
 }
 
 pub fn check_namespace(ns: &str, errors: &mut Errors) {
     if !is_dns_label(ns) {
-        errors.push(FieldError::new(
-            "metadata.namespace",
-            format!("{ns:?} is not a valid namespace name"),
-        ));
+        errors.push(FieldError::new("metadata.namespace", format!("{ns:?} is not a valid namespace name")));
     }
 }
 
@@ -86,16 +76,11 @@ pub fn check_label_key(key: &str, path: &str, errors: &mut Errors) {
     };
     let name_ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
     if !name_ok || prefix.is_some_and(|p| !is_dns_subdomain(p)) {
-        errors.push(FieldError::new(
-            path,
-            format!("{key:?} is not a valid label key"),
-        ));
+        errors.push(FieldError::new(path, format!("{key:?} is not a valid label key")));
     }
 }
 
@@ -104,16 +89,13 @@ pub fn check_label_value(value: &str, path: &str, errors: &mut Errors) {
     let b = value.as_bytes();
     let ok = value.is_empty()
         || (b.len() <= 63
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric());
     if !ok {
         errors.push(FieldError::new(
             path,
-            format!(
-                "{value:?} is not a valid label value (at most 63 letters, digits, '-', '_', '.')"
-            ),
+            format!("{value:?} is not a valid label value (at most 63 letters, digits, '-', '_', '.')"),
         ));
     }
 }
@@ -122,10 +104,7 @@ pub fn check_selector(sel: &str, path: &str, errors: &mut Errors) -> Option<Sele
     match Selector::parse(sel) {
         Ok(s) => Some(s),
         Err(e) => {
-            errors.push(FieldError::new(
-                path,
-                format!("invalid selector {sel:?}: {e}"),
-            ));
+            errors.push(FieldError::new(path, format!("invalid selector {sel:?}: {e}")));
             None
         }
     }
@@ -146,19 +125,14 @@ pub fn parse_cidr(cidr: &str) -> Result<IpNet, String> {
     if let Ok(n) = cidr.parse::<IpNet>() {
         return Ok(n);
     }
-    cidr.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{cidr:?} is not a valid CIDR"))
+    cidr.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("{cidr:?} is not a valid CIDR"))
 }
 
 pub fn check_ip(ip: &str, path: &str, errors: &mut Errors) -> Option<IpAddr> {
     match ip.parse::<IpAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            errors.push(FieldError::new(
-                path,
-                format!("{ip:?} is not a valid IP address"),
-            ));
+            errors.push(FieldError::new(path, format!("{ip:?} is not a valid IP address")));
             None
         }
     }
@@ -167,10 +141,7 @@ pub fn check_ip(ip: &str, path: &str, errors: &mut Errors) -> Option<IpAddr> {
 /// One of a fixed set of values (Calico's enums are case-sensitive).
 pub fn check_enum(value: &str, allowed: &[&str], path: &str, errors: &mut Errors) {
     if !allowed.contains(&value) {
-        errors.push(FieldError::new(
-            path,
-            format!("{value:?} is not one of {}", allowed.join(", ")),
-        ));
+        errors.push(FieldError::new(path, format!("{value:?} is not one of {}", allowed.join(", "))));
     }
 }
 
@@ -181,10 +152,7 @@ pub fn parse_asn(v: &IntOrString) -> Result<u32, String> {
         IntOrString::Int(i) => u32::try_from(*i).map_err(|_| bad()),
         IntOrString::Str(s) => match s.split_once('.') {
             Some((hi, lo)) => {
-                let (hi, lo): (u16, u16) = (
-                    hi.parse().map_err(|_| bad())?,
-                    lo.parse().map_err(|_| bad())?,
-                );
+                let (hi, lo): (u16, u16) = (hi.parse().map_err(|_| bad())?, lo.parse().map_err(|_| bad())?);
                 Ok((u32::from(hi) << 16) | u32::from(lo))
             }
             None => s.parse().map_err(|_| bad()),
@@ -203,33 +171,19 @@ pub fn check_duration(v: &str, path: &str, errors: &mut Errors) {
     let mut rest = v;
     let mut ok = !rest.is_empty();
     while ok && !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let unit_end = rest[digits..]
-            .find(|c: char| c.is_ascii_digit())
-            .map_or(rest.len(), |i| digits + i);
-        ok = digits > 0
-            && matches!(
-                &rest[digits..unit_end],
-                "ns" | "us" | "µs" | "ms" | "s" | "m" | "h"
-            );
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let unit_end = rest[digits..].find(|c: char| c.is_ascii_digit()).map_or(rest.len(), |i| digits + i);
+        ok = digits > 0 && matches!(&rest[digits..unit_end], "ns" | "us" | "µs" | "ms" | "s" | "m" | "h");
         rest = &rest[unit_end..];
     }
     if !ok && v != "0" {
-        errors.push(FieldError::new(
-            path,
-            format!("{v:?} is not a duration (e.g. 90s, 1m30s, 500ms)"),
-        ));
+        errors.push(FieldError::new(path, format!("{v:?} is not a duration (e.g. 90s, 1m30s, 500ms)")));
     }
 }
 
 pub fn check_port_number(p: i64, path: &str, errors: &mut Errors) {
     if !(1..=65535).contains(&p) {
-        errors.push(FieldError::new(
-            path,
-            format!("port {p} is outside 1..65535"),
-        ));
+        errors.push(FieldError::new(path, format!("port {p} is outside 1..65535")));
     }
 }
 

@@ -15,19 +15,11 @@ pub fn g5(n: u128) -> String {
     let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
     let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
     let exp: i32 = exp.parse().unwrap_or(0);
-    format!(
-        "{mantissa}e{}{:02}",
-        if exp < 0 { '-' } else { '+' },
-        exp.abs()
-    )
+    format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
 }
 
 fn percent(part: u128, total: u128) -> String {
-    if total == 0 {
-        "0%".into()
-    } else {
-        format!("{:.0}%", part as f64 * 100.0 / total as f64)
-    }
+    if total == 0 { "0%".into() } else { format!("{:.0}%", part as f64 * 100.0 / total as f64) }
 }
 
 /// A box-drawn table: headers centred, `right` columns right-aligned, others left-aligned.
@@ -38,24 +30,14 @@ pub fn boxed(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let rule = format!(
-        "+{}+\n",
-        w.iter()
-            .map(|n| "-".repeat(n + 2))
-            .collect::<Vec<_>>()
-            .join("+")
-    );
+    let rule = format!("+{}+\n", w.iter().map(|n| "-".repeat(n + 2)).collect::<Vec<_>>().join("+"));
     let mut out = rule.clone();
     let cells: Vec<String> = header
         .iter()
         .zip(&w)
         .map(|(h, n)| {
             let left = (n - h.len()) / 2;
-            format!(
-                " {}{h}{} ",
-                " ".repeat(left),
-                " ".repeat(n - h.len() - left)
-            )
+            format!(" {}{h}{} ", " ".repeat(left), " ".repeat(n - h.len() - left))
         })
         .collect();
     out.push_str(&format!("|{}|\n", cells.join("|")));
@@ -65,13 +47,7 @@ pub fn boxed(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
             .iter()
             .zip(&w)
             .zip(right)
-            .map(|((c, n), right)| {
-                if *right {
-                    format!(" {c:>n$} ")
-                } else {
-                    format!(" {c:<n$} ")
-                }
-            })
+            .map(|((c, n), right)| if *right { format!(" {c:>n$} ") } else { format!(" {c:<n$} ") })
             .collect();
         out.push_str(&format!("|{}|\n", cells.join("|")));
     }
@@ -79,12 +55,7 @@ pub fn boxed(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
     out
 }
 
-pub async fn show(
-    ipam: &IpamClient,
-    show_blocks: bool,
-    ip: Option<IpAddr>,
-    show_config: bool,
-) -> anyhow::Result<()> {
+pub async fn show(ipam: &IpamClient, show_blocks: bool, ip: Option<IpAddr>, show_config: bool) -> anyhow::Result<()> {
     if let Some(ip) = ip {
         match ipam.holder(ip).await? {
             None => println!("IP {ip} is not assigned"),
@@ -103,14 +74,8 @@ pub async fn show(
         let s = ipam.settings().await?;
         let rows = vec![
             vec!["StrictAffinity".to_string(), s.strict_affinity.to_string()],
-            vec![
-                "AutoAllocateBlocks".to_string(),
-                s.auto_allocate_blocks.to_string(),
-            ],
-            vec![
-                "MaxBlocksPerHost".to_string(),
-                s.max_blocks_per_host.to_string(),
-            ],
+            vec!["AutoAllocateBlocks".to_string(), s.auto_allocate_blocks.to_string()],
+            vec!["MaxBlocksPerHost".to_string(), s.max_blocks_per_host.to_string()],
         ];
         print!("{}", boxed(&["PROPERTY", "VALUE"], &rows, &[false, false]));
         return Ok(());
@@ -140,11 +105,7 @@ pub async fn show(
     }
     print!(
         "{}",
-        boxed(
-            &["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"],
-            &rows,
-            &[false, false, true, true, true]
-        )
+        boxed(&["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"], &rows, &[false, false, true, true, true])
     );
     Ok(())
 }
@@ -188,20 +149,8 @@ mod tests {
         let t = boxed(
             &["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"],
             &[
-                vec![
-                    "IP Pool".into(),
-                    "192.168.0.0/16".into(),
-                    "65536".into(),
-                    "5 (0%)".into(),
-                    "65531 (100%)".into(),
-                ],
-                vec![
-                    "Block".into(),
-                    "192.168.1.0/26".into(),
-                    "64".into(),
-                    "5 (8%)".into(),
-                    "59 (92%)".into(),
-                ],
+                vec!["IP Pool".into(), "192.168.0.0/16".into(), "65536".into(), "5 (0%)".into(), "65531 (100%)".into()],
+                vec!["Block".into(), "192.168.1.0/26".into(), "64".into(), "5 (8%)".into(), "59 (92%)".into()],
             ],
             &[false, false, true, true, true],
         );

@@ -180,12 +180,8 @@ impl DatastoreFlags {
             etcd_key_file: self.etcd_key_file.clone(),
             store_path: self.store_path.clone(),
         };
-        DatastoreConfig::resolve(
-            flags,
-            self.config.as_deref(),
-            Settings::from_env(|k| std::env::var(k).ok()),
-        )
-        .map_err(anyhow::Error::msg)
+        DatastoreConfig::resolve(flags, self.config.as_deref(), Settings::from_env(|k| std::env::var(k).ok()))
+            .map_err(anyhow::Error::msg)
     }
 
     async fn open(&self) -> anyhow::Result<ResourceStore> {
@@ -196,8 +192,8 @@ impl DatastoreFlags {
 }
 
 fn selector_eval(selector: &str, labels: &str) -> anyhow::Result<bool> {
-    let labels: std::collections::BTreeMap<String, String> = serde_json::from_str(labels)
-        .map_err(|e| anyhow::anyhow!("--labels must be a JSON object of strings: {e}"))?;
+    let labels: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(labels).map_err(|e| anyhow::anyhow!("--labels must be a JSON object of strings: {e}"))?;
     let sel = gingham_api::Selector::parse(selector)
         .map_err(|e| anyhow::anyhow!("invalid selector: {e}\n{}", e.pointer(selector)))?;
     Ok(sel.matches(&labels))
@@ -206,9 +202,7 @@ fn selector_eval(selector: &str, labels: &str) -> anyhow::Result<bool> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ds = &cli.datastore;
     match cli.command {
-        Command::Selector {
-            command: SelectorCommand::Eval { selector, labels },
-        } => {
+        Command::Selector { command: SelectorCommand::Eval { selector, labels } } => {
             println!("{}", selector_eval(&selector, &labels)?);
             Ok(())
         }
@@ -216,11 +210,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ipam { command } => {
             let client = gingham_ipam::IpamClient::new(ds.open().await?.datastore().clone());
             match command {
-                IpamCommand::Show {
-                    show_blocks,
-                    ip,
-                    show_configuration,
-                } => ipam::show(&client, show_blocks, ip, show_configuration).await,
+                IpamCommand::Show { show_blocks, ip, show_configuration } => {
+                    ipam::show(&client, show_blocks, ip, show_configuration).await
+                }
                 IpamCommand::Check => ipam::run_check(&client).await,
                 IpamCommand::Release { ip } => ipam::release(&client, ip).await,
             }
@@ -232,116 +224,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apply(f) => resources::apply(&ds.open().await?, &f, resources::Mode::Apply).await,
         Command::Create { files, skip_exists } => {
-            resources::apply(
-                &ds.open().await?,
-                &files,
-                resources::Mode::Create { skip_exists },
-            )
-            .await
+            resources::apply(&ds.open().await?, &files, resources::Mode::Create { skip_exists }).await
         }
-        Command::Replace(f) => {
-            resources::apply(&ds.open().await?, &f, resources::Mode::Replace).await
-        }
-        Command::Delete {
-            kind,
-            names,
-            files,
-            recursive,
-            namespace,
-            skip_not_exists,
-        } => {
+        Command::Replace(f) => resources::apply(&ds.open().await?, &f, resources::Mode::Replace).await,
+        Command::Delete { kind, names, files, recursive, namespace, skip_not_exists } => {
             let store = ds.open().await?;
             if files.is_empty() {
-                let Some(kind) = kind else {
-                    anyhow::bail!("give KIND NAME... or -f FILE")
-                };
-                resources::delete_named(
-                    &store,
-                    &kind,
-                    &names,
-                    namespace.as_deref(),
-                    skip_not_exists,
-                )
-                .await
+                let Some(kind) = kind else { anyhow::bail!("give KIND NAME... or -f FILE") };
+                resources::delete_named(&store, &kind, &names, namespace.as_deref(), skip_not_exists).await
             } else {
-                resources::delete_files(
-                    &store,
-                    &FileArgs {
-                        files,
-                        recursive,
-                        namespace,
-                    },
-                    skip_not_exists,
-                )
-                .await
+                resources::delete_files(&store, &FileArgs { files, recursive, namespace }, skip_not_exists).await
             }
         }
-        Command::Get {
-            kind,
-            names,
-            namespace,
-            all_namespaces,
-            output,
-        } => {
-            resources::get(
-                &ds.open().await?,
-                &kind,
-                &names,
-                namespace.as_deref(),
-                all_namespaces,
-                output,
-            )
-            .await
+        Command::Get { kind, names, namespace, all_namespaces, output } => {
+            resources::get(&ds.open().await?, &kind, &names, namespace.as_deref(), all_namespaces, output).await
         }
-        Command::Patch {
-            kind,
-            name,
-            patch,
-            patch_type,
-            namespace,
-        } => {
+        Command::Patch { kind, name, patch, patch_type, namespace } => {
             if !matches!(patch_type.as_str(), "merge" | "strategic") {
                 anyhow::bail!(
                     "--type {patch_type}: only merge (and strategic, applied as merge) patches are supported"
                 );
             }
-            resources::patch(
-                &ds.open().await?,
-                &kind,
-                &name,
-                namespace.as_deref(),
-                &patch,
-            )
-            .await
+            resources::patch(&ds.open().await?, &kind, &name, namespace.as_deref(), &patch).await
         }
-        Command::Label {
-            kind,
-            name,
-            label,
-            overwrite,
-            remove,
-            namespace,
-        } => {
-            resources::label(
-                &ds.open().await?,
-                &kind,
-                &name,
-                namespace.as_deref(),
-                &label,
-                overwrite,
-                remove,
-            )
-            .await
+        Command::Label { kind, name, label, overwrite, remove, namespace } => {
+            resources::label(&ds.open().await?, &kind, &name, namespace.as_deref(), &label, overwrite, remove).await
         }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -367,11 +281,6 @@ mod tests {
         assert!(!selector_eval("has(x)", "{}").unwrap());
         let err = selector_eval("a = 'b'", "{}").unwrap_err().to_string();
         assert!(err.contains("position 2") && err.contains("\n  ^"), "{err}");
-        assert!(
-            selector_eval("all()", "[1]")
-                .unwrap_err()
-                .to_string()
-                .contains("--labels")
-        );
+        assert!(selector_eval("all()", "[1]").unwrap_err().to_string().contains("--labels"));
     }
 }

@@ -21,9 +21,7 @@ pub enum Format {
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let cols = header.len();
     let mut widths = vec![0usize; cols];
-    for row in
-        std::iter::once(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>()).chain(rows)
-    {
+    for row in std::iter::once(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>()).chain(rows) {
         for (i, cell) in row.iter().enumerate().take(cols) {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -59,10 +57,7 @@ fn s(v: &Value) -> String {
 }
 
 fn labels(m: &BTreeMap<String, String>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// Context some columns need (the cluster's default AS number for Node ASN).
@@ -80,29 +75,15 @@ pub fn columns(
 ) -> (Vec<&'static str>, Vec<Vec<String>>) {
     let name = |o: &Object| o.metadata.name.clone();
     let sp = |o: &Object, f: &str| s(&o.spec[f]);
-    let (header, row): (Vec<&'static str>, Box<dyn Fn(&Object) -> Vec<String>>) = match (kind, wide)
-    {
-        (Kind::IPPool, false) => (
-            vec!["NAME", "CIDR", "SELECTOR"],
-            Box::new(move |o| vec![name(o), sp(o, "cidr"), sp(o, "nodeSelector")]),
-        ),
+    let (header, row): (Vec<&'static str>, Box<dyn Fn(&Object) -> Vec<String>>) = match (kind, wide) {
+        (Kind::IPPool, false) => {
+            (vec!["NAME", "CIDR", "SELECTOR"], Box::new(move |o| vec![name(o), sp(o, "cidr"), sp(o, "nodeSelector")]))
+        }
         (Kind::IPPool, true) => (
-            vec![
-                "NAME",
-                "CIDR",
-                "NAT",
-                "IPIPMODE",
-                "VXLANMODE",
-                "DISABLED",
-                "SELECTOR",
-            ],
+            vec!["NAME", "CIDR", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED", "SELECTOR"],
             Box::new(move |o| {
                 let mode = |f: &str| {
-                    if o.spec[f].is_null() {
-                        "Never".to_string()
-                    } else {
-                        sp(o, f)
-                    }
+                    if o.spec[f].is_null() { "Never".to_string() } else { sp(o, f) }
                 };
                 let flag = |f: &str| o.spec[f].as_bool().unwrap_or(false).to_string();
                 vec![
@@ -125,17 +106,10 @@ pub fn columns(
                     let spec: NodeSpec = o.spec_as().unwrap_or_default();
                     let bgp = spec.bgp.unwrap_or_default();
                     let asn = match &bgp.as_number {
-                        Some(a) => parse_asn(a)
-                            .map(|n| n.to_string())
-                            .unwrap_or_else(|_| a.to_string()),
+                        Some(a) => parse_asn(a).map(|n| n.to_string()).unwrap_or_else(|_| a.to_string()),
                         None => format!("({default_asn})"),
                     };
-                    vec![
-                        name(o),
-                        asn,
-                        bgp.ipv4_address.unwrap_or_default(),
-                        bgp.ipv6_address.unwrap_or_default(),
-                    ]
+                    vec![name(o), asn, bgp.ipv4_address.unwrap_or_default(), bgp.ipv6_address.unwrap_or_default()]
                 }),
             )
         }
@@ -150,44 +124,29 @@ pub fn columns(
                 vec![name(o), sp(o, "peerIP"), node, sp(o, "asNumber")]
             }),
         ),
-        (Kind::BGPConfiguration, _) => (
-            vec!["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
-            Box::new(move |o| {
-                let spec: BGPConfigurationSpec = o.spec_as().unwrap_or_default();
-                let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-                vec![
-                    name(o),
-                    dash(spec.log_severity_screen),
-                    dash(spec.node_to_node_mesh_enabled.map(|b| b.to_string())),
-                    dash(spec.as_number.as_ref().map(|a: &IntOrString| {
-                        parse_asn(a)
-                            .map(|n| n.to_string())
-                            .unwrap_or_else(|_| a.to_string())
-                    })),
-                ]
-            }),
-        ),
+        (Kind::BGPConfiguration, _) => {
+            (
+                vec!["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
+                Box::new(move |o| {
+                    let spec: BGPConfigurationSpec = o.spec_as().unwrap_or_default();
+                    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                    vec![
+                        name(o),
+                        dash(spec.log_severity_screen),
+                        dash(spec.node_to_node_mesh_enabled.map(|b| b.to_string())),
+                        dash(spec.as_number.as_ref().map(|a: &IntOrString| {
+                            parse_asn(a).map(|n| n.to_string()).unwrap_or_else(|_| a.to_string())
+                        })),
+                    ]
+                }),
+            )
+        }
         (Kind::WorkloadEndpoint, false) => (
             vec!["WORKLOAD", "NODE", "NETWORKS", "INTERFACE"],
-            Box::new(move |o| {
-                vec![
-                    sp(o, "workload"),
-                    sp(o, "node"),
-                    sp(o, "ipNetworks"),
-                    sp(o, "interfaceName"),
-                ]
-            }),
+            Box::new(move |o| vec![sp(o, "workload"), sp(o, "node"), sp(o, "ipNetworks"), sp(o, "interfaceName")]),
         ),
         (Kind::WorkloadEndpoint, true) => (
-            vec![
-                "NAME",
-                "WORKLOAD",
-                "NODE",
-                "NETWORKS",
-                "INTERFACE",
-                "PROFILES",
-                "NATS",
-            ],
+            vec!["NAME", "WORKLOAD", "NODE", "NETWORKS", "INTERFACE", "PROFILES", "NATS"],
             Box::new(move |o| {
                 let nats: Vec<String> = o.spec["ipNATs"]
                     .as_array()
@@ -206,41 +165,24 @@ pub fn columns(
                 ]
             }),
         ),
-        (Kind::HostEndpoint, false) => (
-            vec!["NAME", "NODE"],
-            Box::new(move |o| vec![name(o), sp(o, "node")]),
-        ),
+        (Kind::HostEndpoint, false) => (vec!["NAME", "NODE"], Box::new(move |o| vec![name(o), sp(o, "node")])),
         (Kind::HostEndpoint, true) => (
             vec!["NAME", "NODE", "INTERFACE", "IPS", "PROFILES"],
             Box::new(move |o| {
-                vec![
-                    name(o),
-                    sp(o, "node"),
-                    sp(o, "interfaceName"),
-                    sp(o, "expectedIPs"),
-                    sp(o, "profiles"),
-                ]
+                vec![name(o), sp(o, "node"), sp(o, "interfaceName"), sp(o, "expectedIPs"), sp(o, "profiles")]
             }),
         ),
-        (Kind::NetworkPolicy | Kind::GlobalNetworkPolicy, false) => {
-            (vec!["NAME"], Box::new(move |o| vec![name(o)]))
+        (Kind::NetworkPolicy | Kind::GlobalNetworkPolicy, false) => (vec!["NAME"], Box::new(move |o| vec![name(o)])),
+        (Kind::NetworkPolicy | Kind::GlobalNetworkPolicy, true) => {
+            (vec!["NAME", "ORDER", "SELECTOR"], Box::new(move |o| vec![name(o), sp(o, "order"), sp(o, "selector")]))
         }
-        (Kind::NetworkPolicy | Kind::GlobalNetworkPolicy, true) => (
-            vec!["NAME", "ORDER", "SELECTOR"],
-            Box::new(move |o| vec![name(o), sp(o, "order"), sp(o, "selector")]),
-        ),
         (Kind::Profile | Kind::Namespace, true) => (
             vec!["NAME", "LABELS"],
             Box::new(move |o| {
                 let l = if kind == Kind::Profile {
                     o.spec["labelsToApply"]
                         .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", s(v)))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
+                        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","))
                         .unwrap_or_default()
                 } else {
                     labels(&o.metadata.labels)
@@ -248,18 +190,11 @@ pub fn columns(
                 vec![name(o), l]
             }),
         ),
-        (Kind::NetworkSet | Kind::GlobalNetworkSet, true) => (
-            vec!["NAME", "NETS"],
-            Box::new(move |o| vec![name(o), sp(o, "nets")]),
-        ),
+        (Kind::NetworkSet | Kind::GlobalNetworkSet, true) => {
+            (vec!["NAME", "NETS"], Box::new(move |o| vec![name(o), sp(o, "nets")]))
+        }
         (Kind::ClusterInformation, _) => (
-            vec![
-                "NAME",
-                "CLUSTERGUID",
-                "CLUSTERTYPE",
-                "CALICOVERSION",
-                "DATASTOREREADY",
-            ],
+            vec!["NAME", "CLUSTERGUID", "CLUSTERTYPE", "CALICOVERSION", "DATASTOREREADY"],
             Box::new(move |o| {
                 vec![
                     name(o),
@@ -272,28 +207,12 @@ pub fn columns(
         ),
         (Kind::IPAMConfiguration, false) => (
             vec!["NAME", "STRICTAFFINITY", "AUTOALLOCATEBLOCKS"],
-            Box::new(move |o| {
-                vec![
-                    name(o),
-                    sp(o, "strictAffinity"),
-                    sp(o, "autoAllocateBlocks"),
-                ]
-            }),
+            Box::new(move |o| vec![name(o), sp(o, "strictAffinity"), sp(o, "autoAllocateBlocks")]),
         ),
         (Kind::IPAMConfiguration, true) => (
-            vec![
-                "NAME",
-                "STRICTAFFINITY",
-                "AUTOALLOCATEBLOCKS",
-                "MAXBLOCKSPERHOST",
-            ],
+            vec!["NAME", "STRICTAFFINITY", "AUTOALLOCATEBLOCKS", "MAXBLOCKSPERHOST"],
             Box::new(move |o| {
-                vec![
-                    name(o),
-                    sp(o, "strictAffinity"),
-                    sp(o, "autoAllocateBlocks"),
-                    sp(o, "maxBlocksPerHost"),
-                ]
+                vec![name(o), sp(o, "strictAffinity"), sp(o, "autoAllocateBlocks"), sp(o, "maxBlocksPerHost")]
             }),
         ),
         (Kind::KubernetesNetworkPolicy, _) => (
@@ -314,10 +233,7 @@ pub fn document(kind: Kind, objects: &[Object], as_list: bool, revision: Option<
     if !as_list && objects.len() == 1 {
         return serde_json::to_value(&objects[0]).unwrap_or(Value::Null);
     }
-    let items: Vec<Value> = objects
-        .iter()
-        .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
-        .collect();
+    let items: Vec<Value> = objects.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)).collect();
     let mut meta = json!({});
     if let Some(r) = revision {
         meta["resourceVersion"] = json!(r.to_string());
@@ -327,10 +243,7 @@ pub fn document(kind: Kind, objects: &[Object], as_list: bool, revision: Option<
 
 pub fn render(value: &Value, format: Format) -> String {
     match format {
-        Format::Json => format!(
-            "{}\n",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        ),
+        Format::Json => format!("{}\n", serde_json::to_string_pretty(value).unwrap_or_default()),
         _ => serde_saphyr::to_string(value).unwrap_or_default(),
     }
 }
@@ -342,27 +255,11 @@ mod tests {
     #[test]
     fn tabwriter_layout_matches_calicoctl() {
         let t = table(
-            &[
-                "NAME",
-                "CIDR",
-                "NAT",
-                "IPIPMODE",
-                "VXLANMODE",
-                "DISABLED",
-                "SELECTOR",
-            ],
-            &[vec![
-                "default-ipv4-ippool",
-                "172.20.0.0/16",
-                "true",
-                "Always",
-                "Never",
-                "false",
-                "all()",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect()],
+            &["NAME", "CIDR", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED", "SELECTOR"],
+            &[vec!["default-ipv4-ippool", "172.20.0.0/16", "true", "Always", "Never", "false", "all()"]
+                .into_iter()
+                .map(String::from)
+                .collect()],
         );
         assert_eq!(
             t,
@@ -370,9 +267,6 @@ mod tests {
              default-ipv4-ippool   172.20.0.0/16   true   Always     Never       false      all()\n"
         );
         // Minimum width 5 applies to narrow columns.
-        assert_eq!(
-            table(&["A", "B"], &[vec!["x".into(), "y".into()]]),
-            "A    B\nx    y\n"
-        );
+        assert_eq!(table(&["A", "B"], &[vec!["x".into(), "y".into()]]), "A    B\nx    y\n");
     }
 }

@@ -40,11 +40,7 @@ impl Mode {
     }
 }
 
-fn collect_files(
-    dir: &Path,
-    recursive: bool,
-    out: &mut Vec<std::path::PathBuf>,
-) -> anyhow::Result<()> {
+fn collect_files(dir: &Path, recursive: bool, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read directory {}", dir.display()))?
         .filter_map(Result::ok)
@@ -56,11 +52,7 @@ fn collect_files(
             if recursive {
                 collect_files(&p, recursive, out)?;
             }
-        } else if p
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        {
+        } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json")) {
             out.push(p);
         }
     }
@@ -73,8 +65,7 @@ fn read_inputs(f: &FileArgs) -> anyhow::Result<Vec<(String, String)>> {
     for name in &f.files {
         if name == "-" {
             let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("cannot read standard input")?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read standard input")?;
             inputs.push(("<stdin>".to_string(), text));
             continue;
         }
@@ -89,8 +80,7 @@ fn read_inputs(f: &FileArgs) -> anyhow::Result<Vec<(String, String)>> {
             files.push(path.to_path_buf());
         }
         for p in files {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
+            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
             inputs.push((p.display().to_string(), text));
         }
     }
@@ -109,10 +99,7 @@ fn read_documents(f: &FileArgs) -> anyhow::Result<Vec<Document>> {
     }
     if !errors.is_empty() {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        bail!(
-            "{}\nnothing was written: fix the errors above and try again",
-            lines.join("\n")
-        );
+        bail!("{}\nnothing was written: fix the errors above and try again", lines.join("\n"));
     }
     if docs.is_empty() {
         bail!("no resources found in {}", f.files.join(", "));
@@ -122,23 +109,10 @@ fn read_documents(f: &FileArgs) -> anyhow::Result<Vec<Document>> {
 
 fn describe(doc: &Document) -> String {
     let o = &doc.object;
-    let kind = o
-        .kind()
-        .map(|k| k.to_string())
-        .unwrap_or_else(|| o.kind.clone());
+    let kind = o.kind().map(|k| k.to_string()).unwrap_or_else(|| o.kind.clone());
     match o.namespace() {
-        Some(ns) => format!(
-            "{}: document {}: {kind} {ns}/{}",
-            doc.source,
-            doc.index,
-            o.name()
-        ),
-        None => format!(
-            "{}: document {}: {kind} {}",
-            doc.source,
-            doc.index,
-            o.name()
-        ),
+        Some(ns) => format!("{}: document {}: {kind} {ns}/{}", doc.source, doc.index, o.name()),
+        None => format!("{}: document {}: {kind} {}", doc.source, doc.index, o.name()),
     }
 }
 
@@ -149,11 +123,7 @@ fn store_err(e: ResourceError) -> anyhow::Error {
 fn success(verb: &str, objects: &[&Object]) -> String {
     let kinds: std::collections::BTreeSet<&str> = objects.iter().map(|o| o.kind.as_str()).collect();
     if kinds.len() == 1 {
-        format!(
-            "Successfully {verb} {} '{}' resource(s)",
-            objects.len(),
-            objects[0].kind
-        )
+        format!("Successfully {verb} {} '{}' resource(s)", objects.len(), objects[0].kind)
     } else {
         format!("Successfully {verb} {} resource(s)", objects.len())
     }
@@ -174,33 +144,19 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
     for (i, doc) in docs.iter().enumerate() {
         let o = &doc.object;
         let kind = o.kind().context("normalised objects have a known kind")?;
-        let current = store
-            .get(kind, o.namespace(), o.name())
-            .await
-            .map_err(store_err)?;
+        let current = store.get(kind, o.namespace(), o.name()).await.map_err(store_err)?;
         match (mode, current) {
             (Mode::Create { skip_exists: true }, Some(_)) => skip[i] = true,
-            (Mode::Create { .. }, Some(_)) => problems.push(format!(
-                "{}: already exists (use apply or replace, or --skip-exists)",
-                describe(doc)
-            )),
-            (Mode::Replace, None) => problems.push(format!(
-                "{}: does not exist (use create or apply)",
-                describe(doc)
-            )),
-            (_, Some(cur)) => problems.extend(
-                check_update(&cur, o)
-                    .iter()
-                    .map(|e| format!("{}: {e}", describe(doc))),
-            ),
+            (Mode::Create { .. }, Some(_)) => {
+                problems.push(format!("{}: already exists (use apply or replace, or --skip-exists)", describe(doc)))
+            }
+            (Mode::Replace, None) => problems.push(format!("{}: does not exist (use create or apply)", describe(doc))),
+            (_, Some(cur)) => problems.extend(check_update(&cur, o).iter().map(|e| format!("{}: {e}", describe(doc)))),
             _ => {}
         }
     }
     if !problems.is_empty() {
-        bail!(
-            "{}\nnothing was written: fix the errors above and try again",
-            problems.join("\n")
-        );
+        bail!("{}\nnothing was written: fix the errors above and try again", problems.join("\n"));
     }
     let mut done: Vec<&Object> = Vec::new();
     let todo = docs.iter().zip(&skip).filter(|(_, s)| !**s).count();
@@ -223,21 +179,12 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
             bail!("{head}: {}: {e}", describe(doc));
         }
         if let Some(from) = &doc.mapped_from {
-            eprintln!(
-                "note: {} (from {from}) was written as {} {}",
-                doc.source,
-                doc.object.kind,
-                doc.object.name()
-            );
+            eprintln!("note: {} (from {from}) was written as {} {}", doc.source, doc.object.kind, doc.object.name());
         }
         done.push(&doc.object);
     }
     if done.is_empty() {
-        println!(
-            "No resources {}: all {} already exist",
-            mode.past(),
-            docs.len()
-        );
+        println!("No resources {}: all {} already exist", mode.past(), docs.len());
     } else {
         println!("{}", success(mode.past(), &done));
     }
@@ -247,16 +194,12 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
 pub fn resolve_kind(name: &str) -> anyhow::Result<Kind> {
     Kind::from_cli(name).ok_or_else(|| {
         let known: Vec<&str> = Kind::ALL.iter().map(|k| k.cli_name()).collect();
-        anyhow::anyhow!(
-            "unknown resource type {name:?}; known types: {}",
-            known.join(", ")
-        )
+        anyhow::anyhow!("unknown resource type {name:?}; known types: {}", known.join(", "))
     })
 }
 
 fn namespace_for(kind: Kind, ns: Option<&str>) -> Option<String> {
-    kind.namespaced()
-        .then(|| ns.unwrap_or("default").to_string())
+    kind.namespaced().then(|| ns.unwrap_or("default").to_string())
 }
 
 pub async fn delete_named(
@@ -297,11 +240,7 @@ fn report_deletes(kind: Kind, deleted: &[Object], failures: &[String]) -> anyhow
         return Ok(());
     }
     if deleted.is_empty() {
-        bail!(
-            "Failed to delete '{}' resource: {}",
-            kind.kind_name(),
-            failures.join("; ")
-        );
+        bail!("Failed to delete '{}' resource: {}", kind.kind_name(), failures.join("; "));
     }
     bail!(
         "Partial success: deleted the first {} out of {} resources: {}",
@@ -311,11 +250,7 @@ fn report_deletes(kind: Kind, deleted: &[Object], failures: &[String]) -> anyhow
     )
 }
 
-pub async fn delete_files(
-    store: &ResourceStore,
-    f: &FileArgs,
-    skip_missing: bool,
-) -> anyhow::Result<()> {
+pub async fn delete_files(store: &ResourceStore, f: &FileArgs, skip_missing: bool) -> anyhow::Result<()> {
     let docs = read_documents(f)?;
     let mut deleted = Vec::new();
     let mut failures = Vec::new();
@@ -345,10 +280,7 @@ pub async fn get(
     let mut objects = Vec::new();
     let mut missing = Vec::new();
     if names.is_empty() {
-        objects = store
-            .list(kind, if all_ns { None } else { ns.as_deref() })
-            .await
-            .map_err(store_err)?;
+        objects = store.list(kind, if all_ns { None } else { ns.as_deref() }).await.map_err(store_err)?;
     } else {
         for n in names {
             match store.get(kind, ns.as_deref(), n).await.map_err(store_err)? {
@@ -361,17 +293,12 @@ pub async fn get(
         Format::Ps | Format::Wide => {
             let mut ctx = TableContext::default();
             if kind == Kind::Node && format == Format::Wide {
-                if let Some(cfg) = store
-                    .get(Kind::BGPConfiguration, None, "default")
-                    .await
-                    .map_err(store_err)?
-                {
+                if let Some(cfg) = store.get(Kind::BGPConfiguration, None, "default").await.map_err(store_err)? {
                     let spec: BGPConfigurationSpec = cfg.spec_as().unwrap_or_default();
                     ctx.default_asn = spec.as_number.as_ref().and_then(|a| parse_asn(a).ok());
                 }
             }
-            let (mut header, mut rows) =
-                output::columns(kind, format == Format::Wide, &objects, &ctx);
+            let (mut header, mut rows) = output::columns(kind, format == Format::Wide, &objects, &ctx);
             if kind.namespaced() && all_ns {
                 header.insert(0, "NAMESPACE");
                 for (row, o) in rows.iter_mut().zip(&objects) {
@@ -385,10 +312,9 @@ pub async fn get(
             }
         }
         Format::Yaml | Format::Json if objects.is_empty() && !missing.is_empty() => String::new(),
-        Format::Yaml | Format::Json => output::render(
-            &output::document(kind, &objects, names.len() != 1, None),
-            format,
-        ),
+        Format::Yaml | Format::Json => {
+            output::render(&output::document(kind, &objects, names.len() != 1, None), format)
+        }
     };
     print!("{text}");
     if !missing.is_empty() {
@@ -419,62 +345,34 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 /// Re-validate a modified object and write it with compare-and-swap on the revision it was read at.
-async fn write_back(
-    store: &ResourceStore,
-    kind: Kind,
-    original: &Object,
-    value: Value,
-) -> anyhow::Result<Object> {
+async fn write_back(store: &ResourceStore, kind: Kind, original: &Object, value: Value) -> anyhow::Result<Object> {
     let subject = format!("{kind} {}", original.name());
     for (field, want) in [
         ("/apiVersion", Value::String(original.api_version.clone())),
         ("/kind", Value::String(original.kind.clone())),
-        (
-            "/metadata/name",
-            Value::String(original.metadata.name.clone()),
-        ),
+        ("/metadata/name", Value::String(original.metadata.name.clone())),
     ] {
         if value.pointer(field) != Some(&want) {
-            bail!(
-                "{subject}: {}: cannot be changed",
-                field.trim_start_matches('/').replace('/', ".")
-            );
+            bail!("{subject}: {}: cannot be changed", field.trim_start_matches('/').replace('/', "."));
         }
     }
     if value.pointer("/metadata/namespace")
-        != original
-            .metadata
-            .namespace
-            .as_ref()
-            .map(|n| Value::String(n.clone()))
-            .as_ref()
+        != original.metadata.namespace.as_ref().map(|n| Value::String(n.clone())).as_ref()
     {
         bail!("{subject}: metadata.namespace: cannot be changed");
     }
     let mut obj = kind.normalize(&value).map_err(|errs| {
-        anyhow::anyhow!(
-            "{}",
-            errs.iter()
-                .map(|e| format!("{subject}: {e}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
+        anyhow::anyhow!("{}", errs.iter().map(|e| format!("{subject}: {e}")).collect::<Vec<_>>().join("\n"))
     })?;
     obj.metadata.resource_version = original.metadata.resource_version.clone();
     store.update(obj).await.map_err(store_err)
 }
 
-pub async fn patch(
-    store: &ResourceStore,
-    kind: &str,
-    name: &str,
-    ns: Option<&str>,
-    patch: &str,
-) -> anyhow::Result<()> {
+pub async fn patch(store: &ResourceStore, kind: &str, name: &str, ns: Option<&str>, patch: &str) -> anyhow::Result<()> {
     let kind = resolve_kind(kind)?;
     let ns = namespace_for(kind, ns);
-    let patch: Value = serde_saphyr::from_str(patch)
-        .map_err(|e| anyhow::anyhow!("the patch is not valid JSON or YAML: {e}"))?;
+    let patch: Value =
+        serde_saphyr::from_str(patch).map_err(|e| anyhow::anyhow!("the patch is not valid JSON or YAML: {e}"))?;
     if !patch.is_object() {
         bail!("the patch must be a JSON object, e.g. '{{\"spec\":{{\"disabled\":true}}}}'");
     }
@@ -515,10 +413,7 @@ pub async fn label(
         if obj.metadata.labels.remove(key).is_none() {
             bail!("{kind} {name} has no label {key:?}");
         }
-        format!(
-            "Successfully removed label {key} from {} {name}",
-            kind.cli_name()
-        )
+        format!("Successfully removed label {key} from {} {name}", kind.cli_name())
     } else {
         let Some((key, value)) = label.split_once('=') else {
             bail!("label {label:?}: use key=value to set, key- or --remove key to remove");
@@ -531,13 +426,8 @@ pub async fn label(
             Some(_) => "updated",
             None => "set",
         };
-        obj.metadata
-            .labels
-            .insert(key.to_string(), value.to_string());
-        format!(
-            "Successfully {verb} label {key} on {} {name}",
-            kind.cli_name()
-        )
+        obj.metadata.labels.insert(key.to_string(), value.to_string());
+        format!("Successfully {verb} label {key} on {} {name}", kind.cli_name())
     };
     let mut value = serde_json::to_value(&obj)?;
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {

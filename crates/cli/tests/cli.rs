@@ -19,26 +19,16 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store.db");
-        Env {
-            _dir: dir,
-            store,
-            etcd: None,
-        }
+        Env { _dir: dir, store, etcd: None }
     }
 
     fn etcd(endpoint: &str) -> Env {
-        Env {
-            etcd: Some(endpoint.to_string()),
-            ..Env::new()
-        }
+        Env { etcd: Some(endpoint.to_string()), ..Env::new() }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gingham"));
-        c.args(args)
-            .env_remove("ETCD_ENDPOINTS")
-            .env_remove("DATASTORE_TYPE")
-            .env_remove("GINGHAM_CONFIG");
+        c.args(args).env_remove("ETCD_ENDPOINTS").env_remove("DATASTORE_TYPE").env_remove("GINGHAM_CONFIG");
         match &self.etcd {
             Some(e) => c.env("DATASTORE_TYPE", "etcdv3").env("ETCD_ENDPOINTS", e),
             None => c.env("GINGHAM_STORE_PATH", &self.store),
@@ -65,22 +55,13 @@ impl Env {
     /// Run, require failure, return stderr.
     fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "gingham {args:?} should have failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert!(!out.status.success(), "gingham {args:?} should have failed: {}", String::from_utf8_lossy(&out.stdout));
         String::from_utf8(out.stderr).unwrap()
     }
 
     fn with_stdin(&self, args: &[&str], input: &str) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            self.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     }
@@ -91,10 +72,8 @@ fn seed(name: &str) -> String {
 }
 
 fn seed_files() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(SEEDS)
-        .unwrap()
-        .map(|e| e.unwrap().path().display().to_string())
-        .collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(SEEDS).unwrap().map(|e| e.unwrap().path().display().to_string()).collect();
     v.sort();
     v
 }
@@ -128,8 +107,7 @@ fn seed_readback(env: &Env) {
     // The same pool redefined step by step, as the seeds do: encapsulation may change.
     env.ok(&["apply", "-f", &seed("ippool-no-encap.yaml")]);
     assert!(
-        env.ok(&["get", "ipp", "-o", "wide"])
-            .contains("default-ipv4-ippool   172.20.0.0/16   true   Never      Never")
+        env.ok(&["get", "ipp", "-o", "wide"]).contains("default-ipv4-ippool   172.20.0.0/16   true   Never      Never")
     );
 
     env.ok(&["apply", "-f", &seed("bgpconfiguration-no-mesh.yaml")]);
@@ -144,17 +122,8 @@ fn seed_readback(env: &Env) {
         "NAME            ASN     IPV4               IPV6\n192.168.10.11   64512   192.168.10.11/24\n\n"
     );
     // A node without its own AS shows the cluster default in parentheses.
-    env.ok(&[
-        "patch",
-        "node",
-        "192.168.10.11",
-        "-p",
-        r#"{"spec":{"bgp":{"asNumber":null}}}"#,
-    ]);
-    assert!(
-        env.ok(&["get", "nodes", "-o", "wide"])
-            .contains("192.168.10.11   (64512)   192.168.10.11/24")
-    );
+    env.ok(&["patch", "node", "192.168.10.11", "-p", r#"{"spec":{"bgp":{"asNumber":null}}}"#]);
+    assert!(env.ok(&["get", "nodes", "-o", "wide"]).contains("192.168.10.11   (64512)   192.168.10.11/24"));
 
     let yaml = env.ok(&["get", "ippool", "default-ipv4-ippool", "-o", "yaml"]);
     for line in [
@@ -166,22 +135,14 @@ fn seed_readback(env: &Env) {
         "  natOutgoing: true",
         "  nodeSelector: all()",
     ] {
-        assert!(
-            yaml.lines().any(|l| l == line),
-            "missing {line:?} in\n{yaml}"
-        );
+        assert!(yaml.lines().any(|l| l == line), "missing {line:?} in\n{yaml}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&env.ok(&["get", "ippool", "-o", "json"])).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["get", "ippool", "-o", "json"])).unwrap();
     assert_eq!(json["kind"], "IPPoolList");
     assert_eq!(json["items"][0]["spec"]["ipipMode"], "Never");
     // What get prints applies back unchanged.
     let out = env.with_stdin(&["apply", "-f", "-"], &yaml);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     env.ok(&[
         "apply",
@@ -191,16 +152,8 @@ fn seed_readback(env: &Env) {
         &seed("networkpolicy-limit-external-access.yaml"),
     ]);
     let all = env.ok(&["get", "knp", "-A"]);
-    assert!(
-        all.starts_with(
-            "NAMESPACE              NAME                    PODSELECTOR    POLICYTYPES\n"
-        ),
-        "{all}"
-    );
-    assert!(
-        all.contains("restricted-namespace   limit-external-access   all()          Egress"),
-        "{all}"
-    );
+    assert!(all.starts_with("NAMESPACE              NAME                    PODSELECTOR    POLICYTYPES\n"), "{all}");
+    assert!(all.contains("restricted-namespace   limit-external-access   all()          Egress"), "{all}");
     assert_eq!(
         env.ok(&["get", "knp", "-n", "my-namespace"]),
         "NAME               PODSELECTOR    POLICYTYPES\nallow-web-to-api   app == 'api'   Ingress\n\n"
@@ -243,13 +196,11 @@ fn operator_network_is_mapped_onto_ippool_and_bgpconfiguration() {
             && err.contains("was written as BGPConfiguration default"),
         "{err}"
     );
-    assert!(env.ok(&["get", "ippool", "-o", "wide"]).contains(
-        "default-ipv4-ippool   192.168.0.0/16   true   Never      CrossSubnet   false      all()"
-    ));
     assert!(
-        env.ok(&["get", "bgpconfig"])
-            .contains("default   -             true          -")
+        env.ok(&["get", "ippool", "-o", "wide"])
+            .contains("default-ipv4-ippool   192.168.0.0/16   true   Never      CrossSubnet   false      all()")
     );
+    assert!(env.ok(&["get", "bgpconfig"]).contains("default   -             true          -"));
 }
 
 #[test]
@@ -257,9 +208,7 @@ fn bad_input_names_file_document_resource_and_field() {
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let pool = |name: &str, spec: &str| {
-        format!(
-            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
-        )
+        format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n{spec}\n")
     };
     let good = pool("good", "  cidr: 10.10.0.0/16");
     let cases: Vec<(&str, String, &str)> = vec![
@@ -291,36 +240,21 @@ fn bad_input_names_file_document_resource_and_field() {
     // Immutable fields: the error says how to migrate, and nothing else in the apply is written.
     env.ok(&["apply", "-f", &seed("ippool-ipip-always.yaml")]);
     let err = env.fails(&["apply", "-f", &seed("ippool-resize.yaml")]);
-    assert!(err.contains("ippool-resize.yaml: document 2: IPPool default-ipv4-ippool: spec.blockSize: cannot change from 26 to 25"), "{err}");
+    assert!(
+        err.contains(
+            "ippool-resize.yaml: document 2: IPPool default-ipv4-ippool: spec.blockSize: cannot change from 26 to 25"
+        ),
+        "{err}"
+    );
     assert!(err.contains("To migrate, create a new IPPool"), "{err}");
     assert!(
         !env.ok(&["get", "ippool"]).contains("temporary-pool"),
         "document 1 must not be written when document 2 is refused"
     );
-    let err = env.fails(&[
-        "patch",
-        "ippool",
-        "default-ipv4-ippool",
-        "-p",
-        r#"{"spec":{"cidr":"10.1.0.0/16"}}"#,
-    ]);
-    assert!(
-        err.contains("IPPool default-ipv4-ippool: spec.cidr: cannot change"),
-        "{err}"
-    );
-    let err = env.fails(&[
-        "patch",
-        "ippool",
-        "default-ipv4-ippool",
-        "-p",
-        r#"{"spec":{"vxlanMode":"Always"}}"#,
-    ]);
-    assert!(
-        err.contains(
-            "IPPool default-ipv4-ippool: spec.vxlanMode: IPIP and VXLAN cannot both be enabled"
-        ),
-        "{err}"
-    );
+    let err = env.fails(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"cidr":"10.1.0.0/16"}}"#]);
+    assert!(err.contains("IPPool default-ipv4-ippool: spec.cidr: cannot change"), "{err}");
+    let err = env.fails(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"vxlanMode":"Always"}}"#]);
+    assert!(err.contains("IPPool default-ipv4-ippool: spec.vxlanMode: IPIP and VXLAN cannot both be enabled"), "{err}");
     let err = env.fails(&["get", "ippol"]);
     assert!(err.contains("unknown resource type \"ippol\""), "{err}");
 }
@@ -334,19 +268,10 @@ fn create_replace_delete_patch_label() {
         "gns.yaml",
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: external\n  labels: {role: db}\nspec:\n  nets: [10.20.0.0/16]\n",
     );
-    assert_eq!(
-        env.ok(&["create", "-f", &f]),
-        "Successfully created 1 'GlobalNetworkSet' resource(s)\n"
-    );
+    assert_eq!(env.ok(&["create", "-f", &f]), "Successfully created 1 'GlobalNetworkSet' resource(s)\n");
     assert!(env.fails(&["create", "-f", &f]).contains("already exists"));
-    assert_eq!(
-        env.ok(&["create", "-f", &f, "--skip-exists"]),
-        "No resources created: all 1 already exist\n"
-    );
-    assert_eq!(
-        env.ok(&["replace", "-f", &f]),
-        "Successfully replaced 1 'GlobalNetworkSet' resource(s)\n"
-    );
+    assert_eq!(env.ok(&["create", "-f", &f, "--skip-exists"]), "No resources created: all 1 already exist\n");
+    assert_eq!(env.ok(&["replace", "-f", &f]), "Successfully replaced 1 'GlobalNetworkSet' resource(s)\n");
 
     // replace with a stale resourceVersion is refused (compare-and-swap).
     let stale = write(
@@ -354,51 +279,29 @@ fn create_replace_delete_patch_label() {
         "stale.yaml",
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: external\n  resourceVersion: '1'\nspec:\n  nets: [10.30.0.0/16]\n",
     );
-    assert!(
-        env.fails(&["replace", "-f", &stale])
-            .contains("changed by someone else")
-    );
+    assert!(env.fails(&["replace", "-f", &stale]).contains("changed by someone else"));
 
     assert_eq!(
-        env.ok(&[
-            "patch",
-            "globalnetworkset",
-            "external",
-            "-p",
-            r#"{"spec":{"nets":["10.40.0.0/16"]}}"#
-        ]),
+        env.ok(&["patch", "globalnetworkset", "external", "-p", r#"{"spec":{"nets":["10.40.0.0/16"]}}"#]),
         "Successfully patched 1 'GlobalNetworkSet' resource\n"
     );
-    assert!(
-        env.ok(&["get", "gns", "-o", "wide"])
-            .contains("external   10.40.0.0/16")
-    );
+    assert!(env.ok(&["get", "gns", "-o", "wide"]).contains("external   10.40.0.0/16"));
     assert_eq!(
         env.ok(&["label", "gns", "external", "tier=backend"]),
         "Successfully set label tier on globalnetworkset external\n"
     );
-    assert!(
-        env.fails(&["label", "gns", "external", "tier=frontend"])
-            .contains("--overwrite")
-    );
+    assert!(env.fails(&["label", "gns", "external", "tier=frontend"]).contains("--overwrite"));
     assert_eq!(
         env.ok(&["label", "gns", "external", "tier=frontend", "--overwrite"]),
         "Successfully updated label tier on globalnetworkset external\n"
     );
-    assert!(
-        env.fails(&["label", "gns", "external", "bad key=x"])
-            .contains("metadata.labels.bad key")
-    );
+    assert!(env.fails(&["label", "gns", "external", "bad key=x"]).contains("metadata.labels.bad key"));
     assert_eq!(
         env.ok(&["label", "gns", "external", "tier-"]),
         "Successfully removed label tier from globalnetworkset external\n"
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&env.ok(&["get", "gns", "external", "-o", "json"])).unwrap();
-    assert_eq!(
-        json["metadata"]["labels"],
-        serde_json::json!({"role": "db"})
-    );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["get", "gns", "external", "-o", "json"])).unwrap();
+    assert_eq!(json["metadata"]["labels"], serde_json::json!({"role": "db"}));
     assert_eq!(json["spec"]["nets"], serde_json::json!(["10.40.0.0/16"]));
 
     // Namespaced kinds: -n, default namespace, -A.
@@ -409,10 +312,7 @@ fn create_replace_delete_patch_label() {
     );
     env.ok(&["apply", "-f", &np, "-n", "team-a"]);
     env.ok(&["apply", "-f", &np]);
-    assert_eq!(
-        env.ok(&["get", "np", "-A"]),
-        "NAMESPACE   NAME\ndefault     allow\nteam-a      allow\n\n"
-    );
+    assert_eq!(env.ok(&["get", "np", "-A"]), "NAMESPACE   NAME\ndefault     allow\nteam-a      allow\n\n");
     assert_eq!(
         env.ok(&["get", "networkpolicy", "-n", "team-a", "-o", "wide"]),
         "NAME    ORDER   SELECTOR\nallow           app == 'web'\n\n"
@@ -423,54 +323,26 @@ fn create_replace_delete_patch_label() {
         "Successfully deleted 1 'NetworkPolicy' resource(s)\n"
     );
     assert!(
-        env.fails(&["delete", "np", "allow", "-n", "team-a"])
-            .contains("resource does not exist: NetworkPolicy(allow)")
+        env.fails(&["delete", "np", "allow", "-n", "team-a"]).contains("resource does not exist: NetworkPolicy(allow)")
     );
     assert_eq!(
         env.ok(&["delete", "np", "allow", "-n", "team-a", "--skip-not-exists"]),
         "Successfully deleted 0 'NetworkPolicy' resource(s)\n"
     );
-    assert_eq!(
-        env.ok(&["delete", "-f", &f]),
-        "Successfully deleted 1 'GlobalNetworkSet' resource(s)\n"
-    );
-    assert!(
-        env.fails(&["get", "gns", "external"])
-            .contains("resource does not exist: GlobalNetworkSet(external)")
-    );
+    assert_eq!(env.ok(&["delete", "-f", &f]), "Successfully deleted 1 'GlobalNetworkSet' resource(s)\n");
+    assert!(env.fails(&["get", "gns", "external"]).contains("resource does not exist: GlobalNetworkSet(external)"));
 }
 
 #[test]
 fn selector_eval() {
     let env = Env::new();
-    assert_eq!(
-        env.ok(&[
-            "selector",
-            "eval",
-            "app == 'web' && !has(canary)",
-            "--labels",
-            r#"{"app":"web"}"#
-        ]),
-        "true\n"
-    );
-    assert_eq!(
-        env.ok(&[
-            "selector",
-            "eval",
-            "tier in {'db', 'cache'}",
-            "--labels",
-            r#"{"tier":"web"}"#
-        ]),
-        "false\n"
-    );
+    assert_eq!(env.ok(&["selector", "eval", "app == 'web' && !has(canary)", "--labels", r#"{"app":"web"}"#]), "true\n");
+    assert_eq!(env.ok(&["selector", "eval", "tier in {'db', 'cache'}", "--labels", r#"{"tier":"web"}"#]), "false\n");
     assert_eq!(env.ok(&["selector", "eval", "missing != 'x'"]), "true\n");
     let out = env.run(&["selector", "eval", "app == 'web' & b == 'c'"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("at position 13") && err.contains("app == 'web' & b == 'c'\n             ^"),
-        "{err}"
-    );
+    assert!(err.contains("at position 13") && err.contains("app == 'web' & b == 'c'\n             ^"), "{err}");
 }
 
 /// Several gingham processes write to one embedded store at once; nothing is lost.
@@ -489,26 +361,16 @@ fn several_processes_share_the_embedded_store() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let listing = env.ok(&["get", "globalnetworksets"]);
-    assert_eq!(
-        listing.lines().filter(|l| l.starts_with("set-")).count(),
-        80
-    );
+    assert_eq!(listing.lines().filter(|l| l.starts_with("set-")).count(), 80);
 }
 
 #[test]
 fn datastore_is_chosen_from_flags_file_and_environment() {
     let env = Env::new();
-    assert_eq!(
-        env.ok(&["datastore"]),
-        format!("embedded store {}\n", env.store.display())
-    );
+    assert_eq!(env.ok(&["datastore"]), format!("embedded store {}\n", env.store.display()));
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other.db");
     assert_eq!(
@@ -523,10 +385,7 @@ fn datastore_is_chosen_from_flags_file_and_environment() {
             dir.path().join("cfg.db").display()
         ),
     );
-    assert_eq!(
-        env.ok(&["-c", &cfg, "datastore"]),
-        format!("embedded store {}\n", dir.path().join("cfg.db").display())
-    );
+    assert_eq!(env.ok(&["-c", &cfg, "datastore"]), format!("embedded store {}\n", dir.path().join("cfg.db").display()));
     let err = env
         .cmd(&["datastore"])
         .env_remove("GINGHAM_STORE_PATH")
@@ -535,11 +394,7 @@ fn datastore_is_chosen_from_flags_file_and_environment() {
         .output()
         .unwrap();
     assert!(!err.status.success());
-    assert!(
-        String::from_utf8_lossy(&err.stderr).contains("etcd"),
-        "{}",
-        String::from_utf8_lossy(&err.stderr)
-    );
+    assert!(String::from_utf8_lossy(&err.stderr).contains("etcd"), "{}", String::from_utf8_lossy(&err.stderr));
 }
 
 #[test]
@@ -553,13 +408,9 @@ fn ipam_show_check_release() {
     );
     env.ok(&["apply", "-f", &f]);
     // Allocate as the node agent would (the library, on the same store file).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ips = rt.block_on(async {
-        let ds =
-            std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap());
+        let ds = std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap());
         let req = gingham_ipam::AutoAssign {
             num_v4: 5,
             handle: "k8s-pod-network.c1".into(),
@@ -570,11 +421,7 @@ fn ipam_show_check_release() {
                 .collect(),
             ..Default::default()
         };
-        gingham_ipam::IpamClient::new(ds)
-            .auto_assign(&req)
-            .await
-            .unwrap()
-            .v4
+        gingham_ipam::IpamClient::new(ds).auto_assign(&req).await.unwrap().v4
     });
     let show = env.ok(&["ipam", "show"]);
     assert_eq!(
@@ -587,10 +434,7 @@ fn ipam_show_check_release() {
     );
     let blocks = env.ok(&["ipam", "show", "--show-blocks"]);
     assert!(
-        blocks.contains(&format!(
-            "| Block    | {:<12} |        64 |     5 (8%) |     59 (92%) |",
-            ips[0].trunc()
-        )),
+        blocks.contains(&format!("| Block    | {:<12} |        64 |     5 (8%) |     59 (92%) |", ips[0].trunc())),
         "{blocks}"
     );
     let ip = ips[0].addr().to_string();
@@ -600,36 +444,18 @@ fn ipam_show_check_release() {
             "IP {ip} is in use\nHandle ID: k8s-pod-network.c1\nAttributes:\n    namespace: default\n    node: n1\n    pod: web-1\n"
         )
     );
-    assert_eq!(
-        env.ok(&["ipam", "show", "--ip=10.65.255.255"]),
-        "IP 10.65.255.255 is not assigned\n"
-    );
-    assert!(
-        env.ok(&["ipam", "show", "--show-configuration"])
-            .contains("| StrictAffinity     | false |")
-    );
+    assert_eq!(env.ok(&["ipam", "show", "--ip=10.65.255.255"]), "IP 10.65.255.255 is not assigned\n");
+    assert!(env.ok(&["ipam", "show", "--show-configuration"]).contains("| StrictAffinity     | false |"));
     // No endpoint uses these addresses: check reports each as a leak, with the command to fix it.
     let report = env.ok(&["ipam", "check"]);
-    assert!(report.starts_with("Checking IPAM for inconsistencies...\nLoading all IPAM blocks...\nFound 1 IPAM blocks.\n"), "{report}");
-    assert!(report.contains(&format!("{ip} is allocated (handle k8s-pod-network.c1, pod default/web-1) but no endpoint or node uses it: gingham ipam release --ip={ip}")));
     assert!(
-        report.ends_with("Check complete; found 5 problems.\n"),
+        report.starts_with("Checking IPAM for inconsistencies...\nLoading all IPAM blocks...\nFound 1 IPAM blocks.\n"),
         "{report}"
     );
-    assert_eq!(
-        env.ok(&["ipam", "release", &format!("--ip={ip}")]),
-        format!("Successfully released IP {ip}\n")
-    );
-    assert!(
-        env.fails(&["ipam", "release", &format!("--ip={ip}")])
-            .contains("is not assigned")
-    );
-    assert!(
-        env.ok(&["ipam", "check"])
-            .ends_with("Check complete; found 4 problems.\n")
-    );
-    assert!(
-        env.ok(&["ipam", "show"])
-            .contains("|     4 (0%) | 65532 (100%) |")
-    );
+    assert!(report.contains(&format!("{ip} is allocated (handle k8s-pod-network.c1, pod default/web-1) but no endpoint or node uses it: gingham ipam release --ip={ip}")));
+    assert!(report.ends_with("Check complete; found 5 problems.\n"), "{report}");
+    assert_eq!(env.ok(&["ipam", "release", &format!("--ip={ip}")]), format!("Successfully released IP {ip}\n"));
+    assert!(env.fails(&["ipam", "release", &format!("--ip={ip}")]).contains("is not assigned"));
+    assert!(env.ok(&["ipam", "check"]).ends_with("Check complete; found 4 problems.\n"));
+    assert!(env.ok(&["ipam", "show"]).contains("|     4 (0%) | 65532 (100%) |"));
 }

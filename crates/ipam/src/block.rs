@@ -22,11 +22,7 @@ pub struct AllocationBlock {
     /// `host:<node>`, `virtual:<name>`, or null (no owner).
     #[serde(default)]
     pub affinity: Option<String>,
-    #[serde(
-        rename = "affinityClaimTime",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "affinityClaimTime", default, skip_serializing_if = "Option::is_none")]
     pub affinity_claim_time: Option<String>,
     #[serde(rename = "strictAffinity", default)]
     pub strict_affinity: bool,
@@ -39,18 +35,10 @@ pub struct AllocationBlock {
     pub deleted: bool,
     #[serde(rename = "sequenceNumber", default)]
     pub sequence_number: u64,
-    #[serde(
-        rename = "sequenceNumberForAllocation",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
+    #[serde(rename = "sequenceNumberForAllocation", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sequence_number_for_allocation: BTreeMap<String, u64>,
     /// Legacy; upgraded to `affinity` on read.
-    #[serde(
-        rename = "hostAffinity",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "hostAffinity", default, skip_serializing_if = "Option::is_none")]
     pub host_affinity: Option<String>,
 }
 
@@ -68,12 +56,7 @@ pub fn host_affinity(node: &str) -> String {
 impl AllocationBlock {
     /// A fresh block: every ordinal free, in order. `seq` seeds the sequence number (Calico
     /// uses the creation time in nanoseconds).
-    pub fn new(
-        cidr: IpNet,
-        affinity: Option<String>,
-        claim_time: Option<String>,
-        seq: u64,
-    ) -> Self {
+    pub fn new(cidr: IpNet, affinity: Option<String>, claim_time: Option<String>, seq: u64) -> Self {
         let size = block_len(&cidr);
         AllocationBlock {
             cidr,
@@ -135,18 +118,12 @@ impl AllocationBlock {
             (IpAddr::V6(a), IpAddr::V6(b)) => u128::from(a) - u128::from(b),
             _ => return None,
         };
-        u32::try_from(off)
-            .ok()
-            .filter(|o| (*o as usize) < self.size())
+        u32::try_from(off).ok().filter(|o| (*o as usize) < self.size())
     }
 
     /// The attribute of an allocated ordinal.
     pub fn attribute(&self, ordinal: u32) -> Option<&AllocationAttribute> {
-        self.allocations
-            .get(ordinal as usize)
-            .copied()
-            .flatten()
-            .and_then(|i| self.attributes.get(i))
+        self.allocations.get(ordinal as usize).copied().flatten().and_then(|i| self.attributes.get(i))
     }
 
     pub fn handle_of(&self, ordinal: u32) -> Option<&str> {
@@ -154,10 +131,7 @@ impl AllocationBlock {
     }
 
     fn attribute_index(&mut self, handle: &str, secondary: &BTreeMap<String, String>) -> usize {
-        let attr = AllocationAttribute {
-            handle_id: Some(handle.to_string()),
-            secondary: Some(secondary.clone()),
-        };
+        let attr = AllocationAttribute { handle_id: Some(handle.to_string()), secondary: Some(secondary.clone()) };
         match self.attributes.iter().position(|a| *a == attr) {
             Some(i) => i,
             None => {
@@ -192,19 +166,13 @@ impl AllocationBlock {
         self.sequence_number += 1;
         for &ord in &taken {
             self.allocations[ord as usize] = Some(idx);
-            self.sequence_number_for_allocation
-                .insert(ord.to_string(), self.sequence_number);
+            self.sequence_number_for_allocation.insert(ord.to_string(), self.sequence_number);
         }
         taken
     }
 
     /// Allocate one specific ordinal; false if it is taken or out of range.
-    pub fn allocate_ordinal(
-        &mut self,
-        ord: u32,
-        handle: &str,
-        secondary: &BTreeMap<String, String>,
-    ) -> bool {
+    pub fn allocate_ordinal(&mut self, ord: u32, handle: &str, secondary: &BTreeMap<String, String>) -> bool {
         let Some(pos) = self.unallocated.iter().position(|o| *o == ord) else {
             return false;
         };
@@ -212,8 +180,7 @@ impl AllocationBlock {
         let idx = self.attribute_index(handle, secondary);
         self.sequence_number += 1;
         self.allocations[ord as usize] = Some(idx);
-        self.sequence_number_for_allocation
-            .insert(ord.to_string(), self.sequence_number);
+        self.sequence_number_for_allocation.insert(ord.to_string(), self.sequence_number);
         true
     }
 
@@ -225,10 +192,7 @@ impl AllocationBlock {
                 continue;
             };
             let Some(idx) = slot.take() else { continue };
-            out.push(Released {
-                ordinal: ord,
-                handle: self.attributes.get(idx).and_then(|a| a.handle_id.clone()),
-            });
+            out.push(Released { ordinal: ord, handle: self.attributes.get(idx).and_then(|a| a.handle_id.clone()) });
             self.unallocated.push(ord);
             self.sequence_number_for_allocation.remove(&ord.to_string());
         }
@@ -241,9 +205,7 @@ impl AllocationBlock {
 
     /// Every ordinal held by `handle`.
     pub fn ordinals_of(&self, handle: &str) -> Vec<u32> {
-        (0..self.size() as u32)
-            .filter(|o| self.handle_of(*o) == Some(handle))
-            .collect()
+        (0..self.size() as u32).filter(|o| self.handle_of(*o) == Some(handle)).collect()
     }
 
     /// Drop attributes no ordinal refers to, renumbering the rest.
@@ -308,10 +270,7 @@ impl AllocationBlock {
             }
         }
         let mut used = vec![false; self.attributes.len()];
-        self.allocations
-            .iter()
-            .flatten()
-            .for_each(|i| used[*i] = true);
+        self.allocations.iter().flatten().for_each(|i| used[*i] = true);
         if let Some(i) = used.iter().position(|u| !u) {
             return Err(format!("attribute {i} is not used"));
         }
@@ -335,22 +294,11 @@ mod tests {
 
     #[test]
     fn fifo_and_calico_json() {
-        let mut b = AllocationBlock::new(
-            "10.65.0.0/26".parse().unwrap(),
-            Some(host_affinity("node-1")),
-            None,
-            100,
-        );
+        let mut b = AllocationBlock::new("10.65.0.0/26".parse().unwrap(), Some(host_affinity("node-1")), None, 100);
         assert_eq!(b.size(), 64);
         assert_eq!(b.allocate(2, "h1", &attrs("a"), |_| false), vec![0, 1]);
         assert_eq!(b.allocate(1, "h2", &attrs("b"), |_| false), vec![2]);
-        assert_eq!(
-            b.release(&[0]),
-            vec![Released {
-                ordinal: 0,
-                handle: Some("h1".into())
-            }]
-        );
+        assert_eq!(b.release(&[0]), vec![Released { ordinal: 0, handle: Some("h1".into()) }]);
         // The freed ordinal goes to the back: the longest-free address is reused first.
         assert_eq!(b.allocate(1, "h3", &attrs("c"), |_| false), vec![3]);
         assert_eq!(*b.unallocated.last().unwrap(), 0);
@@ -369,9 +317,7 @@ mod tests {
         assert_eq!(back, b);
         b.check().unwrap();
         // Skipped (reserved) addresses stay free.
-        let taken = b.allocate(2, "h4", &attrs("d"), |ip| {
-            ip == "10.65.0.4".parse::<IpAddr>().unwrap()
-        });
+        let taken = b.allocate(2, "h4", &attrs("d"), |ip| ip == "10.65.0.4".parse::<IpAddr>().unwrap());
         assert_eq!(taken, vec![5, 6]);
     }
 

@@ -11,8 +11,7 @@ use ipnet::IpNet;
 
 use crate::block::AllocationBlock;
 use crate::model::{
-    AffinityState, BlockAffinity, IpamHandle, all_affinities_prefix, block_key, handles_prefix,
-    parse_affinity_key,
+    AffinityState, BlockAffinity, IpamHandle, all_affinities_prefix, block_key, handles_prefix, parse_affinity_key,
 };
 use crate::{IpamClient, IpamError};
 
@@ -34,12 +33,7 @@ pub struct PoolUsage {
 }
 
 async fn every_block(client: &IpamClient) -> Result<Vec<AllocationBlock>, IpamError> {
-    let mut blocks: Vec<AllocationBlock> = client
-        .all_blocks(true)
-        .await?
-        .into_iter()
-        .map(|(b, _)| b)
-        .collect();
+    let mut blocks: Vec<AllocationBlock> = client.all_blocks(true).await?.into_iter().map(|(b, _)| b).collect();
     blocks.extend(client.all_blocks(false).await?.into_iter().map(|(b, _)| b));
     Ok(blocks)
 }
@@ -86,17 +80,12 @@ pub struct CheckReport {
 pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     let mut r = CheckReport::default();
     let res = client.resources();
-    r.progress
-        .push("Checking IPAM for inconsistencies...".into());
+    r.progress.push("Checking IPAM for inconsistencies...".into());
     r.progress.push("Loading all IPAM blocks...".into());
     let blocks = every_block(client).await?;
-    r.progress
-        .push(format!("Found {} IPAM blocks.", blocks.len()));
+    r.progress.push(format!("Found {} IPAM blocks.", blocks.len()));
     let pools = client.pools().await?;
-    r.progress.push(format!(
-        "Found {} active IP pools.",
-        pools.iter().filter(|p| !p.disabled()).count()
-    ));
+    r.progress.push(format!("Found {} active IP pools.", pools.iter().filter(|p| !p.disabled()).count()));
     let nodes: BTreeMap<String, NodeSpec> = res
         .list(Kind::Node, None)
         .await?
@@ -110,25 +99,17 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     let mut tunnel_ips = 0;
     for (name, spec) in &nodes {
         let bgp = spec.bgp.clone().unwrap_or_default();
-        for a in [
-            bgp.ipv4_ipip_tunnel_addr,
-            spec.ipv4_vxlan_tunnel_addr.clone(),
-            spec.ipv6_vxlan_tunnel_addr.clone(),
-        ]
-        .into_iter()
-        .flatten()
+        for a in [bgp.ipv4_ipip_tunnel_addr, spec.ipv4_vxlan_tunnel_addr.clone(), spec.ipv6_vxlan_tunnel_addr.clone()]
+            .into_iter()
+            .flatten()
         {
             if let Ok(ip) = a.parse() {
-                users
-                    .entry(ip)
-                    .or_default()
-                    .push(format!("node {name} (tunnel)"));
+                users.entry(ip).or_default().push(format!("node {name} (tunnel)"));
                 tunnel_ips += 1;
             }
         }
     }
-    r.progress
-        .push(format!("Found {tunnel_ips} node tunnel IPs."));
+    r.progress.push(format!("Found {tunnel_ips} node tunnel IPs."));
     let mut workload_ips = 0;
     for w in &weps {
         let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
@@ -143,49 +124,33 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
             }
         }
     }
-    r.progress
-        .push(format!("Found {workload_ips} workload IPs."));
-    r.progress.push(format!(
-        "Workloads and nodes are using {} IPs.",
-        users.len()
-    ));
+    r.progress.push(format!("Found {workload_ips} workload IPs."));
+    r.progress.push(format!("Workloads and nodes are using {} IPs.", users.len()));
     for (ip, who) in &users {
         if who.len() > 1 {
-            r.problems.push(format!(
-                "{ip} is used by more than one endpoint: {}",
-                who.join(", ")
-            ));
+            r.problems.push(format!("{ip} is used by more than one endpoint: {}", who.join(", ")));
         }
     }
 
     // Blocks: internal consistency, pool membership, owners, and who holds each address.
     let mut held: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     let mut allocated: BTreeSet<IpAddr> = BTreeSet::new();
-    r.progress
-        .push("Scanning for IPs that are allocated but not actually in use...".into());
+    r.progress.push("Scanning for IPs that are allocated but not actually in use...".into());
     let mut leaked = 0;
     for b in &blocks {
-        r.progress.push(format!(
-            " IPAM block {} affinity={}:",
-            b.cidr,
-            b.affinity.as_deref().unwrap_or("<none>")
-        ));
+        r.progress.push(format!(" IPAM block {} affinity={}:", b.cidr, b.affinity.as_deref().unwrap_or("<none>")));
         if let Err(e) = b.check() {
-            r.problems.push(format!(
-                "block {} is inconsistent: {e} (key {})",
-                b.cidr,
-                block_key(&b.cidr)
-            ));
+            r.problems.push(format!("block {} is inconsistent: {e} (key {})", b.cidr, block_key(&b.cidr)));
         }
         if !pools.iter().any(|p| p.cidr.contains(&b.cidr)) {
-            r.problems.push(format!(
-                "block {} is not inside any IPPool (was its pool deleted?)",
-                b.cidr
-            ));
+            r.problems.push(format!("block {} is not inside any IPPool (was its pool deleted?)", b.cidr));
         }
         if let Some(node) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")) {
             if !nodes.contains_key(node) {
-                r.problems.push(format!("block {} belongs to node {node}, which no longer exists: release its addresses, then its affinity", b.cidr));
+                r.problems.push(format!(
+                    "block {} belongs to node {node}, which no longer exists: release its addresses, then its affinity",
+                    b.cidr
+                ));
             }
         }
         for ord in 0..b.size() as u32 {
@@ -195,45 +160,28 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
             let ip = b.ip(ord);
             allocated.insert(ip);
             let handle = attr.handle_id.clone().unwrap_or_default();
-            *held
-                .entry(handle.clone())
-                .or_default()
-                .entry(b.cidr.to_string())
-                .or_default() += 1;
+            *held.entry(handle.clone()).or_default().entry(b.cidr.to_string()).or_default() += 1;
             if !users.contains_key(&ip) {
                 leaked += 1;
                 let sec = attr.secondary.clone().unwrap_or_default();
                 let owner = match (sec.get("namespace"), sec.get("pod")) {
                     (Some(ns), Some(pod)) => format!(", pod {ns}/{pod}"),
-                    _ => sec
-                        .get("node")
-                        .map(|n| format!(", node {n}"))
-                        .unwrap_or_default(),
+                    _ => sec.get("node").map(|n| format!(", node {n}")).unwrap_or_default(),
                 };
                 r.problems.push(format!("{ip} is allocated (handle {handle}{owner}) but no endpoint or node uses it: gingham ipam release --ip={ip}"));
             }
         }
     }
-    r.progress.push(format!(
-        "Found {leaked} IPs that are allocated in IPAM but not actually in use."
-    ));
-    r.progress.push(
-        "Scanning for IPs that are in use by a workload or node but not allocated in IPAM..."
-            .into(),
-    );
+    r.progress.push(format!("Found {leaked} IPs that are allocated in IPAM but not actually in use."));
+    r.progress.push("Scanning for IPs that are in use by a workload or node but not allocated in IPAM...".into());
     let mut unallocated = 0;
     for (ip, who) in &users {
         if !allocated.contains(ip) {
             unallocated += 1;
-            r.problems.push(format!(
-                "{ip} is used by {} but not allocated in IPAM",
-                who.join(", ")
-            ));
+            r.problems.push(format!("{ip} is used by {} but not allocated in IPAM", who.join(", ")));
         }
     }
-    r.progress.push(format!(
-        "Found {unallocated} in-use IPs that are not in active IP pools or not allocated."
-    ));
+    r.progress.push(format!("Found {unallocated} in-use IPs that are not in active IP pools or not allocated."));
 
     // Handles against what the blocks say.
     let handles = client.datastore().list(&handles_prefix()).await?;
@@ -249,46 +197,34 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     }
     for (id, h) in &recorded {
         match held.get(id) {
-            None => r.problems.push(format!(
-                "handle {id} holds no addresses: its record is left over"
-            )),
-            Some(actual) if *actual != h.block => r.problems.push(format!(
-                "handle {id} records {:?} but the blocks hold {:?}",
-                h.block, actual
-            )),
+            None => r.problems.push(format!("handle {id} holds no addresses: its record is left over")),
+            Some(actual) if *actual != h.block => {
+                r.problems.push(format!("handle {id} records {:?} but the blocks hold {:?}", h.block, actual))
+            }
             _ => {}
         }
     }
     for id in held.keys().filter(|id| !recorded.contains_key(*id)) {
-        r.problems.push(format!(
-            "addresses are allocated to handle {id}, which has no handle record"
-        ));
+        r.problems.push(format!("addresses are allocated to handle {id}, which has no handle record"));
     }
 
     // Affinities: their node must exist and their block must agree.
     let affinities = client.datastore().list(&all_affinities_prefix()).await?;
     for kv in &affinities.items {
         let Some((node, cidr)) = parse_affinity_key(&kv.key) else {
-            r.problems
-                .push(format!("unrecognised affinity key {}", kv.key));
+            r.problems.push(format!("unrecognised affinity key {}", kv.key));
             continue;
         };
         if !nodes.contains_key(&node) {
-            r.problems.push(format!(
-                "node {node} no longer exists but still has an affinity for block {cidr}"
-            ));
+            r.problems.push(format!("node {node} no longer exists but still has an affinity for block {cidr}"));
         }
         let state = BlockAffinity::parse(&kv.value).map(|a| a.state);
         match blocks.iter().find(|b| b.cidr == cidr) {
-            None => r.problems.push(format!(
-                "node {node}'s affinity for block {cidr} has no block"
+            None => r.problems.push(format!("node {node}'s affinity for block {cidr} has no block")),
+            Some(b) if state == Some(AffinityState::Confirmed) && !b.is_affine_to(&node) => r.problems.push(format!(
+                "node {node} has an affinity for block {cidr}, but the block belongs to {}",
+                b.affinity.as_deref().unwrap_or("nobody")
             )),
-            Some(b) if state == Some(AffinityState::Confirmed) && !b.is_affine_to(&node) => {
-                r.problems.push(format!(
-                    "node {node} has an affinity for block {cidr}, but the block belongs to {}",
-                    b.affinity.as_deref().unwrap_or("nobody")
-                ))
-            }
             _ => {}
         }
     }

@@ -75,6 +75,8 @@ pub struct IpamClient {
     blocks: Mutex<HashMap<IpNet, (AllocationBlock, Revision)>>,
     handles: Mutex<HashMap<String, (IpamHandle, Revision)>>,
     node_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each node's blocks as last listed (re-listed before any claim).
+    affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
     /// How long another node's empty block must have been claimed before this node may take it.
     pub reclaim_after: Duration,
 }
@@ -85,18 +87,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn is_condition_failure(e: &StoreError) -> Option<&str> {
     match e {
-        StoreError::Conflict { key, .. }
-        | StoreError::AlreadyExists { key }
-        | StoreError::NotFound { key } => Some(key),
+        StoreError::Conflict { key, .. } | StoreError::AlreadyExists { key } | StoreError::NotFound { key } => {
+            Some(key)
+        }
         _ => None,
     }
 }
 
 fn seq_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default()
 }
 
 impl IpamClient {
@@ -107,6 +106,7 @@ impl IpamClient {
             blocks: Mutex::default(),
             handles: Mutex::default(),
             node_locks: Mutex::default(),
+            affinities: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
     }
@@ -122,26 +122,16 @@ impl IpamClient {
     /// One node's allocations are serialised inside this process (they contend for the same
     /// blocks); other processes and nodes are kept apart by the datastore's compare-and-swap.
     fn node_lock(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.node_locks)
-            .entry(node.to_string())
-            .or_default()
-            .clone()
+        lock(&self.node_locks).entry(node.to_string()).or_default().clone()
     }
 
     pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
         let objs = self.resources.list(Kind::IPPool, None).await?;
-        Ok(objs
-            .iter()
-            .filter_map(|o| Pool::from_spec(o.name(), o.spec_as::<IPPoolSpec>().ok()?))
-            .collect())
+        Ok(objs.iter().filter_map(|o| Pool::from_spec(o.name(), o.spec_as::<IPPoolSpec>().ok()?)).collect())
     }
 
     pub async fn settings(&self) -> Result<Settings, IpamError> {
-        let spec: IPAMConfigSpec = match self
-            .resources
-            .get(Kind::IPAMConfiguration, None, "default")
-            .await?
-        {
+        let spec: IPAMConfigSpec = match self.resources.get(Kind::IPAMConfiguration, None, "default").await? {
             Some(o) => o.spec_as().unwrap_or_default(),
             None => IPAMConfigSpec::default(),
         };
@@ -153,46 +143,57 @@ impl IpamClient {
     }
 
     async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>, IpamError> {
-        Ok(self
-            .resources
-            .get(Kind::Node, None, node)
-            .await?
-            .map(|o| o.metadata.labels)
-            .unwrap_or_default())
+        Ok(self.resources.get(Kind::Node, None, node).await?.map(|o| o.metadata.labels).unwrap_or_default())
     }
 
     /// The block at `cidr` (from this client's cache unless `refresh`), or None if absent.
-    async fn block(
-        &self,
-        cidr: IpNet,
-        refresh: bool,
-    ) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
+    async fn block(&self, cidr: IpNet, refresh: bool) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
         if !refresh {
             if let Some(b) = lock(&self.blocks).get(&cidr) {
                 return Ok(Some(b.clone()));
             }
         }
+        self.read_block(cidr).await
+    }
+
+    /// The block to modify: moved out of the cache (it goes back after a successful write).
+    async fn take_block(&self, cidr: IpNet, refresh: bool) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
+        if !refresh {
+            if let Some(b) = lock(&self.blocks).remove(&cidr) {
+                return Ok(Some(b));
+            }
+        }
+        let b = self.read_block(cidr).await?;
+        lock(&self.blocks).remove(&cidr);
+        Ok(b)
+    }
+
+    async fn read_block(&self, cidr: IpNet) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
         let key = block_key(&cidr);
         let Some(kv) = self.ds.get(&key).await? else {
             lock(&self.blocks).remove(&cidr);
             return Ok(None);
         };
-        let mut b: AllocationBlock =
-            serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
-                key: key.clone(),
-                message: e.to_string(),
-            })?;
+        // Unchanged since we cached it: no need to parse it again.
+        if let Some((b, rev)) = lock(&self.blocks).get(&cidr) {
+            if *rev == kv.mod_revision {
+                return Ok(Some((b.clone(), *rev)));
+            }
+        }
+        let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
+            .map_err(|e| IpamError::Corrupt { key: key.clone(), message: e.to_string() })?;
         b.upgrade();
         lock(&self.blocks).insert(cidr, (b.clone(), kv.mod_revision));
         Ok(Some((b, kv.mod_revision)))
     }
 
+    /// Free addresses in a cached block (None if not cached).
+    fn cached_free(&self, cidr: &IpNet) -> Option<usize> {
+        lock(&self.blocks).get(cidr).map(|(b, _)| b.free())
+    }
+
     /// The handle's record: cached, or read when `read` (else assumed new).
-    async fn handle_record(
-        &self,
-        handle: &str,
-        read: bool,
-    ) -> Result<(IpamHandle, Option<Revision>), IpamError> {
+    async fn handle_record(&self, handle: &str, read: bool) -> Result<(IpamHandle, Option<Revision>), IpamError> {
         if let Some((h, r)) = lock(&self.handles).get(handle) {
             return Ok((h.clone(), Some(*r)));
         }
@@ -202,11 +203,8 @@ impl IpamClient {
         let key = handle_key(handle);
         match self.ds.get(&key).await? {
             Some(kv) => {
-                let h: IpamHandle =
-                    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
-                        key,
-                        message: e.to_string(),
-                    })?;
+                let h: IpamHandle = serde_json::from_slice(&kv.value)
+                    .map_err(|e| IpamError::Corrupt { key, message: e.to_string() })?;
                 Ok((h, Some(kv.mod_revision)))
             }
             None => Ok((IpamHandle::default(), None)),
@@ -214,8 +212,8 @@ impl IpamClient {
     }
 
     /// Read-modify-write one block (and the handles it touches) in one transaction, retrying on
-    /// conflicts. `change` returns None when there is nothing to do. An empty block with no
-    /// owner is deleted.
+    /// conflicts. `change` returns None when there is nothing to do, and must not modify the
+    /// block unless it returns Some. An empty block with no owner is deleted.
     async fn update_block<T>(
         &self,
         cidr: IpNet,
@@ -223,18 +221,20 @@ impl IpamClient {
     ) -> Result<Option<T>, IpamError> {
         let key = block_key(&cidr);
         for attempt in 0..MAX_ATTEMPTS {
-            let Some((mut block, rev)) = self.block(cidr, attempt > 0).await? else {
+            let Some((mut block, rev)) = self.take_block(cidr, attempt > 0).await? else {
                 return Ok(None);
             };
-            let Some(c) = change(&mut block)? else {
-                return Ok(None);
+            let c = match change(&mut block) {
+                Ok(Some(c)) => c,
+                // `change` leaves the block untouched when it declines or fails: keep it cached.
+                other => {
+                    lock(&self.blocks).insert(cidr, (block, rev));
+                    return other.map(|_| None);
+                }
             };
             let delete = block.is_empty() && block.affinity.is_none();
             let mut ops = vec![if delete {
-                TxnOp::Delete {
-                    key: key.clone(),
-                    condition: Condition::At(rev),
-                }
+                TxnOp::Delete { key: key.clone(), condition: Condition::At(rev) }
             } else {
                 TxnOp::Put {
                     key: key.clone(),
@@ -254,10 +254,7 @@ impl IpamClient {
                 }
                 let hkey = handle_key(h);
                 let op = match (rec.is_empty(), hrev) {
-                    (true, Some(r)) => TxnOp::Delete {
-                        key: hkey,
-                        condition: Condition::At(r),
-                    },
+                    (true, Some(r)) => TxnOp::Delete { key: hkey, condition: Condition::At(r) },
                     (true, None) => continue,
                     (false, r) => TxnOp::Put {
                         key: hkey,
@@ -321,10 +318,7 @@ impl IpamClient {
                     .iter()
                     .map(|o| IpNet::new(b.ip(*o), b.cidr.prefix_len()).unwrap_or(b.cidr))
                     .collect::<Vec<_>>();
-                Ok(Some(BlockChange {
-                    handles: [(req.handle.clone(), ips.len() as isize)].into(),
-                    out: ips,
-                }))
+                Ok(Some(BlockChange { handles: [(req.handle.clone(), ips.len() as isize)].into(), out: ips }))
             })
             .await?;
         Ok(got.unwrap_or_default())
@@ -337,31 +331,25 @@ impl IpamClient {
             .items
             .iter()
             .filter(|kv| {
-                BlockAffinity::parse(&kv.value).is_some_and(|a| {
-                    a.state == crate::model::AffinityState::Confirmed && !a.deleted
-                })
+                BlockAffinity::parse(&kv.value)
+                    .is_some_and(|a| a.state == crate::model::AffinityState::Confirmed && !a.deleted)
             })
             .filter_map(|kv| parse_affinity_key(&kv.key).map(|(_, c)| c))
             .collect();
         out.sort();
+        lock(&self.affinities).insert((node.to_string(), v4), out.clone());
         Ok(out)
     }
 
     /// Every block of one family with its revision.
-    pub async fn all_blocks(
-        &self,
-        v4: bool,
-    ) -> Result<Vec<(AllocationBlock, Revision)>, IpamError> {
+    pub async fn all_blocks(&self, v4: bool) -> Result<Vec<(AllocationBlock, Revision)>, IpamError> {
         let listing = self.ds.list(&blocks_prefix(v4)).await?;
         listing
             .items
             .iter()
             .map(|kv| {
-                let mut b: AllocationBlock =
-                    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
-                        key: kv.key.clone(),
-                        message: e.to_string(),
-                    })?;
+                let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
+                    .map_err(|e| IpamError::Corrupt { key: kv.key.clone(), message: e.to_string() })?;
                 b.upgrade();
                 Ok((b, kv.mod_revision))
             })
@@ -372,18 +360,21 @@ impl IpamClient {
     /// starting point), else another node's empty block whose claim is older than
     /// `reclaim_after`. Affinity and block are written in one transaction, so a crash never
     /// leaves a half-claimed block.
-    async fn claim(
-        &self,
-        pools: &[Pool],
-        node: &str,
-        v4: bool,
-        known: &[IpNet],
-    ) -> Result<Option<IpNet>, IpamError> {
-        let existing = self.all_blocks(v4).await?;
+    async fn claim(&self, pools: &[Pool], node: &str, v4: bool, known: &[IpNet]) -> Result<Option<IpNet>, IpamError> {
+        let listing = self.ds.list(&blocks_prefix(v4)).await?;
+        let parse = |kv: &gingham_store::KeyValue| -> Result<(AllocationBlock, Revision), IpamError> {
+            let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
+                .map_err(|e| IpamError::Corrupt { key: kv.key.clone(), message: e.to_string() })?;
+            b.upgrade();
+            Ok((b, kv.mod_revision))
+        };
+        // Which blocks exist needs only the keys; blocks are parsed only when they matter.
         let taken: std::collections::HashSet<IpNet> =
-            existing.iter().map(|(b, _)| b.cidr).collect();
+            listing.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
         // A block that names this node but lost its affinity record: adopt it again.
-        for (b, _) in &existing {
+        let marker = format!("\"affinity\":\"{}\"", host_affinity(node));
+        for kv in listing.items.iter().filter(|kv| std::str::from_utf8(&kv.value).is_ok_and(|v| v.contains(&marker))) {
+            let (b, _) = parse(kv)?;
             if b.is_affine_to(node)
                 && b.free() > 0
                 && !known.contains(&b.cidr)
@@ -403,12 +394,7 @@ impl IpamClient {
                 if taken.contains(&cidr) {
                     continue;
                 }
-                let block = AllocationBlock::new(
-                    cidr,
-                    Some(host_affinity(node)),
-                    Some(now_rfc3339()),
-                    seq_now(),
-                );
+                let block = AllocationBlock::new(cidr, Some(host_affinity(node)), Some(now_rfc3339()), seq_now());
                 let ops = [
                     TxnOp::Put {
                         key: affinity_key(node, &cidr),
@@ -432,10 +418,9 @@ impl IpamClient {
             }
         }
         let now = parse_rfc3339(&now_rfc3339()).unwrap_or_default();
-        for (b, rev) in existing {
-            let in_pool = pools
-                .iter()
-                .any(|p| p.cidr.contains(&b.cidr) && p.block_size == b.cidr.prefix_len());
+        for kv in &listing.items {
+            let (b, rev) = parse(kv)?;
+            let in_pool = pools.iter().any(|p| p.cidr.contains(&b.cidr) && p.block_size == b.cidr.prefix_len());
             let old_enough = b
                 .affinity_claim_time
                 .as_deref()
@@ -461,10 +446,7 @@ impl IpamClient {
                 },
             ];
             if let Some(other) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")) {
-                ops.push(TxnOp::Delete {
-                    key: affinity_key(other, &b.cidr),
-                    condition: Condition::Any,
-                });
+                ops.push(TxnOp::Delete { key: affinity_key(other, &b.cidr), condition: Condition::Any });
             }
             match self.ds.txn(&ops).await {
                 Ok(revs) => {
@@ -491,37 +473,36 @@ impl IpamClient {
             return Ok(Vec::new());
         }
         let requested = if v4 { &req.pools_v4 } else { &req.pools_v6 };
-        let use_ = if req.tunnel {
-            Use::Tunnel
-        } else {
-            Use::Workload
-        };
-        let pools = select(
-            pools_all,
-            v4,
-            requested,
-            &req.node,
-            labels,
-            req.namespace_labels.as_ref(),
-            use_,
-        )?;
+        let use_ = if req.tunnel { Use::Tunnel } else { Use::Workload };
+        let pools = select(pools_all, v4, requested, &req.node, labels, req.namespace_labels.as_ref(), use_)?;
         let in_pools = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
         let mut got = Vec::new();
-        let mut affine = self.affine_blocks(&req.node, v4).await?;
-        for cidr in affine.iter().filter(|c| in_pools(c)) {
-            let node = req.node.clone();
-            got.extend(
-                self.take_from(*cidr, want - got.len(), req, move |b| b.is_affine_to(&node))
-                    .await?,
-            );
-            if got.len() == want {
-                return Ok(got);
+        let cache_key = (req.node.clone(), v4);
+        let cached = lock(&self.affinities).get(&cache_key).cloned();
+        let mut affine = match cached {
+            Some(a) => a,
+            None => self.affine_blocks(&req.node, v4).await?,
+        };
+        // Cached blocks known to be full are skipped without a copy. Before claiming a new block,
+        // the node's blocks are listed and read again: another process may have freed addresses.
+        for refresh in [false, true] {
+            if refresh {
+                affine = self.affine_blocks(&req.node, v4).await?;
+            }
+            for cidr in affine.iter().filter(|c| in_pools(c)) {
+                if refresh {
+                    self.block(*cidr, true).await?;
+                } else if self.cached_free(cidr) == Some(0) {
+                    continue;
+                }
+                let node = req.node.clone();
+                got.extend(self.take_from(*cidr, want - got.len(), req, move |b| b.is_affine_to(&node)).await?);
+                if got.len() == want {
+                    return Ok(got);
+                }
             }
         }
-        let limit = [settings.max_blocks_per_host, req.max_blocks]
-            .into_iter()
-            .filter(|l| *l > 0)
-            .min();
+        let limit = [settings.max_blocks_per_host, req.max_blocks].into_iter().filter(|l| *l > 0).min();
         let mut limit_hit = false;
         while got.len() < want && settings.auto_allocate_blocks {
             if limit.is_some_and(|l| affine.len() as u32 >= l) {
@@ -532,11 +513,9 @@ impl IpamClient {
                 break;
             };
             affine.push(cidr);
+            lock(&self.affinities).insert(cache_key.clone(), affine.clone());
             let node = req.node.clone();
-            got.extend(
-                self.take_from(cidr, want - got.len(), req, move |b| b.is_affine_to(&node))
-                    .await?,
-            );
+            got.extend(self.take_from(cidr, want - got.len(), req, move |b| b.is_affine_to(&node)).await?);
         }
         if got.len() < want && !settings.strict_affinity {
             // Borrow from other nodes' blocks (no affinity is claimed).
@@ -544,10 +523,7 @@ impl IpamClient {
                 if b.free() == 0 || b.is_affine_to(&req.node) || !in_pools(&b.cidr) {
                     continue;
                 }
-                got.extend(
-                    self.take_from(b.cidr, want - got.len(), req, |_| true)
-                        .await?,
-                );
+                got.extend(self.take_from(b.cidr, want - got.len(), req, |_| true).await?);
                 if got.len() == want {
                     return Ok(got);
                 }
@@ -556,14 +532,7 @@ impl IpamClient {
         if got.len() < want {
             // Nothing half-done: give back what this request took.
             let ips: Vec<IpAddr> = got.iter().map(|n| n.addr()).collect();
-            self.release_ips(
-                &ips,
-                &ReleaseGuard {
-                    handle: Some(req.handle.clone()),
-                    sequence_number: None,
-                },
-            )
-            .await?;
+            self.release_ips(&ips, &ReleaseGuard { handle: Some(req.handle.clone()), sequence_number: None }).await?;
             let family = if v4 { "IPv4" } else { "IPv6" };
             return Err(match limit {
                 Some(l) if limit_hit => IpamError::BlockLimit {
@@ -579,10 +548,7 @@ impl IpamClient {
                     family,
                     wanted: want,
                     got: got.len(),
-                    pools: pools
-                        .iter()
-                        .map(|p| format!("{} ({})", p.name, p.cidr))
-                        .collect(),
+                    pools: pools.iter().map(|p| format!("{} ({})", p.name, p.cidr)).collect(),
                 },
             });
         }
@@ -599,24 +565,13 @@ impl IpamClient {
         let pools = self.pools().await?;
         let settings = self.settings().await?;
         let labels = self.node_labels(&req.node).await?;
-        let v4 = self
-            .assign_family(req, true, req.num_v4, &pools, &settings, &labels)
-            .await?;
-        let v6 = match self
-            .assign_family(req, false, req.num_v6, &pools, &settings, &labels)
-            .await
-        {
+        let v4 = self.assign_family(req, true, req.num_v4, &pools, &settings, &labels).await?;
+        let v6 = match self.assign_family(req, false, req.num_v6, &pools, &settings, &labels).await {
             Ok(v) => v,
             Err(e) => {
                 let ips: Vec<IpAddr> = v4.iter().map(|n| n.addr()).collect();
-                self.release_ips(
-                    &ips,
-                    &ReleaseGuard {
-                        handle: Some(req.handle.clone()),
-                        sequence_number: None,
-                    },
-                )
-                .await?;
+                self.release_ips(&ips, &ReleaseGuard { handle: Some(req.handle.clone()), sequence_number: None })
+                    .await?;
                 return Err(e);
             }
         };
@@ -634,16 +589,10 @@ impl IpamClient {
     ) -> Result<IpNet, IpamError> {
         let use_ok = |p: &Pool| {
             let want = if tunnel { "Tunnel" } else { "Workload" };
-            p.spec
-                .allowed_uses
-                .as_ref()
-                .is_none_or(|u| u.is_empty() || u.iter().any(|x| x == want))
+            p.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == want))
         };
         let pools = self.pools().await?;
-        let Some(pool) = pools
-            .iter()
-            .find(|p| !p.disabled() && p.cidr.contains(&ip) && use_ok(p))
-        else {
+        let Some(pool) = pools.iter().find(|p| !p.disabled() && p.cidr.contains(&ip) && use_ok(p)) else {
             return Err(IpamError::NotInPool { ip });
         };
         let cidr = pool.block_of(ip).ok_or(IpamError::NotInPool { ip })?;
@@ -653,12 +602,7 @@ impl IpamClient {
         for _ in 0..MAX_ATTEMPTS {
             if self.block(cidr, true).await?.is_none() {
                 // Nobody owns this block yet: claim it for this node.
-                let block = AllocationBlock::new(
-                    cidr,
-                    Some(host_affinity(node)),
-                    Some(now_rfc3339()),
-                    seq_now(),
-                );
+                let block = AllocationBlock::new(cidr, Some(host_affinity(node)), Some(now_rfc3339()), seq_now());
                 let ops = [
                     TxnOp::Put {
                         key: affinity_key(node, &cidr),
@@ -679,10 +623,7 @@ impl IpamClient {
             let result = self
                 .update_block(cidr, |b| {
                     if settings.strict_affinity && !b.is_affine_to(node) {
-                        return Err(IpamError::StrictAffinity {
-                            ip,
-                            owner: b.affinity.clone().unwrap_or_default(),
-                        });
+                        return Err(IpamError::StrictAffinity { ip, owner: b.affinity.clone().unwrap_or_default() });
                     }
                     let ord = b.ordinal(ip).ok_or(IpamError::NotInPool { ip })?;
                     if !b.allocate_ordinal(ord, handle, attrs) {
@@ -701,9 +642,7 @@ impl IpamClient {
                 return Ok(n);
             }
         }
-        Err(IpamError::Contention {
-            key: block_key(&cidr),
-        })
+        Err(IpamError::Contention { key: block_key(&cidr) })
     }
 
     /// Release every address held by `handle`; returns them (empty if the handle is unknown).
@@ -720,10 +659,7 @@ impl IpamClient {
                     }
                     let ips: Vec<IpAddr> = ords.iter().map(|o| b.ip(*o)).collect();
                     b.release(&ords);
-                    Ok(Some(BlockChange {
-                        handles: [(handle.to_string(), -(ips.len() as isize))].into(),
-                        out: ips,
-                    }))
+                    Ok(Some(BlockChange { handles: [(handle.to_string(), -(ips.len() as isize))].into(), out: ips }))
                 })
                 .await?;
             released.extend(ips.unwrap_or_default());
@@ -734,20 +670,12 @@ impl IpamClient {
                 let h: IpamHandle = serde_json::from_slice(&kv.value).unwrap_or_default();
                 let mut stale = true;
                 for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
-                    if self
-                        .block(cidr, true)
-                        .await?
-                        .is_some_and(|(b, _)| !b.ordinals_of(handle).is_empty())
-                    {
+                    if self.block(cidr, true).await?.is_some_and(|(b, _)| !b.ordinals_of(handle).is_empty()) {
                         stale = false;
                     }
                 }
                 if stale {
-                    match self
-                        .ds
-                        .delete(&handle_key(handle), Some(kv.mod_revision))
-                        .await
-                    {
+                    match self.ds.delete(&handle_key(handle), Some(kv.mod_revision)).await {
                         Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }
@@ -764,27 +692,14 @@ impl IpamClient {
                 return Ok(Some(c));
             }
         }
-        Ok(self
-            .all_blocks(ip.is_ipv4())
-            .await?
-            .into_iter()
-            .map(|(b, _)| b.cidr)
-            .find(|c| c.contains(&ip)))
+        Ok(self.all_blocks(ip.is_ipv4()).await?.into_iter().map(|(b, _)| b.cidr).find(|c| c.contains(&ip)))
     }
 
     /// Release the given addresses. Returns, per address, whether it was allocated. With a
     /// guard, an address held by another handle or allocated at another sequence number is an
     /// error and nothing in its block is released.
-    pub async fn release_ips(
-        &self,
-        ips: &[IpAddr],
-        guard: &ReleaseGuard,
-    ) -> Result<Vec<(IpAddr, bool)>, IpamError> {
-        let pools = if ips.is_empty() {
-            Vec::new()
-        } else {
-            self.pools().await?
-        };
+    pub async fn release_ips(&self, ips: &[IpAddr], guard: &ReleaseGuard) -> Result<Vec<(IpAddr, bool)>, IpamError> {
+        let pools = if ips.is_empty() { Vec::new() } else { self.pools().await? };
         let mut by_block: BTreeMap<IpNet, Vec<IpAddr>> = BTreeMap::new();
         let mut out = Vec::new();
         for ip in ips {
@@ -799,10 +714,7 @@ impl IpamClient {
                     let mut ords = Vec::new();
                     let mut report = Vec::new();
                     for ip in &ips {
-                        let Some(ord) = b
-                            .ordinal(*ip)
-                            .filter(|o| b.allocations[*o as usize].is_some())
-                        else {
+                        let Some(ord) = b.ordinal(*ip).filter(|o| b.allocations[*o as usize].is_some()) else {
                             report.push((*ip, false));
                             continue;
                         };
@@ -816,16 +728,9 @@ impl IpamClient {
                             }
                         }
                         if let Some(seq) = guard.sequence_number {
-                            let actual = b
-                                .sequence_number_for_allocation
-                                .get(&ord.to_string())
-                                .copied();
+                            let actual = b.sequence_number_for_allocation.get(&ord.to_string()).copied();
                             if actual != Some(seq) {
-                                return Err(IpamError::SequenceMismatch {
-                                    ip: *ip,
-                                    expected: seq,
-                                    actual,
-                                });
+                                return Err(IpamError::SequenceMismatch { ip: *ip, expected: seq, actual });
                             }
                         }
                         ords.push(ord);
@@ -840,10 +745,7 @@ impl IpamClient {
                             *handles.entry(h).or_default() -= 1;
                         }
                     }
-                    Ok(Some(BlockChange {
-                        out: report,
-                        handles,
-                    }))
+                    Ok(Some(BlockChange { out: report, handles }))
                 })
                 .await?;
             out.extend(result.unwrap_or_else(|| ips.iter().map(|ip| (*ip, false)).collect()));
@@ -854,11 +756,9 @@ impl IpamClient {
     /// Drop `node`'s affinity for `cidr` if the block is empty (node removal, pool no longer
     /// selecting it). Returns false if the block still has addresses in use.
     pub async fn release_affinity(&self, node: &str, cidr: IpNet) -> Result<bool, IpamError> {
+        lock(&self.affinities).remove(&(node.to_string(), cidr.addr().is_ipv4()));
         for _ in 0..MAX_ATTEMPTS {
-            let aff = TxnOp::Delete {
-                key: affinity_key(node, &cidr),
-                condition: Condition::Any,
-            };
+            let aff = TxnOp::Delete { key: affinity_key(node, &cidr), condition: Condition::Any };
             let Some((b, rev)) = self.block(cidr, true).await? else {
                 self.ds.txn(&[aff]).await?;
                 return Ok(true);
@@ -866,13 +766,7 @@ impl IpamClient {
             if !b.is_empty() {
                 return Ok(false);
             }
-            let ops = [
-                TxnOp::Delete {
-                    key: block_key(&cidr),
-                    condition: Condition::At(rev),
-                },
-                aff,
-            ];
+            let ops = [TxnOp::Delete { key: block_key(&cidr), condition: Condition::At(rev) }, aff];
             match self.ds.txn(&ops).await {
                 Ok(_) => {
                     lock(&self.blocks).remove(&cidr);
@@ -882,16 +776,11 @@ impl IpamClient {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(IpamError::Contention {
-            key: block_key(&cidr),
-        })
+        Err(IpamError::Contention { key: block_key(&cidr) })
     }
 
     /// Who holds `ip`: (handle, secondary attributes), or None if it is free.
-    pub async fn holder(
-        &self,
-        ip: IpAddr,
-    ) -> Result<Option<(String, BTreeMap<String, String>)>, IpamError> {
+    pub async fn holder(&self, ip: IpAddr) -> Result<Option<(String, BTreeMap<String, String>)>, IpamError> {
         let pools = self.pools().await?;
         let Some(cidr) = self.block_for_ip(ip, &pools).await? else {
             return Ok(None);
@@ -902,19 +791,11 @@ impl IpamClient {
         let Some(ord) = b.ordinal(ip) else {
             return Ok(None);
         };
-        Ok(b.attribute(ord).map(|a| {
-            (
-                a.handle_id.clone().unwrap_or_default(),
-                a.secondary.clone().unwrap_or_default(),
-            )
-        }))
+        Ok(b.attribute(ord).map(|a| (a.handle_id.clone().unwrap_or_default(), a.secondary.clone().unwrap_or_default())))
     }
 
     /// The Node resource's spec, for tunnel-address bookkeeping.
-    pub(crate) async fn node_spec(
-        &self,
-        node: &str,
-    ) -> Result<Option<(gingham_api::Object, NodeSpec)>, IpamError> {
+    pub(crate) async fn node_spec(&self, node: &str) -> Result<Option<(gingham_api::Object, NodeSpec)>, IpamError> {
         Ok(self.resources.get(Kind::Node, None, node).await?.map(|o| {
             let spec = o.spec_as().unwrap_or_default();
             (o, spec)

@@ -25,23 +25,10 @@ pub enum IpamError {
     #[error("the given pool ({pool}) does not exist, or is not enabled")]
     PoolNotFound { pool: String },
     #[error("pools exhausted: node {node} got only {got} of {wanted} {family} addresses from {}", pools.join(", "))]
-    Exhausted {
-        node: String,
-        family: &'static str,
-        wanted: usize,
-        got: usize,
-        pools: Vec<String>,
-    },
+    Exhausted { node: String, family: &'static str, wanted: usize, got: usize, pools: Vec<String> },
     #[error("block limit reached: node {node} already holds {limit} {family} blocks (maxBlocksPerHost) and they are full; got {got} of {wanted}{}",
         if *strict { "; strictAffinity forbids borrowing from other nodes" } else { " and no other node's block has room" })]
-    BlockLimit {
-        node: String,
-        limit: u32,
-        family: &'static str,
-        wanted: usize,
-        got: usize,
-        strict: bool,
-    },
+    BlockLimit { node: String, limit: u32, family: &'static str, wanted: usize, got: usize, strict: bool },
     #[error("{ip} is not in any enabled IPPool that allows this use")]
     NotInPool { ip: IpAddr },
     #[error("{ip} is already allocated (handle {handle})")]
@@ -49,19 +36,9 @@ pub enum IpamError {
     #[error("{ip} is in a block owned by {owner} and strictAffinity is on")]
     StrictAffinity { ip: IpAddr, owner: String },
     #[error("{ip} is held by handle {actual}, not {expected}: not released")]
-    HandleMismatch {
-        ip: IpAddr,
-        expected: String,
-        actual: String,
-    },
-    #[error(
-        "{ip} was allocated at sequence number {actual:?}, not {expected}: it was reused, not released"
-    )]
-    SequenceMismatch {
-        ip: IpAddr,
-        expected: u64,
-        actual: Option<u64>,
-    },
+    HandleMismatch { ip: IpAddr, expected: String, actual: String },
+    #[error("{ip} was allocated at sequence number {actual:?}, not {expected}: it was reused, not released")]
+    SequenceMismatch { ip: IpAddr, expected: u64, actual: Option<u64> },
     #[error("gave up after repeated conflicting writes to {key}")]
     Contention { key: String },
     #[error("stored IPAM data at {key} is not readable: {message}")]

@@ -14,11 +14,7 @@ use serde::{Deserialize, Serialize};
 pub const IPAM_PREFIX: &str = "/calico/ipam/v2/";
 
 fn family(cidr: &IpNet) -> &'static str {
-    if cidr.addr().is_ipv4() {
-        "ipv4"
-    } else {
-        "ipv6"
-    }
+    if cidr.addr().is_ipv4() { "ipv4" } else { "ipv6" }
 }
 
 /// `10.65.0.0/26` → `10.65.0.0-26`.
@@ -33,33 +29,19 @@ pub fn parse_segment(seg: &str) -> Option<IpNet> {
 }
 
 pub fn block_key(cidr: &IpNet) -> String {
-    format!(
-        "{IPAM_PREFIX}assignment/{}/block/{}",
-        family(cidr),
-        cidr_segment(cidr)
-    )
+    format!("{IPAM_PREFIX}assignment/{}/block/{}", family(cidr), cidr_segment(cidr))
 }
 
 pub fn blocks_prefix(v4: bool) -> String {
-    format!(
-        "{IPAM_PREFIX}assignment/{}/block/",
-        if v4 { "ipv4" } else { "ipv6" }
-    )
+    format!("{IPAM_PREFIX}assignment/{}/block/", if v4 { "ipv4" } else { "ipv6" })
 }
 
 pub fn affinity_key(node: &str, cidr: &IpNet) -> String {
-    format!(
-        "{IPAM_PREFIX}host/{node}/{}/block/{}",
-        family(cidr),
-        cidr_segment(cidr)
-    )
+    format!("{IPAM_PREFIX}host/{node}/{}/block/{}", family(cidr), cidr_segment(cidr))
 }
 
 pub fn node_affinities_prefix(node: &str, v4: bool) -> String {
-    format!(
-        "{IPAM_PREFIX}host/{node}/{}/block/",
-        if v4 { "ipv4" } else { "ipv6" }
-    )
+    format!("{IPAM_PREFIX}host/{node}/{}/block/", if v4 { "ipv4" } else { "ipv6" })
 }
 
 pub fn all_affinities_prefix() -> String {
@@ -99,19 +81,12 @@ pub struct BlockAffinity {
 
 impl BlockAffinity {
     pub fn confirmed() -> Self {
-        BlockAffinity {
-            state: AffinityState::Confirmed,
-            deleted: false,
-        }
+        BlockAffinity { state: AffinityState::Confirmed, deleted: false }
     }
 
     /// An empty value (old format) means confirmed.
     pub fn parse(value: &[u8]) -> Option<Self> {
-        if value.is_empty() {
-            Some(Self::confirmed())
-        } else {
-            serde_json::from_slice(value).ok()
-        }
+        if value.is_empty() { Some(Self::confirmed()) } else { serde_json::from_slice(value).ok() }
     }
 }
 
@@ -151,27 +126,12 @@ mod tests {
     #[test]
     fn keys_match_calico() {
         let c: IpNet = "172.30.139.64/26".parse().unwrap();
-        assert_eq!(
-            block_key(&c),
-            "/calico/ipam/v2/assignment/ipv4/block/172.30.139.64-26"
-        );
-        assert_eq!(
-            affinity_key("node-1", &c),
-            "/calico/ipam/v2/host/node-1/ipv4/block/172.30.139.64-26"
-        );
-        assert_eq!(
-            handle_key("ipip-tunnel-addr-node-1"),
-            "/calico/ipam/v2/handle/ipip-tunnel-addr-node-1"
-        );
-        assert_eq!(
-            parse_affinity_key(&affinity_key("node-1", &c)),
-            Some(("node-1".into(), c))
-        );
+        assert_eq!(block_key(&c), "/calico/ipam/v2/assignment/ipv4/block/172.30.139.64-26");
+        assert_eq!(affinity_key("node-1", &c), "/calico/ipam/v2/host/node-1/ipv4/block/172.30.139.64-26");
+        assert_eq!(handle_key("ipip-tunnel-addr-node-1"), "/calico/ipam/v2/handle/ipip-tunnel-addr-node-1");
+        assert_eq!(parse_affinity_key(&affinity_key("node-1", &c)), Some(("node-1".into(), c)));
         let v6: IpNet = "fd00::40/122".parse().unwrap();
-        assert_eq!(
-            block_key(&v6),
-            "/calico/ipam/v2/assignment/ipv6/block/fd00::40-122"
-        );
+        assert_eq!(block_key(&v6), "/calico/ipam/v2/assignment/ipv6/block/fd00::40-122");
         assert_eq!(parse_segment("fd00::40-122"), Some(v6));
         assert_eq!(
             serde_json::to_string(&BlockAffinity::confirmed()).unwrap(),
@@ -180,10 +140,7 @@ mod tests {
         assert_eq!(BlockAffinity::parse(b""), Some(BlockAffinity::confirmed()));
         let mut h = IpamHandle::default();
         h.add(&c, 2);
-        assert_eq!(
-            serde_json::to_string(&h).unwrap(),
-            r#"{"block":{"172.30.139.64/26":2},"deleted":false}"#
-        );
+        assert_eq!(serde_json::to_string(&h).unwrap(), r#"{"block":{"172.30.139.64/26":2},"deleted":false}"#);
         h.remove(&c, 2);
         assert!(h.is_empty());
     }

@@ -37,15 +37,8 @@ pub struct Pool {
 impl Pool {
     pub fn from_spec(name: &str, spec: IPPoolSpec) -> Option<Pool> {
         let cidr: IpNet = spec.cidr.parse().ok()?;
-        let block_size = spec
-            .block_size
-            .unwrap_or(if cidr.addr().is_ipv4() { 26 } else { 122 });
-        Some(Pool {
-            name: name.to_string(),
-            cidr,
-            block_size,
-            spec,
-        })
+        let block_size = spec.block_size.unwrap_or(if cidr.addr().is_ipv4() { 26 } else { 122 });
+        Some(Pool { name: name.to_string(), cidr, block_size, spec })
     }
 
     pub fn disabled(&self) -> bool {
@@ -57,18 +50,12 @@ impl Pool {
     }
 
     fn allows(&self, use_: Use) -> bool {
-        self.spec
-            .allowed_uses
-            .as_ref()
-            .is_none_or(|u| u.is_empty() || u.iter().any(|x| x == use_.as_str()))
+        self.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == use_.as_str()))
     }
 
     /// The block of this pool that holds `ip`.
     pub fn block_of(&self, ip: IpAddr) -> Option<IpNet> {
-        self.cidr
-            .contains(&ip)
-            .then(|| IpNet::new(ip, self.block_size).ok().map(|n| n.trunc()))
-            .flatten()
+        self.cidr.contains(&ip).then(|| IpNet::new(ip, self.block_size).ok().map(|n| n.trunc())).flatten()
     }
 
     pub fn block_count(&self) -> u128 {
@@ -79,11 +66,7 @@ impl Pool {
     pub fn block_at(&self, i: u128) -> Option<IpNet> {
         let shift = u32::from(self.cidr.max_prefix_len() - self.block_size);
         let addr = match self.cidr.network() {
-            IpAddr::V4(a) => IpAddr::V4(
-                u32::try_from(u128::from(u32::from(a)) + (i << shift))
-                    .ok()?
-                    .into(),
-            ),
+            IpAddr::V4(a) => IpAddr::V4(u32::try_from(u128::from(u32::from(a)) + (i << shift)).ok()?.into()),
             IpAddr::V6(a) => IpAddr::V6(u128::from(a).checked_add(i.checked_shl(shift)?)?.into()),
         };
         IpNet::new(addr, self.block_size).ok()
@@ -123,11 +106,9 @@ pub fn select(
         // Named pools are used exactly; selectors are ignored.
         let mut out = Vec::new();
         for r in requested {
-            let found = family.iter().find(|p| {
-                p.name == *r
-                    || p.cidr.to_string() == *r
-                    || r.parse::<IpNet>().is_ok_and(|c| c == p.cidr)
-            });
+            let found = family
+                .iter()
+                .find(|p| p.name == *r || p.cidr.to_string() == *r || r.parse::<IpNet>().is_ok_and(|c| c == p.cidr));
             match found {
                 Some(p) if !p.disabled() => out.push((*p).clone()),
                 _ => return Err(IpamError::PoolNotFound { pool: r.clone() }),
@@ -137,31 +118,20 @@ pub fn select(
     }
     let mut out: Vec<Pool> = family
         .into_iter()
+        .filter(|p| !p.disabled() && p.spec.assignment_mode.as_deref() != Some("Manual") && p.allows(use_))
         .filter(|p| {
-            !p.disabled() && p.spec.assignment_mode.as_deref() != Some("Manual") && p.allows(use_)
+            p.spec.node_selector.as_deref().map(Selector::parse).is_none_or(|s| s.is_ok_and(|s| s.matches(node_labels)))
         })
-        .filter(|p| {
-            p.spec
-                .node_selector
-                .as_deref()
-                .map(Selector::parse)
-                .is_none_or(|s| s.is_ok_and(|s| s.matches(node_labels)))
+        .filter(|p| match (p.spec.namespace_selector.as_deref(), namespace_labels) {
+            (Some(sel), Some(labels)) if !sel.trim().is_empty() => {
+                Selector::parse(sel).is_ok_and(|s| s.matches(labels))
+            }
+            _ => true,
         })
-        .filter(
-            |p| match (p.spec.namespace_selector.as_deref(), namespace_labels) {
-                (Some(sel), Some(labels)) if !sel.trim().is_empty() => {
-                    Selector::parse(sel).is_ok_and(|s| s.matches(labels))
-                }
-                _ => true,
-            },
-        )
         .cloned()
         .collect();
     if out.is_empty() {
-        return Err(IpamError::NoPools {
-            node: node.to_string(),
-            family: if v4 { "IPv4" } else { "IPv6" },
-        });
+        return Err(IpamError::NoPools { node: node.to_string(), family: if v4 { "IPv4" } else { "IPv6" } });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -193,17 +163,9 @@ mod tests {
         sorted.sort();
         assert_eq!(
             sorted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            [
-                "10.0.0.0/26",
-                "10.0.0.64/26",
-                "10.0.0.128/26",
-                "10.0.0.192/26"
-            ]
+            ["10.0.0.0/26", "10.0.0.64/26", "10.0.0.128/26", "10.0.0.192/26"]
         );
-        assert_eq!(
-            p.block_of("10.0.0.130".parse().unwrap()),
-            Some("10.0.0.128/26".parse().unwrap())
-        );
+        assert_eq!(p.block_of("10.0.0.130".parse().unwrap()), Some("10.0.0.128/26".parse().unwrap()));
         let v6 = pool("v6", "fd00::/120", 122);
         assert_eq!(v6.blocks_for("n").count(), 4);
         // Different nodes start in different places.
@@ -222,80 +184,27 @@ mod tests {
         off.spec.disabled = Some(true);
         let mut tunnel_only = pool("tun", "10.3.0.0/16", 26);
         tunnel_only.spec.allowed_uses = Some(vec!["Tunnel".into()]);
-        let pools = vec![
-            pool("default", "10.0.0.0/16", 26),
-            rack,
-            off,
-            tunnel_only,
-            pool("v6", "fd00::/64", 122),
-        ];
+        let pools = vec![pool("default", "10.0.0.0/16", 26), rack, off, tunnel_only, pool("v6", "fd00::/64", 122)];
         let labels: BTreeMap<String, String> = [("rack".to_string(), "a".to_string())].into();
         let names = |v: Vec<Pool>| v.into_iter().map(|p| p.name).collect::<Vec<_>>();
-        assert_eq!(
-            names(select(&pools, true, &[], "n", &labels, None, Use::Workload).unwrap()),
-            ["default", "rack-a"]
-        );
-        assert_eq!(
-            names(
-                select(
-                    &pools,
-                    true,
-                    &[],
-                    "n",
-                    &BTreeMap::new(),
-                    None,
-                    Use::Workload
-                )
-                .unwrap()
-            ),
-            ["default"]
-        );
+        assert_eq!(names(select(&pools, true, &[], "n", &labels, None, Use::Workload).unwrap()), ["default", "rack-a"]);
+        assert_eq!(names(select(&pools, true, &[], "n", &BTreeMap::new(), None, Use::Workload).unwrap()), ["default"]);
         assert_eq!(
             names(select(&pools, true, &[], "n", &BTreeMap::new(), None, Use::Tunnel).unwrap()),
             ["default", "tun"]
         );
         assert_eq!(
-            names(
-                select(
-                    &pools,
-                    true,
-                    &["10.1.0.0/16".into()],
-                    "n",
-                    &BTreeMap::new(),
-                    None,
-                    Use::Workload
-                )
-                .unwrap()
-            ),
+            names(select(&pools, true, &["10.1.0.0/16".into()], "n", &BTreeMap::new(), None, Use::Workload).unwrap()),
             ["rack-a"]
         );
         assert!(matches!(
-            select(
-                &pools,
-                true,
-                &["off".into()],
-                "n",
-                &labels,
-                None,
-                Use::Workload
-            ),
+            select(&pools, true, &["off".into()], "n", &labels, None, Use::Workload),
             Err(IpamError::PoolNotFound { .. })
         ));
         assert!(matches!(
-            select(
-                &pools[1..2],
-                true,
-                &[],
-                "n",
-                &BTreeMap::new(),
-                None,
-                Use::Workload
-            ),
+            select(&pools[1..2], true, &[], "n", &BTreeMap::new(), None, Use::Workload),
             Err(IpamError::NoPools { .. })
         ));
-        assert_eq!(
-            names(select(&pools, false, &[], "n", &labels, None, Use::Workload).unwrap()),
-            ["v6"]
-        );
+        assert_eq!(names(select(&pools, false, &[], "n", &labels, None, Use::Workload).unwrap()), ["v6"]);
     }
 }

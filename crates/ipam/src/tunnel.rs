@@ -57,11 +57,8 @@ impl TunnelKind {
             TunnelKind::Ipip => on(&pool.spec.ipip_mode),
             TunnelKind::Vxlan | TunnelKind::VxlanV6 => on(&pool.spec.vxlan_mode),
         };
-        let tunnel_use = pool
-            .spec
-            .allowed_uses
-            .as_ref()
-            .is_none_or(|u| u.is_empty() || u.iter().any(|x| x == "Tunnel"));
+        let tunnel_use =
+            pool.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == "Tunnel"));
         encap && tunnel_use && !pool.disabled() && pool.v4() == self.v4()
     }
 }
@@ -89,11 +86,7 @@ fn set_field(node: &mut Value, kind: TunnelKind, addr: Option<IpAddr>) {
 impl IpamClient {
     /// Make the node's tunnel address of `kind` right: keep it if still valid, else allocate
     /// one (or release it when no pool wants this encapsulation any more). Returns the address.
-    pub async fn ensure_tunnel_address(
-        &self,
-        node: &str,
-        kind: TunnelKind,
-    ) -> Result<Option<IpAddr>, IpamError> {
+    pub async fn ensure_tunnel_address(&self, node: &str, kind: TunnelKind) -> Result<Option<IpAddr>, IpamError> {
         let handle = kind.handle(node);
         let Some((obj, _)) = self.node_spec(node).await? else {
             return Err(IpamError::NodeNotFound(node.to_string()));
@@ -105,11 +98,7 @@ impl IpamClient {
             .into_iter()
             .filter(|p| kind.wants(p))
             .filter(|p| {
-                p.spec
-                    .node_selector
-                    .as_deref()
-                    .map(Selector::parse)
-                    .is_none_or(|s| s.is_ok_and(|s| s.matches(&labels)))
+                p.spec.node_selector.as_deref().map(Selector::parse).is_none_or(|s| s.is_ok_and(|s| s.matches(&labels)))
             })
             .collect();
         let current = get_field(&serde_json::to_value(&obj).unwrap_or_default(), kind);
@@ -128,22 +117,11 @@ impl IpamClient {
                 num_v4: usize::from(kind.v4()),
                 num_v6: usize::from(!kind.v4()),
                 handle: handle.clone(),
-                attrs: [
-                    ("node".to_string(), node.to_string()),
-                    ("type".to_string(), kind.attr_type().to_string()),
-                ]
-                .into(),
+                attrs: [("node".to_string(), node.to_string()), ("type".to_string(), kind.attr_type().to_string())]
+                    .into(),
                 node: node.to_string(),
-                pools_v4: if kind.v4() {
-                    pools.iter().map(|p| p.name.clone()).collect()
-                } else {
-                    Vec::new()
-                },
-                pools_v6: if kind.v4() {
-                    Vec::new()
-                } else {
-                    pools.iter().map(|p| p.name.clone()).collect()
-                },
+                pools_v4: if kind.v4() { pools.iter().map(|p| p.name.clone()).collect() } else { Vec::new() },
+                pools_v6: if kind.v4() { Vec::new() } else { pools.iter().map(|p| p.name.clone()).collect() },
                 tunnel: true,
                 ..Default::default()
             };
@@ -160,12 +138,7 @@ impl IpamClient {
         Ok(addr)
     }
 
-    async fn write_node_field(
-        &self,
-        node: &str,
-        kind: TunnelKind,
-        addr: Option<IpAddr>,
-    ) -> Result<(), IpamError> {
+    async fn write_node_field(&self, node: &str, kind: TunnelKind, addr: Option<IpAddr>) -> Result<(), IpamError> {
         for _ in 0..20 {
             let Some(obj) = self.resources().get(Kind::Node, None, node).await? else {
                 return Err(IpamError::NodeNotFound(node.to_string()));
@@ -175,10 +148,7 @@ impl IpamClient {
             let mut updated = Kind::Node.normalize(&value).map_err(|e| {
                 IpamError::InvalidRequest(format!(
                     "Node {node}: {}",
-                    e.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
                 ))
             })?;
             updated.metadata.resource_version = obj.metadata.resource_version.clone();
@@ -188,8 +158,6 @@ impl IpamClient {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(IpamError::Contention {
-            key: Kind::Node.key(None, node),
-        })
+        Err(IpamError::Contention { key: Kind::Node.key(None, node) })
     }
 }

@@ -1,7 +1,7 @@
 //! IPAM on both backends (the embedded store and a real etcd): Calico's allocation rules, its
 //! key layout, errors, tunnel addresses, `check`, and several processes allocating at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,11 +28,7 @@ async fn open(kind: &str) -> (Arc<dyn Datastore>, Backend) {
         let s = EmbeddedStore::open(dir.path().join("s.db")).unwrap();
         (Arc::new(s), Backend::Embedded(dir))
     } else {
-        let base = if Path::new("/dev/shm").is_dir() {
-            Path::new("/dev/shm")
-        } else {
-            Path::new("/tmp")
-        };
+        let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
         let server = EtcdServer::start_in(base).expect("etcd-server must be installed");
         let s = server.connect().await.unwrap();
         (Arc::new(s), Backend::Etcd(server))
@@ -68,13 +64,7 @@ fn req(node: &str, handle: &str, n: usize) -> AutoAssign {
 }
 
 async fn keys(ds: &Arc<dyn Datastore>) -> Vec<String> {
-    ds.list("/calico/ipam/v2/")
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|kv| kv.key)
-        .collect()
+    ds.list("/calico/ipam/v2/").await.unwrap().items.into_iter().map(|kv| kv.key).collect()
 }
 
 async fn block(ds: &Arc<dyn Datastore>, key: &str) -> AllocationBlock {
@@ -82,22 +72,11 @@ async fn block(ds: &Arc<dyn Datastore>, key: &str) -> AllocationBlock {
 }
 
 async fn assign_claims_and_layout(ds: Arc<dyn Datastore>) {
-    apply(
-        &ds,
-        &pool("default-ipv4-ippool", "172.30.0.0/16", "  blockSize: 26"),
-    )
-    .await;
+    apply(&ds, &pool("default-ipv4-ippool", "172.30.0.0/16", "  blockSize: 26")).await;
     let ipam = IpamClient::new(ds.clone());
-    let got = ipam
-        .auto_assign(&req("node-1", "k8s-pod-network.abc", 3))
-        .await
-        .unwrap();
+    let got = ipam.auto_assign(&req("node-1", "k8s-pod-network.abc", 3)).await.unwrap();
     assert_eq!(got.v4.len(), 3);
-    assert!(
-        got.v4.iter().all(|n| n.prefix_len() == 26),
-        "addresses carry the block's prefix: {:?}",
-        got.v4
-    );
+    assert!(got.v4.iter().all(|n| n.prefix_len() == 26), "addresses carry the block's prefix: {:?}", got.v4);
     let blk = got.v4[0].trunc();
     let seg = blk.to_string().replace('/', "-");
     assert_eq!(
@@ -110,30 +89,14 @@ async fn assign_claims_and_layout(ds: Arc<dyn Datastore>) {
     );
     let b = block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{seg}")).await;
     assert_eq!(b.affinity.as_deref(), Some("host:node-1"));
-    assert_eq!(
-        (b.in_use(), b.unallocated[0]),
-        (3, 3),
-        "ordinals handed out from the front of the free list"
-    );
-    assert_eq!(
-        b.attributes[0].secondary.as_ref().unwrap()["pod"],
-        "k8s-pod-network.abc"
-    );
-    let h: IpamHandle = serde_json::from_slice(
-        &ds.get("/calico/ipam/v2/handle/k8s-pod-network.abc")
-            .await
-            .unwrap()
-            .unwrap()
-            .value,
-    )
-    .unwrap();
+    assert_eq!((b.in_use(), b.unallocated[0]), (3, 3), "ordinals handed out from the front of the free list");
+    assert_eq!(b.attributes[0].secondary.as_ref().unwrap()["pod"], "k8s-pod-network.abc");
+    let h: IpamHandle =
+        serde_json::from_slice(&ds.get("/calico/ipam/v2/handle/k8s-pod-network.abc").await.unwrap().unwrap().value)
+            .unwrap();
     assert_eq!(h.block, BTreeMap::from([(blk.to_string(), 3)]));
     let aff: serde_json::Value = serde_json::from_slice(
-        &ds.get(&format!("/calico/ipam/v2/host/node-1/ipv4/block/{seg}"))
-            .await
-            .unwrap()
-            .unwrap()
-            .value,
+        &ds.get(&format!("/calico/ipam/v2/host/node-1/ipv4/block/{seg}")).await.unwrap().unwrap().value,
     )
     .unwrap();
     assert_eq!(aff["state"], "confirmed");
@@ -141,36 +104,19 @@ async fn assign_claims_and_layout(ds: Arc<dyn Datastore>) {
     // Filling the block makes the node claim a second one; a new client (another process) sees the same.
     let more = ipam.auto_assign(&req("node-1", "h2", 61)).await.unwrap();
     assert!(more.v4.iter().all(|n| n.trunc() == blk));
-    let next = IpamClient::new(ds.clone())
-        .auto_assign(&req("node-1", "h3", 2))
-        .await
-        .unwrap();
+    let next = IpamClient::new(ds.clone()).auto_assign(&req("node-1", "h3", 2)).await.unwrap();
     assert!(next.v4.iter().all(|n| n.trunc() != blk));
     assert_eq!(ipam.affine_blocks("node-1", true).await.unwrap().len(), 2);
     // Another node starts elsewhere in the pool.
     let other = ipam.auto_assign(&req("node-2", "h4", 1)).await.unwrap();
-    assert!(
-        !ipam
-            .affine_blocks("node-1", true)
-            .await
-            .unwrap()
-            .contains(&other.v4[0].trunc())
-    );
+    assert!(!ipam.affine_blocks("node-1", true).await.unwrap().contains(&other.v4[0].trunc()));
 
     // Release by handle frees exactly that handle's addresses and deletes its record.
     let freed = ipam.release_by_handle("h2").await.unwrap();
     assert_eq!(freed.len(), 61);
     assert!(ds.get("/calico/ipam/v2/handle/h2").await.unwrap().is_none());
-    assert!(
-        ipam.release_by_handle("h2").await.unwrap().is_empty(),
-        "releasing twice is a no-op"
-    );
-    assert_eq!(
-        block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{seg}"))
-            .await
-            .in_use(),
-        3
-    );
+    assert!(ipam.release_by_handle("h2").await.unwrap().is_empty(), "releasing twice is a no-op");
+    assert_eq!(block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{seg}")).await.in_use(), 3);
     // The next allocation from this block reuses the longest-free address first: the fourth
     // ordinal (the first freed) comes back only after the never-used tail.
     let again = ipam.auto_assign(&req("node-1", "h5", 1)).await.unwrap();
@@ -184,15 +130,9 @@ async fn steady_state_is_one_write(ds: Arc<dyn Datastore>) {
     ipam.auto_assign(&req("n1", "warm", 1)).await.unwrap(); // claims the block
     let before = counting.writes();
     for i in 0..40 {
-        ipam.auto_assign(&req("n1", &format!("pod-{i}"), 1))
-            .await
-            .unwrap();
+        ipam.auto_assign(&req("n1", &format!("pod-{i}"), 1)).await.unwrap();
     }
-    assert_eq!(
-        counting.writes() - before,
-        40,
-        "one datastore write per allocation from an owned block"
-    );
+    assert_eq!(counting.writes() - before, 40, "one datastore write per allocation from an owned block");
     let before = counting.writes();
     ipam.release_by_handle("pod-3").await.unwrap();
     assert_eq!(counting.writes() - before, 1, "one write per release");
@@ -209,13 +149,7 @@ async fn borrowing_strict_affinity_and_limits(ds: Arc<dyn Datastore>) {
     assert!(ipam.affine_blocks("n2", true).await.unwrap().is_empty());
     // Exhausted: all or nothing, and the error names node and pool.
     match ipam.auto_assign(&req("n2", "c", 60)).await {
-        Err(IpamError::Exhausted {
-            node,
-            got,
-            wanted,
-            pools,
-            ..
-        }) => {
+        Err(IpamError::Exhausted { node, got, wanted, pools, .. }) => {
             assert_eq!((node.as_str(), got, wanted), ("n2", 49, 60));
             assert_eq!(pools, ["tiny (10.20.0.0/26)"]);
         }
@@ -226,81 +160,41 @@ async fn borrowing_strict_affinity_and_limits(ds: Arc<dyn Datastore>) {
     assert!(ds.get("/calico/ipam/v2/handle/c").await.unwrap().is_none());
     // With strictAffinity no borrowing; with maxBlocksPerHost the limit is named.
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: true, maxBlocksPerHost: 1}\n").await;
-    assert!(matches!(
-        ipam.auto_assign(&req("n2", "d", 1)).await,
-        Err(IpamError::Exhausted { .. })
-    ));
+    assert!(matches!(ipam.auto_assign(&req("n2", "d", 1)).await, Err(IpamError::Exhausted { .. })));
     ipam.auto_assign(&req("n1", "e", 49)).await.unwrap();
     apply(&ds, &pool("second", "10.21.0.0/24", "")).await;
     let err = ipam.auto_assign(&req("n1", "f", 1)).await.unwrap_err();
-    assert!(
-        matches!(err, IpamError::BlockLimit { limit: 1, .. }),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string()
-            .contains("node n1 already holds 1 IPv4 blocks (maxBlocksPerHost)"),
-        "{err}"
-    );
+    assert!(matches!(err, IpamError::BlockLimit { limit: 1, .. }), "{err:?}");
+    assert!(err.to_string().contains("node n1 already holds 1 IPv4 blocks (maxBlocksPerHost)"), "{err}");
 }
 
 async fn explicit_addresses_and_guards(ds: Arc<dyn Datastore>) {
-    apply(
-        &ds,
-        &(pool("p", "10.30.0.0/24", "")
-            + &pool("disabled-pool", "10.31.0.0/24", "  disabled: true")),
-    )
-    .await;
+    apply(&ds, &(pool("p", "10.30.0.0/24", "") + &pool("disabled-pool", "10.31.0.0/24", "  disabled: true"))).await;
     let ipam = IpamClient::new(ds.clone());
     let ip: IpAddr = "10.30.0.77".parse().unwrap();
     let attrs = BTreeMap::new();
-    assert_eq!(
-        ipam.assign_ip(ip, "x", &attrs, "n1", false)
-            .await
-            .unwrap()
-            .to_string(),
-        "10.30.0.77/26"
-    );
+    assert_eq!(ipam.assign_ip(ip, "x", &attrs, "n1", false).await.unwrap().to_string(), "10.30.0.77/26");
     assert!(
         matches!(ipam.assign_ip(ip, "y", &attrs, "n1", false).await, Err(IpamError::AlreadyAllocated { handle, .. }) if handle == "x")
     );
     assert!(matches!(
-        ipam.assign_ip("10.31.0.5".parse().unwrap(), "y", &attrs, "n1", false)
-            .await,
+        ipam.assign_ip("10.31.0.5".parse().unwrap(), "y", &attrs, "n1", false).await,
         Err(IpamError::NotInPool { .. })
     ));
     assert!(matches!(
-        ipam.assign_ip("192.0.2.1".parse().unwrap(), "y", &attrs, "n1", false)
-            .await,
+        ipam.assign_ip("192.0.2.1".parse().unwrap(), "y", &attrs, "n1", false).await,
         Err(IpamError::NotInPool { .. })
     ));
     assert_eq!(ipam.holder(ip).await.unwrap().unwrap().0, "x");
     // Guards: a release naming the wrong handle or sequence number releases nothing.
-    let wrong = ReleaseGuard {
-        handle: Some("someone-else".into()),
-        sequence_number: None,
-    };
-    assert!(matches!(
-        ipam.release_ips(&[ip], &wrong).await,
-        Err(IpamError::HandleMismatch { .. })
-    ));
-    let stale = ReleaseGuard {
-        handle: None,
-        sequence_number: Some(1),
-    };
-    assert!(matches!(
-        ipam.release_ips(&[ip], &stale).await,
-        Err(IpamError::SequenceMismatch { .. })
-    ));
+    let wrong = ReleaseGuard { handle: Some("someone-else".into()), sequence_number: None };
+    assert!(matches!(ipam.release_ips(&[ip], &wrong).await, Err(IpamError::HandleMismatch { .. })));
+    let stale = ReleaseGuard { handle: None, sequence_number: Some(1) };
+    assert!(matches!(ipam.release_ips(&[ip], &stale).await, Err(IpamError::SequenceMismatch { .. })));
     assert!(ipam.holder(ip).await.unwrap().is_some());
-    let ok = ReleaseGuard {
-        handle: Some("x".into()),
-        sequence_number: None,
-    };
+    let ok = ReleaseGuard { handle: Some("x".into()), sequence_number: None };
     assert_eq!(
-        ipam.release_ips(&[ip, "10.30.0.78".parse().unwrap()], &ok)
-            .await
-            .unwrap(),
+        ipam.release_ips(&[ip, "10.30.0.78".parse().unwrap()], &ok).await.unwrap(),
         vec![(ip, true), ("10.30.0.78".parse().unwrap(), false)]
     );
     assert!(ds.get("/calico/ipam/v2/handle/x").await.unwrap().is_none());
@@ -312,49 +206,28 @@ async fn explicit_addresses_and_guards(ds: Arc<dyn Datastore>) {
         "the given pool (disabled-pool) does not exist, or is not enabled"
     );
     r.pools_v4 = vec!["10.30.0.0/24".into()];
-    assert!(
-        ipam.auto_assign(&r).await.unwrap().v4[0]
-            .to_string()
-            .starts_with("10.30.0.")
-    );
+    assert!(ipam.auto_assign(&r).await.unwrap().v4[0].to_string().starts_with("10.30.0."));
 }
 
 async fn selectors_and_reclaim(ds: Arc<dyn Datastore>) {
-    apply(
-        &ds,
-        &pool("rack-a", "10.40.0.0/26", "  nodeSelector: rack == 'a'"),
-    )
-    .await;
+    apply(&ds, &pool("rack-a", "10.40.0.0/26", "  nodeSelector: rack == 'a'")).await;
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: a1, labels: {rack: a}}\nspec: {}\n---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: b1, labels: {rack: b}}\nspec: {}\n").await;
     let mut ipam = IpamClient::new(ds.clone());
     let err = ipam.auto_assign(&req("b1", "h", 1)).await.unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("no configured pools for node b1 (IPv4)"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("no configured pools for node b1 (IPv4)"), "{err}");
     ipam.auto_assign(&req("a1", "h", 1)).await.unwrap();
     ipam.release_by_handle("h").await.unwrap();
     // a2 also matches; the only block is a1's and empty: after the grace period a2 takes it over.
-    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: a2, labels: {rack: a}}\nspec: {}\n").await;
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: a2, labels: {rack: a}}\nspec: {}\n")
+        .await;
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: true}\n").await;
-    assert!(
-        ipam.auto_assign(&req("a2", "h2", 1)).await.is_err(),
-        "within the grace period the block stays a1's"
-    );
+    assert!(ipam.auto_assign(&req("a2", "h2", 1)).await.is_err(), "within the grace period the block stays a1's");
     ipam.reclaim_after = Duration::ZERO;
     ipam.auto_assign(&req("a2", "h2", 1)).await.unwrap();
     assert_eq!(ipam.affine_blocks("a2", true).await.unwrap().len(), 1);
-    assert!(
-        ipam.affine_blocks("a1", true).await.unwrap().is_empty(),
-        "a1's affinity is gone"
-    );
+    assert!(ipam.affine_blocks("a1", true).await.unwrap().is_empty(), "a1's affinity is gone");
     // Namespace selectors.
-    apply(
-        &ds,
-        &pool("team", "10.41.0.0/24", "  namespaceSelector: team == 'x'"),
-    )
-    .await;
+    apply(&ds, &pool("team", "10.41.0.0/24", "  namespaceSelector: team == 'x'")).await;
     let mut r = req("a1", "ns", 1);
     r.namespace_labels = Some([("team".to_string(), "x".to_string())].into());
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: false}\n").await;
@@ -363,109 +236,41 @@ async fn selectors_and_reclaim(ds: Arc<dyn Datastore>) {
 }
 
 async fn tunnel_addresses(ds: Arc<dyn Datastore>) {
-    apply(
-        &ds,
-        &pool("default-ipv4-ippool", "172.20.0.0/16", "  ipipMode: Always"),
-    )
-    .await;
+    apply(&ds, &pool("default-ipv4-ippool", "172.20.0.0/16", "  ipipMode: Always")).await;
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node-1}\nspec:\n  bgp: {ipv4Address: 10.99.0.11/24}\n").await;
     let ipam = IpamClient::new(ds.clone());
     let rs = ResourceStore::new(ds.clone());
-    let ip = ipam
-        .ensure_tunnel_address("node-1", TunnelKind::Ipip)
-        .await
-        .unwrap()
-        .unwrap();
-    let node = rs
-        .get(gingham_api::Kind::Node, None, "node-1")
-        .await
-        .unwrap()
-        .unwrap();
+    let ip = ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip).await.unwrap().unwrap();
+    let node = rs.get(gingham_api::Kind::Node, None, "node-1").await.unwrap().unwrap();
     assert_eq!(node.spec["bgp"]["ipv4IPIPTunnelAddr"], ip.to_string());
     assert_eq!(node.spec["bgp"]["ipv4Address"], "10.99.0.11/24");
-    assert!(
-        ds.get("/calico/ipam/v2/handle/ipip-tunnel-addr-node-1")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(ds.get("/calico/ipam/v2/handle/ipip-tunnel-addr-node-1").await.unwrap().is_some());
     let (handle, attrs) = ipam.holder(ip).await.unwrap().unwrap();
     assert_eq!(
-        (
-            handle.as_str(),
-            attrs["type"].as_str(),
-            attrs["node"].as_str()
-        ),
+        (handle.as_str(), attrs["type"].as_str(), attrs["node"].as_str()),
         ("ipip-tunnel-addr-node-1", "ipipTunnelAddress", "node-1")
     );
     // Idempotent: kept while valid.
-    assert_eq!(
-        ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip)
-            .await
-            .unwrap(),
-        Some(ip)
-    );
+    assert_eq!(ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip).await.unwrap(), Some(ip));
     // No VXLAN pool: no VXLAN address.
-    assert_eq!(
-        ipam.ensure_tunnel_address("node-1", TunnelKind::Vxlan)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(ipam.ensure_tunnel_address("node-1", TunnelKind::Vxlan).await.unwrap(), None);
     // Switching the pool to VXLAN: the IPIP address is released, a VXLAN one appears.
-    apply(
-        &ds,
-        &pool(
-            "default-ipv4-ippool",
-            "172.20.0.0/16",
-            "  ipipMode: Never\n  vxlanMode: Always",
-        ),
-    )
-    .await;
-    assert_eq!(
-        ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip)
-            .await
-            .unwrap(),
-        None
-    );
-    let node = rs
-        .get(gingham_api::Kind::Node, None, "node-1")
-        .await
-        .unwrap()
-        .unwrap();
+    apply(&ds, &pool("default-ipv4-ippool", "172.20.0.0/16", "  ipipMode: Never\n  vxlanMode: Always")).await;
+    assert_eq!(ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip).await.unwrap(), None);
+    let node = rs.get(gingham_api::Kind::Node, None, "node-1").await.unwrap().unwrap();
     assert!(node.spec["bgp"].get("ipv4IPIPTunnelAddr").is_none());
-    assert!(
-        ds.get("/calico/ipam/v2/handle/ipip-tunnel-addr-node-1")
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let v = ipam
-        .ensure_tunnel_address("node-1", TunnelKind::Vxlan)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(ds.get("/calico/ipam/v2/handle/ipip-tunnel-addr-node-1").await.unwrap().is_none());
+    let v = ipam.ensure_tunnel_address("node-1", TunnelKind::Vxlan).await.unwrap().unwrap();
     assert_eq!(
-        rs.get(gingham_api::Kind::Node, None, "node-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .spec["ipv4VXLANTunnelAddr"],
+        rs.get(gingham_api::Kind::Node, None, "node-1").await.unwrap().unwrap().spec["ipv4VXLANTunnelAddr"],
         v.to_string()
     );
-    assert!(matches!(
-        ipam.ensure_tunnel_address("ghost", TunnelKind::Vxlan).await,
-        Err(IpamError::NodeNotFound(_))
-    ));
+    assert!(matches!(ipam.ensure_tunnel_address("ghost", TunnelKind::Vxlan).await, Err(IpamError::NodeNotFound(_))));
 }
 
 async fn check_finds_problems(ds: Arc<dyn Datastore>) {
     apply(&ds, &pool("p", "10.50.0.0/24", "")).await;
-    apply(
-        &ds,
-        "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1}\nspec: {}\n",
-    )
-    .await;
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1}\nspec: {}\n").await;
     let ipam = IpamClient::new(ds.clone());
     let used = ipam.auto_assign(&req("n1", "used", 1)).await.unwrap().v4[0].addr();
     apply(&ds, &format!("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: n1-k8s-pod-eth0, namespace: default}}\nspec: {{node: n1, ipNetworks: ['{used}/32']}}\n")).await;
@@ -477,21 +282,18 @@ async fn check_finds_problems(ds: Arc<dyn Datastore>) {
     ipam.auto_assign(&req("gone", "g", 1)).await.unwrap();
     let report = gingham_ipam::check::check(&ipam).await.unwrap();
     let text = report.problems.join("\n");
-    assert!(text.contains(&format!("{leaked} is allocated (handle leaked, pod default/leaked) but no endpoint or node uses it")), "{text}");
     assert!(
-        text.contains(
-            "10.50.0.250 is used by endpoint default/n1-k8s-other-eth0 but not allocated in IPAM"
-        ),
+        text.contains(&format!(
+            "{leaked} is allocated (handle leaked, pod default/leaked) but no endpoint or node uses it"
+        )),
         "{text}"
     );
     assert!(
-        text.contains("node gone no longer exists but still has an affinity"),
+        text.contains("10.50.0.250 is used by endpoint default/n1-k8s-other-eth0 but not allocated in IPAM"),
         "{text}"
     );
-    assert!(
-        text.contains("belongs to node gone, which no longer exists"),
-        "{text}"
-    );
+    assert!(text.contains("node gone no longer exists but still has an affinity"), "{text}");
+    assert!(text.contains("belongs to node gone, which no longer exists"), "{text}");
     assert!(report.progress.iter().any(|l| l == "Found 2 workload IPs."));
 }
 
@@ -539,10 +341,7 @@ async fn worker(spec: &str) {
         let node = ["node-1", "node-2", "node-3"][i % 3];
         let got = ipam.auto_assign(&req(node, &handle, 1)).await.unwrap();
         if i % 5 == 4 {
-            assert_eq!(
-                ipam.release_by_handle(&handle).await.unwrap(),
-                vec![got.v4[0].addr()]
-            );
+            assert_eq!(ipam.release_by_handle(&handle).await.unwrap(), vec![got.v4[0].addr()]);
         } else {
             out.push_str(&format!("{handle} {}\n", got.v4[0].addr()));
         }
@@ -559,10 +358,7 @@ async fn worker_process() {
     }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("w.db");
-    let (ds, out) = (
-        Arc::new(EmbeddedStore::open(&db).unwrap()) as Arc<dyn Datastore>,
-        dir.path().join("out.txt"),
-    );
+    let (ds, out) = (Arc::new(EmbeddedStore::open(&db).unwrap()) as Arc<dyn Datastore>, dir.path().join("out.txt"));
     apply(&ds, &pool("p", "10.70.0.0/24", "")).await;
     worker(&format!("0|15|embedded|{}|{}", db.display(), out.display())).await;
     assert_eq!(std::fs::read_to_string(out).unwrap().lines().count(), 12);
@@ -578,10 +374,7 @@ async fn many_processes(backend: &str, target: &str, ds: Arc<dyn Datastore>) {
             let out = dir.path().join(format!("w{p}.txt"));
             std::process::Command::new(&exe)
                 .args(["worker_process", "--exact", "--test-threads=1"])
-                .env(
-                    WORKER_ENV,
-                    format!("{p}|{per}|{backend}|{target}|{}", out.display()),
-                )
+                .env(WORKER_ENV, format!("{p}|{per}|{backend}|{target}|{}", out.display()))
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap()
@@ -593,15 +386,9 @@ async fn many_processes(backend: &str, target: &str, ds: Arc<dyn Datastore>) {
     // No address twice, and every held address is exactly what IPAM records.
     let mut held: BTreeMap<IpAddr, String> = BTreeMap::new();
     for p in 0..procs {
-        for line in std::fs::read_to_string(dir.path().join(format!("w{p}.txt")))
-            .unwrap()
-            .lines()
-        {
+        for line in std::fs::read_to_string(dir.path().join(format!("w{p}.txt"))).unwrap().lines() {
             let (h, ip) = line.split_once(' ').unwrap();
-            assert!(
-                held.insert(ip.parse().unwrap(), h.to_string()).is_none(),
-                "{ip} handed out twice"
-            );
+            assert!(held.insert(ip.parse().unwrap(), h.to_string()).is_none(), "{ip} handed out twice");
         }
     }
     assert_eq!(held.len(), procs * per * 4 / 5);
@@ -610,43 +397,26 @@ async fn many_processes(backend: &str, target: &str, ds: Arc<dyn Datastore>) {
     let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for (b, _) in ipam.all_blocks(true).await.unwrap() {
         b.check().unwrap();
-        assert!(
-            b.affinity
-                .as_deref()
-                .is_some_and(|a| a.starts_with("host:node-"))
-        );
+        assert!(b.affinity.as_deref().is_some_and(|a| a.starts_with("host:node-")));
         for ord in 0..b.size() as u32 {
             if let Some(h) = b.handle_of(ord) {
                 recorded.insert(b.ip(ord), h.to_string());
-                *counts
-                    .entry(h.to_string())
-                    .or_default()
-                    .entry(b.cidr.to_string())
-                    .or_default() += 1;
+                *counts.entry(h.to_string()).or_default().entry(b.cidr.to_string()).or_default() += 1;
             }
         }
     }
-    assert_eq!(
-        recorded, held,
-        "IPAM's allocations are exactly the addresses the workers hold"
-    );
+    assert_eq!(recorded, held, "IPAM's allocations are exactly the addresses the workers hold");
     let handles = ds.list("/calico/ipam/v2/handle/").await.unwrap();
-    assert_eq!(
-        handles.items.len(),
-        held.len(),
-        "one handle record per held address, none left over"
-    );
+    assert_eq!(handles.items.len(), held.len(), "one handle record per held address, none left over");
     for kv in handles.items {
         let h: IpamHandle = serde_json::from_slice(&kv.value).unwrap();
         let id = kv.key.trim_start_matches("/calico/ipam/v2/handle/");
         assert_eq!(Some(&h.block), counts.get(id), "handle {id}");
     }
-    // Blocks were claimed only as needed: 1,600 addresses over 3 nodes fit in 27 /26 blocks.
-    let blocks: BTreeSet<_> = recorded
-        .keys()
-        .map(|ip| ipnet::IpNet::new(*ip, 26).unwrap().trunc())
-        .collect();
-    assert!(blocks.len() <= 30, "{} blocks", blocks.len());
+    // Blocks are claimed only when a node's blocks are full: 1,600 addresses over 3 nodes need
+    // 27 /26 blocks; processes racing to claim for the same node may each add one more.
+    let claimed = ipam.all_blocks(true).await.unwrap().len();
+    assert!((27..=27 + 3 * (procs - 1)).contains(&claimed), "{claimed} blocks claimed");
 }
 
 #[tokio::test]
@@ -654,12 +424,9 @@ async fn four_processes_share_one_etcd() {
     if std::env::var(WORKER_ENV).is_ok() {
         return;
     }
-    let server = EtcdServer::start_in(if Path::new("/dev/shm").is_dir() {
-        Path::new("/dev/shm")
-    } else {
-        Path::new("/tmp")
-    })
-    .unwrap();
+    let server =
+        EtcdServer::start_in(if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") })
+            .unwrap();
     let ds: Arc<dyn Datastore> = Arc::new(server.connect().await.unwrap());
     many_processes("etcd", &server.config.endpoints[0], ds).await;
 }

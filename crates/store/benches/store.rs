@@ -18,11 +18,7 @@ struct Stat {
 fn stat(mut lat: Vec<Duration>, wall: Duration) -> Stat {
     lat.sort();
     let n = lat.len().max(1);
-    Stat {
-        p50: lat[n / 2],
-        p99: lat[(n * 99 / 100).min(n - 1)],
-        ops_per_sec: lat.len() as f64 / wall.as_secs_f64(),
-    }
+    Stat { p50: lat[n / 2], p99: lat[(n * 99 / 100).min(n - 1)], ops_per_sec: lat.len() as f64 / wall.as_secs_f64() }
 }
 
 async fn timed<F, Fut>(n: usize, mut op: F) -> Stat
@@ -44,11 +40,7 @@ const VALUE: &[u8] = &[b'x'; 400]; // about the size of a stored IPPool
 
 /// Every measurement for one backend; `second` is another handle on the same data (another
 /// process's view) for the cross-handle watch measurement.
-async fn run(
-    ds: Arc<dyn Datastore>,
-    second: Arc<dyn Datastore>,
-    n: usize,
-) -> Vec<(&'static str, Stat)> {
+async fn run(ds: Arc<dyn Datastore>, second: Arc<dyn Datastore>, n: usize) -> Vec<(&'static str, Stat)> {
     let mut out = Vec::new();
     out.push((
         "create",
@@ -127,10 +119,9 @@ async fn run(
     list.ops_per_sec *= 10_000.0; // report objects per second
     out.push(("list 10k (objects/s)", list));
 
-    for (label, writer) in [
-        ("watch delivery, same handle", ds.clone()),
-        ("watch delivery, other handle", second.clone()),
-    ] {
+    for (label, writer) in
+        [("watch delivery, same handle", ds.clone()), ("watch delivery, other handle", second.clone())]
+    {
         let mut w = ds.watch("/b/w/", 0).await.unwrap();
         let m = (n / 4).max(50);
         let mut lat = Vec::with_capacity(m);
@@ -158,14 +149,8 @@ fn us(d: Duration) -> String {
 }
 
 fn main() {
-    let n: usize = std::env::var("GINGHAM_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let n: usize = std::env::var("GINGHAM_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir_in("/tmp").unwrap();
         let path = dir.path().join("bench.db");

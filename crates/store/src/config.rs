@@ -56,10 +56,10 @@ impl Settings {
     /// A calicoctl-style config file (kind CalicoAPIConfig; spec.datastoreType, etcdEndpoints,
     /// etcdCACertFile, etcdCertFile, etcdKeyFile, and gingham's storePath).
     pub fn from_file(path: &Path) -> Result<Settings, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        let doc: Value = serde_saphyr::from_str(&text)
-            .map_err(|e| format!("{}: malformed YAML: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let doc: Value =
+            serde_saphyr::from_str(&text).map_err(|e| format!("{}: malformed YAML: {e}", path.display()))?;
         let spec = doc.get("spec").unwrap_or(&doc);
         let known = [
             "datastoreType",
@@ -74,19 +74,10 @@ impl Settings {
         ];
         if let Some(map) = spec.as_object() {
             if let Some(bad) = map.keys().find(|k| !known.contains(&k.as_str())) {
-                return Err(format!(
-                    "{}: spec.{bad}: unknown field (known: {})",
-                    path.display(),
-                    known.join(", ")
-                ));
+                return Err(format!("{}: spec.{bad}: unknown field (known: {})", path.display(), known.join(", ")));
             }
         }
-        let s = |k: &str| {
-            spec.get(k)
-                .and_then(Value::as_str)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        };
+        let s = |k: &str| spec.get(k).and_then(Value::as_str).filter(|v| !v.is_empty()).map(str::to_string);
         Ok(Settings {
             datastore_type: s("datastoreType"),
             etcd_endpoints: s("etcdEndpoints"),
@@ -107,11 +98,7 @@ pub enum DatastoreConfig {
 
 impl DatastoreConfig {
     /// Merge the layers (see the module doc) into one choice.
-    pub fn resolve(
-        flags: Settings,
-        config_file: Option<&Path>,
-        env: Settings,
-    ) -> Result<DatastoreConfig, String> {
+    pub fn resolve(flags: Settings, config_file: Option<&Path>, env: Settings) -> Result<DatastoreConfig, String> {
         let explicit = match config_file {
             Some(p) => Settings::from_file(p)?,
             None => Settings::default(),
@@ -144,12 +131,8 @@ impl DatastoreConfig {
                 cert_file: s.etcd_cert_file,
                 key_file: s.etcd_key_file,
             })),
-            "kubernetes" => {
-                Err("DATASTORE_TYPE=kubernetes is not supported yet; use embedded or etcdv3".into())
-            }
-            other => Err(format!(
-                "unknown datastore type {other:?}; use embedded or etcdv3"
-            )),
+            "kubernetes" => Err("DATASTORE_TYPE=kubernetes is not supported yet; use embedded or etcdv3".into()),
+            other => Err(format!("unknown datastore type {other:?}; use embedded or etcdv3")),
         }
     }
 }
@@ -167,33 +150,21 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Settings {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_env(|k| map.get(k).cloned())
     }
 
     #[test]
     fn precedence() {
         assert_eq!(
-            DatastoreConfig::resolve(
-                Settings::default(),
-                None,
-                env(&[("GINGHAM_STORE_PATH", "/tmp/x.db")])
-            )
-            .unwrap(),
-            DatastoreConfig::Embedded {
-                path: "/tmp/x.db".into()
-            }
+            DatastoreConfig::resolve(Settings::default(), None, env(&[("GINGHAM_STORE_PATH", "/tmp/x.db")])).unwrap(),
+            DatastoreConfig::Embedded { path: "/tmp/x.db".into() }
         );
         // ETCD_ENDPOINTS alone selects etcd, as calicoctl's default type is etcdv3.
-        let c = DatastoreConfig::resolve(
-            Settings::default(),
-            None,
-            env(&[("ETCD_ENDPOINTS", "http://a:1, http://b:2")]),
-        )
-        .unwrap();
+        let c =
+            DatastoreConfig::resolve(Settings::default(), None, env(&[("ETCD_ENDPOINTS", "http://a:1, http://b:2")]))
+                .unwrap();
         assert_eq!(
             c,
             DatastoreConfig::Etcd(EtcdConfig {
@@ -207,24 +178,14 @@ mod tests {
             store_path: Some("/tmp/f.db".into()),
             ..Default::default()
         };
-        let c =
-            DatastoreConfig::resolve(flags, None, env(&[("DATASTORE_TYPE", "etcdv3")])).unwrap();
-        assert_eq!(
-            c,
-            DatastoreConfig::Embedded {
-                path: "/tmp/f.db".into()
-            }
-        );
+        let c = DatastoreConfig::resolve(flags, None, env(&[("DATASTORE_TYPE", "etcdv3")])).unwrap();
+        assert_eq!(c, DatastoreConfig::Embedded { path: "/tmp/f.db".into() });
         // An explicit config file beats the environment.
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.cfg");
         std::fs::write(&file, "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata: {}\nspec:\n  datastoreType: etcdv3\n  etcdEndpoints: https://e:2379\n  etcdCACertFile: /ca.pem\n").unwrap();
-        let c = DatastoreConfig::resolve(
-            Settings::default(),
-            Some(&file),
-            env(&[("DATASTORE_TYPE", "embedded")]),
-        )
-        .unwrap();
+        let c =
+            DatastoreConfig::resolve(Settings::default(), Some(&file), env(&[("DATASTORE_TYPE", "embedded")])).unwrap();
         assert_eq!(
             c,
             DatastoreConfig::Etcd(EtcdConfig {
@@ -234,13 +195,9 @@ mod tests {
             })
         );
         assert!(
-            DatastoreConfig::resolve(
-                Settings::default(),
-                None,
-                env(&[("DATASTORE_TYPE", "mongo")])
-            )
-            .unwrap_err()
-            .contains("mongo")
+            DatastoreConfig::resolve(Settings::default(), None, env(&[("DATASTORE_TYPE", "mongo")]))
+                .unwrap_err()
+                .contains("mongo")
         );
         std::fs::write(&file, "spec:\n  bogus: 1\n").unwrap();
         assert!(

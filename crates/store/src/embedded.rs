@@ -3,7 +3,8 @@
 //! the same file at once; SQLite's locking serialises writers and WAL lets readers run alongside.
 //!
 //! Tables: `log` (one row per change; its row id is the revision; a NULL value is a deletion),
-//! `current` (the latest value of every live key, for fast get/list), `meta` (compaction point).
+//! `current` (each live key's latest revision, pointing into the log, so a value is written
+//! once), `meta` (compaction point). Compaction never removes a row `current` points at.
 //! Watches poll `PRAGMA data_version`, which changes whenever another connection commits, and
 //! are woken at once by writes from this process.
 
@@ -16,8 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch,
-    condition_error, prefix_end,
+    Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch, condition_error, prefix_end,
 };
 
 /// Exclusive upper key bound for a prefix scan; `None` for the empty prefix (everything).
@@ -48,8 +48,7 @@ CREATE INDEX IF NOT EXISTS log_key_rev ON log (key, rev);
 CREATE TABLE IF NOT EXISTS current (
     key TEXT PRIMARY KEY,
     rev INTEGER NOT NULL,
-    create_rev INTEGER NOT NULL,
-    value BLOB NOT NULL
+    create_rev INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_rev', 0);
@@ -58,14 +57,9 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_rev', 0);
 fn db_err(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
         {
-            StoreError::Unavailable(format!(
-                "embedded store is locked by another process for too long: {e}"
-            ))
+            StoreError::Unavailable(format!("embedded store is locked by another process for too long: {e}"))
         }
         e => StoreError::Backend(format!("sqlite: {e}")),
     }
@@ -86,19 +80,13 @@ pub struct EmbeddedStore {
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| {
-        StoreError::Unavailable(format!(
-            "cannot open embedded store {}: {e}",
-            path.display()
-        ))
-    })?;
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open embedded store {}: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
     // NORMAL in WAL mode: a crashed process loses nothing committed; only power loss can drop
     // the last transactions, never corrupt the file.
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
     Ok(conn)
 }
 
@@ -107,21 +95,15 @@ impl EmbeddedStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         let rev = current_revision(&conn).map_err(db_err)?;
         let (notify, _) = watch::channel(rev);
         Ok(EmbeddedStore {
-            shared: Arc::new(Shared {
-                path,
-                conn: Mutex::new(conn),
-                notify,
-                poller: Mutex::new(None),
-            }),
+            shared: Arc::new(Shared { path, conn: Mutex::new(conn), notify, poller: Mutex::new(None) }),
         })
     }
 
@@ -136,14 +118,9 @@ impl EmbeddedStore {
 
     /// Run `f` in an IMMEDIATE transaction (takes the write lock up front, so the reads inside
     /// it see the state the write applies to) and wake local watchers.
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Revision)>,
-    ) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Revision)>) -> Result<T> {
         let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
         let (out, rev) = f(&tx)?;
         if rev % COMPACT_EVERY == 0 && rev > KEEP_REVISIONS {
             compact_tx(&tx, rev - KEEP_REVISIONS)?;
@@ -173,8 +150,7 @@ impl EmbeddedStore {
             loop {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
-                let Ok(version) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
-                else {
+                let Ok(version) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) else {
                     continue;
                 };
                 if version != last_version {
@@ -194,49 +170,29 @@ impl EmbeddedStore {
 }
 
 fn current_revision(conn: &Connection) -> rusqlite::Result<Revision> {
-    conn.query_row(
-        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
-        [],
-        |r| r.get(0),
-    )
+    conn.query_row("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)", [], |r| r.get(0))
 }
 
 fn compact_rev(conn: &Connection) -> rusqlite::Result<Revision> {
-    conn.query_row(
-        "SELECT value FROM meta WHERE name = 'compact_rev'",
-        [],
-        |r| r.get(0),
-    )
+    conn.query_row("SELECT value FROM meta WHERE name = 'compact_rev'", [], |r| r.get(0))
 }
 
 fn compact_tx(tx: &rusqlite::Transaction<'_>, rev: Revision) -> Result<()> {
-    tx.execute("DELETE FROM log WHERE rev < ?1", params![rev])
+    tx.execute("DELETE FROM log WHERE rev < ?1 AND rev NOT IN (SELECT rev FROM current)", params![rev])
         .map_err(db_err)?;
-    tx.execute(
-        "UPDATE meta SET value = MAX(value, ?1 - 1) WHERE name = 'compact_rev'",
-        params![rev],
-    )
-    .map_err(db_err)?;
+    tx.execute("UPDATE meta SET value = MAX(value, ?1 - 1) WHERE name = 'compact_rev'", params![rev])
+        .map_err(db_err)?;
     Ok(())
 }
 
 fn current_row(tx: &Connection, key: &str) -> Result<Option<(Revision, Revision)>> {
-    tx.query_row(
-        "SELECT rev, create_rev FROM current WHERE key = ?1",
-        params![key],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .optional()
-    .map_err(db_err)
+    tx.query_row("SELECT rev, create_rev FROM current WHERE key = ?1", params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(db_err)
 }
 
 /// Append a change to the log and apply it to `current`; returns the new revision.
-fn append(
-    tx: &Connection,
-    key: &str,
-    value: Option<&[u8]>,
-    create_rev: Option<Revision>,
-) -> Result<Revision> {
+fn append(tx: &Connection, key: &str, value: Option<&[u8]>, create_rev: Option<Revision>) -> Result<Revision> {
     tx.execute(
         "INSERT INTO log (key, value, create_rev) VALUES (?1, ?2, ?3)",
         params![key, value, create_rev.unwrap_or(0)],
@@ -244,18 +200,17 @@ fn append(
     .map_err(db_err)?;
     let rev = tx.last_insert_rowid();
     match value {
-        Some(v) => {
+        Some(_) => {
             let create = create_rev.unwrap_or(rev);
             tx.execute(
-                "INSERT INTO current (key, rev, create_rev, value) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (key) DO UPDATE SET rev = excluded.rev, value = excluded.value",
-                params![key, rev, create, v],
+                "INSERT INTO current (key, rev, create_rev) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET rev = excluded.rev",
+                params![key, rev, create],
             )
             .map_err(db_err)?;
         }
         None => {
-            tx.execute("DELETE FROM current WHERE key = ?1", params![key])
-                .map_err(db_err)?;
+            tx.execute("DELETE FROM current WHERE key = ?1", params![key]).map_err(db_err)?;
         }
     }
     Ok(rev)
@@ -270,7 +225,7 @@ impl Datastore for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.conn()
             .query_row(
-                "SELECT rev, create_rev, value FROM current WHERE key = ?1",
+                "SELECT c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev WHERE c.key = ?1",
                 params![key],
                 |r| {
                     Ok(KeyValue {
@@ -288,13 +243,14 @@ impl Datastore for EmbeddedStore {
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let mut conn = self.conn();
         // One read transaction: the items and the revision are one consistent snapshot.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(db_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
         let end = upper_bound(prefix);
         let items = {
             let mut stmt = tx
-                .prepare_cached("SELECT key, rev, create_rev, value FROM current WHERE key >= ?1 AND (?2 IS NULL OR key < CAST(?2 AS TEXT)) ORDER BY key")
+                .prepare_cached(
+                    "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
+                 WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < CAST(?2 AS TEXT)) ORDER BY c.key",
+                )
                 .map_err(db_err)?;
             let rows = stmt
                 .query_map(params![prefix, end], |r| {
@@ -329,11 +285,7 @@ impl Datastore for EmbeddedStore {
                 return Err(StoreError::NotFound { key: key.into() });
             };
             if rev != revision {
-                return Err(StoreError::Conflict {
-                    key: key.into(),
-                    expected: revision,
-                    actual: rev,
-                });
+                return Err(StoreError::Conflict { key: key.into(), expected: revision, actual: rev });
             }
             let rev = append(tx, key, Some(value), Some(create))?;
             Ok((rev, rev))
@@ -346,11 +298,7 @@ impl Datastore for EmbeddedStore {
                 return Err(StoreError::NotFound { key: key.into() });
             };
             if let Some(expected) = revision.filter(|e| *e != rev) {
-                return Err(StoreError::Conflict {
-                    key: key.into(),
-                    expected,
-                    actual: rev,
-                });
+                return Err(StoreError::Conflict { key: key.into(), expected, actual: rev });
             }
             let rev = append(tx, key, None, Some(create))?;
             Ok((rev, rev))
@@ -372,12 +320,8 @@ impl Datastore for EmbeddedStore {
             let mut revs = Vec::with_capacity(ops.len());
             for (op, row) in ops.iter().zip(current) {
                 revs.push(match op {
-                    TxnOp::Put { key, value, .. } => {
-                        append(tx, key, Some(value), row.map(|(_, c)| c))?
-                    }
-                    TxnOp::Delete { key, .. } if row.is_some() => {
-                        append(tx, key, None, row.map(|(_, c)| c))?
-                    }
+                    TxnOp::Put { key, value, .. } => append(tx, key, Some(value), row.map(|(_, c)| c))?,
+                    TxnOp::Delete { key, .. } if row.is_some() => append(tx, key, None, row.map(|(_, c)| c))?,
                     TxnOp::Delete { .. } => current_revision(tx).map_err(db_err)?,
                 });
             }
@@ -389,18 +333,11 @@ impl Datastore for EmbeddedStore {
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
         self.ensure_poller()?;
         let conn = open_connection(&self.shared.path)?;
-        let start = if from > 0 {
-            from
-        } else {
-            current_revision(&conn).map_err(db_err)? + 1
-        };
+        let start = if from > 0 { from } else { current_revision(&conn).map_err(db_err)? + 1 };
         let compacted = compact_rev(&conn).map_err(db_err)?;
         let (tx, rx) = mpsc::channel(1024);
         if start <= compacted {
-            let _ = tx.try_send(Err(StoreError::Compacted {
-                requested: start,
-                compacted,
-            }));
+            let _ = tx.try_send(Err(StoreError::Compacted { requested: start, compacted }));
             return Ok(Watch::new(rx, tokio::spawn(async {})));
         }
         let mut wake = self.shared.notify.subscribe();
@@ -438,12 +375,7 @@ impl Datastore for EmbeddedStore {
                 // History we have not read yet may have been compacted away meanwhile.
                 if let Ok(c) = compact_rev(&conn) {
                     if next <= c {
-                        let _ = tx
-                            .send(Err(StoreError::Compacted {
-                                requested: next,
-                                compacted: c,
-                            }))
-                            .await;
+                        let _ = tx.send(Err(StoreError::Compacted { requested: next, compacted: c })).await;
                         return;
                     }
                 }
@@ -461,14 +393,10 @@ impl Datastore for EmbeddedStore {
 
     async fn compact(&self, revision: Revision) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
         let current = current_revision(&tx).map_err(db_err)?;
         if revision > current {
-            return Err(StoreError::Backend(format!(
-                "cannot compact to {revision}: the store is only at {current}"
-            )));
+            return Err(StoreError::Backend(format!("cannot compact to {revision}: the store is only at {current}")));
         }
         compact_tx(&tx, revision)?;
         tx.commit().map_err(db_err)
@@ -484,9 +412,7 @@ fn read_log(
     from: Revision,
 ) -> Result<Vec<(Revision, Option<Event>)>> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT rev, key, value, create_rev FROM log WHERE rev >= ?1 ORDER BY rev LIMIT ?2",
-        )
+        .prepare_cached("SELECT rev, key, value, create_rev FROM log WHERE rev >= ?1 ORDER BY rev LIMIT ?2")
         .map_err(db_err)?;
     let rows = stmt
         .query_map(params![from, WATCH_BATCH], |r| {
@@ -500,17 +426,11 @@ fn read_log(
     let mut out = Vec::new();
     for row in rows {
         let (rev, key, value, create) = row.map_err(db_err)?;
-        let inside = key.as_bytes() >= prefix.as_bytes()
-            && end.as_ref().is_none_or(|e| key.as_bytes() < e.as_slice());
+        let inside = key.as_bytes() >= prefix.as_bytes() && end.as_ref().is_none_or(|e| key.as_bytes() < e.as_slice());
         // A create is logged with create_rev 0: it was created at its own revision.
         let create = if create == 0 { rev } else { create };
         let ev = inside.then(|| match value {
-            Some(value) => Event::Put(KeyValue {
-                key,
-                value,
-                mod_revision: rev,
-                create_revision: create,
-            }),
+            Some(value) => Event::Put(KeyValue { key, value, mod_revision: rev, create_revision: create }),
             None => Event::Delete { key, revision: rev },
         });
         out.push((rev, ev));

@@ -5,14 +5,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
-use crate::{
-    Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end,
-};
+use crate::{Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, Watch, prefix_end};
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,10 +36,7 @@ fn err(e: etcd_client::Error) -> StoreError {
             StoreError::Unavailable(format!("etcd: {e}"))
         }
         etcd_client::Error::GRpcStatus(s)
-            if matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) =>
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
         {
             StoreError::Unavailable(format!("etcd: {}", s.message()))
         }
@@ -50,8 +45,7 @@ fn err(e: etcd_client::Error) -> StoreError {
 }
 
 fn read(path: &str, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot read etcd {what} {path}: {e}")))
+    std::fs::read(path).map_err(|e| StoreError::Unavailable(format!("cannot read etcd {what} {path}: {e}")))
 }
 
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
@@ -66,13 +60,10 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 impl EtcdStore {
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         if config.endpoints.is_empty() {
-            return Err(StoreError::Unavailable(
-                "no etcd endpoints given (ETCD_ENDPOINTS)".into(),
-            ));
+            return Err(StoreError::Unavailable("no etcd endpoints given (ETCD_ENDPOINTS)".into()));
         }
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(30));
+        let mut opts =
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
         let tls_wanted = config.ca_cert_file.is_some()
             || config.cert_file.is_some()
             || config.endpoints.iter().any(|e| e.starts_with("https://"));
@@ -83,10 +74,7 @@ impl EtcdStore {
             }
             match (&config.cert_file, &config.key_file) {
                 (Some(c), Some(k)) => {
-                    tls = tls.identity(Identity::from_pem(
-                        read(c, "client certificate")?,
-                        read(k, "client key")?,
-                    ))
+                    tls = tls.identity(Identity::from_pem(read(c, "client certificate")?, read(k, "client key")?))
                 }
                 (None, None) => {}
                 _ => {
@@ -97,13 +85,8 @@ impl EtcdStore {
             }
             opts = opts.with_tls(tls);
         }
-        let client = Client::connect(&config.endpoints, Some(opts))
-            .await
-            .map_err(err)?;
-        let store = EtcdStore {
-            client,
-            endpoints: config.endpoints.clone(),
-        };
+        let client = Client::connect(&config.endpoints, Some(opts)).await.map_err(err)?;
+        let store = EtcdStore { client, endpoints: config.endpoints.clone() };
         // Fail now, with a clear message, rather than on the first request.
         store.revision().await?;
         Ok(store)
@@ -117,11 +100,7 @@ impl EtcdStore {
         });
         match current.flatten() {
             None => StoreError::NotFound { key: key.into() },
-            Some(actual) => StoreError::Conflict {
-                key: key.into(),
-                expected,
-                actual,
-            },
+            Some(actual) => StoreError::Conflict { key: key.into(), expected, actual },
         }
     }
 
@@ -149,18 +128,11 @@ impl Datastore for EtcdStore {
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
         loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LIST_PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = self
-                .client
-                .clone()
-                .get(start.clone(), Some(opts))
-                .await
-                .map_err(err)?;
+            let resp = self.client.clone().get(start.clone(), Some(opts)).await.map_err(err)?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
@@ -177,9 +149,8 @@ impl Datastore for EtcdStore {
     }
 
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
-        let txn = Txn::new()
-            .when([Compare::version(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, None)]);
+        let txn =
+            Txn::new().when([Compare::version(key, CompareOp::Equal, 0)]).and_then([TxnOp::put(key, value, None)]);
         let resp = self.client.clone().txn(txn).await.map_err(err)?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists { key: key.into() });
@@ -205,10 +176,7 @@ impl Datastore for EtcdStore {
             Some(r) => Compare::mod_revision(key, CompareOp::Equal, r),
             None => Compare::version(key, CompareOp::Greater, 0),
         };
-        let txn = Txn::new()
-            .when([cmp])
-            .and_then([TxnOp::delete(key, None)])
-            .or_else([TxnOp::get(key, None)]);
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::delete(key, None)]).or_else([TxnOp::get(key, None)]);
         let resp = self.client.clone().txn(txn).await.map_err(err)?;
         if !resp.succeeded() {
             return Err(Self::explain(key, revision.unwrap_or_default(), &resp));
@@ -229,19 +197,13 @@ impl Datastore for EtcdStore {
                 Condition::Any => {}
             }
             writes.push(match op {
-                crate::TxnOp::Put { key, value, .. } => {
-                    TxnOp::put(key.as_str(), value.clone(), None)
-                }
+                crate::TxnOp::Put { key, value, .. } => TxnOp::put(key.as_str(), value.clone(), None),
                 crate::TxnOp::Delete { key, .. } => TxnOp::delete(key.as_str(), None),
             });
             reads.push(TxnOp::get(key, None));
         }
-        let resp = self
-            .client
-            .clone()
-            .txn(Txn::new().when(compares).and_then(writes).or_else(reads))
-            .await
-            .map_err(err)?;
+        let resp =
+            self.client.clone().txn(Txn::new().when(compares).and_then(writes).or_else(reads)).await.map_err(err)?;
         if resp.succeeded() {
             return Ok(vec![Self::revision_of(&resp); ops.len()]);
         }
@@ -255,9 +217,7 @@ impl Datastore for EtcdStore {
                 return Err(e);
             }
         }
-        Err(StoreError::Backend(
-            "etcd transaction failed with no failing condition (raced; retry)".into(),
-        ))
+        Err(StoreError::Backend("etcd transaction failed with no failing condition (raced; retry)".into()))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
@@ -265,21 +225,14 @@ impl Datastore for EtcdStore {
         if from > 0 {
             opts = opts.with_start_revision(from);
         }
-        let mut stream = self
-            .client
-            .clone()
-            .watch(prefix, Some(opts))
-            .await
-            .map_err(err)?;
+        let mut stream = self.client.clone().watch(prefix, Some(opts)).await.map_err(err)?;
         let (tx, rx) = mpsc::channel(1024);
         let task = tokio::spawn(async move {
             loop {
                 let msg = match stream.message().await {
                     Ok(Some(m)) => m,
                     Ok(None) => {
-                        let _ = tx
-                            .send(Err(StoreError::Unavailable("etcd closed the watch".into())))
-                            .await;
+                        let _ = tx.send(Err(StoreError::Unavailable("etcd closed the watch".into()))).await;
                         return;
                     }
                     Err(e) => {
@@ -289,19 +242,13 @@ impl Datastore for EtcdStore {
                 };
                 if msg.compact_revision() > 0 {
                     let _ = tx
-                        .send(Err(StoreError::Compacted {
-                            requested: from,
-                            compacted: msg.compact_revision(),
-                        }))
+                        .send(Err(StoreError::Compacted { requested: from, compacted: msg.compact_revision() }))
                         .await;
                     return;
                 }
                 if msg.canceled() {
                     let _ = tx
-                        .send(Err(StoreError::Backend(format!(
-                            "etcd cancelled the watch: {}",
-                            msg.cancel_reason()
-                        ))))
+                        .send(Err(StoreError::Backend(format!("etcd cancelled the watch: {}", msg.cancel_reason()))))
                         .await;
                     return;
                 }
@@ -324,21 +271,12 @@ impl Datastore for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Revision> {
-        let resp = self
-            .client
-            .clone()
-            .get("/calico/", Some(GetOptions::new().with_count_only()))
-            .await
-            .map_err(err)?;
+        let resp = self.client.clone().get("/calico/", Some(GetOptions::new().with_count_only())).await.map_err(err)?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        self.client
-            .clone()
-            .compact(revision, None)
-            .await
-            .map_err(err)?;
+        self.client.clone().compact(revision, None).await.map_err(err)?;
         Ok(())
     }
 }

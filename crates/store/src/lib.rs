@@ -73,15 +73,8 @@ pub enum Condition {
 /// One write inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnOp {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        condition: Condition,
-    },
-    Delete {
-        key: String,
-        condition: Condition,
-    },
+    Put { key: String, value: Vec<u8>, condition: Condition },
+    Delete { key: String, condition: Condition },
 }
 
 impl TxnOp {
@@ -98,22 +91,12 @@ impl TxnOp {
 }
 
 /// The error for `key` whose state (`current` revision, None if absent) fails `condition`.
-pub(crate) fn condition_error(
-    key: &str,
-    condition: Condition,
-    current: Option<Revision>,
-) -> Option<StoreError> {
+pub(crate) fn condition_error(key: &str, condition: Condition, current: Option<Revision>) -> Option<StoreError> {
     match (condition, current) {
         (Condition::Absent, Some(_)) => Some(StoreError::AlreadyExists { key: key.into() }),
-        (Condition::At(_) | Condition::Exists, None) => {
-            Some(StoreError::NotFound { key: key.into() })
-        }
+        (Condition::At(_) | Condition::Exists, None) => Some(StoreError::NotFound { key: key.into() }),
         (Condition::At(expected), Some(actual)) if expected != actual => {
-            Some(StoreError::Conflict {
-                key: key.into(),
-                expected,
-                actual,
-            })
+            Some(StoreError::Conflict { key: key.into(), expected, actual })
         }
         _ => None,
     }
@@ -126,19 +109,10 @@ pub enum StoreError {
     #[error("{key} does not exist")]
     NotFound { key: String },
     #[error("{key} was changed by someone else (expected revision {expected}, now {actual})")]
-    Conflict {
-        key: String,
-        expected: Revision,
-        actual: Revision,
-    },
+    Conflict { key: String, expected: Revision, actual: Revision },
     /// The watch (or read) asked for history that compaction removed: re-list, then watch again.
-    #[error(
-        "revision {requested} is compacted (history starts after {compacted}); re-list and watch again"
-    )]
-    Compacted {
-        requested: Revision,
-        compacted: Revision,
-    },
+    #[error("revision {requested} is compacted (history starts after {compacted}); re-list and watch again")]
+    Compacted { requested: Revision, compacted: Revision },
     #[error("datastore unavailable: {0}")]
     Unavailable(String),
     #[error("datastore error: {0}")]
@@ -154,14 +128,8 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(
-        rx: mpsc::Receiver<Result<Event>>,
-        task: tokio::task::JoinHandle<()>,
-    ) -> Self {
-        Watch {
-            rx,
-            _task: Some(task),
-        }
+    pub(crate) fn new(rx: mpsc::Receiver<Result<Event>>, task: tokio::task::JoinHandle<()>) -> Self {
+        Watch { rx, _task: Some(task) }
     }
 
     /// The next event; `None` when the watch has ended.
@@ -171,10 +139,7 @@ impl Watch {
 
     /// The next event, or `None` if nothing arrives within `timeout`.
     pub async fn next_timeout(&mut self, timeout: Duration) -> Option<Result<Event>> {
-        tokio::time::timeout(timeout, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()
     }
 }
 

@@ -15,17 +15,9 @@ pub enum ResourceError {
     #[error("stored object {key} is not readable: {message}")]
     Decode { key: String, message: String },
     #[error("{kind} {name}: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid {
-        kind: Kind,
-        name: String,
-        errors: Vec<FieldError>,
-    },
+    Invalid { kind: Kind, name: String, errors: Vec<FieldError> },
     #[error("{kind} {name}: metadata.resourceVersion: {value:?} is not a revision number")]
-    BadResourceVersion {
-        kind: Kind,
-        name: String,
-        value: String,
-    },
+    BadResourceVersion { kind: Kind, name: String, value: String },
 }
 
 pub type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -43,10 +35,8 @@ pub struct ResourceStore {
 }
 
 fn decode(kv: &KeyValue) -> Result<Object> {
-    let mut obj: Object = serde_json::from_slice(&kv.value).map_err(|e| ResourceError::Decode {
-        key: kv.key.clone(),
-        message: e.to_string(),
-    })?;
+    let mut obj: Object = serde_json::from_slice(&kv.value)
+        .map_err(|e| ResourceError::Decode { key: kv.key.clone(), message: e.to_string() })?;
     obj.metadata.resource_version = Some(kv.mod_revision.to_string());
     Ok(obj)
 }
@@ -55,10 +45,7 @@ fn kind_of(obj: &Object) -> Result<Kind> {
     obj.kind().ok_or_else(|| ResourceError::Invalid {
         kind: Kind::IPPool,
         name: obj.metadata.name.clone(),
-        errors: vec![FieldError::new(
-            "kind",
-            format!("unknown kind {:?}", obj.kind),
-        )],
+        errors: vec![FieldError::new("kind", format!("unknown kind {:?}", obj.kind))],
     })
 }
 
@@ -70,24 +57,18 @@ fn parse_rv(kind: Kind, obj: &Object) -> Result<Option<Revision>> {
     match &obj.metadata.resource_version {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| ResourceError::BadResourceVersion {
-                kind,
-                name: obj.name().into(),
-                value: v.clone(),
-            }),
+        Some(v) => v.parse().map(Some).map_err(|_| ResourceError::BadResourceVersion {
+            kind,
+            name: obj.name().into(),
+            value: v.clone(),
+        }),
     }
 }
 
 /// A random RFC 4122 version-4 UUID for metadata.uid.
 fn new_uid() -> String {
     let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -97,14 +78,7 @@ fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// Now as RFC 3339 UTC, e.g. `2026-11-22T22:10:00Z`.
@@ -124,12 +98,7 @@ pub fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-22T22:10:00Z`, fractions and
@@ -146,14 +115,7 @@ pub fn parse_rfc3339(t: &str) -> Option<i64> {
         return None;
     }
     let n = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
-    let (y, m, d, hh, mm, ss) = (
-        n(0..4)?,
-        n(5..7)?,
-        n(8..10)?,
-        n(11..13)?,
-        n(14..16)?,
-        n(17..19)?,
-    );
+    let (y, m, d, hh, mm, ss) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
     // Days from civil (inverse of the conversion in now_rfc3339).
     let y2 = if m <= 2 { y - 1 } else { y };
     let era = y2.div_euclid(400);
@@ -182,18 +144,8 @@ impl ResourceStore {
         &self.ds
     }
 
-    pub async fn get(
-        &self,
-        kind: Kind,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Result<Option<Object>> {
-        self.ds
-            .get(&kind.key(namespace, name))
-            .await?
-            .as_ref()
-            .map(decode)
-            .transpose()
+    pub async fn get(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<Option<Object>> {
+        self.ds.get(&kind.key(namespace, name)).await?.as_ref().map(decode).transpose()
     }
 
     /// Every object of `kind`, in one namespace or (None) in all.
@@ -207,10 +159,7 @@ impl ResourceStore {
         let kind = kind_of(&obj)?;
         obj.metadata.uid = Some(new_uid());
         obj.metadata.creation_timestamp = Some(now_rfc3339());
-        let rev = self
-            .ds
-            .create(&key_of(kind, &obj), &obj.to_stored_json())
-            .await?;
+        let rev = self.ds.create(&key_of(kind, &obj), &obj.to_stored_json()).await?;
         obj.metadata.resource_version = Some(rev.to_string());
         Ok(obj)
     }
@@ -227,18 +176,11 @@ impl ResourceStore {
         let expected = parse_rv(kind, &obj)?.unwrap_or(current_kv.mod_revision);
         let errors = check_update(&current, &obj);
         if !errors.is_empty() {
-            return Err(ResourceError::Invalid {
-                kind,
-                name: obj.name().into(),
-                errors,
-            });
+            return Err(ResourceError::Invalid { kind, name: obj.name().into(), errors });
         }
         obj.metadata.uid = current.metadata.uid.clone();
         obj.metadata.creation_timestamp = current.metadata.creation_timestamp.clone();
-        let rev = self
-            .ds
-            .update(&key, &obj.to_stored_json(), expected)
-            .await?;
+        let rev = self.ds.update(&key, &obj.to_stored_json(), expected).await?;
         obj.metadata.resource_version = Some(rev.to_string());
         Ok(obj)
     }
@@ -251,14 +193,8 @@ impl ResourceStore {
         loop {
             attempts += 1;
             let result = match self.get(kind, obj.namespace(), obj.name()).await? {
-                None if !pinned => self
-                    .create(obj.clone())
-                    .await
-                    .map(|o| (o, Applied::Created)),
-                None => Err(StoreError::NotFound {
-                    key: key_of(kind, &obj),
-                }
-                .into()),
+                None if !pinned => self.create(obj.clone()).await.map(|o| (o, Applied::Created)),
+                None => Err(StoreError::NotFound { key: key_of(kind, &obj) }.into()),
                 Some(current) => {
                     let mut next = obj.clone();
                     if !pinned {
@@ -269,9 +205,7 @@ impl ResourceStore {
             };
             match result {
                 Err(ResourceError::Store(
-                    StoreError::AlreadyExists { .. }
-                    | StoreError::Conflict { .. }
-                    | StoreError::NotFound { .. },
+                    StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } | StoreError::NotFound { .. },
                 )) if !pinned && attempts < 10 => {}
                 other => return other,
             }
@@ -291,9 +225,7 @@ impl ResourceStore {
             return Err(StoreError::NotFound { key }.into());
         };
         let obj = decode(&kv)?;
-        self.ds
-            .delete(&key, Some(revision.unwrap_or(kv.mod_revision)))
-            .await?;
+        self.ds.delete(&key, Some(revision.unwrap_or(kv.mod_revision))).await?;
         Ok(obj)
     }
 }
@@ -311,16 +243,10 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), 20, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z'));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!((parse_rfc3339(&t).unwrap() - now).abs() <= 1);
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2000-03-01T00:00:00.5+01:00"),
-            Some(951_865_200)
-        );
+        assert_eq!(parse_rfc3339("2000-03-01T00:00:00.5+01:00"), Some(951_865_200));
         assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

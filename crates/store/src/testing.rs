@@ -21,11 +21,7 @@ pub struct CountingStore {
 
 impl CountingStore {
     pub fn new(inner: Arc<dyn Datastore>) -> Self {
-        CountingStore {
-            inner,
-            reads: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-        }
+        CountingStore { inner, reads: AtomicU64::new(0), writes: AtomicU64::new(0) }
     }
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
@@ -106,10 +102,7 @@ fn run(cmd: &mut Command) -> std::io::Result<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(std::io::Error::other(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )))
+        Err(std::io::Error::other(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr))))
     }
 }
 
@@ -118,14 +111,7 @@ pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
     let p = |n: &str| dir.join(n);
     let key = |name: &str| {
         run(Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-            ])
+            .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
             .arg(p(name)))
     };
     key("ca.key")?;
@@ -134,10 +120,7 @@ pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
         .arg(p("ca.key"))
         .args(["-subj", "/CN=gingham-test-ca", "-days", "2", "-out"])
         .arg(p("ca.pem")))?;
-    for (name, usage) in [
-        ("server", "serverAuth,clientAuth"),
-        ("client", "clientAuth"),
-    ] {
+    for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
         key(&format!("{name}.key"))?;
         run(Command::new("openssl")
             .args(["req", "-new", "-key"])
@@ -146,9 +129,7 @@ pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
             .arg(p(&format!("{name}.csr"))))?;
         std::fs::write(
             p(&format!("{name}.ext")),
-            format!(
-                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
-            ),
+            format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"),
         )?;
         run(Command::new("openssl")
             .args(["x509", "-req", "-in"])
@@ -187,9 +168,7 @@ impl EtcdServer {
     }
 
     fn launch(data_base: &Path, tls: Option<&TlsFiles>) -> std::io::Result<EtcdServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("gingham-etcd-")
-            .tempdir_in(data_base)?;
+        let dir = tempfile::Builder::new().prefix("gingham-etcd-").tempdir_in(data_base)?;
         let (client, peer) = (free_port()?, free_port()?);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let client_url = format!("{scheme}://127.0.0.1:{client}");
@@ -214,9 +193,7 @@ impl EtcdServer {
                 .arg("--client-cert-auth");
         }
         let child = cmd.spawn().map_err(|e| {
-            std::io::Error::other(format!(
-                "cannot start etcd (is the etcd-server package installed?): {e}"
-            ))
+            std::io::Error::other(format!("cannot start etcd (is the etcd-server package installed?): {e}"))
         })?;
         let config = EtcdConfig {
             endpoints: vec![client_url],
@@ -228,8 +205,7 @@ impl EtcdServer {
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
             if Instant::now() > deadline || server.child.try_wait()?.is_some() {
-                let log =
-                    std::fs::read_to_string(server.dir.path().join("etcd.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(server.dir.path().join("etcd.log")).unwrap_or_default();
                 return Err(std::io::Error::other(format!("etcd did not start: {log}")));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -26,13 +26,9 @@ async fn open(kind: &str) -> (Arc<dyn Datastore>, Backend) {
             (Arc::new(store), Backend::Embedded(dir))
         }
         _ => {
-            let base = if Path::new("/dev/shm").is_dir() {
-                Path::new("/dev/shm")
-            } else {
-                Path::new("/tmp")
-            };
-            let server = EtcdServer::start_in(base)
-                .expect("etcd-server must be installed (the test command installs it)");
+            let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
+            let server =
+                EtcdServer::start_in(base).expect("etcd-server must be installed (the test command installs it)");
             let store = server.connect().await.unwrap();
             (Arc::new(store), Backend::Etcd(server))
         }
@@ -42,19 +38,9 @@ async fn open(kind: &str) -> (Arc<dyn Datastore>, Backend) {
 async fn create_get_and_exists(ds: &dyn Datastore) {
     let rev = ds.create("/t/a", b"1").await.unwrap();
     let kv = ds.get("/t/a").await.unwrap().unwrap();
-    assert_eq!(
-        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
-        (&b"1"[..], rev, rev)
-    );
-    assert_eq!(
-        ds.create("/t/a", b"2").await,
-        Err(StoreError::AlreadyExists { key: "/t/a".into() })
-    );
-    assert_eq!(
-        ds.get("/t/a").await.unwrap().unwrap().value,
-        b"1",
-        "a failed create changes nothing"
-    );
+    assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision), (&b"1"[..], rev, rev));
+    assert_eq!(ds.create("/t/a", b"2").await, Err(StoreError::AlreadyExists { key: "/t/a".into() }));
+    assert_eq!(ds.get("/t/a").await.unwrap().unwrap().value, b"1", "a failed create changes nothing");
     assert_eq!(ds.get("/t/missing").await.unwrap(), None);
     assert!(ds.revision().await.unwrap() >= rev);
 }
@@ -64,42 +50,23 @@ async fn compare_and_swap(ds: &dyn Datastore) {
     let r2 = ds.update("/t/cas", b"v2", r1).await.unwrap();
     assert!(r2 > r1);
     match ds.update("/t/cas", b"stale", r1).await {
-        Err(StoreError::Conflict {
-            expected, actual, ..
-        }) => assert_eq!((expected, actual), (r1, r2)),
+        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (r1, r2)),
         other => panic!("stale update must conflict, got {other:?}"),
     }
     let kv = ds.get("/t/cas").await.unwrap().unwrap();
-    assert_eq!(
-        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
-        (&b"v2"[..], r2, r1)
-    );
-    assert_eq!(
-        ds.update("/t/none", b"x", 1).await,
-        Err(StoreError::NotFound {
-            key: "/t/none".into()
-        })
-    );
+    assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision), (&b"v2"[..], r2, r1));
+    assert_eq!(ds.update("/t/none", b"x", 1).await, Err(StoreError::NotFound { key: "/t/none".into() }));
 }
 
 async fn delete_at_revision(ds: &dyn Datastore) {
     let r1 = ds.create("/t/d", b"x").await.unwrap();
     let r2 = ds.update("/t/d", b"y", r1).await.unwrap();
-    assert!(matches!(
-        ds.delete("/t/d", Some(r1)).await,
-        Err(StoreError::Conflict { .. })
-    ));
-    assert!(
-        ds.get("/t/d").await.unwrap().is_some(),
-        "a conflicting delete deletes nothing"
-    );
+    assert!(matches!(ds.delete("/t/d", Some(r1)).await, Err(StoreError::Conflict { .. })));
+    assert!(ds.get("/t/d").await.unwrap().is_some(), "a conflicting delete deletes nothing");
     let r3 = ds.delete("/t/d", Some(r2)).await.unwrap();
     assert!(r3 > r2);
     assert_eq!(ds.get("/t/d").await.unwrap(), None);
-    assert_eq!(
-        ds.delete("/t/d", None).await,
-        Err(StoreError::NotFound { key: "/t/d".into() })
-    );
+    assert_eq!(ds.delete("/t/d", None).await, Err(StoreError::NotFound { key: "/t/d".into() }));
     ds.create("/t/d", b"again").await.unwrap();
     ds.delete("/t/d", None).await.unwrap();
     // Re-created keys start a new life: create_revision moves on.
@@ -122,21 +89,14 @@ async fn list_by_prefix(ds: &dyn Datastore) {
 
 async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
     let r1 = ds.create("/x/block", b"b1").await.unwrap();
-    let put = |k: &str, v: &[u8], c| TxnOp::Put {
-        key: k.into(),
-        value: v.to_vec(),
-        condition: c,
-    };
+    let put = |k: &str, v: &[u8], c| TxnOp::Put { key: k.into(), value: v.to_vec(), condition: c };
     // Block CAS + new handle + delete of another key: one revision, all applied.
     ds.create("/x/old", b"o").await.unwrap();
     let revs = ds
         .txn(&[
             put("/x/block", b"b2", Condition::At(r1)),
             put("/x/handle", b"h", Condition::Absent),
-            TxnOp::Delete {
-                key: "/x/old".into(),
-                condition: Condition::Exists,
-            },
+            TxnOp::Delete { key: "/x/old".into(), condition: Condition::Exists },
         ])
         .await
         .unwrap();
@@ -145,62 +105,28 @@ async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
     assert_eq!(ds.get("/x/old").await.unwrap(), None);
     let block_rev = ds.get("/x/block").await.unwrap().unwrap().mod_revision;
     assert_eq!(revs[0], block_rev);
-    assert_eq!(
-        revs[1],
-        ds.get("/x/handle").await.unwrap().unwrap().mod_revision
-    );
+    assert_eq!(revs[1], ds.get("/x/handle").await.unwrap().unwrap().mod_revision);
     assert!(block_rev > r1);
     // One failing condition: nothing is written, and the error names that key.
     let before = ds.revision().await.unwrap();
     let e = ds
-        .txn(&[
-            put("/x/block", b"b3", Condition::At(block_rev)),
-            put("/x/handle", b"h2", Condition::Absent),
-        ])
+        .txn(&[put("/x/block", b"b3", Condition::At(block_rev)), put("/x/handle", b"h2", Condition::Absent)])
         .await
         .unwrap_err();
-    assert_eq!(
-        e,
-        StoreError::AlreadyExists {
-            key: "/x/handle".into()
+    assert_eq!(e, StoreError::AlreadyExists { key: "/x/handle".into() });
+    match ds.txn(&[put("/x/new", b"n", Condition::Any), put("/x/block", b"b3", Condition::At(r1))]).await.unwrap_err() {
+        StoreError::Conflict { key, expected, actual } => {
+            assert_eq!((key.as_str(), expected, actual), ("/x/block", r1, block_rev))
         }
-    );
-    match ds
-        .txn(&[
-            put("/x/new", b"n", Condition::Any),
-            put("/x/block", b"b3", Condition::At(r1)),
-        ])
-        .await
-        .unwrap_err()
-    {
-        StoreError::Conflict {
-            key,
-            expected,
-            actual,
-        } => assert_eq!(
-            (key.as_str(), expected, actual),
-            ("/x/block", r1, block_rev)
-        ),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        ds.txn(&[TxnOp::Delete {
-            key: "/x/none".into(),
-            condition: Condition::Exists
-        }])
-        .await
-        .unwrap_err(),
-        StoreError::NotFound {
-            key: "/x/none".into()
-        }
+        ds.txn(&[TxnOp::Delete { key: "/x/none".into(), condition: Condition::Exists }]).await.unwrap_err(),
+        StoreError::NotFound { key: "/x/none".into() }
     );
     assert_eq!(ds.get("/x/block").await.unwrap().unwrap().value, b"b2");
     assert_eq!(ds.get("/x/new").await.unwrap(), None);
-    assert_eq!(
-        ds.revision().await.unwrap(),
-        before,
-        "a failed transaction does not move the revision"
-    );
+    assert_eq!(ds.revision().await.unwrap(), before, "a failed transaction does not move the revision");
 }
 
 /// More objects than one etcd page and more bytes than one gRPC message.
@@ -211,10 +137,7 @@ async fn list_large(ds: &dyn Datastore) {
     }
     let l = ds.list("/big/").await.unwrap();
     assert_eq!(l.items.len(), 2500);
-    assert!(
-        l.items.windows(2).all(|w| w[0].key < w[1].key),
-        "in key order, no duplicates"
-    );
+    assert!(l.items.windows(2).all(|w| w[0].key < w[1].key), "in key order, no duplicates");
 }
 
 async fn watch_from_revision(ds: &dyn Datastore) {
@@ -231,25 +154,14 @@ async fn watch_from_revision(ds: &dyn Datastore) {
     assert!(
         matches!(&got[0], Event::Put(kv) if kv.key == "/w/x" && kv.value == b"1" && kv.mod_revision == r1 && kv.create_revision == r1)
     );
-    assert!(
-        matches!(&got[1], Event::Put(kv) if kv.value == b"2" && kv.mod_revision == r2 && kv.create_revision == r1)
-    );
-    assert_eq!(
-        got[2],
-        Event::Delete {
-            key: "/w/x".into(),
-            revision: r3
-        }
-    );
+    assert!(matches!(&got[1], Event::Put(kv) if kv.value == b"2" && kv.mod_revision == r2 && kv.create_revision == r1));
+    assert_eq!(got[2], Event::Delete { key: "/w/x".into(), revision: r3 });
     // Then live events, still in order, still only the prefix.
     ds.create("/other/y", b"ignored").await.unwrap();
     let r4 = ds.create("/w/y", b"live").await.unwrap();
     let ev = w.next_timeout(WAIT).await.expect("live event").unwrap();
     assert_eq!((ev.key(), ev.revision()), ("/w/y", r4));
-    assert!(
-        w.next_timeout(Duration::from_millis(200)).await.is_none(),
-        "no event for other prefixes"
-    );
+    assert!(w.next_timeout(Duration::from_millis(200)).await.is_none(), "no event for other prefixes");
 }
 
 async fn watch_from_now(ds: &dyn Datastore) {
@@ -264,29 +176,18 @@ async fn compaction_is_reported(ds: &dyn Datastore) {
     let first = ds.create("/c/k", b"0").await.unwrap();
     let mut rev = first;
     for i in 1..5 {
-        rev = ds
-            .update("/c/k", i.to_string().as_bytes(), rev)
-            .await
-            .unwrap();
+        rev = ds.update("/c/k", i.to_string().as_bytes(), rev).await.unwrap();
     }
     ds.compact(rev).await.unwrap();
     let mut w = ds.watch("/c/", first).await.unwrap();
-    match w
-        .next_timeout(WAIT)
-        .await
-        .expect("the watch must report compaction")
-    {
+    match w.next_timeout(WAIT).await.expect("the watch must report compaction") {
         Err(StoreError::Compacted { .. }) => {}
         other => panic!("expected Compacted, got {other:?}"),
     }
     // Current state is unaffected, and watching from the compaction point works.
     assert_eq!(ds.get("/c/k").await.unwrap().unwrap().value, b"4");
     let mut w = ds.watch("/c/", rev).await.unwrap();
-    let ev = w
-        .next_timeout(WAIT)
-        .await
-        .expect("event at the compaction revision")
-        .unwrap();
+    let ev = w.next_timeout(WAIT).await.expect("event at the compaction revision").unwrap();
     assert_eq!(ev.revision(), rev);
 }
 
@@ -302,10 +203,7 @@ async fn concurrent_cas_loses_nothing(ds: Arc<dyn Datastore>) {
                 loop {
                     let kv = ds.get("/cnt").await.unwrap().unwrap();
                     let n: u64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
-                    match ds
-                        .update("/cnt", (n + 1).to_string().as_bytes(), kv.mod_revision)
-                        .await
-                    {
+                    match ds.update("/cnt", (n + 1).to_string().as_bytes(), kv.mod_revision).await {
                         Ok(_) => break,
                         Err(StoreError::Conflict { .. }) => conflicts += 1,
                         Err(e) => panic!("{e}"),
@@ -361,17 +259,10 @@ async fn embedded_handles_share_one_file() {
     let b = EmbeddedStore::open(&path).unwrap();
     let mut w = a.watch("/s/", 0).await.unwrap();
     let r = b.create("/s/k", b"from b").await.unwrap();
-    let ev = w
-        .next_timeout(WAIT)
-        .await
-        .expect("a sees b's write")
-        .unwrap();
+    let ev = w.next_timeout(WAIT).await.expect("a sees b's write").unwrap();
     assert_eq!((ev.key(), ev.revision()), ("/s/k", r));
     assert_eq!(a.get("/s/k").await.unwrap().unwrap().value, b"from b");
-    assert!(matches!(
-        a.update("/s/k", b"x", r - 1).await,
-        Err(StoreError::Conflict { .. })
-    ));
+    assert!(matches!(a.update("/s/k", b"x", r - 1).await, Err(StoreError::Conflict { .. })));
 }
 
 /// History beyond the retention window is compacted automatically, and a slow watcher that
@@ -382,21 +273,12 @@ async fn embedded_compacts_automatically() {
     let s = EmbeddedStore::open(dir.path().join("c.db")).unwrap();
     let mut rev = s.create("/a/k", b"0").await.unwrap();
     for i in 0..11_000 {
-        rev = s
-            .update("/a/k", i.to_string().as_bytes(), rev)
-            .await
-            .unwrap();
+        rev = s.update("/a/k", i.to_string().as_bytes(), rev).await.unwrap();
     }
     let mut w = s.watch("/a/", 2).await.unwrap();
-    assert!(matches!(
-        w.next_timeout(WAIT).await,
-        Some(Err(StoreError::Compacted { .. }))
-    ));
+    assert!(matches!(w.next_timeout(WAIT).await, Some(Err(StoreError::Compacted { .. }))));
     let mut w = s.watch("/a/", rev - 100).await.unwrap();
-    assert_eq!(
-        w.next_timeout(WAIT).await.unwrap().unwrap().revision(),
-        rev - 100
-    );
+    assert_eq!(w.next_timeout(WAIT).await.unwrap().unwrap().revision(), rev - 100);
 }
 
 #[tokio::test]
@@ -411,9 +293,5 @@ async fn etcd_over_tls_with_client_certificates() {
     let mut no_cert = server.config.clone();
     no_cert.cert_file = None;
     no_cert.key_file = None;
-    assert!(
-        gingham_store::etcd::EtcdStore::connect(&no_cert)
-            .await
-            .is_err()
-    );
+    assert!(gingham_store::etcd::EtcdStore::connect(&no_cert).await.is_err());
 }
