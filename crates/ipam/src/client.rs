@@ -75,6 +75,8 @@ pub struct IpamClient {
     blocks: Mutex<HashMap<IpNet, (AllocationBlock, Revision)>>,
     handles: Mutex<HashMap<String, (IpamHandle, Revision)>>,
     node_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The pools as last parsed, with the revisions they were parsed at.
+    pool_cache: Mutex<Option<(Vec<(String, Revision)>, Vec<Pool>)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
     affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
     /// How long another node's empty block must have been claimed before this node may take it.
@@ -107,6 +109,7 @@ impl IpamClient {
             handles: Mutex::default(),
             node_locks: Mutex::default(),
             affinities: Mutex::default(),
+            pool_cache: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
     }
@@ -125,9 +128,26 @@ impl IpamClient {
         lock(&self.node_locks).entry(node.to_string()).or_default().clone()
     }
 
+    /// The IPPools, read on every call but parsed again only when one changed.
     pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
-        let objs = self.resources.list(Kind::IPPool, None).await?;
-        Ok(objs.iter().filter_map(|o| Pool::from_spec(o.name(), o.spec_as::<IPPoolSpec>().ok()?)).collect())
+        let listing = self.ds.list(&Kind::IPPool.prefix(None)).await?;
+        let revisions: Vec<(String, Revision)> =
+            listing.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
+        if let Some((seen, pools)) = lock(&self.pool_cache).as_ref() {
+            if *seen == revisions {
+                return Ok(pools.clone());
+            }
+        }
+        let pools: Vec<Pool> = listing
+            .items
+            .iter()
+            .filter_map(|kv| {
+                let obj: gingham_api::Object = serde_json::from_slice(&kv.value).ok()?;
+                Pool::from_spec(obj.name(), obj.spec_as::<IPPoolSpec>().ok()?)
+            })
+            .collect();
+        *lock(&self.pool_cache) = Some((revisions, pools.clone()));
+        Ok(pools)
     }
 
     pub async fn settings(&self) -> Result<Settings, IpamError> {

@@ -44,7 +44,6 @@ CREATE TABLE IF NOT EXISTS log (
     value BLOB,
     create_rev INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS log_key_rev ON log (key, rev);
 CREATE TABLE IF NOT EXISTS current (
     key TEXT PRIMARY KEY,
     rev INTEGER NOT NULL,
@@ -87,6 +86,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // NORMAL in WAL mode: a crashed process loses nothing committed; only power loss can drop
     // the last transactions, never corrupt the file.
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 8000).map_err(db_err)?;
     Ok(conn)
 }
 
