@@ -297,6 +297,34 @@ async fn check_finds_problems(ds: Arc<dyn Datastore>) {
     assert!(report.progress.iter().any(|l| l == "Found 2 workload IPs."));
 }
 
+async fn dual_stack_and_no_auto_blocks(ds: Arc<dyn Datastore>) {
+    apply(&ds, &(pool("v4", "10.80.0.0/24", "") + &pool("v6", "fd00:80::/120", ""))).await;
+    let ipam = IpamClient::new(ds.clone());
+    let mut r = req("n1", "dual", 2);
+    r.num_v6 = 2;
+    let got = ipam.auto_assign(&r).await.unwrap();
+    assert_eq!((got.v4.len(), got.v6.len()), (2, 2));
+    assert!(got.v6.iter().all(|n| n.prefix_len() == 122 && n.to_string().starts_with("fd00:80::")), "{got:?}");
+    assert!(
+        ds.get("/calico/ipam/v2/host/n1/ipv6/block/fd00:80::-122").await.unwrap().is_some()
+            || ipam.affine_blocks("n1", false).await.unwrap().len() == 1
+    );
+    let h: IpamHandle =
+        serde_json::from_slice(&ds.get("/calico/ipam/v2/handle/dual").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(h.block.values().sum::<usize>(), 4);
+    // v6 cannot be satisfied: the v4 addresses taken for the same request are given back.
+    let mut big = req("n1", "too-many", 1);
+    big.num_v6 = 300;
+    assert!(matches!(ipam.auto_assign(&big).await, Err(IpamError::Exhausted { family: "IPv6", .. })));
+    assert!(ds.get("/calico/ipam/v2/handle/too-many").await.unwrap().is_none());
+    assert_eq!(ipam.release_by_handle("dual").await.unwrap().len(), 4);
+    // autoAllocateBlocks off: a node without blocks may only borrow.
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {autoAllocateBlocks: false}\n").await;
+    let got = ipam.auto_assign(&req("n2", "borrower", 1)).await.unwrap();
+    assert!(ipam.affine_blocks("n2", true).await.unwrap().is_empty());
+    assert!(ipam.affine_blocks("n1", true).await.unwrap().contains(&got.v4[0].trunc()));
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -305,6 +333,7 @@ macro_rules! both {
 }
 
 both!(
+    dual_stack_and_no_auto_blocks,
     assign_claims_and_layout,
     steady_state_is_one_write,
     borrowing_strict_affinity_and_limits,
