@@ -1,0 +1,317 @@
+//! Thin typed wrappers over what gingham asks of the kernel: links, addresses and routes over
+//! rtnetlink, network namespaces, and sysctls. Nothing else in gingham talks to the kernel.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+pub mod sysctl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("network namespace {path}: {message}")]
+    Netns { path: String, message: String },
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("sysctl {path}: {message}")]
+    Sysctl { path: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+fn nl(e: rtnetlink::Error) -> KernelError {
+    KernelError::Netlink(e.to_string())
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == errno)
+}
+
+/// A link as gingham needs to see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    pub up: bool,
+    pub kind: Option<String>,
+}
+
+/// A route gingham programs: destination, optional gateway and device, scope and protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub scope_link: bool,
+    pub onlink: bool,
+    pub blackhole: bool,
+    pub protocol: u8,
+}
+
+impl Route {
+    /// `dst dev <oif> scope link`.
+    pub fn device(dst: IpNet, oif: u32, protocol: u8) -> Route {
+        Route { dst, gateway: None, oif: Some(oif), scope_link: true, onlink: false, blackhole: false, protocol }
+    }
+    /// `dst via gw dev <oif>`.
+    pub fn via(dst: IpNet, gateway: IpAddr, oif: u32, protocol: u8) -> Route {
+        Route {
+            dst,
+            gateway: Some(gateway),
+            oif: Some(oif),
+            scope_link: false,
+            onlink: false,
+            blackhole: false,
+            protocol,
+        }
+    }
+}
+
+/// A netlink handle bound to one network namespace (the socket stays in the namespace it was
+/// opened in, whatever thread uses it later).
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Open a network namespace file (`/var/run/netns/x`, `/proc/<pid>/ns/net`).
+pub fn open_netns(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| KernelError::Netns { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// Run `f` on a fresh OS thread that has entered the namespace at `path`. The calling thread
+/// (maybe a tokio worker) never changes namespace.
+pub fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let ns = open_netns(path)?;
+    let p = path.display().to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| KernelError::Netns { path: p, message: e.to_string() })?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| KernelError::Netns { path: path.display().to_string(), message: "worker thread panicked".into() })?
+}
+
+impl Netlink {
+    /// A handle in this process's own namespace. Needs a tokio runtime.
+    pub fn current() -> Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| KernelError::Netlink(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// A handle whose socket lives in the namespace at `path`.
+    pub fn in_namespace(path: &Path) -> Result<Netlink> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = in_netns(path, move || {
+            let _g = rt.enter();
+            rtnetlink::new_connection().map(|(c, h, _)| (c, h))
+        })?
+        .map_err(|e| KernelError::Netlink(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(to_link(&m))),
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, libc_enodev()) => Ok(None),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await.map_err(nl)?;
+        Ok(msgs.iter().map(to_link).collect())
+    }
+
+    /// Create a veth pair: `host` here, `peer` created directly inside the namespace `peer_ns`
+    /// (never moved: a move takes the RTNL lock again). `host_mac` for the host end.
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: &File,
+        mtu: u32,
+        host_mac: Option<[u8; 6]>,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .mtu(mtu)
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let mut b = LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)));
+        if let Some(mac) = host_mac {
+            b = b.address(mac.to_vec());
+        }
+        match self.handle.link().add(b.build()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, 17) => Err(KernelError::Exists(host.to_string())),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    /// Delete a link by name; false if it did not exist.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        let Some(l) = self.link(name).await? else { return Ok(false) };
+        match self.handle.link().del(l.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc_enodev()) => Ok(false),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(nl)
+    }
+
+    /// Add an address (idempotent).
+    pub async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        self.handle.address().add(index, addr.addr(), addr.prefix_len()).replace().execute().await.map_err(nl)
+    }
+
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        let msgs: Vec<_> =
+            self.handle.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(nl)?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    fn route_message(r: &Route) -> Result<RouteMessage> {
+        fn bad(e: impl std::fmt::Display) -> KernelError {
+            KernelError::Netlink(e.to_string())
+        }
+        let mut b =
+            RouteMessageBuilder::<IpAddr>::new().destination_prefix(r.dst.addr(), r.dst.prefix_len()).map_err(bad)?;
+        if let Some(gw) = r.gateway {
+            b = b.gateway(gw).map_err(bad)?;
+        }
+        if let Some(oif) = r.oif {
+            b = b.output_interface(oif);
+        }
+        if r.scope_link {
+            b = b.scope(RouteScope::Link);
+        }
+        if r.onlink {
+            b = b.onlink();
+        }
+        if r.blackhole {
+            b = b.kind(RouteType::BlackHole);
+        }
+        Ok(b.protocol(RouteProtocol::from(r.protocol)).build())
+    }
+
+    /// Add or replace a route in the main table.
+    pub async fn replace_route(&self, r: &Route) -> Result<()> {
+        self.handle.route().add(Self::route_message(r)?).replace().execute().await.map_err(nl)
+    }
+
+    /// Delete a route; false if it was not there.
+    pub async fn delete_route(&self, r: &Route) -> Result<bool> {
+        match self.handle.route().del(Self::route_message(r)?).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, 3) => Ok(false), // ESRCH
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    /// Routes of the main table for one family.
+    pub async fn routes(&self, v4: bool) -> Result<Vec<Route>> {
+        let probe = if v4 {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        let msgs: Vec<RouteMessage> = self.handle.route().get(probe).execute().try_collect().await.map_err(nl)?;
+        Ok(msgs.iter().filter(|m| m.header.table == 254).filter_map(to_route).collect())
+    }
+}
+
+fn libc_enodev() -> i32 {
+    19
+}
+
+fn to_link(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        kind: None,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::Address(mac) if mac.len() == 6 => l.mac = mac.as_slice().try_into().ok(),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        l.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+fn addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+fn to_route(m: &RouteMessage) -> Option<Route> {
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = addr(d),
+            RouteAttribute::Gateway(g) => gateway = addr(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let v4 = m.header.address_family == netlink_packet_route::AddressFamily::Inet;
+    let dst = dst.unwrap_or(if v4 { IpAddr::V4(0.into()) } else { IpAddr::V6(0.into()) });
+    Some(Route {
+        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        gateway,
+        oif,
+        scope_link: m.header.scope == RouteScope::Link,
+        onlink: m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink),
+        blackhole: m.header.kind == RouteType::BlackHole,
+        protocol: u8::from(m.header.protocol),
+    })
+}

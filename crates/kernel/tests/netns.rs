@@ -1,0 +1,94 @@
+//! The kernel wrappers against the real kernel, inside network namespaces this test creates and
+//! always removes (also when an assertion fails).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use gingham_kernel::{Netlink, Route, in_netns, open_netns, sysctl};
+
+/// A named network namespace, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!("gk-{}-{tag}", std::process::id());
+        let out = Command::new("ip").args(["netns", "add", &name]).output().expect("iproute2 is installed");
+        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        Ns(name)
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.0))
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn veth_into_namespace_addresses_routes_sysctls() {
+    let host = Ns::new("host");
+    let pod = Ns::new("pod");
+    let h = Netlink::in_namespace(&host.path()).unwrap();
+    let p = Netlink::in_namespace(&pod.path()).unwrap();
+    let mac = [0xee; 6];
+    h.add_veth("calitest0", "eth0", &open_netns(&pod.path()).unwrap(), 1450, Some(mac)).await.unwrap();
+    // The peer was created inside the pod namespace, not in the host one.
+    let hl = h.link("calitest0").await.unwrap().unwrap();
+    assert_eq!((hl.mac, hl.mtu, hl.kind.as_deref()), (Some(mac), 1450, Some("veth")));
+    assert!(h.link("eth0").await.unwrap().is_none());
+    let pl = p.link("eth0").await.unwrap().unwrap();
+    assert_eq!(pl.mtu, 1450);
+    assert!(matches!(
+        h.add_veth("calitest0", "eth1", &open_netns(&pod.path()).unwrap(), 1450, None).await,
+        Err(gingham_kernel::KernelError::Exists(_))
+    ));
+
+    let pod_ip: ipnet::IpNet = "10.65.0.5/32".parse().unwrap();
+    p.add_address(pl.index, pod_ip).await.unwrap();
+    p.add_address(pl.index, pod_ip).await.unwrap(); // idempotent
+    p.set_up(pl.index).await.unwrap();
+    h.set_up(hl.index).await.unwrap();
+    let v4: Vec<_> = p.addresses(pl.index).await.unwrap().into_iter().filter(|a| a.addr().is_ipv4()).collect();
+    assert_eq!(v4, vec![pod_ip]);
+    let gw: IpAddr = "169.254.1.1".parse().unwrap();
+    p.replace_route(&Route::device("169.254.1.1/32".parse().unwrap(), pl.index, 3)).await.unwrap();
+    p.replace_route(&Route::via("0.0.0.0/0".parse().unwrap(), gw, pl.index, 3)).await.unwrap();
+    let host_route = Route::device(pod_ip, hl.index, 3);
+    h.replace_route(&host_route).await.unwrap();
+    h.replace_route(&host_route).await.unwrap(); // replace is idempotent
+    let routes = p.routes(true).await.unwrap();
+    assert!(
+        routes.iter().any(|r| r.dst.to_string() == "0.0.0.0/0" && r.gateway == Some(gw) && r.oif == Some(pl.index)),
+        "{routes:?}"
+    );
+    assert!(routes.iter().any(|r| r.dst.to_string() == "169.254.1.1/32" && r.scope_link));
+    let hr = h.routes(true).await.unwrap();
+    assert!(hr.iter().any(|r| r.dst == pod_ip && r.oif == Some(hl.index) && r.scope_link && r.protocol == 3), "{hr:?}");
+    // The kernel agrees (as `ip route` shows it).
+    let shown = Command::new("ip").args(["-n", &host.0, "route", "show", "10.65.0.5"]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout).trim(),
+        "10.65.0.5 dev calitest0 scope link" /* ip omits proto boot */
+    );
+
+    // Sysctls land in the namespace they are written in.
+    sysctl::write_in(
+        &host.path(),
+        vec![(vec!["net".into(), "ipv4".into(), "conf".into(), "calitest0".into(), "proxy_arp".into()], "1".into())],
+    )
+    .unwrap();
+    let v =
+        in_netns(&host.path(), || sysctl::read(&["net", "ipv4", "conf", "calitest0", "proxy_arp"])).unwrap().unwrap();
+    assert_eq!(v, "1");
+
+    assert!(h.delete_route(&host_route).await.unwrap());
+    assert!(!h.delete_route(&host_route).await.unwrap());
+    // Deleting the host end removes the pair, in both namespaces.
+    assert!(h.delete_link("calitest0").await.unwrap());
+    assert!(!h.delete_link("calitest0").await.unwrap());
+    assert!(p.link("eth0").await.unwrap().is_none());
+}
