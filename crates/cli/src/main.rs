@@ -1,5 +1,6 @@
 //! `gingham`: the calicoctl-style command line.
 
+mod cni;
 mod ipam;
 mod output;
 mod resources;
@@ -137,6 +138,49 @@ enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+    /// The node agent.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// CNI plugin installation.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Run the node agent: serves the CNI plugin on a unix socket.
+    Run {
+        /// This node's name (default: the host name).
+        #[arg(long, env = "NODENAME")]
+        nodename: Option<String>,
+        #[arg(long, default_value = gingham_cni::proto::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy gingham and gingham-ipam into the CNI bin dir and write 10-gingham.conflist.
+    Install {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "k8s-pod-network")]
+        name: String,
+        #[arg(long, default_value = "1.0.0")]
+        cni_version: String,
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        #[arg(long, env = "NODENAME", default_value = "")]
+        nodename: String,
+        #[arg(long, default_value = gingham_cni::proto::DEFAULT_SOCKET)]
+        socket: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,6 +261,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Release { ip } => ipam::release(&client, ip).await,
             }
         }
+        Command::Node { command: NodeCommand::Run { nodename, socket } } => {
+            let node = match nodename {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
+            };
+            let store = ds.open().await?.datastore().clone();
+            eprintln!("gingham node agent: node {node}, {}, listening on {}", store.describe(), socket.display());
+            let shutdown = async {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return std::future::pending::<()>().await,
+                };
+                tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+            };
+            gingham_agent::run(gingham_agent::AgentConfig { node, socket, store }, shutdown).await?;
+            Ok(())
+        }
+        Command::Cni {
+            command: CniCommand::Install { conf_dir, bin_dir, name, cni_version, mtu, nodename, socket },
+        } => {
+            let conf = cni::conflist(&name, &cni_version, mtu, &nodename, &socket);
+            for p in cni::install(&conf_dir, &bin_dir, &conf)? {
+                println!("installed {}", p.display());
+            }
+            Ok(())
+        }
         Command::Datastore => {
             let store = ds.open().await?;
             println!("{}", store.datastore().describe());
@@ -254,8 +324,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Invoked by a container runtime: act as a CNI plugin (IPAM plugin under the name *-ipam).
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        let ipam_mode = std::env::args_os().next().is_some_and(|a| a.to_string_lossy().ends_with("-ipam"));
+        return cni::main(ipam_mode);
+    }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // The node agent serves many requests at once; the CLI needs one thread.
+    let rt = if matches!(cli.command, Command::Node { .. }) {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -1,0 +1,497 @@
+//! The endpoint service behind the CNI plugin: ADD wires a pod the way Calico does (veth with the
+//! host end `cali…` here and `eth0` created directly in the pod's namespace, /32 addresses,
+//! 169.254.1.1 as gateway, proxy ARP, a host route per address) and records the
+//! WorkloadEndpoint; every failure undoes what was done. DEL and GC take it all back.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::Path;
+
+use gingham_api::policy::WorkloadEndpointSpec;
+use gingham_api::{Kind, Object, ObjectMeta};
+use gingham_cni::proto::{Attachment, Endpoint};
+use gingham_cni::spec::{
+    CniError, CniResult, Interface, IpConfig, RouteConf, code, host_veth_name, workload_endpoint_name,
+};
+use gingham_ipam::{AutoAssign, IpamClient};
+use gingham_kernel::{KernelError, Netlink, Route, open_netns, sysctl};
+use gingham_store::resources::now_rfc3339;
+use gingham_store::{ResourceStore, StoreError};
+use ipnet::IpNet;
+
+/// The MAC of every host-side veth (so pods see one gateway MAC everywhere).
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+pub const GATEWAY_V4: &str = "169.254.1.1";
+/// Route protocol of workload routes (Felix's deviceRouteProtocol default: RTPROT_BOOT).
+pub const WORKLOAD_ROUTE_PROTO: u8 = 3;
+/// Plugin-specific error: the interface name is already used in the pod's namespace.
+pub const ERR_INTERFACE_EXISTS: u32 = 101;
+
+/// The IPv6 link-local address derived (EUI-64) from the host veth MAC.
+pub fn host_link_local() -> Ipv6Addr {
+    let m = HOST_MAC;
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([m[0] ^ 2, m[1]]),
+        u16::from_be_bytes([m[2], 0xff]),
+        u16::from_be_bytes([0xfe, m[3]]),
+        u16::from_be_bytes([m[4], m[5]]),
+    )
+}
+
+fn internal(msg: &str, e: impl std::fmt::Display) -> CniError {
+    CniError::new(code::INTERNAL, msg).details(e.to_string())
+}
+
+fn kernel(msg: &str, e: KernelError) -> CniError {
+    CniError::new(code::INTERNAL, msg).details(e.to_string())
+}
+
+pub struct EndpointService {
+    pub node: String,
+    pub ipam: IpamClient,
+    pub resources: ResourceStore,
+    pub host: Netlink,
+}
+
+/// Identity of an attachment in Calico's terms.
+struct Identity {
+    namespace: String,
+    workload: String,
+    orchestrator: &'static str,
+    wep_name: String,
+    host_veth: String,
+}
+
+impl EndpointService {
+    fn identity(&self, ep: &Endpoint) -> Identity {
+        let (namespace, workload, orchestrator) = match (&ep.namespace, &ep.pod) {
+            (Some(ns), Some(pod)) => (ns.clone(), pod.clone(), "k8s"),
+            _ => (ep.namespace.clone().unwrap_or_else(|| "default".into()), ep.container_id.clone(), "cni"),
+        };
+        let prefix = if ep.interface_prefix.is_empty() { "cali" } else { ep.interface_prefix.as_str() };
+        Identity {
+            wep_name: workload_endpoint_name(&self.node, orchestrator, &workload, &ep.ifname),
+            host_veth: host_veth_name(prefix, &namespace, &workload),
+            namespace,
+            workload,
+            orchestrator,
+        }
+    }
+
+    async fn namespace_labels(&self, ns: &str) -> Option<BTreeMap<String, String>> {
+        self.resources.get(Kind::Namespace, None, ns).await.ok().flatten().map(|o| o.metadata.labels)
+    }
+
+    fn assign_request(&self, ep: &Endpoint, id: &Identity, ns_labels: Option<BTreeMap<String, String>>) -> AutoAssign {
+        let yes = |v: &Option<String>, default: bool| v.as_deref().map_or(default, |s| s == "true");
+        let mut attrs =
+            BTreeMap::from([("node".to_string(), self.node.clone()), ("timestamp".to_string(), now_rfc3339())]);
+        attrs.insert("namespace".into(), id.namespace.clone());
+        attrs.insert("pod".into(), id.workload.clone());
+        AutoAssign {
+            num_v4: usize::from(yes(&ep.ipam.assign_ipv4, true)),
+            num_v6: usize::from(yes(&ep.ipam.assign_ipv6, false)),
+            handle: ep.handle(),
+            attrs,
+            node: self.node.clone(),
+            pools_v4: ep.ipam.ipv4_pools.clone(),
+            pools_v6: ep.ipam.ipv6_pools.clone(),
+            namespace_labels: ns_labels,
+            ..Default::default()
+        }
+    }
+
+    /// IPAM only: addresses for another plugin's interface.
+    pub async fn ipam_add(&self, ep: &Endpoint) -> Result<CniResult, CniError> {
+        let id = self.identity(ep);
+        let ns_labels = self.namespace_labels(&id.namespace).await;
+        let got = self
+            .ipam
+            .auto_assign(&self.assign_request(ep, &id, ns_labels))
+            .await
+            .map_err(|e| internal("IP address assignment failed", e))?;
+        let ips =
+            got.v4.iter().chain(&got.v6).map(|n| IpConfig { address: *n, gateway: None, interface: None }).collect();
+        Ok(CniResult { ips, ..Default::default() })
+    }
+
+    pub async fn ipam_del(&self, ep: &Endpoint) -> Result<(), CniError> {
+        self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| internal("releasing addresses failed", e))?;
+        Ok(())
+    }
+
+    pub async fn add(&self, ep: &Endpoint) -> Result<CniResult, CniError> {
+        let id = self.identity(ep);
+        let netns = Path::new(&ep.netns);
+        let ns_file = open_netns(netns).map_err(|e| {
+            CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {} does not exist", ep.netns))
+                .details(e.to_string())
+        })?;
+        let pod = Netlink::in_namespace(netns).map_err(|e| kernel("cannot enter the pod's network namespace", e))?;
+        if pod.link(&ep.ifname).await.map_err(|e| kernel("reading the pod's interfaces failed", e))?.is_some() {
+            return Err(CniError::new(
+                ERR_INTERFACE_EXISTS,
+                format!("interface {} already exists in network namespace {}", ep.ifname, ep.netns),
+            ));
+        }
+        // Leftovers of an earlier attempt for this container (crash, SIGKILL) go first.
+        self.ipam
+            .release_by_handle(&ep.handle())
+            .await
+            .map_err(|e| internal("releasing an earlier attempt's addresses failed", e))?;
+        let mut undo = Undo::default();
+        match self.add_steps(ep, &id, &ns_file, &pod, &mut undo).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                undo.run(self, ep, &id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn add_steps(
+        &self,
+        ep: &Endpoint,
+        id: &Identity,
+        ns_file: &std::fs::File,
+        pod: &Netlink,
+        undo: &mut Undo,
+    ) -> Result<CniResult, CniError> {
+        let ns_labels = self.namespace_labels(&id.namespace).await;
+        undo.ipam = true;
+        let got = self
+            .ipam
+            .auto_assign(&self.assign_request(ep, id, ns_labels))
+            .await
+            .map_err(|e| internal("IP address assignment failed", e))?;
+        let mtu = if ep.mtu == 0 { 1500 } else { ep.mtu };
+        // A stale host end with this name (an earlier pod of the same name) is replaced.
+        self.host.delete_link(&id.host_veth).await.map_err(|e| kernel("removing a stale host interface failed", e))?;
+        undo.veth = true;
+        self.host
+            .add_veth(&id.host_veth, &ep.ifname, ns_file, mtu, Some(HOST_MAC))
+            .await
+            .map_err(|e| kernel("creating the veth pair failed", e))?;
+        let host_link = self
+            .host
+            .link(&id.host_veth)
+            .await
+            .map_err(|e| kernel("reading the host interface failed", e))?
+            .ok_or_else(|| CniError::new(code::INTERNAL, "the host interface vanished"))?;
+        let pod_link = pod
+            .link(&ep.ifname)
+            .await
+            .map_err(|e| kernel("reading the pod interface failed", e))?
+            .ok_or_else(|| CniError::new(code::INTERNAL, "the pod interface vanished"))?;
+        let has_v6 = !got.v6.is_empty();
+        // Host side: proxy ARP/NDP answers for the gateway; no delay on the first packet.
+        let h = id.host_veth.as_str();
+        let mut host_sysctls: Vec<([&str; 5], &str)> = vec![
+            (["net", "ipv4", "conf", h, "proxy_arp"], "1"),
+            (["net", "ipv4", "neigh", h, "proxy_delay"], "0"),
+            (["net", "ipv4", "conf", h, "forwarding"], "1"),
+        ];
+        if has_v6 {
+            host_sysctls.extend([
+                (["net", "ipv6", "conf", h, "proxy_ndp"], "1"),
+                (["net", "ipv6", "conf", h, "forwarding"], "1"),
+                (["net", "ipv6", "conf", h, "accept_ra"], "0"),
+            ]);
+        }
+        for (key, value) in host_sysctls {
+            sysctl::write(&key, value).map_err(|e| kernel("setting a host interface sysctl failed", e))?;
+        }
+        if has_v6 {
+            let ifn = ep.ifname.clone();
+            sysctl::write_in(
+                Path::new(&ep.netns),
+                vec![
+                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn.clone(), "accept_dad".into()], "0".into()),
+                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn, "disable_ipv6".into()], "0".into()),
+                ],
+            )
+            .map_err(|e| kernel("setting a pod interface sysctl failed", e))?;
+        }
+        // Pod side: /32 (/128) addresses, the link-local gateway, default routes.
+        for n in got.v4.iter().chain(&got.v6) {
+            let host_net = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
+            pod.add_address(pod_link.index, host_net).await.map_err(|e| kernel("adding the pod address failed", e))?;
+        }
+        pod.set_up(pod_link.index).await.map_err(|e| kernel("bringing the pod interface up failed", e))?;
+        self.host.set_up(host_link.index).await.map_err(|e| kernel("bringing the host interface up failed", e))?;
+        let gw4: IpAddr = GATEWAY_V4.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1)));
+        let mut routes = Vec::new();
+        if !got.v4.is_empty() {
+            pod.replace_route(&Route::device(
+                IpNet::new(gw4, 32).unwrap_or_default(),
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the gateway route failed", e))?;
+            pod.replace_route(&Route::via(
+                "0.0.0.0/0".parse().unwrap_or_default(),
+                gw4,
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the default route failed", e))?;
+            routes.push(RouteConf { dst: "0.0.0.0/0".parse().unwrap_or_default(), gw: None });
+        }
+        if has_v6 {
+            let gw6 = IpAddr::V6(host_link_local());
+            pod.replace_route(&Route::via(
+                "::/0".parse().unwrap_or_default(),
+                gw6,
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the IPv6 default route failed", e))?;
+            routes.push(RouteConf { dst: "::/0".parse().unwrap_or_default(), gw: None });
+        }
+        // Host routes to each pod address through its veth.
+        for n in got.v4.iter().chain(&got.v6) {
+            let dst = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
+            self.host
+                .replace_route(&Route::device(dst, host_link.index, WORKLOAD_ROUTE_PROTO))
+                .await
+                .map_err(|e| kernel("adding the host route failed", e))?;
+        }
+        undo.wep = true;
+        self.write_endpoint(ep, id, &got, &pod_link.mac).await?;
+        let mac = |m: Option<[u8; 6]>| {
+            m.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")).unwrap_or_default()
+        };
+        Ok(CniResult {
+            interfaces: vec![
+                Interface {
+                    name: id.host_veth.clone(),
+                    mac: mac(host_link.mac),
+                    mtu: Some(mtu),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: ep.ifname.clone(),
+                    mac: mac(pod_link.mac),
+                    mtu: Some(mtu),
+                    sandbox: ep.netns.clone(),
+                },
+            ],
+            ips: got
+                .v4
+                .iter()
+                .chain(&got.v6)
+                .map(|n| IpConfig {
+                    address: IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n),
+                    gateway: None,
+                    interface: Some(1),
+                })
+                .collect(),
+            routes,
+            dns: Default::default(),
+        })
+    }
+
+    async fn write_endpoint(
+        &self,
+        ep: &Endpoint,
+        id: &Identity,
+        got: &gingham_ipam::Assigned,
+        mac: &Option<[u8; 6]>,
+    ) -> Result<(), CniError> {
+        let mut labels = ep.labels.clone();
+        labels.insert("projectcalico.org/namespace".into(), id.namespace.clone());
+        labels.insert("projectcalico.org/orchestrator".into(), id.orchestrator.into());
+        let spec = WorkloadEndpointSpec {
+            orchestrator: Some(id.orchestrator.into()),
+            workload: Some(id.workload.clone()),
+            node: Some(self.node.clone()),
+            container_id: Some(ep.container_id.clone()),
+            pod: (id.orchestrator == "k8s").then(|| id.workload.clone()),
+            endpoint: Some(ep.ifname.clone()),
+            ip_networks: Some(
+                got.v4
+                    .iter()
+                    .chain(&got.v6)
+                    .map(|n| IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n).to_string())
+                    .collect(),
+            ),
+            profiles: Some(vec![format!("kns.{}", id.namespace)]),
+            interface_name: Some(id.host_veth.clone()),
+            mac: mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+            ..Default::default()
+        };
+        let obj = Object {
+            api_version: Kind::WorkloadEndpoint.api_version().into(),
+            kind: Kind::WorkloadEndpoint.kind_name().into(),
+            metadata: ObjectMeta {
+                name: id.wep_name.clone(),
+                namespace: Some(id.namespace.clone()),
+                labels,
+                ..Default::default()
+            },
+            spec: serde_json::to_value(&spec).map_err(|e| internal("encoding the endpoint failed", e))?,
+            status: None,
+        };
+        let value = serde_json::to_value(&obj).map_err(|e| internal("encoding the endpoint failed", e))?;
+        let obj = Kind::WorkloadEndpoint.normalize(&value).map_err(|e| {
+            CniError::new(code::INVALID_CONFIG, "the workload endpoint is not valid")
+                .details(e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        self.resources.apply(obj).await.map_err(|e| internal("recording the workload endpoint failed", e))?;
+        Ok(())
+    }
+
+    /// Remove everything of this attachment; succeeds when it is already gone.
+    pub async fn del(&self, ep: &Endpoint) -> Result<(), CniError> {
+        let id = self.identity(ep);
+        self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| internal("releasing addresses failed", e))?;
+        // The endpoint (and its veth) only if it still belongs to this container: a newer pod
+        // of the same name may have replaced it.
+        let wep = self
+            .resources
+            .get(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name)
+            .await
+            .map_err(|e| internal("reading the endpoint failed", e))?;
+        let ours = wep.as_ref().is_none_or(|w| w.spec["containerID"].as_str() == Some(ep.container_id.as_str()));
+        if ours {
+            self.host.delete_link(&id.host_veth).await.map_err(|e| kernel("removing the veth failed", e))?;
+            if let Some(w) = wep {
+                let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
+                match self.resources.delete(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name, rv).await {
+                    Ok(_) | Err(gingham_store::resources::ResourceError::Store(StoreError::NotFound { .. })) => {}
+                    Err(e) => return Err(internal("removing the endpoint failed", e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A real check: the endpoint, both interfaces, the addresses and routes are as recorded.
+    pub async fn check(&self, ep: &Endpoint, prev: Option<&CniResult>) -> Result<(), CniError> {
+        let id = self.identity(ep);
+        let fail = |m: String| Err(CniError::new(code::INTERNAL, m));
+        let Some(wep) = self
+            .resources
+            .get(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name)
+            .await
+            .map_err(|e| internal("reading the endpoint failed", e))?
+        else {
+            return fail(format!("workload endpoint {}/{} does not exist", id.namespace, id.wep_name));
+        };
+        if wep.spec["containerID"].as_str() != Some(ep.container_id.as_str()) {
+            return fail(format!("workload endpoint {} belongs to container {}", id.wep_name, wep.spec["containerID"]));
+        }
+        let Some(host_link) =
+            self.host.link(&id.host_veth).await.map_err(|e| kernel("reading interfaces failed", e))?
+        else {
+            return fail(format!("host interface {} is missing", id.host_veth));
+        };
+        let pod = Netlink::in_namespace(Path::new(&ep.netns)).map_err(|e| {
+            CniError::new(code::UNKNOWN_CONTAINER, "cannot enter the pod's network namespace").details(e.to_string())
+        })?;
+        let Some(pod_link) = pod.link(&ep.ifname).await.map_err(|e| kernel("reading interfaces failed", e))? else {
+            return fail(format!("interface {} is missing in {}", ep.ifname, ep.netns));
+        };
+        let have = pod.addresses(pod_link.index).await.map_err(|e| kernel("reading addresses failed", e))?;
+        let recorded: Vec<IpNet> =
+            wep.spec["ipNetworks"].as_array().into_iter().flatten().filter_map(|v| v.as_str()?.parse().ok()).collect();
+        for want in recorded.iter().chain(prev.into_iter().flat_map(|p| p.ips.iter().map(|i| &i.address))) {
+            if !have.iter().any(|h| h.addr() == want.addr()) {
+                return fail(format!("address {want} is missing from {} in {}", ep.ifname, ep.netns));
+            }
+        }
+        let host_routes = self.host.routes(true).await.map_err(|e| kernel("reading routes failed", e))?;
+        let mut host_routes6 = self.host.routes(false).await.map_err(|e| kernel("reading routes failed", e))?;
+        host_routes6.extend(host_routes);
+        for want in &recorded {
+            if !host_routes6.iter().any(|r| {
+                r.dst.addr() == want.addr()
+                    && r.dst.prefix_len() == want.max_prefix_len()
+                    && r.oif == Some(host_link.index)
+            }) {
+                return fail(format!("host route to {} via {} is missing", want.addr(), id.host_veth));
+            }
+        }
+        if recorded.iter().any(|n| n.addr().is_ipv4()) {
+            let pod_routes = pod.routes(true).await.map_err(|e| kernel("reading routes failed", e))?;
+            if !pod_routes.iter().any(|r| r.dst.prefix_len() == 0 && r.gateway == GATEWAY_V4.parse().ok()) {
+                return fail(format!("the default route via {GATEWAY_V4} is missing in {}", ep.netns));
+            }
+        }
+        Ok(())
+    }
+
+    /// Release what this node holds for `network` that no valid attachment accounts for.
+    pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<(), CniError> {
+        let keep: std::collections::BTreeSet<String> =
+            valid.iter().map(|a| format!("{network}.{}", a.container_id)).collect();
+        let handles = self
+            .ipam
+            .datastore()
+            .list("/calico/ipam/v2/handle/")
+            .await
+            .map_err(|e| internal("listing handles failed", e))?;
+        for kv in handles.items {
+            let id = kv.key.trim_start_matches("/calico/ipam/v2/handle/").to_string();
+            if id.starts_with(&format!("{network}.")) && !keep.contains(&id) {
+                self.ipam.release_by_handle(&id).await.map_err(|e| internal("releasing a stale handle failed", e))?;
+            }
+        }
+        let keep_ids: std::collections::BTreeSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
+        for w in self
+            .resources
+            .list(Kind::WorkloadEndpoint, None)
+            .await
+            .map_err(|e| internal("listing endpoints failed", e))?
+        {
+            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
+            if spec.node.as_deref() != Some(self.node.as_str())
+                || spec.container_id.as_deref().is_some_and(|c| keep_ids.contains(c))
+            {
+                continue;
+            }
+            if let Some(ifn) = &spec.interface_name {
+                self.host.delete_link(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
+            }
+            let _ = self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), None).await;
+        }
+        Ok(())
+    }
+}
+
+/// What an ADD has done so far, to take back if a later step fails.
+#[derive(Default)]
+struct Undo {
+    ipam: bool,
+    veth: bool,
+    wep: bool,
+}
+
+impl Undo {
+    async fn run(&self, svc: &EndpointService, ep: &Endpoint, id: &Identity) {
+        if self.wep {
+            let _ = svc.resources.delete(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name, None).await;
+        }
+        if self.veth {
+            let _ = svc.host.delete_link(&id.host_veth).await;
+        }
+        if self.ipam {
+            let _ = svc.ipam.release_by_handle(&ep.handle()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn link_local_of_the_host_mac() {
+        assert_eq!(super::host_link_local().to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}

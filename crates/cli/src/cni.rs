@@ -1,0 +1,242 @@
+//! The CNI plugin entry point: `gingham` run by a container runtime with CNI_COMMAND set, or
+//! `gingham-ipam` as another plugin's IPAM. Short and synchronous: parse, one round trip to the
+//! node agent, print the result (or the spec's error JSON) and exit.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use gingham_cni::proto::{Attachment, DEFAULT_SOCKET, Endpoint, Request, call};
+use gingham_cni::spec::{CniError, CniResult, Invocation, NetConf, SUPPORTED_VERSIONS, code};
+use serde_json::{Value, json};
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn version_at_least(v: &str, min: &str) -> bool {
+    let parse = |s: &str| s.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    parse(v) >= parse(min)
+}
+
+/// Run one CNI command; returns what to print on stdout.
+fn run(
+    ipam_mode: bool,
+    stdin: &[u8],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Value>, (CniError, String)> {
+    let latest = SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1].to_string();
+    let inv = Invocation::from_env(&env).map_err(|e| (e, latest.clone()))?;
+    if inv.command == "VERSION" {
+        let asked: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+        let v = asked.get("cniVersion").and_then(Value::as_str).unwrap_or(&latest).to_string();
+        return Ok(Some(json!({ "cniVersion": v, "supportedVersions": SUPPORTED_VERSIONS })));
+    }
+    let conf = NetConf::parse(stdin).map_err(|e| (e, latest.clone()))?;
+    let version = conf.cni_version.clone();
+    let fail = |e: CniError| (e, version.clone());
+    let socket = PathBuf::from(if !conf.agent_socket.is_empty() {
+        conf.agent_socket.clone()
+    } else {
+        env("GINGHAM_AGENT_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into())
+    });
+    let ep = Endpoint {
+        network: conf.name.clone(),
+        container_id: inv.container_id.clone(),
+        netns: inv.netns.clone(),
+        ifname: inv.ifname.clone(),
+        namespace: inv.args.get("K8S_POD_NAMESPACE").cloned(),
+        pod: inv.args.get("K8S_POD_NAME").cloned(),
+        labels: conf.labels(),
+        mtu: conf.mtu,
+        interface_prefix: conf.interface_prefix.clone(),
+        ipam: conf.ipam.clone(),
+    };
+    match inv.command.as_str() {
+        "ADD" => {
+            let req = if ipam_mode { Request::IpamAdd(ep) } else { Request::Add(ep) };
+            let mut result = call(&socket, &req, AGENT_TIMEOUT).map_err(fail)?.unwrap_or_default();
+            // Chained after another plugin: keep what it reported, ours after it.
+            if let Some(prev) = conf.prev_result.as_ref().filter(|_| !ipam_mode) {
+                let mut merged = CniResult::from_value(prev).map_err(fail)?;
+                let offset = merged.interfaces.len();
+                for ip in &mut result.ips {
+                    ip.interface = ip.interface.map(|i| i + offset);
+                }
+                merged.interfaces.extend(result.interfaces);
+                merged.ips.extend(result.ips);
+                merged.routes.extend(result.routes);
+                result = merged;
+            }
+            Ok(Some(result.to_version(&version)))
+        }
+        "DEL" => {
+            let req = if ipam_mode { Request::IpamDel(ep) } else { Request::Del(ep) };
+            call(&socket, &req, AGENT_TIMEOUT).map_err(fail)?;
+            Ok(None)
+        }
+        "CHECK" => {
+            if !version_at_least(&version, "0.4.0") {
+                return Err(fail(CniError::new(
+                    code::INCOMPATIBLE_VERSION,
+                    format!("CHECK needs cniVersion 0.4.0 or later, not {version}"),
+                )));
+            }
+            let prev = conf.prev_result.as_ref().map(CniResult::from_value).transpose().map_err(fail)?;
+            if prev.is_none() {
+                return Err(fail(CniError::new(
+                    code::INVALID_CONFIG,
+                    "CHECK needs prevResult in the network configuration",
+                )));
+            }
+            if ipam_mode {
+                return Ok(None);
+            }
+            call(&socket, &Request::Check { endpoint: ep, prev }, AGENT_TIMEOUT).map_err(fail)?;
+            Ok(None)
+        }
+        "STATUS" | "GC" if !version_at_least(&version, "1.1.0") => Err(fail(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("{} needs cniVersion 1.1.0, not {version}", inv.command),
+        ))),
+        "STATUS" => {
+            call(&socket, &Request::Status, AGENT_TIMEOUT).map_err(fail)?;
+            Ok(None)
+        }
+        "GC" => {
+            let valid: Vec<Attachment> = conf
+                .other
+                .get("cni.dev/valid-attachments")
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .map_err(|e| {
+                    fail(
+                        CniError::new(code::DECODE_FAILURE, "cni.dev/valid-attachments is not a list of attachments")
+                            .details(e.to_string()),
+                    )
+                })?
+                .unwrap_or_default();
+            call(&socket, &Request::Gc { network: conf.name.clone(), valid }, AGENT_TIMEOUT).map_err(fail)?;
+            Ok(None)
+        }
+        other => Err(fail(CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND {other}")))),
+    }
+}
+
+/// The plugin's whole life: stdin and environment in, result or error JSON out.
+pub fn main(ipam_mode: bool) -> ExitCode {
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        println!(
+            "{}",
+            json!({ "cniVersion": "1.1.0", "code": code::IO_FAILURE, "msg": "cannot read stdin", "details": e.to_string() })
+        );
+        return ExitCode::FAILURE;
+    }
+    match run(ipam_mode, &stdin, |k| std::env::var(k).ok()) {
+        Ok(Some(out)) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err((mut e, version)) => {
+            e.cni_version = version;
+            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The conflist `gingham cni install` writes: gingham first, then portmap and bandwidth, as
+/// Calico's install-cni does.
+pub fn conflist(name: &str, version: &str, mtu: u32, nodename: &str, socket: &str) -> Value {
+    json!({
+        "name": name,
+        "cniVersion": version,
+        "plugins": [
+            {
+                "type": "gingham",
+                "log_level": "info",
+                "datastore_type": "gingham-agent",
+                "nodename": nodename,
+                "mtu": mtu,
+                "agent_socket": socket,
+                "ipam": { "type": "gingham-ipam" },
+                "policy": { "type": "k8s" }
+            },
+            { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } },
+            { "type": "bandwidth", "capabilities": { "bandwidth": true } }
+        ]
+    })
+}
+
+/// Install the plugin binaries (gingham, gingham-ipam) and the conflist.
+pub fn install(conf_dir: &std::path::Path, bin_dir: &std::path::Path, conf: &Value) -> anyhow::Result<Vec<PathBuf>> {
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(bin_dir)?;
+    std::fs::create_dir_all(conf_dir)?;
+    let mut written = Vec::new();
+    for name in ["gingham", "gingham-ipam"] {
+        let dst = bin_dir.join(name);
+        // Copy through a temporary name: a running plugin keeps its old inode.
+        let tmp = bin_dir.join(format!(".{name}.tmp"));
+        std::fs::copy(&exe, &tmp)?;
+        std::fs::rename(&tmp, &dst)?;
+        written.push(dst);
+    }
+    let path = conf_dir.join("10-gingham.conflist");
+    let tmp = conf_dir.join(".10-gingham.conflist.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(conf)? + "\n")?;
+    std::fs::rename(&tmp, &path)?;
+    written.push(path);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        let m: BTreeMap<&str, &str> = pairs.iter().copied().collect();
+        move |k| m.get(k).map(|v| v.to_string())
+    }
+
+    #[test]
+    fn version_and_errors_without_an_agent() {
+        let out = run(false, br#"{"cniVersion":"0.4.0"}"#, env(&[("CNI_COMMAND", "VERSION")])).unwrap().unwrap();
+        assert_eq!(out["cniVersion"], "0.4.0");
+        assert_eq!(out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("GINGHAM_AGENT_SOCKET", "/nonexistent/agent.sock"),
+        ];
+        let (e, v) = run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham"}"#, env(&add)).unwrap_err();
+        assert_eq!((e.code, v.as_str()), (code::TRY_AGAIN_LATER, "1.0.0"));
+        assert!(e.details.contains("gingham node run"));
+        let (e, _) = run(false, b"{", env(&add)).unwrap_err();
+        assert_eq!(e.code, code::DECODE_FAILURE);
+        let (e, _) = run(
+            false,
+            br#"{"cniVersion":"0.3.1","name":"net","type":"gingham"}"#,
+            env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        let (e, _) =
+            run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham"}"#, env(&[("CNI_COMMAND", "GC")]))
+                .unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+    }
+
+    #[test]
+    fn conflist_shape() {
+        let c = conflist("k8s-pod-network", "1.0.0", 1440, "node-1", DEFAULT_SOCKET);
+        assert_eq!(c["plugins"][0]["type"], "gingham");
+        assert_eq!(c["plugins"][0]["ipam"]["type"], "gingham-ipam");
+        assert_eq!(c["plugins"][1]["type"], "portmap");
+        assert_eq!(c["plugins"][2]["type"], "bandwidth");
+    }
+}
