@@ -9,9 +9,14 @@ declare -A NEED=(
   [etcdctl]=etcd-client
   [protoc]=protobuf-compiler # etcd-client's gRPC code generation at build time
   [openssl]=openssl         # TLS test certificates
+  [ip]=iproute2             # network namespaces for the kernel and CNI tests
+  [ping]=iputils-ping       # pod connectivity checks
+  [iptables]=iptables       # used by the portmap plugin in the chaining test
+  [/usr/lib/cni/portmap]=containernetworking-plugins  # chained after gingham in tests; ptp + host-local for the CNI benchmark
 )
 missing=()
 for bin in "${!NEED[@]}"; do
+  if [[ $bin == /* ]]; then [[ -e $bin ]] || missing+=("${NEED[$bin]}"); continue; fi
   command -v "$bin" >/dev/null 2>&1 || missing+=("${NEED[$bin]}")
 done
 if ((${#missing[@]})); then

@@ -1,0 +1,503 @@
+//! The CNI plugin end to end against the real kernel: a "node" network namespace runs the agent
+//! (`gingham node run`), pods are namespaces the test creates, and the plugin is the real
+//! `gingham` binary driven the way a runtime drives it. Everything is removed on drop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const G: &str = env!("CARGO_BIN_EXE_gingham");
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+#[track_caller]
+fn ok(args: &[&str]) -> String {
+    let o = sh(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A node namespace with a running agent, a store, and the pod namespaces made so far.
+struct Lab {
+    tag: String,
+    dir: tempfile::TempDir,
+    node: String,
+    agent: Option<Child>,
+    pods: std::sync::Mutex<Vec<String>>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tag = format!("gc{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::SeqCst));
+        let dir = tempfile::tempdir().unwrap();
+        let node = format!("{tag}-node");
+        ok(&["ip", "netns", "add", &node]);
+        let mut lab = Lab { tag, dir, node, agent: None, pods: Default::default() };
+        // Node plumbing a real host has: forwarding, and a route to the pods' gateway address
+        // out of another device (proxy ARP answers only then; real nodes have a default route).
+        ok(&["ip", "-n", &lab.node, "link", "set", "lo", "up"]);
+        ok(&["ip", "netns", "exec", &lab.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ok(&["ip", "-n", &lab.node, "route", "add", "169.254.1.1/32", "dev", "lo"]);
+        lab.gingham_stdin(&["apply", "-f", "-"], Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: default-ipv4-ippool}\nspec: {cidr: 10.65.0.0/16, blockSize: 26}\n---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: default-ipv6-ippool}\nspec: {cidr: 'fd00:65::/112'}\n"));
+        lab.start_agent();
+        lab
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store.db")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    fn start_agent(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node, G, "node", "run", "--nodename", "node-1", "--socket"])
+            .arg(self.socket())
+            .env("GINGHAM_STORE_PATH", self.store())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The gingham CLI against this lab's store.
+    fn gingham(&self, args: &[&str]) -> String {
+        self.gingham_stdin(args, None)
+    }
+
+    fn gingham_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut c = Command::new(G)
+            .args(args)
+            .env("GINGHAM_STORE_PATH", self.store())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn pod_ns(&self, name: &str) -> String {
+        let ns = format!("{}-{name}", self.tag);
+        ok(&["ip", "netns", "add", &ns]);
+        self.pods.lock().unwrap().push(ns.clone());
+        ns
+    }
+
+    fn conf(&self, version: &str) -> Value {
+        json!({ "cniVersion": version, "name": "k8s-pod-network", "type": "gingham", "mtu": 1450,
+                "agent_socket": self.socket(), "ipam": { "type": "gingham-ipam" } })
+    }
+
+    /// Run the plugin in the node namespace (where a runtime would run it).
+    fn plugin(
+        &self,
+        exe: &str,
+        cmd: &str,
+        cid: &str,
+        netns: &str,
+        pod: &str,
+        conf: &Value,
+        extra_env: &[(&str, &str)],
+    ) -> (i32, Value) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.node, exe])
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", cid)
+            .env("CNI_NETNS", format!("/var/run/netns/{netns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            if v.is_empty() {
+                c.env_remove(k)
+            } else {
+                c.env(k, v)
+            };
+        }
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let out = if o.stdout.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(&o.stdout) }))
+        };
+        (o.status.code().unwrap_or(-1), out)
+    }
+
+    fn cni(&self, cmd: &str, cid: &str, netns: &str, pod: &str, conf: &Value) -> (i32, Value) {
+        self.plugin(G, cmd, cid, netns, pod, conf, &[])
+    }
+
+    fn node_links(&self) -> String {
+        ok(&["ip", "-n", &self.node, "-o", "link"])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_agent();
+        for ns in self.pods.lock().unwrap().iter() {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.node]);
+    }
+}
+
+fn addr_of(result: &Value, i: usize) -> String {
+    result["ips"][i]["address"].as_str().unwrap().split('/').next().unwrap().to_string()
+}
+
+#[test]
+fn add_check_del_in_every_version() {
+    let lab = Lab::new();
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let ns = lab.pod_ns(&format!("v{i}"));
+        let pod = format!("web-{i}");
+        let cid = format!("c{i}");
+        let conf = lab.conf(v);
+        let (code, r) = lab.cni("ADD", &cid, &ns, &pod, &conf);
+        assert_eq!(code, 0, "{v}: {r}");
+        assert_eq!(r["cniVersion"], *v);
+        assert_eq!(r["ips"][0].get("version").is_some(), v.starts_with("0."), "{v}: {r}");
+        assert_eq!(r["interfaces"][1]["name"], "eth0");
+        assert_eq!(r["interfaces"][1]["sandbox"], format!("/var/run/netns/{ns}"));
+        assert_eq!(r["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
+        let ip = addr_of(&r, 0);
+        let pod_addr = ok(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "eth0"]);
+        assert!(pod_addr.contains(&format!("inet {ip}/32")), "{pod_addr}");
+        assert!(ok(&["ip", "-n", &ns, "link", "show", "eth0"]).contains("mtu 1450"));
+        let routes = ok(&["ip", "-n", &ns, "route"]);
+        assert!(
+            routes.contains("default via 169.254.1.1 dev eth0") && routes.contains("169.254.1.1 dev eth0 scope link"),
+            "{routes}"
+        );
+        let host = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+        assert!(host.starts_with("cali") && host.len() == 15);
+        assert_eq!(ok(&["ip", "-n", &lab.node, "route", "show", &ip]).trim(), format!("{ip} dev {host} scope link"));
+        assert_eq!(
+            ok(&["ip", "netns", "exec", &lab.node, "cat", &format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp")]).trim(),
+            "1"
+        );
+        assert!(lab.gingham(&["get", "wep", "-o", "wide"]).contains(&format!("node--1-k8s-web--{i}-eth0")));
+        if *v != "0.3.0" && *v != "0.3.1" {
+            let mut check = conf.clone();
+            check["prevResult"] = r.clone();
+            assert_eq!(lab.cni("CHECK", &cid, &ns, &pod, &check).0, 0, "CHECK after ADD ({v})");
+            // A real check: remove the address by hand and CHECK fails.
+            ok(&["ip", "-n", &ns, "addr", "del", &format!("{ip}/32"), "dev", "eth0"]);
+            let (code, e) = lab.cni("CHECK", &cid, &ns, &pod, &check);
+            assert_eq!(code, 1);
+            assert!(e["msg"].as_str().unwrap().contains(&format!("address {ip}/32 is missing")), "{e}");
+        }
+        assert_eq!(lab.cni("DEL", &cid, &ns, &pod, &conf).0, 0);
+        assert!(!lab.node_links().contains(&host), "veth removed");
+        assert!(!lab.gingham(&["get", "wep"]).contains(&pod));
+        assert!(lab.gingham(&["ipam", "show", &format!("--ip={ip}")]).contains("is not assigned"));
+        assert_eq!(lab.cni("DEL", &cid, &ns, &pod, &conf).0, 0, "DEL of what is gone succeeds");
+    }
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+}
+
+#[test]
+fn pods_reach_each_other_dual_stack_and_labels() {
+    let lab = Lab::new();
+    let mut conf = lab.conf("1.0.0");
+    conf["ipam"]["assign_ipv6"] = json!("true");
+    conf["runtimeConfig"] = json!({ "labels": { "app": "web" } });
+    let a = lab.pod_ns("a");
+    let b = lab.pod_ns("b");
+    let (_, ra) = lab.cni("ADD", "ca", &a, "pod-a", &conf);
+    let (_, rb) = lab.cni("ADD", "cb", &b, "pod-b", &conf);
+    assert_eq!(rb["ips"].as_array().unwrap().len(), 2, "{rb}");
+    let b4 = addr_of(&rb, 0);
+    let b6 = addr_of(&rb, 1);
+    assert!(b6.starts_with("fd00:65::"), "{rb}");
+    let out = ok(&["ip", "netns", "exec", &a, "ping", "-c", "2", "-W", "2", &b4]);
+    assert!(out.contains("2 received"), "{out}");
+    ok(&["ip", "netns", "exec", &lab.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let out = ok(&["ip", "netns", "exec", &a, "ping", "-6", "-c", "2", "-W", "2", &b6]);
+    assert!(out.contains("2 received"), "{out}");
+    assert!(ok(&["ip", "-n", &a, "-6", "route"]).contains("default via fe80::ecee:eeff:feee:eeee dev eth0"));
+    let wep: Value =
+        serde_json::from_str(&lab.gingham(&["get", "wep", "node--1-k8s-pod--a-eth0", "-o", "json"])).unwrap();
+    assert_eq!(wep["metadata"]["labels"]["app"], "web");
+    assert_eq!(wep["metadata"]["labels"]["projectcalico.org/namespace"], "default");
+    assert_eq!(wep["spec"]["containerID"], "ca");
+    assert_eq!(wep["spec"]["ipNetworks"].as_array().unwrap().len(), 2);
+    let _ = ra;
+}
+
+#[test]
+fn bad_input_gets_spec_errors_and_leaves_the_host_unchanged() {
+    let lab = Lab::new();
+    let ns = lab.pod_ns("bad");
+    let before = lab.node_links();
+    let cases: Vec<(Value, Vec<(&str, &str)>, u64, &str)> = vec![
+        (json!("not an object"), vec![], 6, "not valid JSON"),
+        (json!({ "cniVersion": "1.0.0", "type": "gingham" }), vec![], 7, "name is missing"),
+        (
+            json!({ "cniVersion": "0.2.0", "name": "n", "type": "gingham" }),
+            vec![],
+            1,
+            "cniVersion 0.2.0 is not supported",
+        ),
+        (lab.conf("1.0.0"), vec![("CNI_NETNS", "")], 4, "CNI_NETNS is required for ADD"),
+        (
+            lab.conf("1.0.0"),
+            vec![("CNI_NETNS", "/var/run/netns/does-not-exist")],
+            3,
+            "network namespace /var/run/netns/does-not-exist does not exist",
+        ),
+    ];
+    for (conf, env, code, msg) in cases {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &lab.node, G])
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "x")
+            .env("CNI_NETNS", format!("/var/run/netns/{ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (k, v) in &env {
+            if v.is_empty() {
+                c.env_remove(k)
+            } else {
+                c.env(k, v)
+            };
+        }
+        let mut child = c.spawn().unwrap();
+        let text = if conf.is_string() { "{ not json".to_string() } else { conf.to_string() };
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(!o.status.success());
+        let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(e["code"], code, "{e}");
+        assert!(e["msg"].as_str().unwrap().contains(msg), "{e}");
+    }
+    // An interface name already taken in the pod.
+    ok(&["ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
+    let (code, e) = lab.cni("ADD", "x", &ns, "bad", &lab.conf("1.0.0"));
+    assert_eq!((code, e["code"].as_u64()), (1, Some(101)), "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("interface eth0 already exists"));
+    assert_eq!(lab.node_links(), before, "no veth left on the node");
+    assert!(!lab.gingham(&["get", "wep"]).contains("bad"));
+    assert!(lab.gingham(&["ipam", "show"]).contains("|     0 (0%) |"), "no address allocated");
+}
+
+#[test]
+fn no_agent_means_try_again_later() {
+    let mut lab = Lab::new();
+    lab.stop_agent();
+    let ns = lab.pod_ns("x");
+    let (code, e) = lab.cni("ADD", "x", &ns, "x", &lab.conf("1.0.0"));
+    assert_eq!((code, e["code"].as_u64()), (1, Some(11)), "{e}");
+    assert!(e["details"].as_str().unwrap().contains("gingham node run"), "{e}");
+}
+
+#[test]
+fn hundred_pods_in_bursts_of_twenty() {
+    let lab = Lab::new();
+    let conf = lab.conf("1.0.0");
+    let names: Vec<(String, String)> = (0..100).map(|i| (lab.pod_ns(&format!("p{i}")), format!("pod-{i}"))).collect();
+    let mut ips = std::collections::BTreeSet::new();
+    for chunk in names.chunks(20) {
+        let results: Vec<(i32, Value)> = std::thread::scope(|s| {
+            let (lab, conf) = (&lab, &conf);
+            let hs: Vec<_> = chunk
+                .iter()
+                .map(|(ns, pod)| s.spawn(move || lab.cni("ADD", &format!("cid-{pod}"), ns, pod, conf)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (code, r) in results {
+            assert_eq!(code, 0, "{r}");
+            assert!(ips.insert(addr_of(&r, 0)), "duplicate address {}", addr_of(&r, 0));
+        }
+    }
+    assert_eq!(ips.len(), 100);
+    assert_eq!(lab.node_links().matches("cali").count(), 100);
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+    for chunk in names.chunks(20) {
+        std::thread::scope(|s| {
+            for (ns, pod) in chunk {
+                let conf = &conf;
+                let lab = &lab;
+                s.spawn(move || assert_eq!(lab.cni("DEL", &format!("cid-{pod}"), ns, pod, conf).0, 0));
+            }
+        });
+    }
+    assert_eq!(lab.node_links().matches("cali").count(), 0);
+    assert!(lab.gingham(&["ipam", "show"]).contains("|     0 (0%) |"));
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+}
+
+#[test]
+fn killed_plugin_and_gc() {
+    let lab = Lab::new();
+    let conf = lab.conf("1.1.0");
+    // Three pods; a fourth ADD whose plugin is killed at once (the agent may finish it or not).
+    let pods: Vec<String> = (0..4).map(|i| lab.pod_ns(&format!("g{i}"))).collect();
+    for i in 0..3 {
+        assert_eq!(lab.cni("ADD", &format!("g{i}"), &pods[i], &format!("gpod-{i}"), &conf).0, 0);
+    }
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", &lab.node, G])
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "g3")
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pods[3]))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=gpod-3")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    let _ = c.kill();
+    let _ = c.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    // The runtime's GC keeps only g0: everything else of this network on the node goes.
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": "g0", "ifname": "eth0" }]);
+    let (code, e) =
+        lab.plugin(G, "GC", "", "", "", &gc, &[("CNI_CONTAINERID", ""), ("CNI_NETNS", ""), ("CNI_IFNAME", "")]);
+    assert_eq!(code, 0, "{e}");
+    let links = lab.node_links();
+    assert_eq!(links.matches("cali").count(), 1, "{links}");
+    let weps = lab.gingham(&["get", "wep"]);
+    assert!(weps.contains("gpod-0") && !weps.contains("gpod-1") && !weps.contains("gpod-3"), "{weps}");
+    let show = lab.gingham(&["ipam", "show"]);
+    assert!(show.contains("|     1 (0%) |"), "{show}");
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+    // STATUS: ready with an enabled pool; 51 without one.
+    assert_eq!(
+        lab.plugin(G, "STATUS", "", "", "", &conf, &[("CNI_CONTAINERID", ""), ("CNI_NETNS", ""), ("CNI_IFNAME", "")]).0,
+        0
+    );
+    lab.gingham(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"disabled":true}}"#]);
+    lab.gingham(&["patch", "ippool", "default-ipv6-ippool", "-p", r#"{"spec":{"disabled":true}}"#]);
+    let (code, e) =
+        lab.plugin(G, "STATUS", "", "", "", &conf, &[("CNI_CONTAINERID", ""), ("CNI_NETNS", ""), ("CNI_IFNAME", "")]);
+    assert_eq!((code, e["code"].as_u64()), (1, Some(51)), "{e}");
+}
+
+#[test]
+fn ipam_mode_install_and_chaining_with_portmap_and_bandwidth() {
+    let lab = Lab::new();
+    // `gingham cni install` writes the binaries and a conflist shaped like Calico's.
+    let bin = lab.dir.path().join("bin");
+    let confdir = lab.dir.path().join("net.d");
+    let out = lab.gingham(&[
+        "cni",
+        "install",
+        "--bin-dir",
+        bin.to_str().unwrap(),
+        "--conf-dir",
+        confdir.to_str().unwrap(),
+        "--mtu",
+        "1440",
+        "--nodename",
+        "node-1",
+        "--socket",
+        lab.socket().to_str().unwrap(),
+    ]);
+    assert!(out.contains("10-gingham.conflist"));
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(confdir.join("10-gingham.conflist")).unwrap()).unwrap();
+    assert_eq!(list["plugins"][0]["type"], "gingham");
+    assert_eq!(list["plugins"][0]["ipam"]["type"], "gingham-ipam");
+    let ipam_bin = bin.join("gingham-ipam");
+    assert!(ipam_bin.exists() && bin.join("gingham").exists());
+
+    // As another plugin's IPAM: addresses only, released on DEL.
+    let ns = lab.pod_ns("ipam");
+    let (code, r) = lab.plugin(ipam_bin.to_str().unwrap(), "ADD", "i1", &ns, "ipam-pod", &lab.conf("1.0.0"), &[]);
+    assert_eq!(code, 0, "{r}");
+    assert!(r["interfaces"].as_array().unwrap().is_empty());
+    let ip = addr_of(&r, 0);
+    assert!(lab.gingham(&["ipam", "show", &format!("--ip={ip}")]).contains("Handle ID: k8s-pod-network.i1"));
+    assert_eq!(lab.plugin(ipam_bin.to_str().unwrap(), "DEL", "i1", &ns, "ipam-pod", &lab.conf("1.0.0"), &[]).0, 0);
+    assert!(lab.gingham(&["ipam", "show", &format!("--ip={ip}")]).contains("is not assigned"));
+
+    // The conflist chain as a runtime runs it: gingham, then portmap, then bandwidth, each
+    // given the previous result; DEL in reverse.
+    let ns = lab.pod_ns("chain");
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let (code, r) = lab.plugin(bin.join("gingham").to_str().unwrap(), "ADD", "ch", &ns, "chain-pod", &conf, &[]);
+    assert_eq!(code, 0, "{r}");
+    let mut pm = list["plugins"][1].clone();
+    pm["cniVersion"] = list["cniVersion"].clone();
+    pm["name"] = list["name"].clone();
+    pm["prevResult"] = r.clone();
+    pm["runtimeConfig"] = json!({ "portMappings": [{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }] });
+    let (code, r2) = lab.plugin("/usr/lib/cni/portmap", "ADD", "ch", &ns, "chain-pod", &pm, &[]);
+    assert_eq!(code, 0, "portmap: {r2}");
+    assert_eq!(r2["ips"], r["ips"], "portmap passes our result through");
+    let nat = ok(&["ip", "netns", "exec", &lab.node, "iptables-save", "-t", "nat"]);
+    assert!(nat.contains("18080") && nat.contains(&addr_of(&r, 0)), "portmap DNAT rule for the pod: {nat}");
+    let mut bw = list["plugins"][2].clone();
+    bw["cniVersion"] = list["cniVersion"].clone();
+    bw["name"] = list["name"].clone();
+    bw["prevResult"] = r2.clone();
+    bw["runtimeConfig"] = json!({ "bandwidth": { "ingressRate": 1_000_000, "ingressBurst": 100_000, "egressRate": 1_000_000, "egressBurst": 100_000 } });
+    let (code, r3) = lab.plugin("/usr/lib/cni/bandwidth", "ADD", "ch", &ns, "chain-pod", &bw, &[]);
+    assert_eq!(code, 0, "bandwidth: {r3}");
+    let host = r["interfaces"][0]["name"].as_str().unwrap();
+    assert!(
+        ok(&["ip", "netns", "exec", &lab.node, "tc", "qdisc", "show", "dev", host]).contains("tbf"),
+        "bandwidth shaped the host veth"
+    );
+    for (exe, c) in [("/usr/lib/cni/bandwidth", &bw), ("/usr/lib/cni/portmap", &pm)] {
+        assert_eq!(lab.plugin(exe, "DEL", "ch", &ns, "chain-pod", c, &[]).0, 0, "{exe} DEL");
+    }
+    assert_eq!(lab.plugin(bin.join("gingham").to_str().unwrap(), "DEL", "ch", &ns, "chain-pod", &conf, &[]).0, 0);
+    assert!(!lab.node_links().contains(host));
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+}
+
+#[allow(dead_code)]
+fn unused(_: &Path) {}
