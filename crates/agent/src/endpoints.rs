@@ -114,8 +114,21 @@ impl EndpointService {
             .auto_assign(&self.assign_request(ep, &id, ns_labels))
             .await
             .map_err(|e| internal("IP address assignment failed", e))?;
-        let ips =
-            got.v4.iter().chain(&got.v6).map(|n| IpConfig { address: *n, gateway: None, interface: None }).collect();
+        // Main plugins such as ptp put the gateway on their host end: give them Calico's
+        // link-local gateway so every pod sees the same one.
+        let gateway = |n: &IpNet| {
+            Some(if n.addr().is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1))
+            } else {
+                IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1))
+            })
+        };
+        let ips = got
+            .v4
+            .iter()
+            .chain(&got.v6)
+            .map(|n| IpConfig { address: *n, gateway: gateway(n), interface: None })
+            .collect();
         Ok(CniResult { ips, ..Default::default() })
     }
 
@@ -361,7 +374,7 @@ impl EndpointService {
             .map_err(|e| internal("reading the endpoint failed", e))?;
         let ours = wep.as_ref().is_none_or(|w| w.spec["containerID"].as_str() == Some(ep.container_id.as_str()));
         if ours {
-            self.host.delete_link(&id.host_veth).await.map_err(|e| kernel("removing the veth failed", e))?;
+            Netlink::delete_link_detached(&id.host_veth).await.map_err(|e| kernel("removing the veth failed", e))?;
             if let Some(w) = wep {
                 let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
                 match self.resources.delete(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name, rv).await {
@@ -458,7 +471,7 @@ impl EndpointService {
                 continue;
             }
             if let Some(ifn) = &spec.interface_name {
-                self.host.delete_link(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
+                Netlink::delete_link_detached(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
             }
             let _ = self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), None).await;
         }
@@ -480,7 +493,7 @@ impl Undo {
             let _ = svc.resources.delete(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name, None).await;
         }
         if self.veth {
-            let _ = svc.host.delete_link(&id.host_veth).await;
+            let _ = Netlink::delete_link_detached(&id.host_veth).await;
         }
         if self.ipam {
             let _ = svc.ipam.release_by_handle(&ep.handle()).await;

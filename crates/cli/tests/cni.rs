@@ -501,3 +501,59 @@ fn ipam_mode_install_and_chaining_with_portmap_and_bandwidth() {
 
 #[allow(dead_code)]
 fn unused(_: &Path) {}
+
+#[test]
+fn ipam_plugin_under_ptp_and_undo_and_stale_del() {
+    let lab = Lab::new();
+    // gingham-ipam as the IPAM of the distribution's ptp plugin (found through CNI_PATH).
+    let bin = lab.dir.path().join("bin");
+    lab.gingham(&[
+        "cni",
+        "install",
+        "--bin-dir",
+        bin.to_str().unwrap(),
+        "--conf-dir",
+        lab.dir.path().join("net.d").to_str().unwrap(),
+    ]);
+    let ns = lab.pod_ns("ptp");
+    let conf = json!({ "cniVersion": "1.0.0", "name": "ptpnet", "type": "ptp", "agent_socket": lab.socket(), "ipam": { "type": "gingham-ipam" } });
+    let path = format!("{}:/usr/lib/cni", bin.display());
+    let (code, r) = lab.plugin("/usr/lib/cni/ptp", "ADD", "pt", &ns, "ptp-pod", &conf, &[("CNI_PATH", &path)]);
+    assert_eq!(code, 0, "{r}");
+    let ip = addr_of(&r, 0);
+    assert!(ip.starts_with("10.65."), "{r}");
+    assert!(lab.gingham(&["ipam", "show", &format!("--ip={ip}")]).contains("Handle ID: ptpnet.pt"));
+    assert_eq!(lab.plugin("/usr/lib/cni/ptp", "DEL", "pt", &ns, "ptp-pod", &conf, &[("CNI_PATH", &path)]).0, 0);
+    assert!(lab.gingham(&["ipam", "show", &format!("--ip={ip}")]).contains("is not assigned"));
+
+    // A step after IPAM fails (the kernel refuses this MTU): the address is given back and no
+    // interface or endpoint remains.
+    let before = lab.node_links();
+    let mut bad = lab.conf("1.0.0");
+    bad["mtu"] = json!(100_000);
+    let ns = lab.pod_ns("undo");
+    let (code, e) = lab.cni("ADD", "u1", &ns, "undo-pod", &bad);
+    assert_eq!(code, 1, "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("creating the veth pair failed"), "{e}");
+    assert_eq!(lab.node_links(), before);
+    assert!(lab.gingham(&["ipam", "show"]).contains("|     0 (0%) |"), "the address was released");
+    assert!(!lab.gingham(&["get", "wep"]).contains("undo-pod"));
+
+    // The same pod name again with a new container: a late DEL for the old container releases
+    // only the old container's addresses and leaves the new endpoint and veth alone.
+    let conf = lab.conf("1.0.0");
+    let old_ns = lab.pod_ns("old");
+    let new_ns = lab.pod_ns("new");
+    assert_eq!(lab.cni("ADD", "old-cid", &old_ns, "same", &conf).0, 0);
+    let (_, r) = lab.cni("ADD", "new-cid", &new_ns, "same", &conf);
+    let host = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    assert_eq!(lab.cni("DEL", "old-cid", &old_ns, "same", &conf).0, 0);
+    assert!(lab.node_links().contains(&host), "the new pod's veth stays");
+    let wep: Value =
+        serde_json::from_str(&lab.gingham(&["get", "wep", "node--1-k8s-same-eth0", "-o", "json"])).unwrap();
+    assert_eq!(wep["spec"]["containerID"], "new-cid");
+    let mut check = conf.clone();
+    check["prevResult"] = r.clone();
+    assert_eq!(lab.cni("CHECK", "new-cid", &new_ns, "same", &check).0, 0);
+    assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+}

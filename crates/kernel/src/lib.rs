@@ -179,6 +179,22 @@ impl Netlink {
         }
     }
 
+    /// Delete a link on a thread of its own with its own netlink socket. The kernel runs a
+    /// request inside the sender's sendmsg, and unregistering a device waits for an RCU grace
+    /// period (~20 ms): on a shared runtime that stalls a worker; here deletions overlap.
+    pub async fn delete_link_detached(name: &str) -> Result<bool> {
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(|e| KernelError::Netlink(e.to_string()))?;
+            rt.block_on(async { Netlink::current()?.delete_link(&name).await })
+        })
+        .await
+        .map_err(|e| KernelError::Netlink(e.to_string()))?
+    }
+
     pub async fn set_up(&self, index: u32) -> Result<()> {
         self.handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(nl)
     }
