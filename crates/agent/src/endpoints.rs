@@ -55,6 +55,8 @@ pub struct EndpointService {
     pub ipam: IpamClient,
     pub resources: ResourceStore,
     pub host: Netlink,
+    /// The routing side's numbers; its pod MTU is used when the network config gives none.
+    pub metrics: std::sync::Arc<crate::routing::Metrics>,
 }
 
 /// Identity of an attachment in Calico's terms.
@@ -181,7 +183,12 @@ impl EndpointService {
             .auto_assign(&self.assign_request(ep, id, ns_labels))
             .await
             .map_err(|e| internal("IP address assignment failed", e))?;
-        let mtu = if ep.mtu == 0 { 1500 } else { ep.mtu };
+        let published = self.metrics.pod_mtu.load(std::sync::atomic::Ordering::Relaxed);
+        let mtu = match (ep.mtu, published) {
+            (0, 0) => 1500,
+            (0, m) => m,
+            (m, _) => m,
+        };
         // A stale host end with this name (an earlier pod of the same name) is replaced.
         self.host.delete_link(&id.host_veth).await.map_err(|e| kernel("removing a stale host interface failed", e))?;
         undo.veth = true;

@@ -15,6 +15,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub mod endpoints;
+pub mod health;
+pub mod routing;
 
 use endpoints::EndpointService;
 
@@ -32,40 +34,105 @@ pub struct AgentConfig {
     pub node: String,
     pub socket: PathBuf,
     pub store: Arc<dyn Datastore>,
+    /// How to find this node's address (and so its underlay interface).
+    pub address: routing::Autodetect,
+    /// Where to serve /liveness, /readiness and /metrics (None: not served).
+    pub health: Option<std::net::SocketAddr>,
+    /// Program routes, VXLAN and NAT (off: the endpoint service alone).
+    pub routing: bool,
 }
 
-/// Make sure this node's Node resource exists (others select on its labels).
-async fn register(resources: &ResourceStore, node: &str) -> Result<(), AgentError> {
+/// Make sure this node's Node resource exists with its address (others route to it and select
+/// on its labels).
+async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::IpNet>) -> Result<(), AgentError> {
     let err = |m: String| AgentError::Register { node: node.into(), message: m };
-    if resources.get(Kind::Node, None, node).await.map_err(|e| err(e.to_string()))?.is_some() {
-        return Ok(());
+    for _ in 0..10 {
+        let current = resources.get(Kind::Node, None, node).await.map_err(|e| err(e.to_string()))?;
+        let mut value = match &current {
+            Some(o) => serde_json::to_value(o).map_err(|e| err(e.to_string()))?,
+            None => serde_json::to_value(Object {
+                api_version: Kind::Node.api_version().into(),
+                kind: Kind::Node.kind_name().into(),
+                metadata: ObjectMeta { name: node.into(), ..Default::default() },
+                spec: serde_json::json!({}),
+                status: None,
+            })
+            .map_err(|e| err(e.to_string()))?,
+        };
+        if let Some(a) = address {
+            if value.pointer("/spec/bgp/ipv4Address").and_then(|v| v.as_str()) == Some(a.to_string().as_str()) {
+                return Ok(());
+            }
+            if value["spec"].get("bgp").is_none() {
+                value["spec"]["bgp"] = serde_json::json!({});
+            }
+            value["spec"]["bgp"]["ipv4Address"] = serde_json::json!(a.to_string());
+        } else if current.is_some() {
+            return Ok(());
+        }
+        let mut obj = Kind::Node
+            .normalize(&value)
+            .map_err(|e| err(e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
+        let result = match &current {
+            None => resources.create(obj).await.map(|_| ()),
+            Some(c) => {
+                obj.metadata.resource_version = c.metadata.resource_version.clone();
+                resources.update(obj).await.map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(gingham_store::resources::ResourceError::Store(
+                StoreError::AlreadyExists { .. } | StoreError::Conflict { .. },
+            )) => continue,
+            Err(e) => return Err(err(e.to_string())),
+        }
     }
-    let value = serde_json::to_value(Object {
-        api_version: Kind::Node.api_version().into(),
-        kind: Kind::Node.kind_name().into(),
-        metadata: ObjectMeta { name: node.into(), ..Default::default() },
-        spec: serde_json::json!({}),
-        status: None,
-    })
-    .map_err(|e| err(e.to_string()))?;
-    let obj = Kind::Node
-        .normalize(&value)
-        .map_err(|e| err(e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
-    match resources.create(obj).await {
-        Ok(_) | Err(gingham_store::resources::ResourceError::Store(StoreError::AlreadyExists { .. })) => Ok(()),
-        Err(e) => Err(err(e.to_string())),
-    }
+    Err(err("too many conflicting writers".into()))
 }
 
 /// Serve until `shutdown` resolves. Removes a stale socket file first and its own on exit.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let resources = ResourceStore::new(config.store.clone());
-    register(&resources, &config.node).await?;
+    let host = Netlink::current()?;
+    let metrics = Arc::new(routing::Metrics::default());
+    let detected = if config.routing {
+        let (iface, addr) = routing::detect_address(&host, &config.address)
+            .await
+            .map_err(|m| AgentError::Register { node: config.node.clone(), message: m })?;
+        Some((iface, addr))
+    } else {
+        None
+    };
+    register(&resources, &config.node, detected.as_ref().map(|(_, a)| *a)).await?;
+    if let Some((iface, addr)) = detected {
+        let node_ip = routing::ipv4(&addr).ok_or_else(|| AgentError::Register {
+            node: config.node.clone(),
+            message: format!("{addr} is not IPv4"),
+        })?;
+        let underlay_mtu = host.link(&iface).await?.map(|l| l.mtu).unwrap_or(1500);
+        let r = Arc::new(routing::Routing {
+            node: config.node.clone(),
+            store: config.store.clone(),
+            ipam: IpamClient::new(config.store.clone()),
+            dataplane: gingham_dataplane::apply::Dataplane::new(host.clone(), iface, node_ip),
+            underlay_mtu,
+            metrics: metrics.clone(),
+        });
+        tokio::spawn(r.run());
+    }
+    if let Some(addr) = config.health {
+        let listener = health::bind(addr)
+            .await
+            .map_err(|e| AgentError::Socket { path: addr.to_string(), message: e.to_string() })?;
+        tokio::spawn(health::serve(listener, metrics.clone()));
+    }
     let service = Arc::new(EndpointService {
         node: config.node.clone(),
         ipam: IpamClient::new(config.store.clone()),
         resources,
-        host: Netlink::current()?,
+        host,
+        metrics,
     });
     let path = config.socket.clone();
     let sock_err = |m: String| AgentError::Socket { path: path.display().to_string(), message: m };

@@ -148,6 +148,67 @@ enum Command {
         #[command(subcommand)]
         command: CniCommand,
     },
+    /// A multi-node cluster on this machine, in network namespaces.
+    Lab {
+        /// Where the lab keeps its state, store and logs.
+        #[arg(long, env = "GINGHAM_LAB_DIR", default_value = "/var/run/gingham-lab")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab (a stale one is removed first): underlay, nodes with agents, pods.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// vxlan, vxlan-crosssubnet, none or ipip.
+        #[arg(long, default_value = "vxlan")]
+        encap: String,
+        /// embedded or etcd.
+        #[arg(long, default_value = "embedded")]
+        datastore: String,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Remove every namespace, device, process and file the lab made.
+    Down,
+    /// Nodes, pods with addresses, each node's routes.
+    Status,
+    /// Every pod pings and TCP-connects every other pod; exit 0 only if all pass.
+    Check,
+    /// The environment under which other gingham commands use the lab's datastore.
+    Env,
+    /// Add or delete a pod through the CNI plugin.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+    /// Run a command in a pod's network namespace: gingham lab exec NS/NAME -- CMD...
+    Exec {
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    Add {
+        node: String,
+        /// NAMESPACE/NAME
+        pod: String,
+        /// k=v,k2=v2
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    Del {
+        pod: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +220,18 @@ enum NodeCommand {
         nodename: Option<String>,
         #[arg(long, default_value = gingham_cni::proto::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// This node's address with prefix (e.g. 10.99.0.11/24); default: autodetect.
+        #[arg(long, env = "IP")]
+        ip: Option<String>,
+        /// first-found, or interface=GLOB (e.g. interface=eth*).
+        #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
+        ip_autodetection_method: String,
+        /// Where to serve /liveness, /readiness and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9099")]
+        health_listen: std::net::SocketAddr,
+        /// Serve the CNI plugin only: no routes, VXLAN or NAT (a node without an underlay).
+        #[arg(long)]
+        endpoints_only: bool,
     },
 }
 
@@ -261,7 +334,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Release { ip } => ipam::release(&client, ip).await,
             }
         }
-        Command::Node { command: NodeCommand::Run { nodename, socket } } => {
+        Command::Node {
+            command: NodeCommand::Run { nodename, socket, ip, ip_autodetection_method, health_listen, endpoints_only },
+        } => {
+            use gingham_agent::routing::Autodetect;
+            let address = match (ip, ip_autodetection_method.as_str()) {
+                (Some(ip), _) => Autodetect::Given(
+                    ip.parse()
+                        .map_err(|_| anyhow::anyhow!("--ip {ip}: not an address with prefix, e.g. 10.99.0.11/24"))?,
+                ),
+                (None, "first-found") => Autodetect::FirstFound,
+                (None, m) => match m.strip_prefix("interface=") {
+                    Some(glob) => Autodetect::Interface(glob.to_string()),
+                    None => anyhow::bail!("--ip-autodetection-method {m}: use first-found or interface=GLOB"),
+                },
+            };
             let node = match nodename {
                 Some(n) => n,
                 None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
@@ -275,7 +362,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
             };
-            gingham_agent::run(gingham_agent::AgentConfig { node, socket, store }, shutdown).await?;
+            let config = gingham_agent::AgentConfig {
+                node,
+                socket,
+                store,
+                address,
+                health: Some(health_listen),
+                routing: !endpoints_only,
+            };
+            gingham_agent::run(config, shutdown).await?;
             Ok(())
         }
         Command::Cni {
@@ -287,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Lab { dir, command } => lab(&dir, command).await,
         Command::Datastore => {
             let store = ds.open().await?;
             println!("{}", store.datastore().describe());
@@ -319,6 +415,95 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Label { kind, name, label, overwrite, remove, namespace } => {
             resources::label(&ds.open().await?, &kind, &name, namespace.as_deref(), &label, overwrite, remove).await
+        }
+    }
+}
+
+async fn lab(dir: &std::path::Path, command: LabCommand) -> anyhow::Result<()> {
+    use gingham_lab as l;
+    let exe = std::env::current_exe()?;
+    match command {
+        LabCommand::Up { nodes, pods_per_node, encap, datastore, quiet } => {
+            let etcd = match datastore.as_str() {
+                "embedded" => false,
+                "etcd" => true,
+                other => anyhow::bail!("--datastore {other}: use embedded or etcd"),
+            };
+            let opts = l::UpOptions { nodes, pods_per_node, encap: l::Encap::parse(&encap)?, etcd, quiet };
+            if !quiet {
+                eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());
+            }
+            let started = std::time::Instant::now();
+            let state = match l::up(dir, &exe, &opts).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = l::down(dir);
+                    return Err(e.into());
+                }
+            };
+            println!(
+                "lab up in {:.1}s: {} nodes, {} pods. Next: gingham lab check | status | down; eval \"$(gingham lab env)\"",
+                started.elapsed().as_secs_f64(),
+                state.nodes.len(),
+                state.pods.len()
+            );
+            Ok(())
+        }
+        LabCommand::Down => {
+            l::down(dir)?;
+            println!("lab removed");
+            Ok(())
+        }
+        LabCommand::Status => {
+            print!("{}", l::status(&l::State::load(dir)?).await?);
+            Ok(())
+        }
+        LabCommand::Check => {
+            let state = l::State::load(dir)?;
+            let cells = l::check(&state)?;
+            print!("{}", l::render_matrix(&state, &cells));
+            let failed = cells.iter().filter(|(_, _, c)| !(c.ping && c.tcp)).count();
+            if failed > 0 || cells.is_empty() {
+                anyhow::bail!("{failed} of {} pod pairs failed", cells.len());
+            }
+            println!("all {} pod pairs: ping ok, tcp ok", cells.len());
+            Ok(())
+        }
+        LabCommand::Env => {
+            let state = l::State::load(dir)?;
+            for (k, v) in &state.env {
+                println!("export {k}={v}");
+            }
+            println!("export GINGHAM_LAB_DIR={}", dir.display());
+            Ok(())
+        }
+        LabCommand::Pod { command: PodCommand::Add { node, pod, labels } } => {
+            let mut state = l::State::load(dir)?;
+            let labels = labels
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--labels {kv}: write k=v"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let p = l::pod_add(&mut state, &exe, &node, &pod, &labels)?;
+            println!("pod {} on {}: {}", p.name, p.node, p.ips.join(", "));
+            Ok(())
+        }
+        LabCommand::Pod { command: PodCommand::Del { pod } } => {
+            let mut state = l::State::load(dir)?;
+            l::pod_del(&mut state, &exe, &pod)?;
+            println!("pod {pod} deleted");
+            Ok(())
+        }
+        LabCommand::Exec { pod, command } => {
+            let code = l::exec(&l::State::load(dir)?, &pod, &command)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
         }
     }
 }

@@ -66,7 +66,18 @@ impl Lab {
     fn start_agent(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.node, G, "node", "run", "--nodename", "node-1", "--socket"])
+            .args([
+                "netns",
+                "exec",
+                &self.node,
+                G,
+                "node",
+                "run",
+                "--endpoints-only",
+                "--nodename",
+                "node-1",
+                "--socket",
+            ])
             .arg(self.socket())
             .env("GINGHAM_STORE_PATH", self.store())
             .stdout(Stdio::null())

@@ -195,6 +195,111 @@ impl Netlink {
         .map_err(|e| KernelError::Netlink(e.to_string()))?
     }
 
+    /// Create the VXLAN device (or bring an existing one to the given MAC and MTU); returns its
+    /// index. Learning is off: gingham programs every neighbour and FDB entry itself.
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        port: u16,
+        local: std::net::Ipv4Addr,
+        underlay: u32,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<u32> {
+        if let Some(l) = self.link(name).await? {
+            if l.kind.as_deref() == Some("vxlan") {
+                if l.mac != Some(mac) || l.mtu != mtu || !l.up {
+                    let m = LinkUnspec::new_with_index(l.index).address(mac.to_vec()).mtu(mtu).up().build();
+                    self.handle.link().set(m).execute().await.map_err(nl)?;
+                }
+                return Ok(l.index);
+            }
+            self.delete_link(name).await?;
+        }
+        let m = rtnetlink::LinkVxlan::new(name, vni)
+            .port(port)
+            .local(local)
+            .dev(underlay)
+            .learning(false)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
+        self.handle.link().add(m).execute().await.map_err(nl)?;
+        self.link(name)
+            .await?
+            .map(|l| l.index)
+            .ok_or_else(|| KernelError::Netlink(format!("{name} vanished after creation")))
+    }
+
+    /// A permanent neighbour (ARP/NDP) entry.
+    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&mac)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl)
+    }
+
+    /// A permanent FDB entry on a VXLAN device: frames for `mac` go to VTEP `dst`.
+    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(dst)
+            .flags(netlink_packet_route::neighbour::NeighbourFlags::Own)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl)
+    }
+
+    /// Neighbour (and FDB) entries on one device: (family, destination, lladdr) plus the raw message
+    /// for deletion.
+    pub async fn neighbours(
+        &self,
+        index: u32,
+        bridge: bool,
+    ) -> Result<Vec<(Option<IpAddr>, Option<[u8; 6]>, netlink_packet_route::neighbour::NeighbourMessage)>> {
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut req = self.handle.neighbours().get();
+        if bridge {
+            req = req.set_address_family(netlink_packet_route::AddressFamily::Bridge);
+        }
+        let msgs: Vec<_> = req.execute().try_collect().await.map_err(nl)?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .map(|m| {
+                let mut ip = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(IpAddr::V4(*v)),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => ip = Some(IpAddr::V6(*v)),
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => mac = l.as_slice().try_into().ok(),
+                        _ => {}
+                    }
+                }
+                (ip, mac, m)
+            })
+            .collect())
+    }
+
+    pub async fn delete_neighbour(&self, msg: netlink_packet_route::neighbour::NeighbourMessage) -> Result<()> {
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, 2) => Ok(()),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
     pub async fn set_up(&self, index: u32) -> Result<()> {
         self.handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(nl)
     }
@@ -202,6 +307,20 @@ impl Netlink {
     /// Add an address (idempotent).
     pub async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
         self.handle.address().add(index, addr.addr(), addr.prefix_len()).replace().execute().await.map_err(nl)
+    }
+
+    /// Remove an address from a link (absent is fine).
+    pub async fn delete_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        let msgs: Vec<_> =
+            self.handle.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(nl)?;
+        for m in msgs {
+            let matches = m.header.prefix_len == addr.prefix_len()
+                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr.addr()));
+            if matches {
+                self.handle.address().del(m).execute().await.map_err(nl)?;
+            }
+        }
+        Ok(())
     }
 
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {

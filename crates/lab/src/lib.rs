@@ -1,0 +1,639 @@
+//! `gingham lab`: a cluster on one machine. An underlay namespace holds a bridge (two, routed,
+//! for CrossSubnet); each node is a namespace with an `eth0` on the underlay and its own
+//! `gingham node run`; pods are namespaces wired by the real CNI plugin, as a runtime would.
+//! Everything the lab makes is recorded in its state file and removed by `down`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gingham_kernel::{Netlink, in_netns, open_netns};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub const UNDERLAY_NS: &str = "gl-underlay";
+const NETWORK: &str = "k8s-pod-network";
+const CHECK_PORT: u16 = 7777;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    Kernel(#[from] gingham_kernel::KernelError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn msg(m: impl Into<String>) -> LabError {
+    LabError::Msg(m.into())
+}
+
+pub type Result<T> = std::result::Result<T, LabError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encap {
+    Vxlan,
+    VxlanCrosssubnet,
+    None,
+    Ipip,
+}
+
+impl Encap {
+    pub fn parse(s: &str) -> Result<Encap> {
+        Ok(match s {
+            "vxlan" => Encap::Vxlan,
+            "vxlan-crosssubnet" => Encap::VxlanCrosssubnet,
+            "none" => Encap::None,
+            "ipip" => Encap::Ipip,
+            other => return Err(msg(format!("--encap {other}: use vxlan, vxlan-crosssubnet, none or ipip"))),
+        })
+    }
+    fn pool_modes(self) -> (&'static str, &'static str) {
+        match self {
+            Encap::Vxlan => ("Never", "Always"),
+            Encap::VxlanCrosssubnet => ("Never", "CrossSubnet"),
+            Encap::None => ("Never", "Never"),
+            Encap::Ipip => ("Always", "Never"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub ip: IpNet,
+    pub socket: PathBuf,
+    pub agent_pid: Option<i32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodState {
+    /// `namespace/name`
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ips: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub dir: PathBuf,
+    pub encap: Encap,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+    /// Environment every gingham command needs to reach the lab's datastore.
+    pub env: BTreeMap<String, String>,
+    pub etcd_pid: Option<i32>,
+    pub namespaces: Vec<String>,
+}
+
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("GINGHAM_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/run/gingham-lab"))
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+impl State {
+    pub fn load(dir: &Path) -> Result<State> {
+        let text = std::fs::read_to_string(state_path(dir))
+            .map_err(|_| msg(format!("no lab at {}: run `gingham lab up` first", dir.display())))?;
+        serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", state_path(dir).display())))
+    }
+
+    fn save(&self) -> Result<()> {
+        let tmp = self.dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(|e| msg(e.to_string()))?)?;
+        std::fs::rename(tmp, state_path(&self.dir))?;
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&PodState> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| msg(format!("no pod {name} in the lab (see `gingham lab status`)")))
+    }
+}
+
+fn ns_path(ns: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/netns/{ns}"))
+}
+
+fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| msg(format!("{}: {e}", args.join(" "))))?;
+    if !out.status.success() {
+        return Err(msg(format!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command that runs inside network namespace `ns` (entered between fork and exec).
+fn in_ns_command(ns: &str, program: &Path) -> Result<Command> {
+    let f = open_netns(&ns_path(ns))?;
+    let mut c = Command::new(program);
+    unsafe {
+        c.pre_exec(move || {
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
+    }
+    Ok(c)
+}
+
+fn add_ns(state: &mut State, ns: &str) -> Result<()> {
+    run(&["ip", "netns", "add", ns])?;
+    state.namespaces.push(ns.to_string());
+    state.save()
+}
+
+fn sysctl_in(ns: &str, key: &str, value: &str) -> Result<()> {
+    run(&["ip", "netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+}
+
+fn progress(quiet: bool, m: &str) {
+    if !quiet {
+        eprintln!("  {m}");
+    }
+}
+
+pub struct UpOptions {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub encap: Encap,
+    pub etcd: bool,
+    pub quiet: bool,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Build the lab (tearing down a stale one first).
+pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
+    if state_path(dir).exists() {
+        progress(o.quiet, "removing the previous lab");
+        down(dir)?;
+    }
+    // Namespaces of an unrecorded lab with our well-known names.
+    let _ = Command::new("ip").args(["netns", "del", UNDERLAY_NS]).stderr(Stdio::null()).status();
+    std::fs::create_dir_all(dir)?;
+    let mut state = State {
+        dir: dir.to_path_buf(),
+        encap: o.encap,
+        nodes: vec![],
+        pods: vec![],
+        env: BTreeMap::new(),
+        etcd_pid: None,
+        namespaces: vec![],
+    };
+    state.save()?;
+    if o.etcd {
+        progress(o.quiet, "starting etcd");
+        let (client, peer) = (free_port()?, free_port()?);
+        let ep = format!("http://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .arg("--name=lab")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={ep}"))
+            .arg(format!("--advertise-client-urls={ep}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=lab=http://127.0.0.1:{peer}"))
+            .arg("--log-level=error")
+            .arg("--logger=zap")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| msg(format!("cannot start etcd (install etcd-server): {e}")))?;
+        state.etcd_pid = Some(child.id() as i32);
+        state.env.insert("DATASTORE_TYPE".into(), "etcdv3".into());
+        state.env.insert("ETCD_ENDPOINTS".into(), ep);
+    } else {
+        state.env.insert("DATASTORE_TYPE".into(), "embedded".into());
+        state.env.insert("GINGHAM_STORE_PATH".into(), dir.join("store.db").display().to_string());
+    }
+    state.save()?;
+    let store = connect(&state).await?;
+
+    progress(o.quiet, &format!("underlay: namespace {UNDERLAY_NS}, bridge br0 10.99.0.1/24"));
+    add_ns(&mut state, UNDERLAY_NS)?;
+    let cross = o.encap == Encap::VxlanCrosssubnet;
+    run(&["ip", "-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])?;
+    run(&["ip", "-n", UNDERLAY_NS, "addr", "add", "10.99.0.1/24", "dev", "br0"])?;
+    run(&["ip", "-n", UNDERLAY_NS, "link", "set", "br0", "up"])?;
+    run(&["ip", "-n", UNDERLAY_NS, "link", "set", "lo", "up"])?;
+    if cross {
+        // A second subnet behind the underlay acting as a router.
+        run(&["ip", "-n", UNDERLAY_NS, "link", "add", "br1", "type", "bridge"])?;
+        run(&["ip", "-n", UNDERLAY_NS, "addr", "add", "10.99.1.1/24", "dev", "br1"])?;
+        run(&["ip", "-n", UNDERLAY_NS, "link", "set", "br1", "up"])?;
+        sysctl_in(UNDERLAY_NS, "net.ipv4.ip_forward", "1")?;
+    }
+
+    let (ipip, vxlan) = o.encap.pool_modes();
+    let pool = format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: 172.20.0.0/16, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}, natOutgoing: true}}\n"
+    );
+    apply(&store, &pool).await?;
+    let underlay = Netlink::in_namespace(&ns_path(UNDERLAY_NS))?;
+    for i in 1..=o.nodes {
+        let name = format!("node-{i}");
+        let ns = format!("gl-{name}");
+        let subnet = if cross && i % 2 == 0 { 1 } else { 0 };
+        let ip: IpNet =
+            format!("10.99.{subnet}.{}/24", 10 + i).parse().map_err(|e: ipnet::AddrParseError| msg(e.to_string()))?;
+        progress(o.quiet, &format!("{name}: namespace {ns}, eth0 {ip}, agent"));
+        add_ns(&mut state, &ns)?;
+        let port = format!("{name}");
+        underlay.add_veth(&port, "eth0", &open_netns(&ns_path(&ns))?, 1500, None).await?;
+        run(&["ip", "-n", UNDERLAY_NS, "link", "set", &port, "master", if subnet == 1 { "br1" } else { "br0" }, "up"])?;
+        run(&["ip", "-n", &ns, "addr", "add", &ip.to_string(), "dev", "eth0"])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
+        // Proxy ARP answers for 169.254.1.1 only if it is routed out of another device; a real
+        // node has its default route for that. Lab nodes have no default route on purpose.
+        run(&["ip", "-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        if cross {
+            let gw = if subnet == 1 { "10.99.1.1" } else { "10.99.0.1" };
+            run(&["ip", "-n", &ns, "route", "add", "10.99.0.0/16", "via", gw])?;
+        }
+        let socket = dir.join(format!("{name}.sock"));
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let mut cmd = in_ns_command(&ns, exe)?;
+        cmd.args(["node", "run", "--nodename", &name, "--ip", &ip.to_string(), "--socket"])
+            .arg(&socket)
+            .envs(&state.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn()?;
+        state.nodes.push(NodeState { name, netns: ns, ip, socket, agent_pid: Some(child.id() as i32) });
+        state.save()?;
+    }
+    for n in &state.nodes {
+        wait_ready(n, dir)?;
+    }
+    for n in state.nodes.clone() {
+        for j in 1..=o.pods_per_node {
+            let pod = format!("default/pod-{}-{j}", n.name.trim_start_matches("node-"));
+            progress(o.quiet, &format!("pod {pod} on {} (CNI ADD)", n.name));
+            pod_add(&mut state, exe, &n.name, &pod, &BTreeMap::new())?;
+        }
+    }
+    progress(o.quiet, "waiting for every node's routes");
+    converge(&state, Duration::from_secs(15)).await?;
+    Ok(state)
+}
+
+async fn connect(state: &State) -> Result<std::sync::Arc<dyn gingham_store::Datastore>> {
+    use gingham_store::config::{DatastoreConfig, Settings};
+    let env = Settings::from_env(|k| state.env.get(k).cloned());
+    let cfg = DatastoreConfig::resolve(Settings::default(), None, env).map_err(msg)?;
+    for _ in 0..100 {
+        if let Ok(s) = gingham_store::connect(&cfg).await {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gingham_store::connect(&cfg).await.map_err(|e| msg(e.to_string()))
+}
+
+async fn apply(store: &std::sync::Arc<dyn gingham_store::Datastore>, yaml: &str) -> Result<()> {
+    let rs = gingham_store::ResourceStore::new(store.clone());
+    for d in gingham_api::parse_documents("lab", yaml).map_err(|e| msg(format!("{e:?}")))? {
+        rs.apply(d.object).await.map_err(|e| msg(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Wait until a node's agent answers /readiness.
+fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = in_netns(&ns_path(&n.netns), || {
+            let Ok(mut s) =
+                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 9099)), Duration::from_millis(200))
+            else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = s.write_all(b"GET /readiness HTTP/1.0\r\n\r\n");
+            let mut buf = [0u8; 64];
+            let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).contains(" 200 ")
+        })?;
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join(format!("{}.log", n.name))).unwrap_or_default();
+            return Err(msg(format!("the agent of {} did not become ready; its log:\n{log}", n.name)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until every node has a route (proto 80) for every other node's blocks.
+pub async fn converge(state: &State, timeout: Duration) -> Result<()> {
+    let store = connect(state).await?;
+    let ipam = gingham_ipam::IpamClient::new(store);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let blocks = ipam.all_blocks(true).await.map_err(|e| msg(e.to_string()))?;
+        let mut missing = Vec::new();
+        for n in &state.nodes {
+            let nl = Netlink::in_namespace(&ns_path(&n.netns))?;
+            let routes = nl.routes(true).await?;
+            for (b, _) in &blocks {
+                let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:"));
+                if owner.is_some_and(|o| o != n.name)
+                    && !routes.iter().any(|r| r.dst == b.cidr && r.protocol == gingham_dataplane::apply::ROUTE_PROTO)
+                {
+                    missing.push(format!("{}: {}", n.name, b.cidr));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(msg(format!("routes still missing after {timeout:?}: {}", missing.join(", "))));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn plugin(
+    state: &State,
+    exe: &Path,
+    node: &NodeState,
+    cmd: &str,
+    pod: &PodState,
+    labels: &BTreeMap<String, String>,
+) -> Result<serde_json::Value> {
+    let (ns, name) = pod.name.split_once('/').unwrap_or(("default", &pod.name));
+    let conf = json!({ "cniVersion": "1.0.0", "name": NETWORK, "type": "gingham", "agent_socket": node.socket, "ipam": { "type": "gingham-ipam" }, "runtimeConfig": { "labels": labels } });
+    let mut c = in_ns_command(&node.netns, exe)?;
+    c.env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", &pod.container_id)
+        .env("CNI_NETNS", ns_path(&pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"))
+        .envs(&state.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(conf.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(msg(format!("CNI {cmd} for {}: {}", pod.name, String::from_utf8_lossy(&out.stdout).trim())));
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+}
+
+fn pod_netns_name(pod: &str) -> String {
+    format!("gl-pod-{}", pod.replace('/', "-"))
+}
+
+/// Create a pod on `node` through the CNI plugin.
+pub fn pod_add(
+    state: &mut State,
+    exe: &Path,
+    node: &str,
+    pod: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<PodState> {
+    if !pod.contains('/') {
+        return Err(msg(format!("pod {pod:?}: write NAMESPACE/NAME")));
+    }
+    if state.pods.iter().any(|p| p.name == pod) {
+        return Err(msg(format!("pod {pod} already exists")));
+    }
+    let n = state
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .cloned()
+        .ok_or_else(|| msg(format!("no node {node} in the lab")))?;
+    let netns = pod_netns_name(pod);
+    add_ns(state, &netns)?;
+    let mut p = PodState {
+        name: pod.into(),
+        node: node.into(),
+        netns,
+        container_id: format!("lab-{}", pod.replace('/', "-")),
+        ips: vec![],
+    };
+    let result = plugin(state, exe, &n, "ADD", &p, labels)?;
+    p.ips = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .map(|a| a.split('/').next().unwrap_or(a).to_string())
+        .collect();
+    run(&["ip", "-n", &p.netns, "link", "set", "lo", "up"])?;
+    state.pods.push(p.clone());
+    state.save()?;
+    Ok(p)
+}
+
+pub fn pod_del(state: &mut State, exe: &Path, pod: &str) -> Result<()> {
+    let p = state.pod(pod)?.clone();
+    let n = state
+        .nodes
+        .iter()
+        .find(|n| n.name == p.node)
+        .cloned()
+        .ok_or_else(|| msg(format!("node {} is gone", p.node)))?;
+    plugin(state, exe, &n, "DEL", &p, &BTreeMap::new())?;
+    run(&["ip", "netns", "del", &p.netns])?;
+    state.namespaces.retain(|n| *n != p.netns);
+    state.pods.retain(|x| x.name != pod);
+    state.save()
+}
+
+/// Remove everything the lab made: agents, etcd, namespaces (their devices and nftables tables
+/// go with them), the state directory.
+pub fn down(dir: &Path) -> Result<()> {
+    let Ok(state) = State::load(dir) else {
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(());
+    };
+    for pid in state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid) {
+        let pgid = nix::unistd::Pid::from_raw(-pid);
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    for ns in state.namespaces.iter().rev() {
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// One cell of the check matrix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    pub ping: bool,
+    pub tcp: bool,
+}
+
+/// Every pod pings and TCP-connects every other pod.
+pub fn check(state: &State) -> Result<Vec<(String, String, Cell)>> {
+    // A listener in every pod (created inside its namespace, served from here).
+    let mut listeners = Vec::new();
+    for p in &state.pods {
+        let l = in_netns(&ns_path(&p.netns), || TcpListener::bind(("0.0.0.0", CHECK_PORT)))??;
+        l.set_nonblocking(true)?;
+        listeners.push(l);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.write_all(b"ok\n");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for src in &state.pods {
+        for dst in state.pods.iter().filter(|d| d.name != src.name) {
+            let Some(ip) = dst.ips.iter().find_map(|i| i.parse::<Ipv4Addr>().ok()) else { continue };
+            let (src_ns, label_src, label_dst) = (src.netns.clone(), src.name.clone(), dst.name.clone());
+            jobs.push(std::thread::spawn(move || {
+                let ping = Command::new("ip")
+                    .args(["netns", "exec", &src_ns, "ping", "-c", "1", "-W", "2", &ip.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                let tcp = in_netns(&ns_path(&src_ns), move || {
+                    TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(ip), CHECK_PORT), Duration::from_secs(2))
+                        .is_ok_and(|mut s| {
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut b = [0u8; 3];
+                            std::io::Read::read_exact(&mut s, &mut b).is_ok() && &b == b"ok\n"
+                        })
+                })
+                .unwrap_or(false);
+                (label_src, label_dst, Cell { ping, tcp })
+            }));
+        }
+    }
+    let results = jobs.into_iter().filter_map(|j| j.join().ok()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in acceptors {
+        let _ = a.join();
+    }
+    Ok(results)
+}
+
+/// The check matrix as a table: rows are sources, columns destinations.
+pub fn render_matrix(state: &State, cells: &[(String, String, Cell)]) -> String {
+    let names: Vec<&str> = state.pods.iter().map(|p| p.name.as_str()).collect();
+    let w = names.iter().map(|n| n.len()).max().unwrap_or(4).max(8);
+    let mut out = format!("{:<w$}", "from \\ to");
+    for n in &names {
+        out.push_str(&format!("  {n:<w$}"));
+    }
+    out.push('\n');
+    for s in &names {
+        out.push_str(&format!("{s:<w$}"));
+        for d in &names {
+            let cell = if s == d {
+                "-".to_string()
+            } else {
+                match cells.iter().find(|(a, b, _)| a == s && b == d) {
+                    Some((_, _, c)) if c.ping && c.tcp => "ok".into(),
+                    Some((_, _, c)) => {
+                        format!("{}{}", if c.ping { "" } else { "ping✗ " }, if c.tcp { "" } else { "tcp✗" })
+                            .trim()
+                            .to_string()
+                    }
+                    None => "?".into(),
+                }
+            };
+            out.push_str(&format!("  {cell:<w$}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Nodes, pods with addresses, and each node's gingham routes.
+pub async fn status(state: &State) -> Result<String> {
+    let mut out = format!(
+        "lab {} ({:?}), datastore: {}\n\nNODES\n",
+        state.dir.display(),
+        state.encap,
+        state.env.get("DATASTORE_TYPE").cloned().unwrap_or_default()
+    );
+    for n in &state.nodes {
+        let alive = n.agent_pid.is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
+        out.push_str(&format!(
+            "  {:<10} {:<16} agent {}\n",
+            n.name,
+            n.ip.to_string(),
+            if alive { "running" } else { "NOT RUNNING" }
+        ));
+    }
+    out.push_str("\nPODS\n");
+    for p in &state.pods {
+        out.push_str(&format!("  {:<22} {:<10} {}\n", p.name, p.node, p.ips.join(", ")));
+    }
+    for n in &state.nodes {
+        out.push_str(&format!("\nROUTES on {}\n", n.name));
+        let listing = run(&["ip", "-n", &n.netns, "route", "show"])?;
+        for l in listing.lines().filter(|l| l.contains("proto 80") || l.contains("cali") || l.contains("vxlan")) {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
+    Ok(out)
+}
+
+/// Run a command inside a pod's namespace, passing its exit status through.
+pub fn exec(state: &State, pod: &str, cmd: &[String]) -> Result<i32> {
+    let p = state.pod(pod)?;
+    let (program, args) = cmd.split_first().ok_or_else(|| msg("give a command after --"))?;
+    let path = which(program).unwrap_or_else(|| PathBuf::from(program));
+    let status = in_ns_command(&p.netns, &path)?.args(args).status()?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    std::env::var_os("PATH")?.to_string_lossy().split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
+}
