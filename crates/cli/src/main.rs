@@ -153,6 +153,9 @@ enum Command {
         /// Where the lab keeps its state, store and logs.
         #[arg(long, env = "GINGHAM_LAB_DIR", default_value = "/var/run/gingham-lab")]
         dir: PathBuf,
+        /// Prefix of the lab's namespace names (labs with different prefixes and dirs coexist).
+        #[arg(long, env = "GINGHAM_LAB_PREFIX", default_value = "gl")]
+        prefix: String,
         #[command(subcommand)]
         command: LabCommand,
     },
@@ -382,7 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Lab { dir, command } => lab(&dir, command).await,
+        Command::Lab { dir, prefix, command } => lab(&dir, &prefix, command).await,
         Command::Datastore => {
             let store = ds.open().await?;
             println!("{}", store.datastore().describe());
@@ -419,7 +422,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn lab(dir: &std::path::Path, command: LabCommand) -> anyhow::Result<()> {
+async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow::Result<()> {
     use gingham_lab as l;
     let exe = std::env::current_exe()?;
     match command {
@@ -429,7 +432,14 @@ async fn lab(dir: &std::path::Path, command: LabCommand) -> anyhow::Result<()> {
                 "etcd" => true,
                 other => anyhow::bail!("--datastore {other}: use embedded or etcd"),
             };
-            let opts = l::UpOptions { nodes, pods_per_node, encap: l::Encap::parse(&encap)?, etcd, quiet };
+            let opts = l::UpOptions {
+                prefix: prefix.to_string(),
+                nodes,
+                pods_per_node,
+                encap: l::Encap::parse(&encap)?,
+                etcd,
+                quiet,
+            };
             if !quiet {
                 eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());
             }

@@ -17,7 +17,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-pub const UNDERLAY_NS: &str = "gl-underlay";
 const NETWORK: &str = "k8s-pod-network";
 const CHECK_PORT: u16 = 7777;
 
@@ -95,6 +94,8 @@ pub struct State {
     pub env: BTreeMap<String, String>,
     pub etcd_pid: Option<i32>,
     pub namespaces: Vec<String>,
+    /// Prefix of every namespace name (several labs can coexist with different prefixes).
+    pub prefix: String,
 }
 
 pub fn default_dir() -> PathBuf {
@@ -106,6 +107,10 @@ fn state_path(dir: &Path) -> PathBuf {
 }
 
 impl State {
+    pub fn underlay(&self) -> String {
+        format!("{}-underlay", self.prefix)
+    }
+
     pub fn load(dir: &Path) -> Result<State> {
         let text = std::fs::read_to_string(state_path(dir))
             .map_err(|_| msg(format!("no lab at {}: run `gingham lab up` first", dir.display())))?;
@@ -168,15 +173,12 @@ fn progress(quiet: bool, m: &str) {
 }
 
 pub struct UpOptions {
+    pub prefix: String,
     pub nodes: usize,
     pub pods_per_node: usize,
     pub encap: Encap,
     pub etcd: bool,
     pub quiet: bool,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Build the lab (tearing down a stale one first).
@@ -185,8 +187,8 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         progress(o.quiet, "removing the previous lab");
         down(dir)?;
     }
-    // Namespaces of an unrecorded lab with our well-known names.
-    let _ = Command::new("ip").args(["netns", "del", UNDERLAY_NS]).stderr(Stdio::null()).status();
+    // The underlay of an unrecorded lab with this prefix.
+    let _ = Command::new("ip").args(["netns", "del", &format!("{}-underlay", o.prefix)]).stderr(Stdio::null()).status();
     std::fs::create_dir_all(dir)?;
     let mut state = State {
         dir: dir.to_path_buf(),
@@ -196,62 +198,72 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         env: BTreeMap::new(),
         etcd_pid: None,
         namespaces: vec![],
+        prefix: o.prefix.clone(),
     };
     state.save()?;
-    if o.etcd {
-        progress(o.quiet, "starting etcd");
-        let (client, peer) = (free_port()?, free_port()?);
-        let ep = format!("http://127.0.0.1:{client}");
-        let log = std::fs::File::create(dir.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .arg("--name=lab")
-            .arg(format!("--data-dir={}", dir.join("etcd").display()))
-            .arg(format!("--listen-client-urls={ep}"))
-            .arg(format!("--advertise-client-urls={ep}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-cluster=lab=http://127.0.0.1:{peer}"))
-            .arg("--log-level=error")
-            .arg("--logger=zap")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| msg(format!("cannot start etcd (install etcd-server): {e}")))?;
-        state.etcd_pid = Some(child.id() as i32);
-        state.env.insert("DATASTORE_TYPE".into(), "etcdv3".into());
-        state.env.insert("ETCD_ENDPOINTS".into(), ep);
-    } else {
+    if !o.etcd {
         state.env.insert("DATASTORE_TYPE".into(), "embedded".into());
         state.env.insert("GINGHAM_STORE_PATH".into(), dir.join("store.db").display().to_string());
     }
     state.save()?;
-    let store = connect(&state).await?;
 
-    progress(o.quiet, &format!("underlay: namespace {UNDERLAY_NS}, bridge br0 10.99.0.1/24"));
-    add_ns(&mut state, UNDERLAY_NS)?;
+    let underlay_ns = state.underlay();
+    progress(o.quiet, &format!("underlay: namespace {underlay_ns}, bridge br0 10.99.0.1/24"));
+    add_ns(&mut state, &underlay_ns)?;
     let cross = o.encap == Encap::VxlanCrosssubnet;
-    run(&["ip", "-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])?;
-    run(&["ip", "-n", UNDERLAY_NS, "addr", "add", "10.99.0.1/24", "dev", "br0"])?;
-    run(&["ip", "-n", UNDERLAY_NS, "link", "set", "br0", "up"])?;
-    run(&["ip", "-n", UNDERLAY_NS, "link", "set", "lo", "up"])?;
+    run(&["ip", "-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
+    run(&["ip", "-n", &underlay_ns, "addr", "add", "10.99.0.1/24", "dev", "br0"])?;
+    run(&["ip", "-n", &underlay_ns, "link", "set", "br0", "up"])?;
+    run(&["ip", "-n", &underlay_ns, "link", "set", "lo", "up"])?;
     if cross {
         // A second subnet behind the underlay acting as a router.
-        run(&["ip", "-n", UNDERLAY_NS, "link", "add", "br1", "type", "bridge"])?;
-        run(&["ip", "-n", UNDERLAY_NS, "addr", "add", "10.99.1.1/24", "dev", "br1"])?;
-        run(&["ip", "-n", UNDERLAY_NS, "link", "set", "br1", "up"])?;
-        sysctl_in(UNDERLAY_NS, "net.ipv4.ip_forward", "1")?;
+        run(&["ip", "-n", &underlay_ns, "link", "add", "br1", "type", "bridge"])?;
+        run(&["ip", "-n", &underlay_ns, "addr", "add", "10.99.1.1/24", "dev", "br1"])?;
+        run(&["ip", "-n", &underlay_ns, "link", "set", "br1", "up"])?;
+        sysctl_in(&underlay_ns, "net.ipv4.ip_forward", "1")?;
     }
+
+    if o.etcd {
+        // etcd lives on the underlay (10.99.0.1), where every node reaches it as in a real
+        // cluster; a veth from this namespace into the underlay lets the CLI reach it too.
+        progress(o.quiet, "etcd on the underlay at 10.99.0.1:2379");
+        let host_end = format!("{}-host", state.prefix);
+        Netlink::current()?.add_veth(&host_end, "uplink", &open_netns(&ns_path(&underlay_ns))?, 1500, None).await?;
+        run(&["ip", "addr", "add", "10.99.0.254/24", "dev", &host_end])?;
+        run(&["ip", "link", "set", &host_end, "up"])?;
+        run(&["ip", "-n", &underlay_ns, "link", "set", "uplink", "master", "br0", "up"])?;
+        let ep = "http://10.99.0.1:2379".to_string();
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let mut cmd = in_ns_command(&underlay_ns, Path::new("/usr/bin/etcd"))?;
+        cmd.arg("--name=lab")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={ep}"))
+            .arg(format!("--advertise-client-urls={ep}"))
+            .arg("--listen-peer-urls=http://127.0.0.1:2380")
+            .arg("--initial-advertise-peer-urls=http://127.0.0.1:2380")
+            .arg("--initial-cluster=lab=http://127.0.0.1:2380")
+            .arg("--log-level=error")
+            .arg("--logger=zap")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|e| msg(format!("cannot start etcd (install etcd-server): {e}")))?;
+        state.etcd_pid = Some(child.id() as i32);
+        state.env.insert("DATASTORE_TYPE".into(), "etcdv3".into());
+        state.env.insert("ETCD_ENDPOINTS".into(), ep);
+        state.save()?;
+    }
+    let store = connect(&state).await?;
 
     let (ipip, vxlan) = o.encap.pool_modes();
     let pool = format!(
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: 172.20.0.0/16, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}, natOutgoing: true}}\n"
     );
     apply(&store, &pool).await?;
-    let underlay = Netlink::in_namespace(&ns_path(UNDERLAY_NS))?;
+    let underlay = Netlink::in_namespace(&ns_path(&underlay_ns))?;
     for i in 1..=o.nodes {
         let name = format!("node-{i}");
-        let ns = format!("gl-{name}");
+        let ns = format!("{}-{name}", state.prefix);
         let subnet = if cross && i % 2 == 0 { 1 } else { 0 };
         let ip: IpNet =
             format!("10.99.{subnet}.{}/24", 10 + i).parse().map_err(|e: ipnet::AddrParseError| msg(e.to_string()))?;
@@ -259,7 +271,17 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         add_ns(&mut state, &ns)?;
         let port = format!("{name}");
         underlay.add_veth(&port, "eth0", &open_netns(&ns_path(&ns))?, 1500, None).await?;
-        run(&["ip", "-n", UNDERLAY_NS, "link", "set", &port, "master", if subnet == 1 { "br1" } else { "br0" }, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &underlay_ns,
+            "link",
+            "set",
+            &port,
+            "master",
+            if subnet == 1 { "br1" } else { "br0" },
+            "up",
+        ])?;
         run(&["ip", "-n", &ns, "addr", "add", &ip.to_string(), "dev", "eth0"])?;
         run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
@@ -409,8 +431,8 @@ fn plugin(
     Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
 }
 
-fn pod_netns_name(pod: &str) -> String {
-    format!("gl-pod-{}", pod.replace('/', "-"))
+fn pod_netns_name(prefix: &str, pod: &str) -> String {
+    format!("{prefix}-pod-{}", pod.replace('/', "-"))
 }
 
 /// Create a pod on `node` through the CNI plugin.
@@ -433,7 +455,7 @@ pub fn pod_add(
         .find(|n| n.name == node)
         .cloned()
         .ok_or_else(|| msg(format!("no node {node} in the lab")))?;
-    let netns = pod_netns_name(pod);
+    let netns = pod_netns_name(&state.prefix, pod);
     add_ns(state, &netns)?;
     let mut p = PodState {
         name: pod.into(),

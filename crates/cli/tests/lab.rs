@@ -1,0 +1,342 @@
+//! `gingham lab` end to end: real namespaces, agents, CNI plugin, VXLAN and native routing,
+//! NAT outgoing, node removal, agent restart, drift repair. Each test's lab has its own name
+//! prefix and directory and is torn down on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const G: &str = env!("CARGO_BIN_EXE_gingham");
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+struct Lab {
+    dir: tempfile::TempDir,
+    prefix: String,
+    extra_pids: Vec<u32>,
+}
+
+impl Lab {
+    fn up(args: &[&str]) -> Lab {
+        let prefix = format!("gt{}{}", std::process::id() % 10_000, SEQ.fetch_add(1, Ordering::SeqCst));
+        let lab = Lab { dir: tempfile::tempdir().unwrap(), prefix, extra_pids: vec![] };
+        let mut a = vec!["lab", "up", "--quiet"];
+        a.extend_from_slice(args);
+        let out = lab.cmd(&a).output().unwrap();
+        assert!(
+            out.status.success(),
+            "lab up {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(G);
+        c.args(args).env("GINGHAM_LAB_DIR", self.dir.path()).env("GINGHAM_LAB_PREFIX", &self.prefix);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "gingham {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A gingham command against the lab's datastore (the environment `lab env` prints).
+    fn gingham(&self, args: &[&str]) -> String {
+        let mut c = self.cmd(args);
+        for line in self.ok(&["lab", "env"]).lines() {
+            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                c.env(k, v);
+            }
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn state(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).unwrap()).unwrap()
+    }
+
+    fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    fn pod_ns(&self, pod: &str) -> String {
+        format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
+    }
+
+    fn pod_ip(&self, pod: &str) -> String {
+        let s = self.state();
+        s["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap()["ips"][0].as_str().unwrap().to_string()
+    }
+
+    fn routes(&self, node: &str) -> String {
+        ip(&["-n", &self.ns(node), "route", "show"])
+    }
+
+    fn check(&self) -> String {
+        self.ok(&["lab", "check"])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &self.extra_pids {
+            let _ = Command::new("kill").arg("-9").arg(p.to_string()).status();
+        }
+        let _ = self.cmd(&["lab", "down"]).output();
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run `f` on a thread inside the namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn vxlan_lab_check_drift_node_removal_and_pods() {
+    let lab = Lab::up(&[]);
+    let out = lab.check();
+    assert!(out.contains("all 30 pod pairs: ping ok, tcp ok"), "{out}");
+    // Calico's VXLAN layout: device, MTU, neighbours, routes.
+    let dev = ip(&["-n", &lab.ns("node-1"), "-d", "link", "show", "vxlan.calico"]);
+    assert!(
+        dev.contains("mtu 1450")
+            && dev.contains("vxlan id 4096 local 10.99.0.11 dev eth0")
+            && dev.contains("dstport 4789 nolearning"),
+        "{dev}"
+    );
+    assert!(
+        ip(&["-n", &lab.pod_ns("default/pod-1-1"), "link", "show", "eth0"]).contains("mtu 1450"),
+        "pods get the VXLAN MTU"
+    );
+    let routes = lab.routes("node-1");
+    assert_eq!(routes.lines().filter(|l| l.contains("dev vxlan.calico proto 80 onlink")).count(), 2, "{routes}");
+    assert_eq!(routes.lines().filter(|l| l.starts_with("blackhole") && l.contains("proto 80")).count(), 1, "{routes}");
+    assert_eq!(ip(&["-n", &lab.ns("node-1"), "neigh", "show", "dev", "vxlan.calico"]).matches("PERMANENT").count(), 2);
+    let nft = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("node-1"), "nft", "list", "table", "ip", "gingham"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&nft.stdout).contains("masquerade"), "NAT outgoing table present");
+    // Health and metrics of node-1's agent.
+    let metrics = in_ns(&lab.ns("node-1"), || {
+        let mut s = TcpStream::connect("127.0.0.1:9099").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    });
+    assert!(
+        metrics.contains("gingham_ready 1")
+            && metrics.contains("gingham_sync_seconds_bucket")
+            && metrics.contains("gingham_routes_programmed 3"),
+        "{metrics}"
+    );
+
+    // Drift: a route deleted by hand comes back.
+    let victim =
+        routes.lines().find(|l| l.contains("vxlan.calico")).unwrap().split_whitespace().next().unwrap().to_string();
+    let node1 = lab.ns("node-1");
+    Command::new("ip").args(["-n", &node1, "route", "del", &victim]).status().unwrap();
+    let took = wait_for("deleted route restored", Duration::from_secs(3), || {
+        lab.routes("node-1").contains(&format!("{victim} via"))
+    });
+    eprintln!("drift repaired in {took:?}");
+
+    // Pods come and go through the CNI plugin.
+    let out = lab.ok(&["lab", "pod", "add", "node-2", "team-a/extra", "--labels", "app=web"]);
+    assert!(out.contains("pod team-a/extra on node-2"), "{out}");
+    assert!(lab.check().contains("all 42 pod pairs: ping ok, tcp ok"));
+    let wep = lab.gingham(&["get", "wep", "-n", "team-a", "-o", "json"]);
+    assert!(wep.contains("\"app\": \"web\""), "{wep}");
+    let status = Command::new(G)
+        .args(["lab", "exec", "team-a/extra", "--", "ping", "-c", "1", "-W", "2", &lab.pod_ip("default/pod-1-1")])
+        .env("GINGHAM_LAB_DIR", lab.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "lab exec runs in the pod");
+    lab.ok(&["lab", "pod", "del", "team-a/extra"]);
+    assert!(!lab.gingham(&["get", "wep", "-A"]).contains("extra"));
+    let st = lab.ok(&["lab", "status"]);
+    assert!(st.contains("node-3") && st.contains("default/pod-3-2") && st.contains("ROUTES on node-2"), "{st}");
+
+    // Node removal: its routes disappear everywhere.
+    let node3_block = lab
+        .routes("node-3")
+        .lines()
+        .find(|l| l.starts_with("blackhole"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let pid = lab.state()["nodes"][2]["agent_pid"].as_i64().unwrap();
+    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    lab.gingham(&["delete", "node", "node-3"]);
+    for n in ["node-1", "node-2"] {
+        wait_for(&format!("{n} forgets node-3's block"), Duration::from_secs(5), || {
+            !lab.routes(n).contains(&node3_block)
+        });
+        assert_eq!(ip(&["-n", &lab.ns(n), "neigh", "show", "dev", "vxlan.calico"]).matches("PERMANENT").count(), 1);
+    }
+}
+
+#[test]
+fn native_routing_and_nat_outgoing() {
+    let lab = Lab::up(&["--encap", "none", "--nodes", "2", "--pods-per-node", "1"]);
+    assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
+    let routes = lab.routes("node-1");
+    assert!(routes.contains("via 10.99.0.12 dev eth0 proto 80"), "{routes}");
+    assert!(!routes.contains("vxlan"), "{routes}");
+    assert!(
+        ip(&["-n", &lab.ns("node-1"), "link", "show", "vxlan.calico"]).is_empty(),
+        "no VXLAN device without VXLAN pools"
+    );
+    // A pod reaches an underlay address outside every pool, and the peer sees the node's address.
+    let underlay = format!("{}-underlay", lab.prefix);
+    let listener = in_ns(&underlay, || TcpListener::bind("10.99.0.1:9000").unwrap());
+    let pod = lab.pod_ns("default/pod-1-1");
+    let client = std::thread::spawn(move || {
+        in_ns(&pod, || {
+            TcpStream::connect_timeout(&SocketAddr::from(([10, 99, 0, 1], 9000)), Duration::from_secs(3)).map(|_| ())
+        })
+    });
+    let (_, peer) = listener.accept().unwrap();
+    client.join().unwrap().unwrap();
+    assert_eq!(peer.ip().to_string(), "10.99.0.11", "masqueraded to node-1's address");
+}
+
+#[test]
+fn vxlan_cross_subnet() {
+    // node-2 sits on a second underlay subnet; node-1 and node-3 share one.
+    let lab = Lab::up(&["--encap", "vxlan-crosssubnet", "--nodes", "3", "--pods-per-node", "1"]);
+    assert!(lab.check().contains("all 6 pod pairs: ping ok, tcp ok"));
+    let routes = lab.routes("node-1");
+    assert!(routes.contains("via 10.99.0.13 dev eth0 proto 80"), "same subnet: native\n{routes}");
+    assert_eq!(
+        routes.lines().filter(|l| l.contains("dev vxlan.calico proto 80 onlink")).count(),
+        1,
+        "other subnet: VXLAN\n{routes}"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_routes_and_flows() {
+    let mut lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let before = lab.routes("node-1");
+    // An established flow from pod-1-1 to pod-2-1.
+    let dst = lab.pod_ip("default/pod-2-1");
+    let server = in_ns(&lab.pod_ns("default/pod-2-1"), || TcpListener::bind("0.0.0.0:9100").unwrap());
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut buf = [0u8; 5];
+        for _ in 0..2 {
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        }
+    });
+    let mut conn = in_ns(&lab.pod_ns("default/pod-1-1"), move || TcpStream::connect((dst.as_str(), 9100)).unwrap());
+    let mut buf = [0u8; 5];
+    conn.write_all(b"hello").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    // The agent dies: routes stay, the flow goes on.
+    let state = lab.state();
+    let pid = state["nodes"][0]["agent_pid"].as_i64().unwrap();
+    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(lab.routes("node-1"), before, "routes stay while the agent is down");
+    conn.write_all(b"again").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+    echo.join().unwrap();
+    // The agent comes back and the cluster still checks out.
+    let n = &state["nodes"][0];
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            n["netns"].as_str().unwrap(),
+            G,
+            "node",
+            "run",
+            "--nodename",
+            "node-1",
+            "--ip",
+            n["ip"].as_str().unwrap(),
+            "--socket",
+            n["socket"].as_str().unwrap(),
+        ])
+        .env("GINGHAM_STORE_PATH", lab.dir.path().join("store.db"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    lab.extra_pids.push(child.id());
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(lab.routes("node-1"), before, "a restarted agent keeps what is right");
+    assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
+}
+
+#[test]
+fn lab_on_etcd() {
+    let lab = Lab::up(&["--datastore", "etcd", "--nodes", "2", "--pods-per-node", "2"]);
+    assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"));
+    assert!(lab.ok(&["lab", "env"]).contains("ETCD_ENDPOINTS=http://10.99.0.1:2379"));
+    assert!(lab.gingham(&["ipam", "show"]).contains("|     6 (0%) |"), "4 pods + 2 VTEP addresses");
+}
+
+#[test]
+fn ipip_needs_the_kernel_module() {
+    // IPIP's routes are computed (unit tests in gingham-dataplane); programming them needs tunl0.
+    let probe = format!("gtipip{}", std::process::id());
+    Command::new("ip").args(["netns", "add", &probe]).status().unwrap();
+    let ok = Command::new("ip")
+        .args(["-n", &probe, "link", "add", "t0", "type", "ipip"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    Command::new("ip").args(["netns", "del", &probe]).status().unwrap();
+    if !ok {
+        eprintln!(
+            "SKIPPED ipip lab: this kernel has no ipip module (`ip link add type ipip` fails: Unknown device type)"
+        );
+        return;
+    }
+    let lab = Lab::up(&["--encap", "ipip", "--nodes", "2", "--pods-per-node", "1"]);
+    assert!(lab.check().contains("all 2 pod pairs"));
+}
