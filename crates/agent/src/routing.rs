@@ -89,6 +89,8 @@ impl Routing {
             pool_infos.iter().any(|p| p.vxlan != EncapMode::Never && !p.disabled && p.cidr.addr().is_ipv4());
         // This node's VXLAN address (from IPAM) and MAC, kept on its Node resource.
         let vtep = self.ipam.ensure_tunnel_address(&self.node, TunnelKind::Vxlan).await.map_err(|e| e.to_string())?;
+        // IPIP pools get their tunnel address too (tunl0 itself needs the kernel's ipip module).
+        self.ipam.ensure_tunnel_address(&self.node, TunnelKind::Ipip).await.map_err(|e| e.to_string())?;
         let mac = vxlan_mac(&self.node);
         if vtep.is_some() {
             self.ensure_node_mac(&res, &format_mac(&mac)).await?;

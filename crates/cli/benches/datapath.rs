@@ -14,8 +14,17 @@ fn script() -> PathBuf {
 }
 
 fn sh(args: &[&str], env: &[(&str, &str)]) {
-    let out = Command::new(args[0]).args(&args[1..]).envs(env.iter().copied()).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// One iperf3 TCP measurement from netns `src` to `dst_ip` served in netns `dst`, in Gbit/s.
@@ -27,11 +36,24 @@ fn iperf(src: &str, dst: &str, dst_ip: &str, secs: u32) -> f64 {
             let _ = self.0.wait();
         }
     }
-    let _server = Kill(Command::new("ip").args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", "5301"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let _server = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", "5301"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("ip").args(["netns", "exec", src, "iperf3", "-c", dst_ip, "-p", "5301", "-t", &secs.to_string(), "-J"]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", src, "iperf3", "-c", dst_ip, "-p", "5301", "-t", &secs.to_string(), "-J"])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or_else(|| panic!("iperf3 {src} → {dst_ip}: {}", String::from_utf8_lossy(&out.stdout))) / 1e9
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 {src} → {dst_ip}: {}", String::from_utf8_lossy(&out.stdout)))
+        / 1e9
 }
 
 struct GinghamLab {
@@ -41,11 +63,15 @@ struct GinghamLab {
 impl GinghamLab {
     fn up(encap: &str) -> GinghamLab {
         let dir = tempfile::tempdir().unwrap();
-        sh(&[G, "lab", "up", "--quiet", "--nodes", "2", "--pods-per-node", "2", "--encap", encap], &[("GINGHAM_LAB_DIR", dir.path().to_str().unwrap()), ("GINGHAM_LAB_PREFIX", "gb")]);
+        sh(
+            &[G, "lab", "up", "--quiet", "--nodes", "2", "--pods-per-node", "2", "--encap", encap],
+            &[("GINGHAM_LAB_DIR", dir.path().to_str().unwrap()), ("GINGHAM_LAB_PREFIX", "gb")],
+        );
         GinghamLab { dir }
     }
     fn ip(&self, pod: &str) -> String {
-        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).unwrap()).unwrap();
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).unwrap()).unwrap();
         s["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap()["ips"][0].as_str().unwrap().to_string()
     }
 }
@@ -64,7 +90,10 @@ impl HandLab {
     fn up(mode: &str) -> HandLab {
         let state = tempfile::tempdir().unwrap();
         let st = state.path().join("s");
-        sh(&["bash", script().to_str().unwrap(), "up", "-n", "2", "-p", "2", "-m", mode], &[("LAB_STATE", st.to_str().unwrap())]);
+        sh(
+            &["bash", script().to_str().unwrap(), "up", "-n", "2", "-p", "2", "-m", mode],
+            &[("LAB_STATE", st.to_str().unwrap())],
+        );
         HandLab { state }
     }
 }
@@ -85,7 +114,11 @@ fn main() {
     let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     // (path, hand-built mode, gingham encap, same node?)
-    let paths = [("pod→pod, same node", "native", "none", true), ("pod→pod, across nodes, native", "native", "none", false), ("pod→pod, across nodes, VXLAN", "vxlan", "vxlan", false)];
+    let paths = [
+        ("pod→pod, same node", "native", "none", true),
+        ("pod→pod, across nodes, native", "native", "none", false),
+        ("pod→pod, across nodes, VXLAN", "vxlan", "vxlan", false),
+    ];
     let mut rows = Vec::new();
     for (name, mode, encap, same) in paths {
         let (mut hand, mut ging) = (Vec::new(), Vec::new());
@@ -97,14 +130,20 @@ fn main() {
             }
             {
                 let lab = GinghamLab::up(encap);
-                let (dst, pod) = if same { ("gb-pod-default-pod-1-2", "default/pod-1-2") } else { ("gb-pod-default-pod-2-1", "default/pod-2-1") };
+                let (dst, pod) = if same {
+                    ("gb-pod-default-pod-1-2", "default/pod-1-2")
+                } else {
+                    ("gb-pod-default-pod-2-1", "default/pod-2-1")
+                };
                 ging.push(iperf("gb-pod-default-pod-1-1", dst, &lab.ip(pod), secs));
             }
         }
         rows.push((name, median(hand), median(ging)));
     }
-    println!("datapath benchmark: iperf3 TCP, 1 stream, {secs} s, median of {runs} alternating runs; load average {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "datapath benchmark: iperf3 TCP, 1 stream, {secs} s, median of {runs} alternating runs; load average {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
     println!("hand-built = fixtures/lab-underlay.sh (iproute2 by hand); gingham = `gingham lab up` (agents + CNI)\n");
     println!("{:<34} {:>16} {:>16} {:>16}", "path", "hand-built Gb/s", "gingham Gb/s", "gingham/hand");
     for (name, h, g) in rows {

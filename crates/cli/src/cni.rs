@@ -146,29 +146,6 @@ pub fn main(ipam_mode: bool) -> ExitCode {
     }
 }
 
-/// The conflist `gingham cni install` writes: gingham first, then portmap and bandwidth, as
-/// Calico's install-cni does.
-pub fn conflist(name: &str, version: &str, mtu: u32, nodename: &str, socket: &str) -> Value {
-    json!({
-        "name": name,
-        "cniVersion": version,
-        "plugins": [
-            {
-                "type": "gingham",
-                "log_level": "info",
-                "datastore_type": "gingham-agent",
-                "nodename": nodename,
-                "mtu": mtu,
-                "agent_socket": socket,
-                "ipam": { "type": "gingham-ipam" },
-                "policy": { "type": "k8s" }
-            },
-            { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } },
-            { "type": "bandwidth", "capabilities": { "bandwidth": true } }
-        ]
-    })
-}
-
 /// Install the plugin binaries (gingham, gingham-ipam) and the conflist.
 pub fn install(conf_dir: &std::path::Path, bin_dir: &std::path::Path, conf: &Value) -> anyhow::Result<Vec<PathBuf>> {
     let exe = std::env::current_exe()?;
@@ -233,7 +210,7 @@ mod tests {
 
     #[test]
     fn conflist_shape() {
-        let c = conflist("k8s-pod-network", "1.0.0", 1440, "node-1", DEFAULT_SOCKET);
+        let c = gingham_cni::conflist("k8s-pod-network", "1.0.0", 1440, "node-1", DEFAULT_SOCKET);
         assert_eq!(c["plugins"][0]["type"], "gingham");
         assert_eq!(c["plugins"][0]["ipam"]["type"], "gingham-ipam");
         assert_eq!(c["plugins"][1]["type"], "portmap");

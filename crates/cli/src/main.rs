@@ -379,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cni {
             command: CniCommand::Install { conf_dir, bin_dir, name, cni_version, mtu, nodename, socket },
         } => {
-            let conf = cni::conflist(&name, &cni_version, mtu, &nodename, &socket);
+            let conf = gingham_cni::conflist(&name, &cni_version, mtu, &nodename, &socket);
             for p in cni::install(&conf_dir, &bin_dir, &conf)? {
                 println!("installed {}", p.display());
             }

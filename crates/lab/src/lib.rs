@@ -294,6 +294,11 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
             run(&["ip", "-n", &ns, "route", "add", "10.99.0.0/16", "via", gw])?;
         }
         let socket = dir.join(format!("{name}.sock"));
+        // Install the CNI configuration as `gingham cni install` would (MTU 0: the agent's).
+        let conf = gingham_cni::conflist(NETWORK, "1.0.0", 0, &name, &socket.display().to_string());
+        let path = conflist_path(dir, &name);
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&conf).map_err(|e| msg(e.to_string()))?)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let mut cmd = in_ns_command(&ns, exe)?;
         cmd.args(["node", "run", "--nodename", &name, "--ip", &ip.to_string(), "--socket"])
@@ -409,7 +414,14 @@ fn plugin(
     labels: &BTreeMap<String, String>,
 ) -> Result<serde_json::Value> {
     let (ns, name) = pod.name.split_once('/').unwrap_or(("default", &pod.name));
-    let conf = json!({ "cniVersion": "1.0.0", "name": NETWORK, "type": "gingham", "agent_socket": node.socket, "ipam": { "type": "gingham-ipam" }, "runtimeConfig": { "labels": labels } });
+    // The node's installed conflist, first plugin, as a runtime hands it over.
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conflist_path(&state.dir, &node.name))?)
+            .map_err(|e| msg(e.to_string()))?;
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    conf["runtimeConfig"] = json!({ "labels": labels });
     let mut c = in_ns_command(&node.netns, exe)?;
     c.env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", &pod.container_id)
@@ -429,6 +441,11 @@ fn plugin(
         return Err(msg(format!("CNI {cmd} for {}: {}", pod.name, String::from_utf8_lossy(&out.stdout).trim())));
     }
     Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+}
+
+/// Where a node's CNI configuration is installed.
+pub fn conflist_path(dir: &Path, node: &str) -> PathBuf {
+    dir.join(node).join("net.d").join("10-gingham.conflist")
 }
 
 fn pod_netns_name(prefix: &str, pod: &str) -> String {
