@@ -207,32 +207,26 @@ pub enum Autodetect {
     Given(IpNet),
     /// The first global IPv4 address on an interface that is not gingham's or a container's.
     FirstFound,
-    /// The first IPv4 address on an interface whose name matches (Calico's `interface=REGEX`;
-    /// here a glob: `*` and `?`).
+    /// The first IPv4 address on an interface whose name matches (Calico's `interface=REGEX`).
     Interface(String),
-}
-
-fn glob(pattern: &str, name: &str) -> bool {
-    fn m(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
-            (Some(b'?'), Some(_)) => m(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    m(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Find the node address and the interface it is on.
 pub async fn detect_address(nl: &Netlink, how: &Autodetect) -> Result<(String, IpNet), String> {
+    let pattern = match how {
+        // Anchored, as Calico matches the whole interface name.
+        Autodetect::Interface(p) => Some(
+            regex_lite::Regex::new(&format!("^(?:{p})$"))
+                .map_err(|e| format!("interface={p}: not a valid regular expression: {e}"))?,
+        ),
+        _ => None,
+    };
     let links = nl.links().await.map_err(|e| e.to_string())?;
     let skip = ["lo", "docker", "cali", "vxlan", "tunl", "virbr", "kube-ipvs", "cni", "veth", "br-"];
     for l in &links {
         let eligible = match how {
             Autodetect::FirstFound => !skip.iter().any(|p| l.name.starts_with(p)),
-            Autodetect::Interface(pat) => glob(pat, &l.name),
+            Autodetect::Interface(_) => pattern.as_ref().is_some_and(|r| r.is_match(&l.name)),
             Autodetect::Given(_) => true,
         };
         if !eligible {
@@ -259,15 +253,5 @@ pub fn ipv4(n: &IpNet) -> Option<Ipv4Addr> {
     match n.addr() {
         IpAddr::V4(a) => Some(a),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn globs() {
-        assert!(super::glob("eth*", "eth0"));
-        assert!(super::glob("en?s*", "ens3"));
-        assert!(!super::glob("eth*", "veth0"));
     }
 }

@@ -226,7 +226,7 @@ enum NodeCommand {
         /// This node's address with prefix (e.g. 10.99.0.11/24); default: autodetect.
         #[arg(long, env = "IP")]
         ip: Option<String>,
-        /// first-found, or interface=GLOB (e.g. interface=eth*).
+        /// first-found, or interface=REGEX (e.g. interface=eth.*).
         #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
         ip_autodetection_method: String,
         /// Where to serve /liveness, /readiness and /metrics.
@@ -348,8 +348,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, "first-found") => Autodetect::FirstFound,
                 (None, m) => match m.strip_prefix("interface=") {
-                    Some(glob) => Autodetect::Interface(glob.to_string()),
-                    None => anyhow::bail!("--ip-autodetection-method {m}: use first-found or interface=GLOB"),
+                    Some(re) => Autodetect::Interface(re.to_string()),
+                    None => anyhow::bail!("--ip-autodetection-method {m}: use first-found or interface=REGEX"),
                 },
             };
             let node = match nodename {
