@@ -80,27 +80,21 @@ pub async fn show(ipam: &IpamClient, show_blocks: bool, ip: Option<IpAddr>, show
         print!("{}", boxed(&["PROPERTY", "VALUE"], &rows, &[false, false]));
         return Ok(());
     }
+    let row = |grouping: &str, cidr: String, total: u128, in_use: u128| {
+        let free = total - in_use;
+        vec![
+            grouping.to_string(),
+            cidr,
+            g5(total),
+            format!("{} ({})", g5(in_use), percent(in_use, total)),
+            format!("{} ({})", g5(free), percent(free, total)),
+        ]
+    };
     let mut rows = Vec::new();
     for p in usage(ipam).await? {
-        let free = p.total - p.in_use;
-        rows.push(vec![
-            "IP Pool".into(),
-            p.cidr.to_string(),
-            g5(p.total),
-            format!("{} ({})", g5(p.in_use), percent(p.in_use, p.total)),
-            format!("{} ({})", g5(free), percent(free, p.total)),
-        ]);
+        rows.push(row("IP Pool", p.cidr.to_string(), p.total, p.in_use));
         if show_blocks {
-            for b in p.blocks {
-                let free = b.total - b.in_use;
-                rows.push(vec![
-                    "Block".into(),
-                    b.cidr.to_string(),
-                    g5(b.total),
-                    format!("{} ({})", g5(b.in_use), percent(b.in_use, b.total)),
-                    format!("{} ({})", g5(free), percent(free, b.total)),
-                ]);
-            }
+            rows.extend(p.blocks.iter().map(|b| row("Block", b.cidr.to_string(), b.total, b.in_use)));
         }
     }
     print!(

@@ -96,6 +96,25 @@ fn is_condition_failure(e: &StoreError) -> Option<&str> {
     }
 }
 
+/// A new block owned by `node`, and the transaction that claims it: the confirmed affinity and
+/// the block written together (the block must not exist yet).
+fn claim_ops(node: &str, cidr: IpNet) -> (AllocationBlock, [TxnOp; 2]) {
+    let block = AllocationBlock::new(cidr, Some(host_affinity(node)), Some(now_rfc3339()), seq_now());
+    let ops = [
+        TxnOp::Put {
+            key: affinity_key(node, &cidr),
+            value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
+            condition: Condition::Any,
+        },
+        TxnOp::Put {
+            key: block_key(&cidr),
+            value: serde_json::to_vec(&block).unwrap_or_default(),
+            condition: Condition::Absent,
+        },
+    ];
+    (block, ops)
+}
+
 fn seq_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default()
 }
@@ -414,19 +433,7 @@ impl IpamClient {
                 if taken.contains(&cidr) {
                     continue;
                 }
-                let block = AllocationBlock::new(cidr, Some(host_affinity(node)), Some(now_rfc3339()), seq_now());
-                let ops = [
-                    TxnOp::Put {
-                        key: affinity_key(node, &cidr),
-                        value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
-                        condition: Condition::Any,
-                    },
-                    TxnOp::Put {
-                        key: block_key(&cidr),
-                        value: serde_json::to_vec(&block).unwrap_or_default(),
-                        condition: Condition::Absent,
-                    },
-                ];
+                let (block, ops) = claim_ops(node, cidr);
                 match self.ds.txn(&ops).await {
                     Ok(revs) => {
                         lock(&self.blocks).insert(cidr, (block, revs[1]));
@@ -622,19 +629,7 @@ impl IpamClient {
         for _ in 0..MAX_ATTEMPTS {
             if self.block(cidr, true).await?.is_none() {
                 // Nobody owns this block yet: claim it for this node.
-                let block = AllocationBlock::new(cidr, Some(host_affinity(node)), Some(now_rfc3339()), seq_now());
-                let ops = [
-                    TxnOp::Put {
-                        key: affinity_key(node, &cidr),
-                        value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
-                        condition: Condition::Any,
-                    },
-                    TxnOp::Put {
-                        key: block_key(&cidr),
-                        value: serde_json::to_vec(&block).unwrap_or_default(),
-                        condition: Condition::Absent,
-                    },
-                ];
+                let (_, ops) = claim_ops(node, cidr);
                 match self.ds.txn(&ops).await {
                     Ok(_) | Err(StoreError::AlreadyExists { .. }) => continue,
                     Err(e) => return Err(e.into()),
