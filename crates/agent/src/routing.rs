@@ -20,7 +20,8 @@ use gingham_kernel::Netlink;
 use gingham_store::{Datastore, ResourceStore};
 use ipnet::IpNet;
 
-pub const RESYNC: Duration = Duration::from_millis(500);
+/// Full resync period; kernel events and datastore changes trigger syncs in between.
+pub const RESYNC: Duration = Duration::from_secs(2);
 
 /// Counters the health endpoint reports.
 #[derive(Default)]
@@ -154,9 +155,11 @@ impl Routing {
         Err("could not record the VXLAN MAC on the Node: too many conflicting writers".into())
     }
 
-    /// Sync forever: after every datastore change and every RESYNC.
+    /// Sync forever: after every datastore change, every route/link change in the kernel (a
+    /// route deleted by hand comes straight back), and every RESYNC.
     pub async fn run(self: Arc<Self>) {
         let mut watch = None;
+        let mut kernel = gingham_kernel::route_and_link_events().ok();
         loop {
             match self.sync().await {
                 Ok(()) => {
@@ -178,23 +181,36 @@ impl Routing {
                     }
                 }
             }
-            match watch.as_mut() {
-                Some(w) => match w.next_timeout(RESYNC).await {
-                    Some(Ok(_)) => {
-                        // Let a burst of changes land before recomputing.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        while let Some(Some(Ok(_))) =
-                            tokio::time::timeout(Duration::from_millis(1), w.next()).await.ok()
-                        {
-                        }
-                    }
-                    Some(Err(_)) => {
+            // Our own changes also raise kernel events: drop those already queued.
+            if let Some(k) = kernel.as_mut() {
+                while k.try_recv().is_ok() {}
+            }
+            let datastore = async {
+                match watch.as_mut() {
+                    Some(w) => w.next().await.map(|r| r.is_ok()),
+                    None => std::future::pending().await,
+                }
+            };
+            let kernel_event = async {
+                match kernel.as_mut() {
+                    Some(k) => k.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                change = datastore => {
+                    if change != Some(true) {
                         self.metrics.datastore_errors.fetch_add(1, Ordering::Relaxed);
                         watch = None;
                     }
-                    None => {}
-                },
-                None => tokio::time::sleep(RESYNC).await,
+                }
+                _ = kernel_event => {}
+                _ = tokio::time::sleep(RESYNC) => {}
+            }
+            // Let a burst of changes land, then drain what queued up meanwhile.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Some(w) = watch.as_mut() {
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {}
             }
         }
     }

@@ -387,6 +387,29 @@ impl Netlink {
     }
 }
 
+/// A stream of wake-ups, one per route or link change in this namespace (`ip monitor route
+/// link`): reconcilers re-check the kernel instead of waiting for their next period. The kernel
+/// drops events when the socket buffer overflows, so callers keep a periodic resync as well.
+pub fn route_and_link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use rtnetlink::MulticastGroup;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ])
+    .map_err(|e| KernelError::Netlink(e.to_string()))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while futures::StreamExt::next(&mut messages).await.is_some() {
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 fn libc_enodev() -> i32 {
     19
 }
