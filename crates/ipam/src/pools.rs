@@ -59,12 +59,12 @@ impl Pool {
     }
 
     pub fn block_count(&self) -> u128 {
-        1u128 << (self.block_size - self.cidr.prefix_len()).min(100)
+        1u128 << self.block_size.saturating_sub(self.cidr.prefix_len()).min(100)
     }
 
     /// The i-th block of the pool.
     pub fn block_at(&self, i: u128) -> Option<IpNet> {
-        let shift = u32::from(self.cidr.max_prefix_len() - self.block_size);
+        let shift = u32::from(self.cidr.max_prefix_len().saturating_sub(self.block_size));
         let addr = match self.cidr.network() {
             IpAddr::V4(a) => IpAddr::V4(u32::try_from(u128::from(u32::from(a)) + (i << shift)).ok()?.into()),
             IpAddr::V6(a) => IpAddr::V6(u128::from(a).checked_add(i.checked_shl(shift)?)?.into()),
