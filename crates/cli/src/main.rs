@@ -356,7 +356,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(n) => n,
                 None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
             };
-            let store = ds.open().await?.datastore().clone();
+            // A node may start before its datastore is reachable: wait for it (a bad
+            // configuration still fails at once).
+            let cfg = ds.resolve()?;
+            let store = loop {
+                match connect(&cfg).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        eprintln!("gingham node agent: waiting for the datastore: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            };
             eprintln!("gingham node agent: node {node}, {}, listening on {}", store.describe(), socket.display());
             let shutdown = async {
                 let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -350,7 +350,7 @@ async fn apply(store: &std::sync::Arc<dyn gingham_store::Datastore>, yaml: &str)
 
 /// Wait until a node's agent answers /readiness.
 fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = in_netns(&ns_path(&n.netns), || {
             let Ok(mut s) =
