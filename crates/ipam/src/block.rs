@@ -73,6 +73,25 @@ impl AllocationBlock {
         }
     }
 
+    /// Read a block from its stored JSON, refusing one whose shape the allocation logic cannot
+    /// trust (a datastore is input too): slot count matching the CIDR, free ordinals and
+    /// attribute references in range.
+    pub fn decode(bytes: &[u8]) -> Result<AllocationBlock, String> {
+        let mut b: AllocationBlock = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        b.upgrade();
+        let size = block_len(&b.cidr);
+        if b.allocations.len() != size {
+            return Err(format!("{} has {} allocation slots, not {size}", b.cidr, b.allocations.len()));
+        }
+        if let Some(o) = b.unallocated.iter().find(|o| **o as usize >= size) {
+            return Err(format!("free ordinal {o} is outside {}", b.cidr));
+        }
+        if let Some(i) = b.allocations.iter().flatten().find(|i| **i >= b.attributes.len()) {
+            return Err(format!("an allocation refers to attribute {i}, but there are {}", b.attributes.len()));
+        }
+        Ok(b)
+    }
+
     /// Normalise what was read: legacy host affinity.
     pub fn upgrade(&mut self) {
         if self.affinity.is_none() {
@@ -313,8 +332,20 @@ mod tests {
         assert_eq!(json["attributes"][0]["handle_id"], "h1");
         assert_eq!(json["attributes"][0]["secondary"]["pod"], "a");
         assert!(json["sequenceNumberForAllocation"]["1"].is_u64());
-        let back: AllocationBlock = serde_json::from_value(json).unwrap();
+        let back = AllocationBlock::decode(&serde_json::to_vec(&json).unwrap()).unwrap();
         assert_eq!(back, b);
+        // Shapes the allocation logic cannot trust are refused, not indexed into.
+        let mut bad = json.clone();
+        bad["unallocated"][0] = serde_json::json!(64);
+        assert!(AllocationBlock::decode(&serde_json::to_vec(&bad).unwrap()).unwrap_err().contains("free ordinal 64"));
+        let mut bad = json.clone();
+        bad["allocations"][1] = serde_json::json!(9);
+        assert!(AllocationBlock::decode(&serde_json::to_vec(&bad).unwrap()).unwrap_err().contains("attribute 9"));
+        let mut bad = json;
+        bad["allocations"].as_array_mut().unwrap().pop();
+        assert!(
+            AllocationBlock::decode(&serde_json::to_vec(&bad).unwrap()).unwrap_err().contains("63 allocation slots")
+        );
         b.check().unwrap();
         // Skipped (reserved) addresses stay free.
         let taken = b.allocate(2, "h4", &attrs("d"), |ip| ip == "10.65.0.4".parse::<IpAddr>().unwrap());

@@ -82,7 +82,19 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     let res = client.resources();
     r.progress.push("Checking IPAM for inconsistencies...".into());
     r.progress.push("Loading all IPAM blocks...".into());
-    let blocks = every_block(client).await?;
+    // Unreadable blocks are reported, and the rest is still checked.
+    let mut blocks = Vec::new();
+    for v4 in [true, false] {
+        for kv in client.datastore().list(&crate::model::blocks_prefix(v4)).await?.items {
+            match AllocationBlock::decode(&kv.value) {
+                Ok(b) => blocks.push(b),
+                Err(e) => r.problems.push(format!(
+                    "block {} is not readable: {e}; delete it only once no pod uses its addresses",
+                    kv.key
+                )),
+            }
+        }
+    }
     r.progress.push(format!("Found {} IPAM blocks.", blocks.len()));
     let pools = client.pools().await?;
     r.progress.push(format!("Found {} active IP pools.", pools.iter().filter(|p| !p.disabled()).count()));

@@ -219,9 +219,8 @@ impl IpamClient {
                 return Ok(Some((b.clone(), *rev)));
             }
         }
-        let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
-            .map_err(|e| IpamError::Corrupt { key: key.clone(), message: e.to_string() })?;
-        b.upgrade();
+        let b =
+            AllocationBlock::decode(&kv.value).map_err(|message| IpamError::Corrupt { key: key.clone(), message })?;
         lock(&self.blocks).insert(cidr, (b.clone(), kv.mod_revision));
         Ok(Some((b, kv.mod_revision)))
     }
@@ -310,11 +309,11 @@ impl IpamClient {
                     if delete {
                         blocks.remove(&cidr);
                     } else {
-                        blocks.insert(cidr, (block, revs[0]));
+                        blocks.insert(cidr, (block, revs.first().copied().unwrap_or_default()));
                     }
                     drop(blocks);
                     let mut handles = lock(&self.handles);
-                    for ((h, rec), r) in new_handles.into_iter().zip(&revs[1..]) {
+                    for ((h, rec), r) in new_handles.into_iter().zip(revs.iter().skip(1)) {
                         if rec.is_empty() {
                             handles.remove(&h);
                         } else {
@@ -387,9 +386,8 @@ impl IpamClient {
             .items
             .iter()
             .map(|kv| {
-                let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
-                    .map_err(|e| IpamError::Corrupt { key: kv.key.clone(), message: e.to_string() })?;
-                b.upgrade();
+                let b = AllocationBlock::decode(&kv.value)
+                    .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
                 Ok((b, kv.mod_revision))
             })
             .collect()
@@ -402,9 +400,8 @@ impl IpamClient {
     async fn claim(&self, pools: &[Pool], node: &str, v4: bool, known: &[IpNet]) -> Result<Option<IpNet>, IpamError> {
         let listing = self.ds.list(&blocks_prefix(v4)).await?;
         let parse = |kv: &gingham_store::KeyValue| -> Result<(AllocationBlock, Revision), IpamError> {
-            let mut b: AllocationBlock = serde_json::from_slice(&kv.value)
-                .map_err(|e| IpamError::Corrupt { key: kv.key.clone(), message: e.to_string() })?;
-            b.upgrade();
+            let b = AllocationBlock::decode(&kv.value)
+                .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
             Ok((b, kv.mod_revision))
         };
         // Which blocks exist needs only the keys; blocks are parsed only when they matter.
@@ -436,7 +433,7 @@ impl IpamClient {
                 let (block, ops) = claim_ops(node, cidr);
                 match self.ds.txn(&ops).await {
                     Ok(revs) => {
-                        lock(&self.blocks).insert(cidr, (block, revs[1]));
+                        lock(&self.blocks).insert(cidr, (block, revs.get(1).copied().unwrap_or_default()));
                         return Ok(Some(cidr));
                     }
                     Err(StoreError::AlreadyExists { .. }) => continue, // another node took it just now
@@ -477,7 +474,7 @@ impl IpamClient {
             }
             match self.ds.txn(&ops).await {
                 Ok(revs) => {
-                    lock(&self.blocks).insert(b.cidr, (mine, revs[0]));
+                    lock(&self.blocks).insert(b.cidr, (mine, revs.first().copied().unwrap_or_default()));
                     return Ok(Some(b.cidr));
                 }
                 Err(e) if is_condition_failure(&e).is_some() => continue,

@@ -295,6 +295,24 @@ async fn check_finds_problems(ds: Arc<dyn Datastore>) {
     assert!(text.contains("node gone no longer exists but still has an affinity"), "{text}");
     assert!(text.contains("belongs to node gone, which no longer exists"), "{text}");
     assert!(report.progress.iter().any(|l| l == "Found 2 workload IPs."));
+    // A malformed block is reported (not a panic, not an abort), and allocation refuses it by key.
+    let key = "/calico/ipam/v2/assignment/ipv4/block/10.50.0.192-26";
+    ds.create(
+        key,
+        br#"{"cidr":"10.50.0.192/26","affinity":"host:n1","allocations":[],"unallocated":[70],"attributes":[]}"#,
+    )
+    .await
+    .unwrap();
+    let report = gingham_ipam::check::check(&ipam).await.unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&format!("block {key} is not readable: 10.50.0.192/26 has 0 allocation slots"))),
+        "{:?}",
+        report.problems
+    );
+    assert!(matches!(ipam.all_blocks(true).await, Err(IpamError::Corrupt { .. })));
 }
 
 async fn dual_stack_and_no_auto_blocks(ds: Arc<dyn Datastore>) {
