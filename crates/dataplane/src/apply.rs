@@ -151,23 +151,34 @@ impl Dataplane {
         }
         let peers: BTreeSet<(IpAddr, [u8; 6])> = d.vxlan_peers.iter().map(|p| (IpAddr::V4(p.vtep), p.mac)).collect();
         let fdb: BTreeSet<([u8; 6], IpAddr)> = d.vxlan_peers.iter().map(|p| (p.mac, p.node_ip)).collect();
+        // Remove what is stale; write only what is missing (each pass, most are already right).
+        let mut have_neigh = BTreeSet::new();
         for (ip, m, msg) in nl.neighbours(index, false).await? {
             if let (Some(ip), Some(m)) = (ip, m) {
-                if !peers.contains(&(ip, m)) && ip.is_ipv4() {
+                if peers.contains(&(ip, m)) {
+                    have_neigh.insert((ip, m));
+                } else if ip.is_ipv4() {
                     nl.delete_neighbour(msg).await?;
                 }
             }
         }
+        let mut have_fdb = BTreeSet::new();
         for (dst, m, msg) in nl.neighbours(index, true).await? {
             if let (Some(dst), Some(m)) = (dst, m) {
-                if !fdb.contains(&(m, dst)) {
+                if fdb.contains(&(m, dst)) {
+                    have_fdb.insert((m, dst));
+                } else {
                     nl.delete_neighbour(msg).await?;
                 }
             }
         }
         for p in &d.vxlan_peers {
-            nl.replace_neighbour(index, IpAddr::V4(p.vtep), p.mac).await?;
-            nl.replace_fdb(index, p.mac, p.node_ip).await?;
+            if !have_neigh.contains(&(IpAddr::V4(p.vtep), p.mac)) {
+                nl.replace_neighbour(index, IpAddr::V4(p.vtep), p.mac).await?;
+            }
+            if !have_fdb.contains(&(p.mac, p.node_ip)) {
+                nl.replace_fdb(index, p.mac, p.node_ip).await?;
+            }
         }
         Ok(index)
     }
