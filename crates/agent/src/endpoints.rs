@@ -254,26 +254,26 @@ impl EndpointService {
             .await
             .map_err(|e| kernel("adding the gateway route failed", e))?;
             pod.replace_route(&Route::via(
-                "0.0.0.0/0".parse().unwrap_or_default(),
+                IpNet::V4(ipnet::Ipv4Net::default()),
                 gw4,
                 pod_link.index,
                 WORKLOAD_ROUTE_PROTO,
             ))
             .await
             .map_err(|e| kernel("adding the default route failed", e))?;
-            routes.push(RouteConf { dst: "0.0.0.0/0".parse().unwrap_or_default(), gw: None });
+            routes.push(RouteConf { dst: IpNet::V4(ipnet::Ipv4Net::default()), gw: None });
         }
         if has_v6 {
             let gw6 = IpAddr::V6(host_link_local());
             pod.replace_route(&Route::via(
-                "::/0".parse().unwrap_or_default(),
+                IpNet::V6(ipnet::Ipv6Net::default()),
                 gw6,
                 pod_link.index,
                 WORKLOAD_ROUTE_PROTO,
             ))
             .await
             .map_err(|e| kernel("adding the IPv6 default route failed", e))?;
-            routes.push(RouteConf { dst: "::/0".parse().unwrap_or_default(), gw: None });
+            routes.push(RouteConf { dst: IpNet::V6(ipnet::Ipv6Net::default()), gw: None });
         }
         // Host routes to each pod address through its veth.
         for n in got.v4.iter().chain(&got.v6) {

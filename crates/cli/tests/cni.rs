@@ -3,7 +3,7 @@
 //! `gingham` binary driven the way a runtime drives it. Everything is removed on drop.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -509,9 +509,6 @@ fn ipam_mode_install_and_chaining_with_portmap_and_bandwidth() {
     assert!(!lab.node_links().contains(host));
     assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
 }
-
-#[allow(dead_code)]
-fn unused(_: &Path) {}
 
 #[test]
 fn ipam_plugin_under_ptp_and_undo_and_stale_del() {

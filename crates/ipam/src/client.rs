@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gingham_api::Kind;
-use gingham_api::network::{IPAMConfigSpec, IPPoolSpec, NodeSpec};
+use gingham_api::network::{IPAMConfigSpec, IPPoolSpec};
 use gingham_store::resources::{now_rfc3339, parse_rfc3339};
 use gingham_store::{Condition, Datastore, ResourceStore, Revision, StoreError, TxnOp};
 use ipnet::IpNet;
@@ -806,11 +806,8 @@ impl IpamClient {
         Ok(b.attribute(ord).map(|a| (a.handle_id.clone().unwrap_or_default(), a.secondary.clone().unwrap_or_default())))
     }
 
-    /// The Node resource's spec, for tunnel-address bookkeeping.
-    pub(crate) async fn node_spec(&self, node: &str) -> Result<Option<(gingham_api::Object, NodeSpec)>, IpamError> {
-        Ok(self.resources.get(Kind::Node, None, node).await?.map(|o| {
-            let spec = o.spec_as().unwrap_or_default();
-            (o, spec)
-        }))
+    /// The Node resource, for tunnel-address bookkeeping.
+    pub(crate) async fn node(&self, node: &str) -> Result<Option<gingham_api::Object>, IpamError> {
+        Ok(self.resources.get(Kind::Node, None, node).await?)
     }
 }

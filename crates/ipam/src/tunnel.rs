@@ -88,7 +88,7 @@ impl IpamClient {
     /// one (or release it when no pool wants this encapsulation any more). Returns the address.
     pub async fn ensure_tunnel_address(&self, node: &str, kind: TunnelKind) -> Result<Option<IpAddr>, IpamError> {
         let handle = kind.handle(node);
-        let Some((obj, _)) = self.node_spec(node).await? else {
+        let Some(obj) = self.node(node).await? else {
             return Err(IpamError::NodeNotFound(node.to_string()));
         };
         let labels: BTreeMap<String, String> = obj.metadata.labels.clone();

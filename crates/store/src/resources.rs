@@ -16,6 +16,8 @@ pub enum ResourceError {
     Decode { key: String, message: String },
     #[error("{kind} {name}: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid { kind: Kind, name: String, errors: Vec<FieldError> },
+    #[error("{name}: kind {kind:?} is not a kind gingham stores")]
+    UnknownKind { kind: String, name: String },
     #[error("{kind} {name}: metadata.resourceVersion: {value:?} is not a revision number")]
     BadResourceVersion { kind: Kind, name: String, value: String },
 }
@@ -42,11 +44,7 @@ fn decode(kv: &KeyValue) -> Result<Object> {
 }
 
 fn kind_of(obj: &Object) -> Result<Kind> {
-    obj.kind().ok_or_else(|| ResourceError::Invalid {
-        kind: Kind::IPPool,
-        name: obj.metadata.name.clone(),
-        errors: vec![FieldError::new("kind", format!("unknown kind {:?}", obj.kind))],
-    })
+    obj.kind().ok_or_else(|| ResourceError::UnknownKind { kind: obj.kind.clone(), name: obj.metadata.name.clone() })
 }
 
 fn key_of(kind: Kind, obj: &Object) -> String {
