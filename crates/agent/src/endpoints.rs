@@ -1,21 +1,28 @@
 //! The endpoint service behind the CNI plugin: ADD wires a pod the way Calico does (veth with the
 //! host end `cali…` here and `eth0` created directly in the pod's namespace, /32 addresses,
 //! 169.254.1.1 as gateway, proxy ARP, a host route per address) and records the
-//! WorkloadEndpoint; every failure undoes what was done. DEL and GC take it all back.
+//! WorkloadEndpoint; every failure undoes what was done. DEL and GC take it all back. Requests for
+//! one attachment run one at a time; a repeated ADD returns what the first one built.
+//!
+//! The pod's network namespace arrives as an open file from the plugin: its path is never
+//! resolved here, as it may name nothing in the agent's mount namespace.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr};
-use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use gingham_api::policy::WorkloadEndpointSpec;
 use gingham_api::{Kind, Object, ObjectMeta};
 use gingham_cni::proto::{Attachment, Endpoint};
 use gingham_cni::spec::{
-    CniError, CniResult, Interface, IpConfig, RouteConf, code, host_veth_name, workload_endpoint_name,
+    CniError, CniResult, Interface, IpConfig, RouteConf, code, host_veth_name, host_veth_name_for_container,
+    workload_endpoint_name,
 };
 use gingham_ipam::{AutoAssign, IpamClient};
-use gingham_kernel::{KernelError, Netlink, Route, open_netns, sysctl};
-use gingham_store::resources::now_rfc3339;
+use gingham_kernel::{KernelError, Netlink, Route, is_own_netns, sysctl};
+use gingham_store::resources::{now_rfc3339, parse_rfc3339};
 use gingham_store::{ResourceStore, StoreError};
 use ipnet::IpNet;
 
@@ -26,6 +33,12 @@ pub const GATEWAY_V4: &str = "169.254.1.1";
 pub const WORKLOAD_ROUTE_PROTO: u8 = 3;
 /// Plugin-specific error: the interface name is already used in the pod's namespace.
 pub const ERR_INTERFACE_EXISTS: u32 = 101;
+/// The CNI network an endpoint belongs to (its IPAM handle is `<network>.<containerID>`).
+pub const NETWORK_ANNOTATION: &str = "gingham.dev/network";
+/// Set by the node's agent when an endpoint's host interface has disappeared without a DEL.
+pub const INTERFACE_GONE_ANNOTATION: &str = "gingham.dev/interface-gone-since";
+/// How often the agent looks for endpoints whose interface is gone.
+pub const ORPHAN_SCAN: Duration = Duration::from_secs(5);
 
 /// The IPv6 link-local address derived (EUI-64) from the host veth MAC.
 pub fn host_link_local() -> Ipv6Addr {
@@ -56,32 +69,94 @@ pub struct EndpointService {
     pub resources: ResourceStore,
     pub host: Netlink,
     /// The routing side's numbers; its pod MTU is used when the network config gives none.
-    pub metrics: std::sync::Arc<crate::routing::Metrics>,
+    pub metrics: Arc<crate::routing::Metrics>,
+    /// One request per attachment (IPAM handle) at a time.
+    locks: KeyedLocks,
 }
 
 /// Identity of an attachment in Calico's terms.
-struct Identity {
-    namespace: String,
-    workload: String,
-    orchestrator: &'static str,
-    wep_name: String,
-    host_veth: String,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub workload: String,
+    pub orchestrator: &'static str,
+    pub wep_name: String,
+    pub host_veth: String,
+    pub profile: String,
+}
+
+/// Calico's identity rule: a Kubernetes pod only when both namespace and pod name were given;
+/// otherwise (podman, plain CNI callers) the workload is the container ID and the profile is the
+/// network's name — the runtime's container name never enters the endpoint's name.
+pub fn identity(node: &str, ep: &Endpoint) -> Identity {
+    let prefix = if ep.interface_prefix.is_empty() { "cali" } else { ep.interface_prefix.as_str() };
+    match (&ep.namespace, &ep.pod) {
+        (Some(ns), Some(pod)) => Identity {
+            wep_name: workload_endpoint_name(node, "k8s", pod, &ep.ifname),
+            host_veth: host_veth_name(prefix, ns, pod),
+            profile: format!("kns.{ns}"),
+            namespace: ns.clone(),
+            workload: pod.clone(),
+            orchestrator: "k8s",
+        },
+        _ => Identity {
+            wep_name: workload_endpoint_name(node, "cni", &ep.container_id, &ep.ifname),
+            host_veth: host_veth_name_for_container(prefix, &ep.container_id),
+            profile: ep.network.clone(),
+            namespace: "default".into(),
+            workload: ep.container_id.clone(),
+            orchestrator: "cni",
+        },
+    }
+}
+
+/// Per-key async locks whose entries go away when nobody holds or waits for them.
+#[derive(Default)]
+struct KeyedLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+struct KeyGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    fn entry(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+    }
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let guard = self.entry(key).lock_owned().await;
+        KeyGuard { locks: self, key: key.to_string(), guard: Some(guard) }
+    }
+    fn try_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
+        let guard = self.entry(key).try_lock_owned().ok()?;
+        Some(KeyGuard { locks: self, key: key.to_string(), guard: Some(guard) })
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl EndpointService {
+    pub fn new(
+        node: String,
+        ipam: IpamClient,
+        resources: ResourceStore,
+        host: Netlink,
+        metrics: Arc<crate::routing::Metrics>,
+    ) -> Self {
+        EndpointService { node, ipam, resources, host, metrics, locks: KeyedLocks::default() }
+    }
+
     fn identity(&self, ep: &Endpoint) -> Identity {
-        let (namespace, workload, orchestrator) = match (&ep.namespace, &ep.pod) {
-            (Some(ns), Some(pod)) => (ns.clone(), pod.clone(), "k8s"),
-            _ => (ep.namespace.clone().unwrap_or_else(|| "default".into()), ep.container_id.clone(), "cni"),
-        };
-        let prefix = if ep.interface_prefix.is_empty() { "cali" } else { ep.interface_prefix.as_str() };
-        Identity {
-            wep_name: workload_endpoint_name(&self.node, orchestrator, &workload, &ep.ifname),
-            host_veth: host_veth_name(prefix, &namespace, &workload),
-            namespace,
-            workload,
-            orchestrator,
-        }
+        identity(&self.node, ep)
     }
 
     async fn namespace_labels(&self, ns: &str) -> Option<BTreeMap<String, String>> {
@@ -107,15 +182,27 @@ impl EndpointService {
         }
     }
 
+    /// Addresses for this attachment: the requested ones exactly, or auto-assigned.
+    async fn assign(&self, ep: &Endpoint, id: &Identity) -> Result<gingham_ipam::Assigned, CniError> {
+        let ns_labels = self.namespace_labels(&id.namespace).await;
+        let req = self.assign_request(ep, id, ns_labels);
+        if ep.requested_ips.is_empty() {
+            return self.ipam.auto_assign(&req).await.map_err(|e| internal("IP address assignment failed", e));
+        }
+        self.ipam.assign_ips(&ep.requested_ips, &req.handle, &req.attrs, &self.node).await.map_err(|e| {
+            CniError::new(code::INTERNAL, "the requested IP address cannot be assigned").details(e.to_string())
+        })
+    }
+
     /// IPAM only: addresses for another plugin's interface.
     pub async fn ipam_add(&self, ep: &Endpoint) -> Result<CniResult, CniError> {
+        let _serial = self.locks.lock(&ep.handle()).await;
         let id = self.identity(ep);
-        let ns_labels = self.namespace_labels(&id.namespace).await;
-        let got = self
-            .ipam
-            .auto_assign(&self.assign_request(ep, &id, ns_labels))
+        self.ipam
+            .release_by_handle(&ep.handle())
             .await
-            .map_err(|e| internal("IP address assignment failed", e))?;
+            .map_err(|e| internal("releasing an earlier attempt's addresses failed", e))?;
+        let got = self.assign(ep, &id).await?;
         // Main plugins such as ptp put the gateway on their host end: give them Calico's
         // link-local gateway so every pod sees the same one.
         let gateway = |n: &IpNet| {
@@ -135,19 +222,27 @@ impl EndpointService {
     }
 
     pub async fn ipam_del(&self, ep: &Endpoint) -> Result<(), CniError> {
+        let _serial = self.locks.lock(&ep.handle()).await;
         self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| internal("releasing addresses failed", e))?;
         Ok(())
     }
 
-    pub async fn add(&self, ep: &Endpoint) -> Result<CniResult, CniError> {
+    pub async fn add(&self, ep: &Endpoint, ns_file: File) -> Result<CniResult, CniError> {
+        let _serial = self.locks.lock(&ep.handle()).await;
         let id = self.identity(ep);
-        let netns = Path::new(&ep.netns);
-        let ns_file = open_netns(netns).map_err(|e| {
-            CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {} does not exist", ep.netns))
-                .details(e.to_string())
-        })?;
-        let pod = Netlink::in_namespace(netns).map_err(|e| kernel("cannot enter the pod's network namespace", e))?;
+        if is_own_netns(&ns_file).map_err(|e| kernel("cannot read the pod's network namespace", e))? {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_NETNS {} is the node's own network namespace, not a pod's", ep.netns),
+            ));
+        }
+        let pod = Netlink::in_namespace_file(&ns_file)
+            .map_err(|e| kernel(&format!("cannot enter the pod's network namespace {}", ep.netns), e))?;
         if pod.link(&ep.ifname).await.map_err(|e| kernel("reading the pod's interfaces failed", e))?.is_some() {
+            // The same ADD again (a runtime retrying): what the first one built is the answer.
+            if let Some(r) = self.existing(ep, &id, &ns_file).await {
+                return Ok(r);
+            }
             return Err(CniError::new(
                 ERR_INTERFACE_EXISTS,
                 format!("interface {} already exists in network namespace {}", ep.ifname, ep.netns),
@@ -172,17 +267,12 @@ impl EndpointService {
         &self,
         ep: &Endpoint,
         id: &Identity,
-        ns_file: &std::fs::File,
+        ns_file: &File,
         pod: &Netlink,
         undo: &mut Undo,
     ) -> Result<CniResult, CniError> {
-        let ns_labels = self.namespace_labels(&id.namespace).await;
         undo.ipam = true;
-        let got = self
-            .ipam
-            .auto_assign(&self.assign_request(ep, id, ns_labels))
-            .await
-            .map_err(|e| internal("IP address assignment failed", e))?;
+        let got = self.assign(ep, id).await?;
         let published = self.metrics.pod_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let mtu = match (ep.mtu, published) {
             (0, 0) => 1500,
@@ -227,8 +317,8 @@ impl EndpointService {
         }
         if has_v6 {
             let ifn = ep.ifname.clone();
-            sysctl::write_in(
-                Path::new(&ep.netns),
+            sysctl::write_in_file(
+                ns_file,
                 vec![
                     (vec!["net".into(), "ipv6".into(), "conf".into(), ifn.clone(), "accept_dad".into()], "0".into()),
                     (vec!["net".into(), "ipv6".into(), "conf".into(), ifn, "disable_ipv6".into()], "0".into()),
@@ -244,7 +334,6 @@ impl EndpointService {
         pod.set_up(pod_link.index).await.map_err(|e| kernel("bringing the pod interface up failed", e))?;
         self.host.set_up(host_link.index).await.map_err(|e| kernel("bringing the host interface up failed", e))?;
         let gw4: IpAddr = GATEWAY_V4.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1)));
-        let mut routes = Vec::new();
         if !got.v4.is_empty() {
             pod.replace_route(&Route::device(
                 IpNet::new(gw4, 32).unwrap_or_default(),
@@ -261,7 +350,6 @@ impl EndpointService {
             ))
             .await
             .map_err(|e| kernel("adding the default route failed", e))?;
-            routes.push(RouteConf { dst: IpNet::V4(ipnet::Ipv4Net::default()), gw: None });
         }
         if has_v6 {
             let gw6 = IpAddr::V6(host_link_local());
@@ -273,7 +361,6 @@ impl EndpointService {
             ))
             .await
             .map_err(|e| kernel("adding the IPv6 default route failed", e))?;
-            routes.push(RouteConf { dst: IpNet::V6(ipnet::Ipv6Net::default()), gw: None });
         }
         // Host routes to each pod address through its veth.
         for n in got.v4.iter().chain(&got.v6) {
@@ -285,37 +372,21 @@ impl EndpointService {
         }
         undo.wep = true;
         self.write_endpoint(ep, id, &got, &pod_link.mac).await?;
-        let mac = |m: Option<[u8; 6]>| {
-            m.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")).unwrap_or_default()
-        };
-        Ok(CniResult {
-            interfaces: vec![
-                Interface {
-                    name: id.host_veth.clone(),
-                    mac: mac(host_link.mac),
-                    mtu: Some(mtu),
-                    sandbox: String::new(),
-                },
-                Interface {
-                    name: ep.ifname.clone(),
-                    mac: mac(pod_link.mac),
-                    mtu: Some(mtu),
-                    sandbox: ep.netns.clone(),
-                },
-            ],
-            ips: got
-                .v4
-                .iter()
-                .chain(&got.v6)
-                .map(|n| IpConfig {
-                    address: IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n),
-                    gateway: None,
-                    interface: Some(1),
-                })
-                .collect(),
-            routes,
-            dns: Default::default(),
-        })
+        let ips: Vec<IpNet> = got.v4.iter().chain(&got.v6).copied().collect();
+        Ok(result_for(ep, id, &host_link, &pod_link, &ips))
+    }
+
+    /// The result of an earlier ADD of this very attachment, if it is whole (its endpoint
+    /// record, interfaces, addresses and routes all in place).
+    async fn existing(&self, ep: &Endpoint, id: &Identity, ns: &File) -> Option<CniResult> {
+        self.check_inner(ep, id, None, ns).await.ok()?;
+        let wep = self.resources.get(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name).await.ok()??;
+        let ips: Vec<IpNet> =
+            wep.spec["ipNetworks"].as_array()?.iter().filter_map(|v| v.as_str()?.parse().ok()).collect();
+        let host_link = self.host.link(&id.host_veth).await.ok()??;
+        let pod = Netlink::in_namespace_file(ns).ok()?;
+        let pod_link = pod.link(&ep.ifname).await.ok()??;
+        Some(result_for(ep, id, &host_link, &pod_link, &ips))
     }
 
     async fn write_endpoint(
@@ -342,9 +413,9 @@ impl EndpointService {
                     .map(|n| IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n).to_string())
                     .collect(),
             ),
-            profiles: Some(vec![format!("kns.{}", id.namespace)]),
+            profiles: Some(vec![id.profile.clone()]),
             interface_name: Some(id.host_veth.clone()),
-            mac: mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+            mac: mac.map(|m| format_mac(Some(m))),
             ..Default::default()
         };
         let obj = Object {
@@ -354,6 +425,7 @@ impl EndpointService {
                 name: id.wep_name.clone(),
                 namespace: Some(id.namespace.clone()),
                 labels,
+                annotations: [(NETWORK_ANNOTATION.to_string(), ep.network.clone())].into(),
                 ..Default::default()
             },
             spec: serde_json::to_value(&spec).map_err(|e| internal("encoding the endpoint failed", e))?,
@@ -370,6 +442,7 @@ impl EndpointService {
 
     /// Remove everything of this attachment; succeeds when it is already gone.
     pub async fn del(&self, ep: &Endpoint) -> Result<(), CniError> {
+        let _serial = self.locks.lock(&ep.handle()).await;
         let id = self.identity(ep);
         self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| internal("releasing addresses failed", e))?;
         // The endpoint (and its veth) only if it still belongs to this container: a newer pod
@@ -394,8 +467,19 @@ impl EndpointService {
     }
 
     /// A real check: the endpoint, both interfaces, the addresses and routes are as recorded.
-    pub async fn check(&self, ep: &Endpoint, prev: Option<&CniResult>) -> Result<(), CniError> {
+    pub async fn check(&self, ep: &Endpoint, prev: Option<&CniResult>, ns: File) -> Result<(), CniError> {
+        let _serial = self.locks.lock(&ep.handle()).await;
         let id = self.identity(ep);
+        self.check_inner(ep, &id, prev, &ns).await
+    }
+
+    async fn check_inner(
+        &self,
+        ep: &Endpoint,
+        id: &Identity,
+        prev: Option<&CniResult>,
+        ns: &File,
+    ) -> Result<(), CniError> {
         let fail = |m: String| Err(CniError::new(code::INTERNAL, m));
         let Some(wep) = self
             .resources
@@ -413,7 +497,7 @@ impl EndpointService {
         else {
             return fail(format!("host interface {} is missing", id.host_veth));
         };
-        let pod = Netlink::in_namespace(Path::new(&ep.netns)).map_err(|e| {
+        let pod = Netlink::in_namespace_file(ns).map_err(|e| {
             CniError::new(code::UNKNOWN_CONTAINER, "cannot enter the pod's network namespace").details(e.to_string())
         })?;
         let Some(pod_link) = pod.link(&ep.ifname).await.map_err(|e| kernel("reading interfaces failed", e))? else {
@@ -448,10 +532,12 @@ impl EndpointService {
         Ok(())
     }
 
-    /// Release what this node holds for `network` that no valid attachment accounts for.
+    /// Release what this node holds for `network` that no valid attachment accounts for: its
+    /// handles, and its endpoints on this node with their veths. Other networks are untouched.
     pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<(), CniError> {
         let keep: std::collections::BTreeSet<String> =
             valid.iter().map(|a| format!("{network}.{}", a.container_id)).collect();
+        let prefix = format!("{network}.");
         let handles = self
             .ipam
             .datastore()
@@ -460,29 +546,164 @@ impl EndpointService {
             .map_err(|e| internal("listing handles failed", e))?;
         for kv in handles.items {
             let id = kv.key.trim_start_matches("/calico/ipam/v2/handle/").to_string();
-            if id.starts_with(&format!("{network}.")) && !keep.contains(&id) {
-                self.ipam.release_by_handle(&id).await.map_err(|e| internal("releasing a stale handle failed", e))?;
+            if !id.starts_with(&prefix) || keep.contains(&id) {
+                continue;
             }
+            // Only this node's allocations: another node's pods are its own GC's business.
+            let ours = self.ipam.handle_nodes(&id).await.map_err(|e| internal("reading a handle failed", e))?;
+            if !ours.iter().any(|n| n == &self.node) {
+                continue;
+            }
+            let _serial = self.locks.lock(&id).await;
+            self.ipam.release_by_handle(&id).await.map_err(|e| internal("releasing a stale handle failed", e))?;
         }
-        let keep_ids: std::collections::BTreeSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
-        for w in self
+        for w in self.local_endpoints().await? {
+            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
+            let Some(cid) = spec.container_id.as_deref() else { continue };
+            let handle = format!("{network}.{cid}");
+            if keep.contains(&handle) || self.endpoint_network(&w, &spec).await.as_deref() != Some(network) {
+                continue;
+            }
+            let _serial = self.locks.lock(&handle).await;
+            if let Some(ifn) = &spec.interface_name {
+                Netlink::delete_link_detached(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
+            }
+            let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
+            let _ = self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), rv).await;
+        }
+        Ok(())
+    }
+
+    /// This node's endpoints.
+    async fn local_endpoints(&self) -> Result<Vec<Object>, CniError> {
+        Ok(self
             .resources
             .list(Kind::WorkloadEndpoint, None)
             .await
             .map_err(|e| internal("listing endpoints failed", e))?
-        {
-            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
-            if spec.node.as_deref() != Some(self.node.as_str())
-                || spec.container_id.as_deref().is_some_and(|c| keep_ids.contains(c))
-            {
-                continue;
-            }
-            if let Some(ifn) = &spec.interface_name {
-                Netlink::delete_link_detached(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
-            }
-            let _ = self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), None).await;
+            .into_iter()
+            .filter(|w| w.spec["node"].as_str() == Some(self.node.as_str()))
+            .collect())
+    }
+
+    /// The CNI network an endpoint was attached through: recorded on it by gingham, else read
+    /// from the handle holding its first address.
+    async fn endpoint_network(&self, w: &Object, spec: &WorkloadEndpointSpec) -> Option<String> {
+        if let Some(n) = w.metadata.annotations.get(NETWORK_ANNOTATION) {
+            return Some(n.clone());
         }
-        Ok(())
+        let cid = spec.container_id.as_deref()?;
+        let ip: IpNet = spec.ip_networks.as_ref()?.first()?.parse().ok()?;
+        let (handle, _) = self.ipam.holder(ip.addr()).await.ok()??;
+        handle.strip_suffix(&format!(".{cid}")).map(str::to_string)
+    }
+
+    /// Endpoints whose host interface disappeared without a DEL (the agent was down, or the
+    /// runtime forgot): marked on the endpoint at once, so `gingham ipam check` anywhere sees
+    /// them, and released after `grace`. Runs forever.
+    pub async fn sweep_orphans(self: Arc<Self>, grace: Duration) {
+        loop {
+            if let Err(e) = self.sweep_once(grace).await {
+                if let Ok(mut l) = self.metrics.last_error.lock() {
+                    *l = format!("orphaned endpoint sweep: {e}");
+                }
+            }
+            tokio::time::sleep(ORPHAN_SCAN).await;
+        }
+    }
+
+    /// One pass of the orphan sweep; returns the endpoints it released.
+    pub async fn sweep_once(&self, grace: Duration) -> Result<Vec<String>, CniError> {
+        let now = parse_rfc3339(&now_rfc3339()).unwrap_or_default();
+        let mut released = Vec::new();
+        let mut pending = 0;
+        for w in self.local_endpoints().await? {
+            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
+            let (Some(ifn), Some(cid)) = (spec.interface_name.clone(), spec.container_id.clone()) else { continue };
+            let Some(network) = self.endpoint_network(&w, &spec).await else { continue };
+            let handle = format!("{network}.{cid}");
+            // An ADD or DEL of this attachment is under way: it decides, not the sweep.
+            let Some(_serial) = self.locks.try_lock(&handle) else { continue };
+            let present = self.host.link(&ifn).await.map_err(|e| kernel("reading interfaces failed", e))?.is_some();
+            let since = w.metadata.annotations.get(INTERFACE_GONE_ANNOTATION).cloned();
+            match (present, since) {
+                (true, None) => {}
+                (true, Some(_)) => self.mark_gone(&w, None).await,
+                (false, None) => {
+                    pending += 1;
+                    self.mark_gone(&w, Some(now_rfc3339())).await
+                }
+                (false, Some(t)) if now - parse_rfc3339(&t).unwrap_or(now) < grace.as_secs() as i64 => pending += 1,
+                (false, Some(_)) => {
+                    self.ipam
+                        .release_by_handle(&handle)
+                        .await
+                        .map_err(|e| internal("releasing addresses failed", e))?;
+                    let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
+                    match self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), rv).await {
+                        Ok(_) => {
+                            self.metrics.orphans_released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            released.push(w.name().to_string());
+                        }
+                        // Rewritten meanwhile (a new ADD of the same pod): not an orphan any more.
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        self.metrics.orphans_pending.store(pending, std::sync::atomic::Ordering::Relaxed);
+        Ok(released)
+    }
+
+    /// Set (Some) or clear (None) the interface-gone mark, only on the revision we read.
+    async fn mark_gone(&self, w: &Object, since: Option<String>) {
+        let mut next = w.clone();
+        match since {
+            Some(t) => next.metadata.annotations.insert(INTERFACE_GONE_ANNOTATION.into(), t),
+            None => next.metadata.annotations.remove(INTERFACE_GONE_ANNOTATION),
+        };
+        let _ = self.resources.update(next).await;
+    }
+}
+
+fn format_mac(m: Option<[u8; 6]>) -> String {
+    m.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")).unwrap_or_default()
+}
+
+/// The CNI result of a wired attachment: host end, pod end, the /32 (/128) addresses on the pod
+/// end, and a default route per family.
+fn result_for(
+    ep: &Endpoint,
+    id: &Identity,
+    host: &gingham_kernel::Link,
+    pod: &gingham_kernel::Link,
+    ips: &[IpNet],
+) -> CniResult {
+    let mut routes = Vec::new();
+    if ips.iter().any(|n| n.addr().is_ipv4()) {
+        routes.push(RouteConf { dst: IpNet::V4(ipnet::Ipv4Net::default()), gw: None });
+    }
+    if ips.iter().any(|n| n.addr().is_ipv6()) {
+        routes.push(RouteConf { dst: IpNet::V6(ipnet::Ipv6Net::default()), gw: None });
+    }
+    let iface = |name: &str, l: &gingham_kernel::Link, sandbox: &str| Interface {
+        name: name.to_string(),
+        mac: format_mac(l.mac),
+        mtu: Some(l.mtu),
+        sandbox: sandbox.to_string(),
+    };
+    CniResult {
+        interfaces: vec![iface(&id.host_veth, host, ""), iface(&ep.ifname, pod, &ep.netns)],
+        ips: ips
+            .iter()
+            .map(|n| IpConfig {
+                address: IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n),
+                gateway: None,
+                interface: Some(1),
+            })
+            .collect(),
+        routes,
+        dns: Default::default(),
     }
 }
 

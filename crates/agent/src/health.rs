@@ -46,6 +46,20 @@ pub fn render_metrics(m: &Metrics) -> String {
         m.routes_programmed.load(Ordering::Relaxed),
     );
     g(&mut s, "gingham_endpoints", "Workload endpoints on this node.", "gauge", m.endpoints.load(Ordering::Relaxed));
+    g(
+        &mut s,
+        "gingham_orphaned_endpoints",
+        "Endpoints whose host interface is gone, waiting for their grace period.",
+        "gauge",
+        m.orphans_pending.load(Ordering::Relaxed),
+    );
+    g(
+        &mut s,
+        "gingham_orphaned_endpoints_released_total",
+        "Endpoints released because their host interface was gone for longer than the grace period.",
+        "counter",
+        m.orphans_released.load(Ordering::Relaxed),
+    );
     g(&mut s, "gingham_pod_mtu", "MTU given to pods.", "gauge", u64::from(m.pod_mtu.load(Ordering::Relaxed)));
     let _ = writeln!(
         s,
@@ -65,13 +79,28 @@ pub fn render_metrics(m: &Metrics) -> String {
     s
 }
 
+/// Requests served at once; a probe that does not send its request line in time is dropped.
+const MAX_CONNECTIONS: usize = 64;
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            // Out of descriptors (EMFILE) and the like: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = [0u8; 1024];
-            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let n =
+                tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path {

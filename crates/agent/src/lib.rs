@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gingham_api::{Kind, Object, ObjectMeta};
-use gingham_cni::proto::{Request, Response};
+use gingham_cni::proto::{Message, Request, Response};
 use gingham_cni::spec::{CniError, code};
 use gingham_ipam::IpamClient;
 use gingham_kernel::Netlink;
 use gingham_store::{Datastore, ResourceStore, StoreError};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
 
 pub mod endpoints;
 pub mod health;
 pub mod routing;
+pub mod socket;
 
 use endpoints::EndpointService;
 
@@ -40,6 +41,8 @@ pub struct AgentConfig {
     pub health: Option<std::net::SocketAddr>,
     /// Program routes, VXLAN and NAT (off: the endpoint service alone).
     pub routing: bool,
+    /// How long an endpoint whose interface is gone stays before its addresses are released.
+    pub orphan_grace: Duration,
 }
 
 /// Make sure this node's Node resource exists with its address (others route to it and select
@@ -127,62 +130,109 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             .map_err(|e| AgentError::Socket { path: addr.to_string(), message: e.to_string() })?;
         tokio::spawn(health::serve(listener, metrics.clone()));
     }
-    let service = Arc::new(EndpointService {
-        node: config.node.clone(),
-        ipam: IpamClient::new(config.store.clone()),
+    let service = Arc::new(EndpointService::new(
+        config.node.clone(),
+        IpamClient::new(config.store.clone()),
         resources,
         host,
-        metrics,
-    });
-    let path = config.socket.clone();
-    let sock_err = |m: String| AgentError::Socket { path: path.display().to_string(), message: m };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| sock_err(e.to_string()))?;
+        metrics.clone(),
+    ));
+    if !config.routing {
+        // Nothing to program: ready once the endpoint service serves (the datastore answered
+        // while registering the Node).
+        metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|e| sock_err(e.to_string()))?;
+    tokio::spawn(service.clone().sweep_orphans(config.orphan_grace));
+    let path = config.socket.clone();
+    let listener =
+        socket::bind(&path).map_err(|m| AgentError::Socket { path: path.display().to_string(), message: m })?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(socket::MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
         tokio::select! {
             _ = &mut shutdown => break,
-            conn = listener.accept() => {
-                let Ok((stream, _)) = conn else { continue };
-                let svc = service.clone();
-                tokio::spawn(async move { let _ = handle(svc, stream).await; });
-            }
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    let svc = service.clone();
+                    tokio::spawn(async move { handle(svc, stream).await; drop(permit); });
+                }
+                // Out of descriptors or similar: wait instead of spinning on accept().
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
         }
     }
-    let _ = std::fs::remove_file(&path);
+    socket::remove(&path);
     Ok(())
 }
 
-async fn handle(svc: Arc<EndpointService>, stream: UnixStream) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let resp = match serde_json::from_str::<Request>(&line) {
+async fn handle(svc: Arc<EndpointService>, mut stream: UnixStream) {
+    let resp = match socket::read_request(&stream).await {
         Err(e) => Response {
             result: None,
             error: Some(CniError::new(code::DECODE_FAILURE, "unreadable request").details(e.to_string())),
         },
-        Ok(req) => dispatch(&svc, req).await,
+        Ok((msg, fds)) => dispatch(&svc, msg, fds, &stream).await,
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await
+    let _ = stream.write_all(&out).await;
 }
 
-async fn dispatch(svc: &EndpointService, req: Request) -> Response {
+/// Whether the plugin that sent this request has given up on it.
+fn caller_gave_up(deadline_ms: u64, stream: &UnixStream) -> bool {
+    gingham_cni::proto::now_ms() > deadline_ms || socket::peer_gone(stream)
+}
+
+fn gave_up() -> CniError {
+    CniError::new(code::TRY_AGAIN_LATER, "the plugin gave up waiting for this request; nothing was left in place")
+}
+
+async fn dispatch(svc: &EndpointService, msg: Message, fds: Vec<std::fs::File>, stream: &UnixStream) -> Response {
     let done = |r: Result<(), CniError>| Response { result: None, error: r.err() };
     let with = |r: Result<gingham_cni::spec::CniResult, CniError>| match r {
         Ok(res) => Response { result: Some(res), error: None },
         Err(e) => Response { result: None, error: Some(e) },
     };
-    match req {
-        Request::Add(ep) => with(svc.add(&ep).await),
+    if caller_gave_up(msg.deadline_ms, stream) {
+        return done(Err(gave_up()));
+    }
+    let netns = || {
+        fds.into_iter().next().ok_or_else(|| {
+            CniError::new(code::INVALID_ENV, "the plugin did not pass the pod's network namespace with the request")
+        })
+    };
+    match msg.request {
+        Request::Add(ep) => {
+            let ns = match netns() {
+                Ok(ns) => ns,
+                Err(e) => return done(Err(e)),
+            };
+            let r = svc.add(&ep, ns).await;
+            // An ADD the caller no longer waits for is taken back: the runtime has already
+            // reported it failed and will not DEL what it never saw.
+            if r.is_ok() && caller_gave_up(msg.deadline_ms, stream) {
+                let _ = svc.del(&ep).await;
+                return done(Err(gave_up()));
+            }
+            with(r)
+        }
         Request::Del(ep) => done(svc.del(&ep).await),
-        Request::Check { endpoint, prev } => done(svc.check(&endpoint, prev.as_ref()).await),
-        Request::IpamAdd(ep) => with(svc.ipam_add(&ep).await),
+        Request::Check { endpoint, prev } => match netns() {
+            Ok(ns) => done(svc.check(&endpoint, prev.as_ref(), ns).await),
+            Err(e) => done(Err(e)),
+        },
+        Request::IpamAdd(ep) => {
+            let r = svc.ipam_add(&ep).await;
+            if r.is_ok() && caller_gave_up(msg.deadline_ms, stream) {
+                let _ = svc.ipam_del(&ep).await;
+                return done(Err(gave_up()));
+            }
+            with(r)
+        }
         Request::IpamDel(ep) => done(svc.ipam_del(&ep).await),
         Request::Gc { network, valid } => done(svc.gc(&network, &valid).await),
         Request::Status => {

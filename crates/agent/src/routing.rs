@@ -36,6 +36,9 @@ pub struct Metrics {
     pub sync_buckets: [AtomicU64; 8],
     pub sync_sum_us: AtomicU64,
     pub pod_mtu: AtomicU32,
+    /// Endpoints whose interface is gone, waiting for their grace period; and those released.
+    pub orphans_pending: AtomicU64,
+    pub orphans_released: AtomicU64,
     pub last_error: std::sync::Mutex<String>,
 }
 

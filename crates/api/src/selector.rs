@@ -12,6 +12,14 @@ use sha2::{Digest, Sha224};
 
 /// Longest label name the parser accepts.
 pub const MAX_LABEL_LEN: usize = 512;
+/// Longest selector the parser accepts (policy selectors; Calico's pool selectors are capped
+/// lower, at [`MAX_POOL_SELECTOR_LEN`]).
+pub const MAX_SELECTOR_LEN: usize = 64 * 1024;
+/// Longest IPPool nodeSelector/namespaceSelector (Calico's limit).
+pub const MAX_POOL_SELECTOR_LEN: usize = 1024;
+/// Deepest parenthesis nesting the parser accepts: the parser, printer and evaluator recurse
+/// once per level, so this bounds their stack whatever the input.
+pub const MAX_DEPTH: usize = 128;
 
 /// A parsed selector. `And`/`Or` are n-ary (always ≥ 2 operands once parsed).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -65,7 +73,18 @@ impl Labels for HashMap<String, String> {
 
 impl Selector {
     pub fn parse(input: &str) -> Result<Selector, SelectorError> {
-        let mut p = Parser { s: input.as_bytes(), pos: 0 };
+        Selector::parse_bounded(input, MAX_SELECTOR_LEN)
+    }
+
+    /// Parse a selector of at most `max_len` bytes.
+    pub fn parse_bounded(input: &str, max_len: usize) -> Result<Selector, SelectorError> {
+        if input.len() > max_len {
+            return Err(SelectorError {
+                position: max_len,
+                message: format!("selector is longer than {max_len} characters ({} given)", input.len()),
+            });
+        }
+        let mut p = Parser { s: input.as_bytes(), pos: 0, depth: 0 };
         p.skip_ws();
         if p.at_end() {
             return Ok(Selector::All);
@@ -169,6 +188,8 @@ enum Op {
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
+    /// Parentheses open at `pos`.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -297,8 +318,13 @@ impl Parser<'_> {
         }
         match self.peek() {
             Some(b'(') => {
+                if self.depth >= MAX_DEPTH {
+                    return Err(self.error(&format!("parentheses nested deeper than {MAX_DEPTH} levels")));
+                }
                 self.pos += 1;
+                self.depth += 1;
                 let inner = self.or()?;
+                self.depth -= 1;
                 self.skip_ws();
                 if !self.eat(")") {
                     return Err(self.error("expected \")\""));
@@ -524,6 +550,32 @@ mod tests {
         let long = "a".repeat(513);
         assert!(Selector::parse(&format!("has({long})")).unwrap_err().message.contains("too long"));
         assert!(Selector::parse(&format!("has({})", "a".repeat(512))).is_ok());
+    }
+
+    /// A stored pool selector 3,000 parentheses deep once overflowed the agent's stack on every
+    /// ADD; nesting and length are bounded in the parser now.
+    #[test]
+    fn nesting_and_length_are_bounded() {
+        let nested = |n: usize| format!("{}a == 'b'{}", "(".repeat(n), ")".repeat(n));
+        assert!(Selector::parse(&nested(MAX_DEPTH)).is_ok());
+        for n in [MAX_DEPTH + 1, 3_000, 8_000, 30_000] {
+            let err = Selector::parse(&nested(n)).unwrap_err();
+            assert!(err.message.contains("nested deeper than 128"), "{n}: {err}");
+            assert_eq!(err.position, MAX_DEPTH);
+        }
+        // Negations and long flat chains do not recurse: they parse up to the length bound.
+        assert!(Selector::parse(&format!("{}has(a)", "!".repeat(10_000))).is_ok());
+        let flat = vec!["a == 'b'"; 5_000].join(" && ");
+        assert!(flat.len() < MAX_SELECTOR_LEN && Selector::parse(&flat).is_ok());
+        let long = vec!["a == 'b'"; 10_000].join(" || ");
+        assert!(Selector::parse(&long).unwrap_err().message.contains("longer than 65536"));
+        let pool = "a == 'b' && ".repeat(100) + "all()";
+        assert!(
+            Selector::parse_bounded(&pool, MAX_POOL_SELECTOR_LEN).unwrap_err().message.contains("longer than 1024")
+        );
+        // A parsed selector at the depth bound prints and evaluates without trouble.
+        let deep = Selector::parse(&nested(MAX_DEPTH)).unwrap();
+        assert!(deep.matches(&labels(&[("a", "b")])) && !deep.unique_id().is_empty());
     }
 
     #[test]

@@ -37,9 +37,17 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// DNS-1123 subdomain: dot-separated labels of lower-case alphanumerics and '-', ≤ 253 chars.
+/// DNS-1123 subdomain as Kubernetes (and Calico) check it: dot-separated parts of lower-case
+/// alphanumerics and '-' that start and end alphanumeric; only the whole name is capped, at 253
+/// characters (a WorkloadEndpoint name carries a 64-hex container ID in one part).
 pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(part_ok)
 }
 
 pub fn check_name(kind: Kind, name: &str, errors: &mut Errors) {

@@ -244,3 +244,18 @@ fn kubernetes_kinds() {
         "metadata.name: \"my.namespace\" is not a valid namespace name",
     );
 }
+
+/// podman passes no K8S_POD_NAMESPACE, so endpoint names carry the 64-hex container ID in one
+/// dot-free part; Kubernetes' DNS-1123 subdomain rule caps only the whole name, at 253.
+#[test]
+fn names_are_dns_subdomains() {
+    let id = "918383d5576a436bda0d1c08825c903e2db949edb55c626bc57bbb042ffd5c45";
+    accepts(&calico("WorkloadEndpoint", &format!("pmnode-cni-{id}-eth0"), "  node: pmnode"));
+    accepts(&calico("NetworkSet", &"a".repeat(253), "  nets: []"));
+    rejects(&calico("NetworkSet", &"a".repeat(254), "  nets: []"), "is not a valid name");
+    for bad in ["a..b", "-a", "a-", "A", "a_b", "a.-b"] {
+        rejects(&calico("NetworkSet", bad, "  nets: []"), "metadata.name");
+    }
+    // Namespaces stay DNS labels: at most 63.
+    rejects(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", "a".repeat(64)), "metadata.name");
+}

@@ -11,14 +11,17 @@ use gingham_cni::proto::{Attachment, DEFAULT_SOCKET, Endpoint, Request, call};
 use gingham_cni::spec::{CniError, CniResult, Invocation, NetConf, SUPPORTED_VERSIONS, code};
 use serde_json::{Value, json};
 
-const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent may take; runtimes time a plugin out at a few minutes (kubelet: 4 min, after
+/// which it retries), so an answer within a minute is in time.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(55);
 
 fn version_at_least(v: &str, min: &str) -> bool {
     let parse = |s: &str| s.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
     parse(v) >= parse(min)
 }
 
-/// Run one CNI command; returns what to print on stdout.
+/// Run one CNI command; returns what to print on stdout. Everything the request carries is read
+/// and checked before the agent is asked to do anything, so bad input never leaves work behind.
 fn run(
     ipam_mode: bool,
     stdin: &[u8],
@@ -39,25 +42,52 @@ fn run(
     } else {
         env("GINGHAM_AGENT_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into())
     });
+    let mut requested_ips = inv.requested_ips().map_err(fail)?;
+    for ip in conf.requested_ips().map_err(fail)? {
+        if !requested_ips.contains(&ip) {
+            requested_ips.push(ip);
+        }
+    }
+    let pod = inv.kubernetes_pod();
     let ep = Endpoint {
         network: conf.name.clone(),
         container_id: inv.container_id.clone(),
         netns: inv.netns.clone(),
         ifname: inv.ifname.clone(),
-        namespace: inv.args.get("K8S_POD_NAMESPACE").cloned(),
-        pod: inv.args.get("K8S_POD_NAME").cloned(),
+        namespace: pod.as_ref().map(|(ns, _)| ns.clone()),
+        pod: pod.map(|(_, p)| p),
         labels: conf.labels(),
         mtu: conf.mtu,
         interface_prefix: conf.interface_prefix.clone(),
         ipam: conf.ipam.clone(),
+        requested_ips,
+    };
+    // The pod's namespace is opened here, in the runtime's mount namespace, and handed to the
+    // agent open: the path may mean nothing where the agent runs.
+    let open_netns = || {
+        std::fs::File::open(&inv.netns).map_err(|e| {
+            fail(
+                CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {} cannot be opened", inv.netns))
+                    .details(e.to_string()),
+            )
+        })
     };
     match inv.command.as_str() {
         "ADD" => {
-            let req = if ipam_mode { Request::IpamAdd(ep) } else { Request::Add(ep) };
-            let mut result = call(&socket, &req, AGENT_TIMEOUT).map_err(fail)?.unwrap_or_default();
             // Chained after another plugin: keep what it reported, ours after it.
-            if let Some(prev) = conf.prev_result.as_ref().filter(|_| !ipam_mode) {
-                let mut merged = CniResult::from_value(prev).map_err(fail)?;
+            let prev = match conf.prev_result.as_ref().filter(|_| !ipam_mode) {
+                Some(p) => Some(CniResult::from_value(p).map_err(fail)?),
+                None => None,
+            };
+            let mut result = if ipam_mode {
+                call(&socket, &Request::IpamAdd(ep), AGENT_TIMEOUT, None)
+            } else {
+                let ns = open_netns()?;
+                call(&socket, &Request::Add(ep), AGENT_TIMEOUT, Some(&ns))
+            }
+            .map_err(fail)?
+            .unwrap_or_default();
+            if let Some(mut merged) = prev {
                 let offset = merged.interfaces.len();
                 for ip in &mut result.ips {
                     ip.interface = ip.interface.map(|i| i + offset);
@@ -70,8 +100,9 @@ fn run(
             Ok(Some(result.to_version(&version)))
         }
         "DEL" => {
+            // DEL needs no namespace: the host end of the veth takes the pair with it.
             let req = if ipam_mode { Request::IpamDel(ep) } else { Request::Del(ep) };
-            call(&socket, &req, AGENT_TIMEOUT).map_err(fail)?;
+            call(&socket, &req, AGENT_TIMEOUT, None).map_err(fail)?;
             Ok(None)
         }
         "CHECK" => {
@@ -81,17 +112,19 @@ fn run(
                     format!("CHECK needs cniVersion 0.4.0 or later, not {version}"),
                 )));
             }
-            let prev = conf.prev_result.as_ref().map(CniResult::from_value).transpose().map_err(fail)?;
-            if prev.is_none() {
+            let Some(prev) = conf.prev_result.as_ref() else {
                 return Err(fail(CniError::new(
                     code::INVALID_CONFIG,
                     "CHECK needs prevResult in the network configuration",
                 )));
-            }
+            };
+            let prev = CniResult::from_value(prev).map_err(fail)?;
             if ipam_mode {
                 return Ok(None);
             }
-            call(&socket, &Request::Check { endpoint: ep, prev }, AGENT_TIMEOUT).map_err(fail)?;
+            let ns = open_netns()?;
+            call(&socket, &Request::Check { endpoint: ep, prev: Some(prev) }, AGENT_TIMEOUT, Some(&ns))
+                .map_err(fail)?;
             Ok(None)
         }
         "STATUS" | "GC" if !version_at_least(&version, "1.1.0") => Err(fail(CniError::new(
@@ -99,23 +132,31 @@ fn run(
             format!("{} needs cniVersion 1.1.0, not {version}", inv.command),
         ))),
         "STATUS" => {
-            call(&socket, &Request::Status, AGENT_TIMEOUT).map_err(fail)?;
+            call(&socket, &Request::Status, AGENT_TIMEOUT, None).map_err(fail)?;
             Ok(None)
         }
         "GC" => {
-            let valid: Vec<Attachment> = conf
-                .other
-                .get("cni.dev/valid-attachments")
-                .map(|v| serde_json::from_value(v.clone()))
-                .transpose()
-                .map_err(|e| {
-                    fail(
-                        CniError::new(code::DECODE_FAILURE, "cni.dev/valid-attachments is not a list of attachments")
-                            .details(e.to_string()),
-                    )
-                })?
-                .unwrap_or_default();
-            call(&socket, &Request::Gc { network: conf.name.clone(), valid }, AGENT_TIMEOUT).map_err(fail)?;
+            // Without the list nothing can be told apart from garbage: refuse rather than
+            // remove every pod of the network (an empty list is valid: all of them are stale).
+            let Some(list) = conf.other.get("cni.dev/valid-attachments") else {
+                return Err(fail(CniError::new(
+                    code::INVALID_CONFIG,
+                    "GC needs cni.dev/valid-attachments in the network configuration",
+                )));
+            };
+            let valid: Vec<Attachment> = serde_json::from_value(list.clone()).map_err(|e| {
+                fail(
+                    CniError::new(code::DECODE_FAILURE, "cni.dev/valid-attachments is not a list of attachments")
+                        .details(e.to_string()),
+                )
+            })?;
+            if let Some(bad) = valid.iter().find(|a| !gingham_cni::spec::valid_id(&a.container_id)) {
+                return Err(fail(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("cni.dev/valid-attachments: container ID {:?} is not valid", bad.container_id),
+                )));
+            }
+            call(&socket, &Request::Gc { network: conf.name.clone(), valid }, AGENT_TIMEOUT, None).map_err(fail)?;
             Ok(None)
         }
         other => Err(fail(CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND {other}")))),
@@ -146,24 +187,21 @@ pub fn main(ipam_mode: bool) -> ExitCode {
     }
 }
 
-/// Install the plugin binaries (gingham, gingham-ipam) and the conflist.
+/// Install the plugin binaries (gingham, gingham-ipam; 0755) and the conflist (0644), each
+/// written to a fresh temporary file and renamed into place, whatever the umask and whatever
+/// symlinks were planted in those directories.
 pub fn install(conf_dir: &std::path::Path, bin_dir: &std::path::Path, conf: &Value) -> anyhow::Result<Vec<PathBuf>> {
     let exe = std::env::current_exe()?;
-    std::fs::create_dir_all(bin_dir)?;
-    std::fs::create_dir_all(conf_dir)?;
+    gingham_files::ensure_dir(bin_dir, 0o755)?;
+    gingham_files::ensure_dir(conf_dir, 0o755)?;
     let mut written = Vec::new();
     for name in ["gingham", "gingham-ipam"] {
         let dst = bin_dir.join(name);
-        // Copy through a temporary name: a running plugin keeps its old inode.
-        let tmp = bin_dir.join(format!(".{name}.tmp"));
-        std::fs::copy(&exe, &tmp)?;
-        std::fs::rename(&tmp, &dst)?;
+        gingham_files::copy_atomic(&exe, &dst, 0o755)?;
         written.push(dst);
     }
     let path = conf_dir.join("10-gingham.conflist");
-    let tmp = conf_dir.join(".10-gingham.conflist.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(conf)? + "\n")?;
-    std::fs::rename(&tmp, &path)?;
+    gingham_files::write_atomic(&path, (serde_json::to_string_pretty(conf)? + "\n").as_bytes(), 0o644)?;
     written.push(path);
     Ok(written)
 }

@@ -235,6 +235,10 @@ enum NodeCommand {
         /// Serve the CNI plugin only: no routes, VXLAN or NAT (a node without an underlay).
         #[arg(long)]
         endpoints_only: bool,
+        /// How long an endpoint whose host interface vanished without a CNI DEL keeps its
+        /// addresses before the agent releases them, in seconds.
+        #[arg(long, default_value_t = 60)]
+        orphan_grace_seconds: u64,
     },
 }
 
@@ -338,7 +342,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Node {
-            command: NodeCommand::Run { nodename, socket, ip, ip_autodetection_method, health_listen, endpoints_only },
+            command:
+                NodeCommand::Run {
+                    nodename,
+                    socket,
+                    ip,
+                    ip_autodetection_method,
+                    health_listen,
+                    endpoints_only,
+                    orphan_grace_seconds,
+                },
         } => {
             use gingham_agent::routing::Autodetect;
             let address = match (ip, ip_autodetection_method.as_str()) {
@@ -383,6 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 address,
                 health: Some(health_listen),
                 routing: !endpoints_only,
+                orphan_grace: std::time::Duration::from_secs(orphan_grace_seconds),
             };
             gingham_agent::run(config, shutdown).await?;
             Ok(())
@@ -531,8 +545,15 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
 
 fn main() -> ExitCode {
     // Invoked by a container runtime: act as a CNI plugin (IPAM plugin under the name *-ipam).
-    if std::env::var_os("CNI_COMMAND").is_some() {
-        let ipam_mode = std::env::args_os().next().is_some_and(|a| a.to_string_lossy().ends_with("-ipam"));
+    // Any CNI_* variable means a runtime called: without CNI_COMMAND that is a CNI error, not
+    // CLI usage on stdout where the runtime expects JSON.
+    let ipam_mode = std::env::args_os()
+        .next()
+        .is_some_and(|a| std::path::Path::new(&a).file_name().is_some_and(|n| n.to_string_lossy().ends_with("-ipam")));
+    let cni_env = ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some());
+    if ipam_mode || cni_env {
         return cni::main(ipam_mode);
     }
     let cli = Cli::parse();

@@ -9,8 +9,8 @@ use gingham_api::network::BGPConfigurationSpec;
 use gingham_api::object::check_update;
 use gingham_api::validate::parse_asn;
 use gingham_api::{Document, Kind, Object, parse_documents_in};
-use gingham_store::resources::ResourceError;
-use gingham_store::{ResourceStore, StoreError};
+use gingham_store::ResourceStore;
+use gingham_store::resources::{BatchOp, ResourceError, WriteMode};
 use serde_json::Value;
 
 use crate::FileArgs;
@@ -104,6 +104,21 @@ fn read_documents(f: &FileArgs) -> anyhow::Result<Vec<Document>> {
     if docs.is_empty() {
         bail!("no resources found in {}", f.files.join(", "));
     }
+    // One resource named twice: which version should win? Neither: refuse.
+    let mut seen: std::collections::BTreeMap<(String, Option<String>, String), &Document> = Default::default();
+    let mut dups = Vec::new();
+    for d in &docs {
+        let o = &d.object;
+        let key = (o.kind.clone(), o.namespace().map(str::to_string), o.name().to_string());
+        if let Some(first) = seen.get(&key) {
+            dups.push(format!("{}: the same resource as {}:{}", describe(d), first.source, first.index));
+        } else {
+            seen.insert(key, d);
+        }
+    }
+    if !dups.is_empty() {
+        bail!("{}\nnothing was written: fix the errors above and try again", dups.join("\n"));
+    }
     Ok(docs)
 }
 
@@ -136,58 +151,144 @@ pub fn validate(f: &FileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// IPPools may not overlap each other (as in Calico): checked among the documents and against
+/// every stored pool of another name.
+fn pool_overlaps(docs: &[&Document], stored: &[Object]) -> Vec<String> {
+    let cidr = |o: &Object| o.spec["cidr"].as_str().and_then(|c| c.parse::<ipnet::IpNet>().ok());
+    let overlap = |a: ipnet::IpNet, b: ipnet::IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let mut problems = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let Some(mine) = cidr(&d.object) else { continue };
+        for other in stored.iter().filter(|o| o.name() != d.object.name()) {
+            if let Some(theirs) = cidr(other).filter(|c| overlap(mine, *c)) {
+                problems.push(format!(
+                    "{}: spec.cidr: {mine} overlaps IPPool {} ({theirs})",
+                    describe(d),
+                    other.name()
+                ));
+            }
+        }
+        for e in &docs[..i] {
+            if let Some(theirs) = cidr(&e.object).filter(|c| overlap(mine, *c)) {
+                problems.push(format!("{}: spec.cidr: {mine} overlaps {} ({theirs})", describe(d), describe(e)));
+            }
+        }
+    }
+    problems
+}
+
+/// After a batch failed part-way: what each document's resource holds now.
+async fn report_partial(store: &ResourceStore, docs: &[&Document]) -> String {
+    let mut stored = Vec::new();
+    let mut not = Vec::new();
+    for d in docs {
+        let o = &d.object;
+        let same = match o.kind() {
+            Some(k) => store
+                .get(k, o.namespace(), o.name())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|cur| cur.spec == o.spec && cur.metadata.labels == o.metadata.labels),
+            None => false,
+        };
+        if same { stored.push(describe(d)) } else { not.push(describe(d)) }
+    }
+    format!(
+        "stored now ({}): {}\nnot stored ({}): {}",
+        stored.len(),
+        if stored.is_empty() { "none".into() } else { stored.join(", ") },
+        not.len(),
+        if not.is_empty() { "none".into() } else { not.join(", ") }
+    )
+}
+
 pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::Result<()> {
     let docs = read_documents(f)?;
     // Check every document against what is stored before writing any.
     let mut problems = Vec::new();
-    let mut skip = vec![false; docs.len()];
-    for (i, doc) in docs.iter().enumerate() {
+    let mut todo: Vec<&Document> = Vec::new();
+    for doc in &docs {
         let o = &doc.object;
         let kind = o.kind().context("normalised objects have a known kind")?;
+        let pinned = match o.metadata.resource_version.as_deref().filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    problems
+                        .push(format!("{}: metadata.resourceVersion: {v:?} is not a revision number", describe(doc)));
+                    continue;
+                }
+            },
+        };
         let current = store.get(kind, o.namespace(), o.name()).await.map_err(store_err)?;
-        match (mode, current) {
-            (Mode::Create { skip_exists: true }, Some(_)) => skip[i] = true,
+        match (mode, &current) {
+            (Mode::Create { skip_exists: true }, Some(_)) => continue,
             (Mode::Create { .. }, Some(_)) => {
                 problems.push(format!("{}: already exists (use apply or replace, or --skip-exists)", describe(doc)))
             }
             (Mode::Replace, None) => problems.push(format!("{}: does not exist (use create or apply)", describe(doc))),
-            (_, Some(cur)) => problems.extend(check_update(&cur, o).iter().map(|e| format!("{}: {e}", describe(doc)))),
+            (_, None) if pinned.is_some() => problems
+                .push(format!("{}: metadata.resourceVersion is given but the resource does not exist", describe(doc))),
+            (_, Some(cur)) => {
+                let rev = cur.metadata.resource_version.as_deref().and_then(|r| r.parse::<i64>().ok());
+                if let Some(p) = pinned.filter(|p| Some(*p) != rev) {
+                    problems.push(format!(
+                        "{}: metadata.resourceVersion: {p} is not the stored version ({}): it was changed by someone else since it was read",
+                        describe(doc),
+                        rev.unwrap_or_default()
+                    ));
+                }
+                problems.extend(check_update(cur, o).iter().map(|e| format!("{}: {e}", describe(doc))));
+            }
             _ => {}
         }
+        todo.push(doc);
+    }
+    let pools: Vec<&Document> = todo.iter().copied().filter(|d| d.object.kind() == Some(Kind::IPPool)).collect();
+    if !pools.is_empty() {
+        problems.extend(pool_overlaps(&pools, &store.list(Kind::IPPool, None).await.map_err(store_err)?));
     }
     if !problems.is_empty() {
         bail!("{}\nnothing was written: fix the errors above and try again", problems.join("\n"));
     }
-    let mut done: Vec<&Object> = Vec::new();
-    let todo = docs.iter().zip(&skip).filter(|(_, s)| !**s).count();
-    for (doc, _) in docs.iter().zip(&skip).filter(|(_, s)| !**s) {
-        let result = match mode {
-            Mode::Apply => store.apply(doc.object.clone()).await.map(|_| ()),
-            Mode::Create { .. } => store.create(doc.object.clone()).await.map(|_| ()),
-            Mode::Replace => store.update(doc.object.clone()).await.map(|_| ()),
-        };
-        if let Err(e) = result {
-            let head = if done.is_empty() {
-                format!("Failed to {} '{}' resource", mode.verb(), doc.object.kind)
-            } else {
-                format!(
-                    "Partial success: {} the first {} out of {todo} resources; then failed",
-                    mode.past(),
-                    done.len()
-                )
-            };
-            bail!("{head}: {}: {e}", describe(doc));
+    if todo.is_empty() {
+        println!("No resources {}: all {} already exist", mode.past(), docs.len());
+        return Ok(());
+    }
+    let write_mode = match mode {
+        Mode::Apply => WriteMode::Apply,
+        Mode::Create { .. } => WriteMode::Create,
+        Mode::Replace => WriteMode::Replace,
+    };
+    let ops: Vec<BatchOp> = todo.iter().map(|d| BatchOp::Write(d.object.clone(), write_mode)).collect();
+    if let Err(e) = store.write_batch(&ops).await {
+        let about = e.op.and_then(|i| todo.get(i)).map(|d| format!("{}: ", describe(d))).unwrap_or_default();
+        if e.written == 0 {
+            bail!(
+                "Failed to {} '{}' resource: {about}{}\nnothing was written",
+                mode.verb(),
+                todo[0].object.kind,
+                e.error
+            );
         }
+        bail!(
+            "Partial success: {} the first {} out of {} resources (in whole transactions); then failed: {about}{}\n{}",
+            mode.past(),
+            e.written,
+            todo.len(),
+            e.error,
+            report_partial(store, &todo).await
+        );
+    }
+    for doc in &todo {
         if let Some(from) = &doc.mapped_from {
             eprintln!("note: {} (from {from}) was written as {} {}", doc.source, doc.object.kind, doc.object.name());
         }
-        done.push(&doc.object);
     }
-    if done.is_empty() {
-        println!("No resources {}: all {} already exist", mode.past(), docs.len());
-    } else {
-        println!("{}", success(mode.past(), &done));
-    }
+    let done: Vec<&Object> = todo.iter().map(|d| &d.object).collect();
+    println!("{}", success(mode.past(), &done));
     Ok(())
 }
 
@@ -202,6 +303,58 @@ fn namespace_for(kind: Kind, ns: Option<&str>) -> Option<String> {
     kind.namespaced().then(|| ns.unwrap_or("default").to_string())
 }
 
+/// Delete every named resource or none (one transaction; missing ones are an error unless
+/// `skip_missing`).
+async fn delete_all(
+    store: &ResourceStore,
+    targets: Vec<(Kind, Option<String>, String, String)>,
+    skip_missing: bool,
+) -> anyhow::Result<()> {
+    let mut ops = Vec::new();
+    let mut labels = Vec::new();
+    let mut missing = Vec::new();
+    let kinds: Vec<Kind> = targets.iter().map(|t| t.0).collect();
+    for (kind, ns, name, label) in targets {
+        if store.get(kind, ns.as_deref(), &name).await.map_err(store_err)?.is_none() {
+            if !skip_missing {
+                missing.push(format!("{label}: resource does not exist: {kind}({name})"));
+            }
+            continue;
+        }
+        ops.push(BatchOp::Delete { kind, namespace: ns, name });
+        labels.push(label);
+    }
+    if !missing.is_empty() {
+        bail!("{}\nnothing was deleted", missing.join("\n"));
+    }
+    match store.write_batch(&ops).await {
+        Ok(deleted) => {
+            if deleted.is_empty() {
+                let kinds: std::collections::BTreeSet<&str> = kinds.iter().map(|k| k.kind_name()).collect();
+                match kinds.iter().next().filter(|_| kinds.len() == 1) {
+                    Some(k) => println!("Successfully deleted 0 '{k}' resource(s)"),
+                    None => println!("Successfully deleted 0 resource(s)"),
+                }
+            } else {
+                println!("{}", success("deleted", &deleted.iter().collect::<Vec<_>>()));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let about = e.op.and_then(|i| labels.get(i)).map(|l| format!("{l}: ")).unwrap_or_default();
+            if e.written == 0 {
+                bail!("Failed to delete: {about}{}\nnothing was deleted", e.error);
+            }
+            bail!(
+                "Partial success: deleted the first {} out of {} resources; then failed: {about}{}",
+                e.written,
+                ops.len(),
+                e.error
+            )
+        }
+    }
+}
+
 pub async fn delete_named(
     store: &ResourceStore,
     kind: &str,
@@ -214,57 +367,19 @@ pub async fn delete_named(
         bail!("name the {kind} resource(s) to delete");
     }
     let ns = namespace_for(kind, ns);
-    let mut deleted = Vec::new();
-    let mut failures = Vec::new();
-    for name in names {
-        match store.delete(kind, ns.as_deref(), name, None).await {
-            Ok(o) => deleted.push(o),
-            Err(ResourceError::Store(StoreError::NotFound { .. })) if skip_missing => {}
-            Err(ResourceError::Store(StoreError::NotFound { .. })) => {
-                failures.push(format!("resource does not exist: {kind}({})", name))
-            }
-            Err(e) => failures.push(e.to_string()),
-        }
-    }
-    report_deletes(kind, &deleted, &failures)
-}
-
-fn report_deletes(kind: Kind, deleted: &[Object], failures: &[String]) -> anyhow::Result<()> {
-    if failures.is_empty() {
-        let refs: Vec<&Object> = deleted.iter().collect();
-        if refs.is_empty() {
-            println!("Successfully deleted 0 '{}' resource(s)", kind.kind_name());
-        } else {
-            println!("{}", success("deleted", &refs));
-        }
-        return Ok(());
-    }
-    if deleted.is_empty() {
-        bail!("Failed to delete '{}' resource: {}", kind.kind_name(), failures.join("; "));
-    }
-    bail!(
-        "Partial success: deleted the first {} out of {} resources: {}",
-        deleted.len(),
-        deleted.len() + failures.len(),
-        failures.join("; ")
-    )
+    let targets = names.iter().map(|n| (kind, ns.clone(), n.clone(), format!("{kind} {n}"))).collect();
+    delete_all(store, targets, skip_missing).await
 }
 
 pub async fn delete_files(store: &ResourceStore, f: &FileArgs, skip_missing: bool) -> anyhow::Result<()> {
     let docs = read_documents(f)?;
-    let mut deleted = Vec::new();
-    let mut failures = Vec::new();
+    let mut targets = Vec::new();
     for doc in &docs {
         let o = &doc.object;
         let kind = o.kind().context("normalised objects have a known kind")?;
-        match store.delete(kind, o.namespace(), o.name(), None).await {
-            Ok(obj) => deleted.push(obj),
-            Err(ResourceError::Store(StoreError::NotFound { .. })) if skip_missing => {}
-            Err(e) => failures.push(format!("{}: {e}", describe(doc))),
-        }
+        targets.push((kind, o.namespace().map(str::to_string), o.name().to_string(), describe(doc)));
     }
-    let kind = docs[0].object.kind().unwrap_or(Kind::IPPool);
-    report_deletes(kind, &deleted, &failures)
+    delete_all(store, targets, skip_missing).await
 }
 
 pub async fn get(
@@ -381,12 +496,27 @@ pub async fn patch(store: &ResourceStore, kind: &str, name: &str, ns: Option<&st
         .await
         .map_err(store_err)?
         .ok_or_else(|| anyhow::anyhow!("resource does not exist: {kind}({name})"))?;
+    // A resourceVersion in the patch pins the write to that version, as calicoctl does.
+    let mut expected = current.clone();
+    if let Some(rv) = patch.pointer("/metadata/resourceVersion") {
+        let rv = rv.as_str().map(str::to_string).unwrap_or_else(|| rv.to_string());
+        if rv.parse::<i64>().is_err() {
+            bail!("{kind} {name}: metadata.resourceVersion: {rv:?} is not a revision number");
+        }
+        if Some(rv.as_str()) != current.metadata.resource_version.as_deref() {
+            bail!(
+                "{kind} {name}: metadata.resourceVersion: {rv} is not the stored version ({}): it was changed by someone else since it was read; nothing was written",
+                current.metadata.resource_version.as_deref().unwrap_or("?")
+            );
+        }
+        expected.metadata.resource_version = Some(rv);
+    }
     let mut value = serde_json::to_value(&current)?;
     merge_patch(&mut value, &patch);
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
     }
-    write_back(store, kind, &current, value).await?;
+    write_back(store, kind, &expected, value).await?;
     println!("Successfully patched 1 '{}' resource", kind.kind_name());
     Ok(())
 }

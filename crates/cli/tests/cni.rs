@@ -299,7 +299,7 @@ fn bad_input_gets_spec_errors_and_leaves_the_host_unchanged() {
             lab.conf("1.0.0"),
             vec![("CNI_NETNS", "/var/run/netns/does-not-exist")],
             3,
-            "network namespace /var/run/netns/does-not-exist does not exist",
+            "network namespace /var/run/netns/does-not-exist cannot be opened",
         ),
     ];
     for (conf, env, code, msg) in cases {

@@ -48,6 +48,25 @@ impl CniError {
     }
 }
 
+/// libcni's rule for container IDs and network names: they end up in file names, handles and
+/// endpoint names, so `/`, `..` and control characters must never get through.
+pub fn valid_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 1024
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// libcni's rule for interface names: at most 15 bytes, not `.`/`..`, no `/`, `:` or space.
+pub fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|c| c.is_ascii_graphic() && c != b'/' && c != b':')
+}
+
 /// The CNI_* environment of one invocation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invocation {
@@ -97,8 +116,51 @@ impl Invocation {
                 return Err(CniError::new(code::INVALID_ENV, format!("{name} is required for {command}")));
             }
         }
+        if !inv.container_id.is_empty() && !valid_id(&inv.container_id) {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_CONTAINERID {:?} is not valid: letters, digits, '_', '.' and '-', starting with a letter or digit",
+                    inv.container_id
+                ),
+            ));
+        }
+        if !inv.ifname.is_empty() && !valid_ifname(&inv.ifname) {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_IFNAME {:?} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)",
+                    inv.ifname
+                ),
+            ));
+        }
         Ok(inv)
     }
+
+    /// Kubernetes namespace and pod, when this is a Kubernetes call: only when CNI_ARGS carry
+    /// both (podman sets K8S_POD_NAME alone, to the container's name), as Calico decides.
+    pub fn kubernetes_pod(&self) -> Option<(String, String)> {
+        match (self.args.get("K8S_POD_NAMESPACE"), self.args.get("K8S_POD_NAME")) {
+            (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => Some((ns.clone(), pod.clone())),
+            _ => None,
+        }
+    }
+
+    /// Addresses asked for in CNI_ARGS `IP=` (podman `--ip`; several separated by commas).
+    pub fn requested_ips(&self) -> Result<Vec<IpAddr>, CniError> {
+        let Some(list) = self.args.get("IP") else { return Ok(Vec::new()) };
+        list.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_ip(s.trim()).map_err(|e| CniError::new(code::INVALID_ENV, format!("CNI_ARGS IP: {e}"))))
+            .collect()
+    }
+}
+
+/// An address, with or without a prefix length (`10.0.0.5`, `10.0.0.5/24`).
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    s.parse::<IpAddr>()
+        .or_else(|_| s.parse::<IpNet>().map(|n| n.addr()))
+        .map_err(|_| format!("{s:?} is not an IP address"))
 }
 
 /// gingham's IPAM section (Calico's `calico-ipam` keys).
@@ -175,7 +237,38 @@ impl NetConf {
         if conf.name.is_empty() {
             return Err(CniError::new(code::INVALID_CONFIG, "name is missing from the network configuration"));
         }
+        if !valid_id(&conf.name) {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "network name {:?} is not valid: letters, digits, '_', '.' and '-', starting with a letter or digit",
+                    conf.name
+                ),
+            ));
+        }
+        if !conf.interface_prefix.is_empty()
+            && (conf.interface_prefix.len() > 11 || !conf.interface_prefix.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("interface_prefix {:?}: at most 11 letters or digits", conf.interface_prefix),
+            ));
+        }
         Ok(conf)
+    }
+
+    /// Addresses asked for through the `ips` capability (`runtimeConfig.ips`).
+    pub fn requested_ips(&self) -> Result<Vec<IpAddr>, CniError> {
+        let Some(ips) = self.runtime_config.as_ref().and_then(|r| r.get("ips")) else { return Ok(Vec::new()) };
+        let bad = || CniError::new(code::INVALID_CONFIG, "runtimeConfig.ips must be a list of IP addresses");
+        ips.as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|v| {
+                let s = v.as_str().ok_or_else(bad)?;
+                parse_ip(s).map_err(|e| CniError::new(code::INVALID_CONFIG, format!("runtimeConfig.ips: {e}")))
+            })
+            .collect()
     }
 
     /// Labels passed without Kubernetes: runtimeConfig.labels or args.labels (string map).
@@ -282,6 +375,18 @@ impl CniResult {
 
     /// Read a prevResult of any supported version.
     pub fn from_value(v: &Value) -> Result<CniResult, CniError> {
+        let bad = |what: &str| CniError::new(code::DECODE_FAILURE, format!("prevResult is not a CNI result: {what}"));
+        if !v.is_object() {
+            return Err(bad("it is not a JSON object"));
+        }
+        for k in ["interfaces", "ips", "routes"] {
+            if v.get(k).is_some_and(|x| !x.is_array() && !x.is_null()) {
+                return Err(bad(&format!("{k} is not a list")));
+            }
+        }
+        if v.get("dns").is_some_and(|x| !x.is_object() && !x.is_null()) {
+            return Err(bad("dns is not an object"));
+        }
         let mut v = v.clone();
         if let Some(ips) = v.get_mut("ips").and_then(Value::as_array_mut) {
             for ip in ips {
@@ -290,13 +395,15 @@ impl CniResult {
                 }
             }
         }
-        for k in ["interfaces", "ips", "routes"] {
-            if v.get(k).is_none() {
-                v[k] = json!([]);
+        if let Some(m) = v.as_object_mut() {
+            for k in ["interfaces", "ips", "routes"] {
+                if m.get(k).is_none_or(Value::is_null) {
+                    m.insert(k.into(), json!([]));
+                }
             }
-        }
-        if v.get("dns").is_none() {
-            v["dns"] = json!({});
+            if m.get("dns").is_none_or(Value::is_null) {
+                m.insert("dns".into(), json!({}));
+            }
         }
         serde_json::from_value(v)
             .map_err(|e| CniError::new(code::DECODE_FAILURE, "prevResult is not a CNI result").details(e.to_string()))
@@ -311,6 +418,13 @@ pub fn host_veth_name(prefix: &str, namespace: &str, pod: &str) -> String {
         Sha1::digest(format!("{namespace}.{pod}").as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
     let keep = 15usize.saturating_sub(prefix.len()).min(hex.len());
     format!("{prefix}{}", &hex[..keep])
+}
+
+/// Calico's host-side veth for a workload that is not a Kubernetes pod: prefix + the start of
+/// the container ID (`cali` + 11 characters).
+pub fn host_veth_name_for_container(prefix: &str, container_id: &str) -> String {
+    let keep = 15usize.saturating_sub(prefix.len());
+    format!("{prefix}{}", container_id.chars().take(keep).collect::<String>())
 }
 
 /// Calico's WorkloadEndpoint name: node, orchestrator, workload and endpoint, each with its
@@ -379,6 +493,83 @@ mod tests {
         assert!(new["ips"][0].get("version").is_none());
         assert_eq!(new["interfaces"][0]["mtu"], 1450);
         assert_eq!(CniResult::from_value(&old).unwrap().ips, r.ips);
+    }
+
+    #[test]
+    fn hostile_identifiers_are_refused() {
+        let base = |k: &str| -> Option<String> {
+            match k {
+                "CNI_COMMAND" => Some("ADD".into()),
+                "CNI_NETNS" => Some("/var/run/netns/x".into()),
+                "CNI_IFNAME" => Some("eth0".into()),
+                _ => None,
+            }
+        };
+        for bad in ["../../etc", "c1/x", "c1\nx", ".hidden", "-x", "a b", "é"] {
+            let e =
+                Invocation::from_env(|k| if k == "CNI_CONTAINERID" { Some(bad.into()) } else { base(k) }).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad:?}");
+            assert!(e.msg.contains("CNI_CONTAINERID"), "{e}");
+        }
+        for bad in ["..", "a/b", "eth:0", "averyveryverylongname", "e th0"] {
+            let e = Invocation::from_env(|k| match k {
+                "CNI_CONTAINERID" => Some("c1".into()),
+                "CNI_IFNAME" => Some(bad.into()),
+                k => base(k),
+            })
+            .unwrap_err();
+            assert!(e.msg.contains("CNI_IFNAME"), "{bad:?}: {e}");
+        }
+        for bad in ["../x", "a\nb", "", "x/y"] {
+            let conf = json!({"cniVersion": "1.0.0", "name": bad, "type": "gingham"}).to_string();
+            assert_eq!(NetConf::parse(conf.as_bytes()).unwrap_err().code, code::INVALID_CONFIG, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_prev_results_are_errors() {
+        for bad in [
+            json!("a string"),
+            json!(7),
+            json!([1]),
+            json!({"ips": "x"}),
+            json!({"dns": []}),
+            json!({"ips": [{"address": 5}]}),
+        ] {
+            assert_eq!(CniResult::from_value(&bad).unwrap_err().code, code::DECODE_FAILURE, "{bad}");
+        }
+        assert_eq!(CniResult::from_value(&json!({"ips": null})).unwrap(), CniResult::default());
+    }
+
+    #[test]
+    fn kubernetes_only_with_both_args_and_requested_ips() {
+        let inv = |args: &str| {
+            let args = args.to_string();
+            Invocation::from_env(move |k| match k {
+                "CNI_COMMAND" => Some("ADD".into()),
+                "CNI_CONTAINERID" => Some("c1".into()),
+                "CNI_NETNS" => Some("/x".into()),
+                "CNI_IFNAME" => Some("eth0".into()),
+                "CNI_ARGS" => Some(args.clone()),
+                _ => None,
+            })
+            .unwrap()
+        };
+        assert_eq!(inv("IgnoreUnknown=1;K8S_POD_NAME=peaceful_ride").kubernetes_pod(), None);
+        assert_eq!(inv("K8S_POD_NAMESPACE=ns").kubernetes_pod(), None);
+        assert_eq!(inv("K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p").kubernetes_pod(), Some(("ns".into(), "p".into())));
+        let ips = inv("IP=10.0.0.5,fd00::5/64").requested_ips().unwrap();
+        assert_eq!(ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
+        assert_eq!(inv("IP=nonsense").requested_ips().unwrap_err().code, code::INVALID_ENV);
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"gingham","runtimeConfig":{"ips":["10.0.0.7/24"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.requested_ips().unwrap(), vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        let conf =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"gingham","runtimeConfig":{"ips":"10.0.0.7"}}"#)
+                .unwrap();
+        assert_eq!(conf.requested_ips().unwrap_err().code, code::INVALID_CONFIG);
     }
 
     #[test]

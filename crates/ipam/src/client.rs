@@ -657,6 +657,50 @@ impl IpamClient {
         Err(IpamError::Contention { key: block_key(&cidr) })
     }
 
+    /// Assign exactly these addresses under `handle` (CNI `IP=`, runtimeConfig `ips`, Calico's
+    /// `ipAddrs`). All or nothing: if one is taken or outside every enabled pool, the others are
+    /// released again.
+    pub async fn assign_ips(
+        &self,
+        ips: &[IpAddr],
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+        node: &str,
+    ) -> Result<Assigned, IpamError> {
+        let mut got = Assigned::default();
+        for ip in ips {
+            match self.assign_ip(*ip, handle, attrs, node, false).await {
+                Ok(n) if n.addr().is_ipv4() => got.v4.push(n),
+                Ok(n) => got.v6.push(n),
+                Err(e) => {
+                    let done: Vec<IpAddr> = got.v4.iter().chain(&got.v6).map(|n| n.addr()).collect();
+                    self.release_ips(&done, &ReleaseGuard { handle: Some(handle.to_string()), sequence_number: None })
+                        .await?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// The nodes (secondary attribute `node`) of the addresses `handle` holds.
+    pub async fn handle_nodes(&self, handle: &str) -> Result<Vec<String>, IpamError> {
+        let (rec, _) = self.handle_record(handle, true).await?;
+        let mut nodes = Vec::new();
+        for cidr in rec.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
+            if let Some((b, _)) = self.block(cidr, true).await? {
+                for o in b.ordinals_of(handle) {
+                    if let Some(n) = b.attribute(o).and_then(|a| a.secondary.as_ref()?.get("node")) {
+                        if !nodes.contains(n) {
+                            nodes.push(n.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(nodes)
+    }
+
     /// Release every address held by `handle`; returns them (empty if the handle is unknown).
     pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         let (rec, rev) = self.handle_record(handle, true).await?;

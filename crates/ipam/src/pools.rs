@@ -49,6 +49,12 @@ impl Pool {
         self.cidr.addr().is_ipv4()
     }
 
+    /// Whether the pool's nodeSelector selects a node with these labels. A stored selector that
+    /// does not parse (another writer may have put anything there) selects nothing.
+    pub fn selects_node(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.spec.node_selector.as_deref().is_none_or(|s| parse_pool_selector(s).is_some_and(|s| s.matches(labels)))
+    }
+
     fn allows(&self, use_: Use) -> bool {
         self.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == use_.as_str()))
     }
@@ -79,6 +85,10 @@ impl Pool {
         let start = u128::from(fnv32(node.as_bytes())) % n;
         (0..n).filter_map(move |i| self.block_at((start + i) % n))
     }
+}
+
+fn parse_pool_selector(s: &str) -> Option<Selector> {
+    Selector::parse_bounded(s, gingham_api::selector::MAX_POOL_SELECTOR_LEN).ok()
 }
 
 /// FNV-1 32-bit, as Calico seeds its block search with it.
@@ -119,12 +129,10 @@ pub fn select(
     let mut out: Vec<Pool> = family
         .into_iter()
         .filter(|p| !p.disabled() && p.spec.assignment_mode.as_deref() != Some("Manual") && p.allows(use_))
-        .filter(|p| {
-            p.spec.node_selector.as_deref().map(Selector::parse).is_none_or(|s| s.is_ok_and(|s| s.matches(node_labels)))
-        })
+        .filter(|p| p.selects_node(node_labels))
         .filter(|p| match (p.spec.namespace_selector.as_deref(), namespace_labels) {
             (Some(sel), Some(labels)) if !sel.trim().is_empty() => {
-                Selector::parse(sel).is_ok_and(|s| s.matches(labels))
+                parse_pool_selector(sel).is_some_and(|s| s.matches(labels))
             }
             _ => true,
         })

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use gingham_api::Kind;
-use gingham_api::Selector;
 use gingham_store::StoreError;
 use gingham_store::resources::ResourceError;
 use serde_json::{Value, json};
@@ -92,15 +91,8 @@ impl IpamClient {
             return Err(IpamError::NodeNotFound(node.to_string()));
         };
         let labels: BTreeMap<String, String> = obj.metadata.labels.clone();
-        let pools: Vec<Pool> = self
-            .pools()
-            .await?
-            .into_iter()
-            .filter(|p| kind.wants(p))
-            .filter(|p| {
-                p.spec.node_selector.as_deref().map(Selector::parse).is_none_or(|s| s.is_ok_and(|s| s.matches(&labels)))
-            })
-            .collect();
+        let pools: Vec<Pool> =
+            self.pools().await?.into_iter().filter(|p| kind.wants(p)).filter(|p| p.selects_node(&labels)).collect();
         let current = get_field(&serde_json::to_value(&obj).unwrap_or_default(), kind);
         if let Some(ip) = current {
             let ours = self.holder(ip).await?.is_some_and(|(h, _)| h == handle);

@@ -91,18 +91,38 @@ pub fn open_netns(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| KernelError::Netns { path: path.display().to_string(), message: e.to_string() })
 }
 
+/// Whether `ns` is the network namespace this process runs in (a pod must never be given the
+/// node's own namespace).
+pub fn is_own_netns(ns: &File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let err =
+        |e: std::io::Error| KernelError::Netns { path: "/proc/thread-self/ns/net".into(), message: e.to_string() };
+    let theirs = ns.metadata().map_err(err)?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net").map_err(err)?;
+    Ok(id(theirs) == id(ours))
+}
+
 /// Run `f` on a fresh OS thread that has entered the namespace at `path`. The calling thread
 /// (maybe a tokio worker) never changes namespace.
 pub fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let ns = open_netns(path)?;
-    let p = path.display().to_string();
+    in_netns_file(&open_netns(path)?, f)
+}
+
+/// Run `f` on a fresh OS thread that has entered the namespace `ns` (an open namespace file,
+/// e.g. one a CNI plugin passed over the agent's socket).
+pub fn in_netns_file<T: Send + 'static>(ns: &File, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let netns_err = |m: String| KernelError::Netns { path: format!("fd {}", ns.as_raw_fd()), message: m };
+    let ns = ns.try_clone().map_err(|e| netns_err(e.to_string()))?;
     std::thread::spawn(move || {
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| KernelError::Netns { path: p, message: e.to_string() })?;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| KernelError::Netns {
+            path: format!("fd {}", ns.as_raw_fd()),
+            message: if e == nix::errno::Errno::EINVAL { "not a network namespace".to_string() } else { e.to_string() },
+        })?;
         Ok(f())
     })
     .join()
-    .map_err(|_| KernelError::Netns { path: path.display().to_string(), message: "worker thread panicked".into() })?
+    .map_err(|_| netns_err("worker thread panicked".into()))?
 }
 
 impl Netlink {
@@ -115,8 +135,13 @@ impl Netlink {
 
     /// A handle whose socket lives in the namespace at `path`.
     pub fn in_namespace(path: &Path) -> Result<Netlink> {
+        Self::in_namespace_file(&open_netns(path)?)
+    }
+
+    /// A handle whose socket lives in the namespace `ns` (an open namespace file).
+    pub fn in_namespace_file(ns: &File) -> Result<Netlink> {
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle) = in_netns(path, move || {
+        let (conn, handle) = in_netns_file(ns, move || {
             let _g = rt.enter();
             rtnetlink::new_connection().map(|(c, h, _)| (c, h))
         })?

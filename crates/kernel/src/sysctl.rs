@@ -26,7 +26,12 @@ pub fn read(segments: &[&str]) -> Result<String> {
 
 /// Write several values inside the namespace at `netns`.
 pub fn write_in(netns: &Path, values: Vec<(Vec<String>, String)>) -> Result<()> {
-    crate::in_netns(netns, move || {
+    write_in_file(&crate::open_netns(netns)?, values)
+}
+
+/// Write several values inside the namespace `ns` (an open namespace file).
+pub fn write_in_file(ns: &std::fs::File, values: Vec<(Vec<String>, String)>) -> Result<()> {
+    crate::in_netns_file(ns, move || {
         for (segments, value) in values {
             let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
             write(&segs, &value)?;

@@ -96,14 +96,24 @@ pub struct State {
     pub namespaces: Vec<String>,
     /// Prefix of every namespace name (several labs can coexist with different prefixes).
     pub prefix: String,
+    /// Files and directories the lab created under `dir`, relative to it, in creation order:
+    /// `down` removes exactly these (and the store's own -wal/-shm companions).
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Whether `up` created `dir` itself (then `down` removes it once it is empty).
+    #[serde(default)]
+    pub created_dir: bool,
 }
+
+/// The file that marks a directory as a lab's.
+pub const STATE_FILE: &str = "state.json";
 
 pub fn default_dir() -> PathBuf {
     std::env::var_os("GINGHAM_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/run/gingham-lab"))
 }
 
 fn state_path(dir: &Path) -> PathBuf {
-    dir.join("state.json")
+    dir.join(STATE_FILE)
 }
 
 impl State {
@@ -112,16 +122,40 @@ impl State {
     }
 
     pub fn load(dir: &Path) -> Result<State> {
-        let text = std::fs::read_to_string(state_path(dir))
-            .map_err(|_| msg(format!("no lab at {}: run `gingham lab up` first", dir.display())))?;
-        serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", state_path(dir).display())))
+        let path = state_path(dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(msg(format!("no lab at {}: run `gingham lab up` first", dir.display())));
+            }
+            Err(e) => return Err(msg(format!("{}: {e}", path.display()))),
+        };
+        serde_json::from_str(&text).map_err(|e| {
+            msg(format!(
+                "{} is not a readable lab state ({e}); nothing was changed: stop the lab's agents and remove its namespaces by hand",
+                path.display()
+            ))
+        })
     }
 
     fn save(&self) -> Result<()> {
-        let tmp = self.dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(|e| msg(e.to_string()))?)?;
-        std::fs::rename(tmp, state_path(&self.dir))?;
-        Ok(())
+        let text = serde_json::to_vec_pretty(self).map_err(|e| msg(e.to_string()))?;
+        gingham_files::write_atomic(&state_path(&self.dir), &text, 0o644).map_err(|e| msg(e.to_string()))
+    }
+
+    /// Record a file or directory the lab is about to create, before creating it.
+    fn record(&mut self, rel: &str) -> Result<PathBuf> {
+        if !self.files.iter().any(|f| f == rel) {
+            self.files.push(rel.to_string());
+            self.save()?;
+        }
+        Ok(self.dir.join(rel))
+    }
+
+    /// Create a new log file (refusing anything already there, symlinks included).
+    fn new_log(&mut self, rel: &str) -> Result<std::fs::File> {
+        let path = self.record(rel)?;
+        gingham_files::create_exclusive(&path, 0o644).map_err(|e| msg(e.to_string()))
     }
 
     pub fn pod(&self, name: &str) -> Result<&PodState> {
@@ -189,7 +223,22 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
     }
     // The underlay of an unrecorded lab with this prefix.
     let _ = Command::new("ip").args(["netns", "del", &format!("{}-underlay", o.prefix)]).stderr(Stdio::null()).status();
-    std::fs::create_dir_all(dir)?;
+    let created_dir = match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(msg(format!(
+                    "{} is not empty and holds no lab ({STATE_FILE}): choose another --dir",
+                    dir.display()
+                )));
+            }
+            false
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            gingham_files::ensure_dir(dir, 0o755).map_err(|e| msg(e.to_string()))?;
+            true
+        }
+        Err(e) => return Err(msg(format!("{}: {e}", dir.display()))),
+    };
     let mut state = State {
         dir: dir.to_path_buf(),
         encap: o.encap,
@@ -199,11 +248,14 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         etcd_pid: None,
         namespaces: vec![],
         prefix: o.prefix.clone(),
+        files: vec![],
+        created_dir,
     };
     state.save()?;
     if !o.etcd {
+        let store = state.record("store.db")?;
         state.env.insert("DATASTORE_TYPE".into(), "embedded".into());
-        state.env.insert("GINGHAM_STORE_PATH".into(), dir.join("store.db").display().to_string());
+        state.env.insert("GINGHAM_STORE_PATH".into(), store.display().to_string());
     }
     state.save()?;
 
@@ -233,10 +285,11 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         run(&["ip", "link", "set", &host_end, "up"])?;
         run(&["ip", "-n", &underlay_ns, "link", "set", "uplink", "master", "br0", "up"])?;
         let ep = "http://10.99.0.1:2379".to_string();
-        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let log = state.new_log("etcd.log")?;
+        let data = state.record("etcd")?;
         let mut cmd = in_ns_command(&underlay_ns, Path::new("/usr/bin/etcd"))?;
         cmd.arg("--name=lab")
-            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={ep}"))
             .arg(format!("--advertise-client-urls={ep}"))
             .arg("--listen-peer-urls=http://127.0.0.1:2380")
@@ -293,13 +346,17 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
             let gw = if subnet == 1 { "10.99.1.1" } else { "10.99.0.1" };
             run(&["ip", "-n", &ns, "route", "add", "10.99.0.0/16", "via", gw])?;
         }
-        let socket = dir.join(format!("{name}.sock"));
+        let socket = state.record(&format!("{name}.sock"))?;
         // Install the CNI configuration as `gingham cni install` would (MTU 0: the agent's).
         let conf = gingham_cni::conflist(NETWORK, "1.0.0", 0, &name, &socket.display().to_string());
-        let path = conflist_path(dir, &name);
-        std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&conf).map_err(|e| msg(e.to_string()))?)?;
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        for d in [name.clone(), format!("{name}/net.d")] {
+            let p = state.record(&d)?;
+            gingham_files::ensure_dir(&p, 0o755).map_err(|e| msg(e.to_string()))?;
+        }
+        let path = state.record(&format!("{name}/net.d/10-gingham.conflist"))?;
+        let text = serde_json::to_vec_pretty(&conf).map_err(|e| msg(e.to_string()))?;
+        gingham_files::write_atomic(&path, &text, 0o644).map_err(|e| msg(e.to_string()))?;
+        let log = state.new_log(&format!("{name}.log"))?;
         let mut cmd = in_ns_command(&ns, exe)?;
         cmd.args(["node", "run", "--nodename", &name, "--ip", &ip.to_string(), "--socket"])
             .arg(&socket)
@@ -510,25 +567,68 @@ pub fn pod_del(state: &mut State, exe: &Path, pod: &str) -> Result<()> {
     state.save()
 }
 
-/// Remove everything the lab made: agents, etcd, namespaces (their devices and nftables tables
-/// go with them), the state directory.
+/// Whether `pid` is still the process the lab started (a PID can be reused once it exits).
+fn is_lab_process(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
+            let name = String::from_utf8_lossy(argv0);
+            name.ends_with("gingham") || name.ends_with("etcd")
+        })
+        .unwrap_or(false)
+}
+
+/// Remove everything the lab made — its agents, etcd, namespaces (their devices and nftables
+/// tables go with them) and the files it recorded — and nothing else. A directory without a
+/// readable lab state is refused, never emptied.
 pub fn down(dir: &Path) -> Result<()> {
-    let Ok(state) = State::load(dir) else {
-        let _ = std::fs::remove_dir_all(dir);
-        return Ok(());
-    };
-    for pid in state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid) {
-        let pgid = nix::unistd::Pid::from_raw(-pid);
-        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGTERM);
+    let state = State::load(dir)?;
+    let pids: Vec<i32> =
+        state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid).filter(|p| is_lab_process(*p)).collect();
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGTERM);
     }
-    std::thread::sleep(Duration::from_millis(200));
-    for pid in state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|p| is_lab_process(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids.iter().filter(|p| is_lab_process(**p)) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL);
     }
     for ns in state.namespaces.iter().rev() {
         let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
     }
-    std::fs::remove_dir_all(dir)?;
+    let mut left = Vec::new();
+    for rel in state.files.iter().rev() {
+        let path = dir.join(rel);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let removed = if meta.file_type().is_dir() {
+            // etcd's data directory is etcd's to fill; the lab made it and takes it back whole.
+            if rel == "etcd" { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
+        } else {
+            let r = std::fs::remove_file(&path);
+            if rel.ends_with(".db") {
+                for companion in ["-wal", "-shm"] {
+                    let c = dir.join(format!("{rel}{companion}"));
+                    if std::fs::symlink_metadata(&c).is_ok_and(|m| m.file_type().is_file()) {
+                        let _ = std::fs::remove_file(c);
+                    }
+                }
+            }
+            r
+        };
+        if let Err(e) = removed {
+            left.push(format!("{}: {e}", path.display()));
+        }
+    }
+    std::fs::remove_file(state_path(dir))?;
+    if state.created_dir {
+        // Only if nothing of anyone else's is in it.
+        let _ = std::fs::remove_dir(dir);
+    }
+    if !left.is_empty() {
+        return Err(msg(format!("the lab is down, but these were left: {}", left.join("; "))));
+    }
     Ok(())
 }
 

@@ -184,6 +184,11 @@ impl Datastore for EtcdStore {
         Ok(Self::revision_of(&resp))
     }
 
+    fn max_txn_ops(&self) -> usize {
+        // etcd's --max-txn-ops default.
+        128
+    }
+
     async fn txn(&self, ops: &[crate::TxnOp]) -> Result<Vec<Revision>> {
         let mut compares = Vec::new();
         let mut writes = Vec::new();

@@ -119,6 +119,18 @@ pub enum StoreError {
     Backend(String),
 }
 
+impl StoreError {
+    /// The key the error is about, if it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            StoreError::AlreadyExists { key } | StoreError::NotFound { key } | StoreError::Conflict { key, .. } => {
+                Some(key)
+            }
+            _ => None,
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// A stream of ordered events. Ends with an error (e.g. `Compacted`) when the caller must re-list.
@@ -169,6 +181,11 @@ pub trait Datastore: Send + Sync {
     /// log row each). Fails with the error of the first op whose condition does not hold. Keys
     /// must be distinct.
     async fn txn(&self, ops: &[TxnOp]) -> Result<Vec<Revision>>;
+    /// The most ops one `txn` may carry (etcd refuses more than its `--max-txn-ops`, 128 by
+    /// default); larger batches are written in chunks of this size.
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
     /// Events for keys under `prefix` with revision ≥ `from` (0 = from now on), in order.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch>;
     /// The store's current revision.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use gingham_api::object::check_update;
 use gingham_api::{FieldError, Kind, Object};
 
-use crate::{Datastore, KeyValue, Revision, StoreError};
+use crate::{Condition, Datastore, KeyValue, Revision, StoreError, TxnOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
@@ -20,9 +20,40 @@ pub enum ResourceError {
     UnknownKind { kind: String, name: String },
     #[error("{kind} {name}: metadata.resourceVersion: {value:?} is not a revision number")]
     BadResourceVersion { kind: Kind, name: String, value: String },
+    #[error("{key} appears twice in one batch")]
+    Duplicate { key: String },
 }
 
 pub type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// How one object of a batch is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Must not exist.
+    Create,
+    /// Must exist; at its metadata.resourceVersion if given.
+    Replace,
+    /// Create or replace; at its metadata.resourceVersion if given.
+    Apply,
+}
+
+/// One change of a batch.
+#[derive(Clone, Debug)]
+pub enum BatchOp {
+    Write(Object, WriteMode),
+    Delete { kind: Kind, namespace: Option<String>, name: String },
+}
+
+/// A batch that failed: `written` holds how many ops (in order) were committed before it, in
+/// whole transactions, and `error` why the rest were not.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BatchError {
+    pub written: usize,
+    /// Index of the op the error is about, when known.
+    pub op: Option<usize>,
+    pub error: ResourceError,
+}
 
 /// What `apply` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +239,87 @@ impl ResourceStore {
                 other => return other,
             }
         }
+    }
+
+    /// Write every op or none: all are checked against what is stored (existence, the
+    /// resourceVersion each one names, immutable fields), then committed in one transaction —
+    /// or, beyond the backend's transaction size, in consecutive transactions of validated
+    /// chunks, in order. Returns the stored objects (for deletes, what was deleted).
+    pub async fn write_batch(&self, ops: &[BatchOp]) -> Result<Vec<Object>, BatchError> {
+        let fail = |op: usize, error: ResourceError| BatchError { written: 0, op: Some(op), error };
+        let mut txn = Vec::with_capacity(ops.len());
+        let mut out = Vec::with_capacity(ops.len());
+        let mut keys = std::collections::BTreeSet::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (kind, key) = match op {
+                BatchOp::Write(obj, _) => {
+                    let kind = kind_of(obj).map_err(|e| fail(i, e))?;
+                    (kind, key_of(kind, obj))
+                }
+                BatchOp::Delete { kind, namespace, name } => (*kind, kind.key(namespace.as_deref(), name)),
+            };
+            if !keys.insert(key.clone()) {
+                return Err(fail(i, ResourceError::Duplicate { key }));
+            }
+            let current = match self.ds.get(&key).await.map_err(|e| fail(i, e.into()))? {
+                Some(kv) => Some((decode(&kv).map_err(|e| fail(i, e))?, kv.mod_revision)),
+                None => None,
+            };
+            match op {
+                BatchOp::Delete { .. } => {
+                    let Some((obj, rev)) = current else {
+                        return Err(fail(i, StoreError::NotFound { key }.into()));
+                    };
+                    txn.push(TxnOp::Delete { key, condition: Condition::At(rev) });
+                    out.push(obj);
+                }
+                BatchOp::Write(obj, mode) => {
+                    let mut obj = obj.clone();
+                    let pinned = parse_rv(kind, &obj).map_err(|e| fail(i, e))?;
+                    let condition = match (mode, &current, pinned) {
+                        (WriteMode::Create, Some(_), _) => {
+                            return Err(fail(i, StoreError::AlreadyExists { key }.into()));
+                        }
+                        (WriteMode::Replace, None, _) | (WriteMode::Apply, None, Some(_)) => {
+                            return Err(fail(i, StoreError::NotFound { key }.into()));
+                        }
+                        (_, None, _) => {
+                            obj.metadata.uid = Some(new_uid());
+                            obj.metadata.creation_timestamp = Some(now_rfc3339());
+                            Condition::Absent
+                        }
+                        (_, Some((cur, rev)), pinned) => {
+                            let expected = pinned.unwrap_or(*rev);
+                            if expected != *rev {
+                                return Err(fail(i, StoreError::Conflict { key, expected, actual: *rev }.into()));
+                            }
+                            let errors = check_update(cur, &obj);
+                            if !errors.is_empty() {
+                                return Err(fail(i, ResourceError::Invalid { kind, name: obj.name().into(), errors }));
+                            }
+                            obj.metadata.uid = cur.metadata.uid.clone();
+                            obj.metadata.creation_timestamp = cur.metadata.creation_timestamp.clone();
+                            Condition::At(expected)
+                        }
+                    };
+                    txn.push(TxnOp::Put { key, value: obj.to_stored_json(), condition });
+                    out.push(obj);
+                }
+            }
+        }
+        let chunk = self.ds.max_txn_ops().max(1);
+        let mut written = 0;
+        for ops in txn.chunks(chunk) {
+            let revs = self.ds.txn(ops).await.map_err(|e| {
+                let op = e.key().and_then(|k| ops.iter().position(|o| o.key() == k)).map(|p| written + p);
+                BatchError { written, op, error: e.into() }
+            })?;
+            for (obj, rev) in out[written..written + ops.len()].iter_mut().zip(revs) {
+                obj.metadata.resource_version = Some(rev.to_string());
+            }
+            written += ops.len();
+        }
+        Ok(out)
     }
 
     /// Delete, optionally only at a given resourceVersion; returns the deleted object.
