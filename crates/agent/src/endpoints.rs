@@ -35,8 +35,7 @@ pub const WORKLOAD_ROUTE_PROTO: u8 = 3;
 pub const ERR_INTERFACE_EXISTS: u32 = 101;
 /// The CNI network an endpoint belongs to (its IPAM handle is `<network>.<containerID>`).
 pub const NETWORK_ANNOTATION: &str = "gingham.dev/network";
-/// Set by the node's agent when an endpoint's host interface has disappeared without a DEL.
-pub const INTERFACE_GONE_ANNOTATION: &str = "gingham.dev/interface-gone-since";
+pub use gingham_ipam::model::INTERFACE_GONE_ANNOTATION;
 /// How often the agent looks for endpoints whose interface is gone.
 pub const ORPHAN_SCAN: Duration = Duration::from_secs(5);
 

@@ -224,7 +224,7 @@ mod tests {
         let add = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c1"),
-            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
             ("CNI_IFNAME", "eth0"),
             ("GINGHAM_AGENT_SOCKET", "/nonexistent/agent.sock"),
         ];
@@ -244,6 +244,52 @@ mod tests {
             run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham"}"#, env(&[("CNI_COMMAND", "GC")]))
                 .unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+    }
+
+    /// Malformed input is refused before the agent is asked anything (no agent runs here: an
+    /// error other than 11 proves the request never left).
+    #[test]
+    fn bad_input_never_reaches_the_agent() {
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_IFNAME", "eth0"),
+            ("GINGHAM_AGENT_SOCKET", "/nonexistent/agent.sock"),
+        ];
+        for prev in [r#""a string""#, "7", "[1]", r#"{"ips":"x"}"#] {
+            let conf = format!(r#"{{"cniVersion":"1.0.0","name":"net","type":"gingham","prevResult":{prev}}}"#);
+            let (e, _) = run(false, conf.as_bytes(), env(&add)).unwrap_err();
+            assert_eq!(e.code, code::DECODE_FAILURE, "{prev}: {e}");
+        }
+        let check = [("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", "/proc/self/ns/net"), ("CNI_IFNAME", "eth0")];
+        let (e, _) = run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham","prevResult":"x"}"#, env(&check))
+            .unwrap_err();
+        assert_eq!(e.code, code::DECODE_FAILURE);
+        let gc = [("CNI_COMMAND", "GC"), ("GINGHAM_AGENT_SOCKET", "/nonexistent/agent.sock")];
+        let (e, _) = run(false, br#"{"cniVersion":"1.1.0","name":"net","type":"gingham"}"#, env(&gc)).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.msg.contains("cni.dev/valid-attachments"), "{e}");
+        let (e, _) = run(
+            false,
+            br#"{"cniVersion":"1.1.0","name":"net","type":"gingham","cni.dev/valid-attachments":[{"containerID":"../x"}]}"#,
+            env(&gc),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        // An empty list is valid: it goes to the agent (absent here).
+        let (e, _) = run(
+            false,
+            br#"{"cniVersion":"1.1.0","name":"net","type":"gingham","cni.dev/valid-attachments":[]}"#,
+            env(&gc),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        let (e, _) = run(false, br#"{"cniVersion":"1.0.0","name":"../../etc","type":"gingham"}"#, env(&add)).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        let mut bad_id = add;
+        bad_id[1] = ("CNI_CONTAINERID", "../../etc.c1");
+        assert_eq!(run(false, br#"{"cniVersion":"1.0.0","name":"n","type":"gingham"}"#, env(&bad_id)).unwrap_err().0.code, code::INVALID_ENV);
     }
 
     #[test]

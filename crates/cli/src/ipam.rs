@@ -116,6 +116,10 @@ pub async fn run_check(ipam: &IpamClient) -> anyhow::Result<()> {
         }
     }
     println!("Check complete; found {} problems.", report.problems.len());
+    if !report.problems.is_empty() {
+        // Scripts and monitoring act on the exit status.
+        bail!("ipam check found {} problems", report.problems.len());
+    }
     Ok(())
 }
 

@@ -308,9 +308,24 @@ impl DatastoreFlags {
             .map_err(anyhow::Error::msg)
     }
 
+    /// Open the datastore for writing: an embedded store that does not exist yet is created
+    /// (and said so).
     async fn open(&self) -> anyhow::Result<ResourceStore> {
         let cfg = self.resolve()?;
+        let new = matches!(&cfg, DatastoreConfig::Embedded { path } if !path.exists());
         let ds = connect(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        if new {
+            eprintln!("note: created a new {}", ds.describe());
+        }
+        Ok(ResourceStore::new(ds))
+    }
+
+    /// Open the datastore for reading: a missing embedded store is an error, never a new one.
+    async fn open_existing(&self) -> anyhow::Result<ResourceStore> {
+        let cfg = self.resolve()?;
+        let ds = gingham_store::connect_with(&cfg, gingham_store::embedded::OpenMode::MustExist)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(ResourceStore::new(ds))
     }
 }
@@ -332,7 +347,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate(f) => resources::validate(&f),
         Command::Ipam { command } => {
-            let client = gingham_ipam::IpamClient::new(ds.open().await?.datastore().clone());
+            let store = match command {
+                IpamCommand::Release { .. } => ds.open().await?,
+                _ => ds.open_existing().await?,
+            };
+            let client = gingham_ipam::IpamClient::new(store.datastore().clone());
             match command {
                 IpamCommand::Show { show_blocks, ip, show_configuration } => {
                     ipam::show(&client, show_blocks, ip, show_configuration).await
@@ -412,7 +431,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Lab { dir, prefix, command } => lab(&dir, &prefix, command).await,
         Command::Datastore => {
-            let store = ds.open().await?;
+            if let DatastoreConfig::Embedded { path } = ds.resolve()? {
+                if !path.exists() {
+                    println!("embedded store {}", path.display());
+                    eprintln!("(it does not exist yet: the first write creates it)");
+                    return Ok(());
+                }
+            }
+            let store = ds.open_existing().await?;
             println!("{}", store.datastore().describe());
             Ok(())
         }
@@ -431,7 +457,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Get { kind, names, namespace, all_namespaces, output } => {
-            resources::get(&ds.open().await?, &kind, &names, namespace.as_deref(), all_namespaces, output).await
+            resources::get(&ds.open_existing().await?, &kind, &names, namespace.as_deref(), all_namespaces, output)
+                .await
         }
         Command::Patch { kind, name, patch, patch_type, namespace } => {
             if !matches!(patch_type.as_str(), "merge" | "strategic") {

@@ -40,7 +40,20 @@ impl Mode {
     }
 }
 
-fn collect_files(dir: &Path, recursive: bool, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+/// The .yaml/.yml/.json files of `dir` (and, with `recursive`, its subdirectories) in name
+/// order. Symlinked directories are followed once: a directory already visited (a loop) is
+/// skipped.
+fn collect_files(
+    dir: &Path,
+    recursive: bool,
+    out: &mut Vec<std::path::PathBuf>,
+    seen: &mut std::collections::BTreeSet<(u64, u64)>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read directory {}", dir.display()))?;
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return Ok(());
+    }
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read directory {}", dir.display()))?
         .filter_map(Result::ok)
@@ -50,7 +63,7 @@ fn collect_files(dir: &Path, recursive: bool, out: &mut Vec<std::path::PathBuf>)
     for p in entries {
         if p.is_dir() {
             if recursive {
-                collect_files(&p, recursive, out)?;
+                collect_files(&p, recursive, out, seen)?;
             }
         } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json")) {
             out.push(p);
@@ -72,7 +85,7 @@ fn read_inputs(f: &FileArgs) -> anyhow::Result<Vec<(String, String)>> {
         let path = Path::new(name);
         let mut files = Vec::new();
         if path.is_dir() {
-            collect_files(path, f.recursive, &mut files)?;
+            collect_files(path, f.recursive, &mut files, &mut Default::default())?;
             if files.is_empty() {
                 bail!("{name}: no .yaml, .yml or .json files in this directory");
             }

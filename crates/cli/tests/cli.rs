@@ -447,7 +447,11 @@ fn ipam_show_check_release() {
     assert_eq!(env.ok(&["ipam", "show", "--ip=10.65.255.255"]), "IP 10.65.255.255 is not assigned\n");
     assert!(env.ok(&["ipam", "show", "--show-configuration"]).contains("| StrictAffinity     | false |"));
     // No endpoint uses these addresses: check reports each as a leak, with the command to fix it.
-    let report = env.ok(&["ipam", "check"]);
+    // …and exits 1, so scripts notice.
+    let out = env.run(&["ipam", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ipam check found 5 problems"));
+    let report = String::from_utf8(out.stdout).unwrap();
     assert!(
         report.starts_with("Checking IPAM for inconsistencies...\nLoading all IPAM blocks...\nFound 1 IPAM blocks.\n"),
         "{report}"
@@ -456,6 +460,6 @@ fn ipam_show_check_release() {
     assert!(report.ends_with("Check complete; found 5 problems.\n"), "{report}");
     assert_eq!(env.ok(&["ipam", "release", &format!("--ip={ip}")]), format!("Successfully released IP {ip}\n"));
     assert!(env.fails(&["ipam", "release", &format!("--ip={ip}")]).contains("is not assigned"));
-    assert!(env.ok(&["ipam", "check"]).ends_with("Check complete; found 4 problems.\n"));
+    assert!(String::from_utf8(env.run(&["ipam", "check"]).stdout).unwrap().ends_with("Check complete; found 4 problems.\n"));
     assert!(env.ok(&["ipam", "show"]).contains("|     4 (0%) | 65532 (100%) |"));
 }

@@ -125,6 +125,15 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     let mut workload_ips = 0;
     for w in &weps {
         let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
+        if let Some(since) = w.metadata.annotations.get(crate::model::INTERFACE_GONE_ANNOTATION) {
+            r.problems.push(format!(
+                "endpoint {}/{} on node {}: its interface {} has been gone since {since} (no CNI DEL came); its node's agent releases it after its grace period",
+                w.namespace().unwrap_or_default(),
+                w.name(),
+                spec.node.as_deref().unwrap_or("?"),
+                spec.interface_name.as_deref().unwrap_or("?"),
+            ));
+        }
         for n in spec.ip_networks.iter().flatten() {
             if let Ok(net) = n.parse::<IpNet>() {
                 users.entry(net.addr()).or_default().push(format!(

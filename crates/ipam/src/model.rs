@@ -145,3 +145,8 @@ mod tests {
         assert!(h.is_empty());
     }
 }
+
+/// Set on a WorkloadEndpoint by its node's agent when the endpoint's host interface disappeared
+/// without a CNI DEL: the time it was first seen gone (RFC 3339). The agent releases the
+/// endpoint after its grace period; until then `ipam check` reports it.
+pub const INTERFACE_GONE_ANNOTATION: &str = "gingham.dev/interface-gone-since";

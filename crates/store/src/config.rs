@@ -137,10 +137,18 @@ impl DatastoreConfig {
     }
 }
 
-/// Open the chosen datastore.
+/// Open the chosen datastore (creating an embedded store that does not exist yet).
 pub async fn connect(config: &DatastoreConfig) -> Result<Arc<dyn Datastore>, StoreError> {
+    connect_with(config, crate::embedded::OpenMode::CreateIfMissing).await
+}
+
+/// Open the chosen datastore; `mode` says whether a missing embedded store is created.
+pub async fn connect_with(
+    config: &DatastoreConfig,
+    mode: crate::embedded::OpenMode,
+) -> Result<Arc<dyn Datastore>, StoreError> {
     Ok(match config {
-        DatastoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
+        DatastoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open_with(path, mode)?),
         DatastoreConfig::Etcd(c) => Arc::new(EtcdStore::connect(c).await?),
     })
 }

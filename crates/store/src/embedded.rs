@@ -5,15 +5,26 @@
 //! Tables: `log` (one row per change; its row id is the revision; a NULL value is a deletion),
 //! `current` (each live key's latest revision, pointing into the log, so a value is written
 //! once), `meta` (compaction point). Compaction never removes a row `current` points at.
-//! Watches poll `PRAGMA data_version`, which changes whenever another connection commits, and
-//! are woken at once by writes from this process.
+//!
+//! Watches are woken at once by writes from this process, and by inotify on the store's
+//! directory for commits by other processes (a commit writes the -wal file), with a slow poll
+//! of `PRAGMA data_version` as a backstop: an idle store costs nothing.
+//!
+//! SQLite calls block; on a multi-threaded runtime they run under `block_in_place`, so the
+//! runtime moves its other tasks to another worker meanwhile.
+//!
+//! The file is checked as it is opened and used: a new store is built under a temporary name and
+//! linked into place, so a zero-length file is never a store; a file that is not a gingham store
+//! is refused; a store deleted or replaced under a running process is reported, not written to
+//! blindly; a user who may only read the file can still read it. Every error names the file.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -32,10 +43,12 @@ pub const DEFAULT_PATH: &str = "/var/lib/gingham/store.db";
 const KEEP_REVISIONS: i64 = 10_000;
 /// Automatic compaction runs every this many revisions.
 const COMPACT_EVERY: i64 = 1_000;
-/// How often watchers look for commits made by other processes.
-const POLL: Duration = Duration::from_millis(2);
+/// Backstop for missed change notifications from other processes.
+const BACKSTOP_POLL: Duration = Duration::from_millis(500);
 /// Rows a watcher reads per query.
 const WATCH_BATCH: i64 = 512;
+/// `PRAGMA application_id` of a gingham store ("gngh").
+const APPLICATION_ID: i64 = 0x676e_6768;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log (
@@ -58,18 +71,71 @@ fn db_err(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
         {
-            StoreError::Unavailable(format!("embedded store is locked by another process for too long: {e}"))
+            StoreError::Unavailable(format!("locked by another process for too long: {e}"))
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ReadOnly => StoreError::Unavailable(
+            format!("read-only for this user: writing needs write access to the file and its directory ({e})"),
+        ),
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+        {
+            StoreError::Backend(format!("the file is damaged or not a database: {e}"))
         }
         e => StoreError::Backend(format!("sqlite: {e}")),
     }
 }
 
+/// Run blocking SQLite work without stalling a multi-threaded runtime's worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Whether to create a store where none exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    CreateIfMissing,
+    /// Reading commands: a missing store is an error, not a new empty one.
+    MustExist,
+}
+
 struct Shared {
     path: PathBuf,
+    /// (device, inode) of the file when it was opened.
+    file_id: (u64, u64),
+    read_only: bool,
     conn: Mutex<Connection>,
     /// Latest revision known to this process; watchers wait on changes to it.
     notify: watch::Sender<Revision>,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// The error, saying which file it is about.
+    fn named(&self, e: StoreError) -> StoreError {
+        let p = self.path.display();
+        match e {
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!("embedded store {p}: {m}")),
+            StoreError::Backend(m) => StoreError::Backend(format!("embedded store {p}: {m}")),
+            other => other,
+        }
+    }
+
+    /// The path still names the file this process opened.
+    fn check_file(&self) -> Result<()> {
+        match std::fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.file_id => Ok(()),
+            Ok(_) => Err(StoreError::Unavailable(
+                "was replaced by another file while this process used it: restart this process to use the new file"
+                    .into(),
+            )),
+            Err(_) => Err(StoreError::Unavailable(
+                "was deleted while this process used it; nothing more is written to the deleted file: restore it or restart this process".into(),
+            )),
+        }
+    }
 }
 
 /// An embedded store handle; cheap to clone.
@@ -78,32 +144,145 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
 }
 
-fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open embedded store {}: {e}", path.display())))?;
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
+    let base = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let opened = if read_only {
+        Connection::open_with_flags(path, base | OpenFlags::SQLITE_OPEN_READ_ONLY).or_else(|e| {
+            // Nobody has the store open (no -wal file) and this user cannot create the shared
+            // memory file: read the file as it is, which is then safe.
+            let wal = path.with_file_name(format!("{}-wal", path.file_name().unwrap_or_default().to_string_lossy()));
+            if wal.exists() {
+                return Err(e);
+            }
+            Connection::open_with_flags(
+                format!("file:{}?immutable=1", path.display()),
+                base | OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+        })
+    } else {
+        Connection::open_with_flags(path, base | OpenFlags::SQLITE_OPEN_READ_WRITE)
+    };
+    let conn = opened.map_err(|e| StoreError::Unavailable(format!("cannot open: {e}")))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 8000).map_err(db_err)?;
+    }
     // NORMAL in WAL mode: a crashed process loses nothing committed; only power loss can drop
     // the last transactions, never corrupt the file.
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 8000).map_err(db_err)?;
     Ok(conn)
 }
 
-impl EmbeddedStore {
-    /// Open (creating if needed) the store at `path`, creating its directory.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        let conn = open_connection(&path)?;
+/// Build a new, empty store under a temporary name and link it into place (if someone else
+/// was quicker, theirs stays): no process ever sees a half-made store at `path`.
+fn create_store(path: &Path) -> Result<()> {
+    let unavailable = |m: String| StoreError::Unavailable(m);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        gingham_files::ensure_dir(dir, 0o755).map_err(|e| unavailable(format!("cannot create its directory: {e}")))?;
+    }
+    let tmp = gingham_files::temp_path(path);
+    drop(gingham_files::create_exclusive(&tmp, 0o644).map_err(|e| unavailable(e.to_string()))?);
+    let built = (|| {
+        let conn = open_connection(&tmp, false)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
-        let rev = current_revision(&conn).map_err(db_err)?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(db_err)?;
+        drop(conn);
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(unavailable(format!("cannot create: {e}"))),
+        }
+    })();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = gingham_files::remove_file_if_regular(Path::new(&format!("{}{suffix}", tmp.display())));
+    }
+    built
+}
+
+/// Refuse what is not a gingham store; a store made before the application id existed gets it.
+fn check_store(conn: &Connection, read_only: bool) -> Result<()> {
+    let id: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(db_err)?;
+    if id == APPLICATION_ID {
+        return Ok(());
+    }
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('log', 'current', 'meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if id != 0 || tables != 3 {
+        return Err(StoreError::Backend(
+            "is an SQLite database but not a gingham store (wrong application id or tables): point --store-path at the right file"
+                .into(),
+        ));
+    }
+    if !read_only {
+        conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+impl EmbeddedStore {
+    /// Open the store at `path`, creating it (and its directory) if there is none.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, OpenMode::CreateIfMissing)
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, mode: OpenMode) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let named = |e: StoreError| {
+            let p = path.display();
+            match e {
+                StoreError::Unavailable(m) => StoreError::Unavailable(format!("embedded store {p}: {m}")),
+                StoreError::Backend(m) => StoreError::Backend(format!("embedded store {p}: {m}")),
+                other => other,
+            }
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == OpenMode::MustExist => {
+                return Err(named(StoreError::Unavailable(
+                    "does not exist: nothing has been stored yet (`gingham apply` creates it), or the path is wrong"
+                        .into(),
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_store(&path).map_err(named)?;
+                std::fs::metadata(&path).map_err(|e| named(StoreError::Unavailable(e.to_string())))?
+            }
+            Err(e) => return Err(named(StoreError::Unavailable(e.to_string()))),
+        };
+        if !meta.is_file() {
+            return Err(named(StoreError::Unavailable("is not a regular file".into())));
+        }
+        if meta.len() == 0 {
+            return Err(named(StoreError::Backend(
+                "is empty (0 bytes), so it is not a gingham store: remove it, or point --store-path at the right file"
+                    .into(),
+            )));
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let read_only = nix::unistd::access(&path, nix::unistd::AccessFlags::W_OK).is_err()
+            || nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err();
+        let conn = open_connection(&path, read_only).map_err(named)?;
+        check_store(&conn, read_only).map_err(named)?;
+        if !read_only {
+            conn.execute_batch(SCHEMA).map_err(db_err).map_err(named)?;
+        }
+        let rev = current_revision(&conn).map_err(db_err).map_err(named)?;
         let (notify, _) = watch::channel(rev);
         Ok(EmbeddedStore {
-            shared: Arc::new(Shared { path, conn: Mutex::new(conn), notify, poller: Mutex::new(None) }),
+            shared: Arc::new(Shared {
+                file_id: (meta.dev(), meta.ino()),
+                read_only,
+                path,
+                conn: Mutex::new(conn),
+                notify,
+                poller: Mutex::new(None),
+            }),
         })
     }
 
@@ -111,22 +290,43 @@ impl EmbeddedStore {
         &self.shared.path
     }
 
+    /// Whether this handle may only read (the user lacks write access).
+    pub fn read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection itself usable.
         self.shared.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Run `f` on this handle's connection (blocking work, see the module doc), after checking
+    /// that the file is still the one opened; errors name the file.
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        blocking(|| {
+            self.shared.check_file()?;
+            f(&mut self.conn())
+        })
+        .map_err(|e| self.shared.named(e))
+    }
+
     /// Run `f` in an IMMEDIATE transaction (takes the write lock up front, so the reads inside
     /// it see the state the write applies to) and wake local watchers.
     fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Revision)>) -> Result<T> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-        let (out, rev) = f(&tx)?;
-        if rev % COMPACT_EVERY == 0 && rev > KEEP_REVISIONS {
-            compact_tx(&tx, rev - KEEP_REVISIONS)?;
+        if self.shared.read_only {
+            return Err(self.shared.named(StoreError::Unavailable(
+                "is read-only for this user: writing needs write access to the file and its directory".into(),
+            )));
         }
-        tx.commit().map_err(db_err)?;
-        drop(conn);
+        let (out, rev) = self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let (out, rev) = f(&tx)?;
+            if rev % COMPACT_EVERY == 0 && rev > KEEP_REVISIONS {
+                compact_tx(&tx, rev - KEEP_REVISIONS)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok((out, rev))
+        })?;
         self.shared.notify.send_if_modified(|r| {
             let newer = rev > *r;
             *r = (*r).max(rev);
@@ -135,38 +335,63 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    /// Start the one poller per store that notices other processes' commits.
+    /// Start the one task per store that notices other processes' commits: woken by inotify on
+    /// the store's directory (a commit writes the -wal file, a checkpoint the store itself),
+    /// with a slow poll as a backstop.
     fn ensure_poller(&self) -> Result<()> {
         let mut slot = self.shared.poller.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_some_and(|h| !h.is_finished()) {
             return Ok(());
         }
-        let conn = open_connection(&self.shared.path)?;
+        let conn = open_connection(&self.shared.path, self.shared.read_only).map_err(|e| self.shared.named(e))?;
+        let changes = crate::notify::DirChanges::new(&self.shared.path).ok();
         let weak = Arc::downgrade(&self.shared);
         *slot = Some(tokio::spawn(async move {
+            let mut changes = changes;
             let mut last_version: i64 = -1;
-            let mut tick = tokio::time::interval(POLL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            poll_commit(&conn, &weak, &mut last_version);
             loop {
-                tick.tick().await;
-                let Some(shared) = weak.upgrade() else { return };
-                let Ok(version) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) else {
-                    continue;
-                };
-                if version != last_version {
-                    last_version = version;
-                    if let Ok(rev) = current_revision(&conn) {
-                        shared.notify.send_if_modified(|r| {
-                            let newer = rev > *r;
-                            *r = (*r).max(rev);
-                            newer
-                        });
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                let notified = match changes.as_mut() {
+                    Some(c) => tokio::time::timeout(BACKSTOP_POLL, c.next()).await.is_ok(),
+                    None => {
+                        tokio::time::sleep(BACKSTOP_POLL).await;
+                        false
                     }
+                };
+                let mut delay = Duration::from_micros(500);
+                while !poll_commit(&conn, &weak, &mut last_version) && notified && delay < Duration::from_millis(20) {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
                 }
             }
         }));
         Ok(())
     }
+}
+
+/// Whether another connection committed since `last` (then local watchers are told the new
+/// revision). A notification can come a moment before the commit it announces is visible: the
+/// WAL is written before its index.
+fn poll_commit(conn: &Connection, weak: &std::sync::Weak<Shared>, last: &mut i64) -> bool {
+    let Some(shared) = weak.upgrade() else { return false };
+    let Ok(version) = blocking(|| conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))) else {
+        return false;
+    };
+    if version == *last {
+        return false;
+    }
+    *last = version;
+    if let Ok(rev) = blocking(|| current_revision(conn)) {
+        shared.notify.send_if_modified(|r| {
+            let newer = rev > *r;
+            *r = (*r).max(rev);
+            newer
+        });
+    }
+    true
 }
 
 fn current_revision(conn: &Connection) -> rusqlite::Result<Revision> {
@@ -223,8 +448,8 @@ impl Datastore for EmbeddedStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        self.conn()
-            .query_row(
+        self.with_conn(|conn| {
+            conn.query_row(
                 "SELECT c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev WHERE c.key = ?1",
                 params![key],
                 |r| {
@@ -238,10 +463,11 @@ impl Datastore for EmbeddedStore {
             )
             .optional()
             .map_err(db_err)
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
-        let mut conn = self.conn();
+        self.with_conn(|conn| {
         // One read transaction: the items and the revision are one consistent snapshot.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
         let end = upper_bound(prefix);
@@ -267,6 +493,7 @@ impl Datastore for EmbeddedStore {
         let revision = current_revision(&tx).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Listing { items, revision })
+        })
     }
 
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
@@ -332,9 +559,10 @@ impl Datastore for EmbeddedStore {
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
         self.ensure_poller()?;
-        let conn = open_connection(&self.shared.path)?;
-        let start = if from > 0 { from } else { current_revision(&conn).map_err(db_err)? + 1 };
-        let compacted = compact_rev(&conn).map_err(db_err)?;
+        let named = |e| self.shared.named(e);
+        let conn = blocking(|| open_connection(&self.shared.path, self.shared.read_only)).map_err(named)?;
+        let start = if from > 0 { from } else { blocking(|| current_revision(&conn)).map_err(db_err).map_err(named)? + 1 };
+        let compacted = blocking(|| compact_rev(&conn)).map_err(db_err).map_err(named)?;
         let (tx, rx) = mpsc::channel(1024);
         if start <= compacted {
             let _ = tx.try_send(Err(StoreError::Compacted { requested: start, compacted }));
@@ -348,7 +576,7 @@ impl Datastore for EmbeddedStore {
             loop {
                 // Drain everything up to the newest revision, a batch at a time.
                 loop {
-                    let batch = read_log(&conn, &prefix, &end, next);
+                    let batch = blocking(|| read_log(&conn, &prefix, &end, next));
                     let batch = match batch {
                         Ok(b) => b,
                         Err(e) => {
@@ -373,7 +601,7 @@ impl Datastore for EmbeddedStore {
                     }
                 }
                 // History we have not read yet may have been compacted away meanwhile.
-                if let Ok(c) = compact_rev(&conn) {
+                if let Ok(c) = blocking(|| compact_rev(&conn)) {
                     if next <= c {
                         let _ = tx.send(Err(StoreError::Compacted { requested: next, compacted: c })).await;
                         return;
@@ -388,18 +616,21 @@ impl Datastore for EmbeddedStore {
     }
 
     async fn revision(&self) -> Result<Revision> {
-        current_revision(&self.conn()).map_err(db_err)
+        self.with_conn(|conn| current_revision(conn).map_err(db_err))
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-        let current = current_revision(&tx).map_err(db_err)?;
-        if revision > current {
-            return Err(StoreError::Backend(format!("cannot compact to {revision}: the store is only at {current}")));
-        }
-        compact_tx(&tx, revision)?;
-        tx.commit().map_err(db_err)
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let current = current_revision(&tx).map_err(db_err)?;
+            if revision > current {
+                return Err(StoreError::Backend(format!(
+                    "cannot compact to {revision}: the store is only at {current}"
+                )));
+            }
+            compact_tx(&tx, revision)?;
+            tx.commit().map_err(db_err)
+        })
     }
 }
 

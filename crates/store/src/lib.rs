@@ -11,10 +11,11 @@ use tokio::sync::mpsc;
 pub mod config;
 pub mod embedded;
 pub mod etcd;
+mod notify;
 pub mod resources;
 pub mod testing;
 
-pub use config::{DatastoreConfig, connect};
+pub use config::{DatastoreConfig, connect, connect_with};
 pub use resources::ResourceStore;
 
 pub type Revision = i64;

@@ -295,3 +295,74 @@ async fn etcd_over_tls_with_client_certificates() {
     no_cert.key_file = None;
     assert!(gingham_store::etcd::EtcdStore::connect(&no_cert).await.is_err());
 }
+
+/// A store is never a file that merely exists: empty files, other files and other SQLite
+/// databases are refused with the file's name; a reader never creates a store.
+#[tokio::test]
+async fn embedded_refuses_what_is_not_a_store() {
+    use gingham_store::embedded::OpenMode;
+    let dir = tempfile::tempdir().unwrap();
+    let err = |p: &std::path::Path| EmbeddedStore::open(p).err().map(|e| e.to_string()).unwrap_or_default();
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(err(&empty).contains(&format!("{}: is empty (0 bytes)", empty.display())), "{}", err(&empty));
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    assert!(err(&junk).contains(&junk.display().to_string()) && err(&junk).contains("not a database"), "{}", err(&junk));
+    let other = dir.path().join("other.db");
+    rusqlite::Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x);").unwrap();
+    assert!(err(&other).contains("not a gingham store"), "{}", err(&other));
+    let missing = dir.path().join("sub/missing.db");
+    let e = EmbeddedStore::open_with(&missing, OpenMode::MustExist).err().unwrap().to_string();
+    assert!(e.contains("does not exist") && e.contains("missing.db"), "{e}");
+    assert!(!missing.exists() && !dir.path().join("sub").exists(), "a reader created nothing");
+    // A fresh store is whole the moment it appears, with its mode and no temporaries left.
+    let fresh = dir.path().join("fresh.db");
+    EmbeddedStore::open(&fresh).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o644);
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    EmbeddedStore::open_with(&fresh, OpenMode::MustExist).unwrap();
+}
+
+/// A store deleted or replaced under a running process is reported on the next use, naming
+/// the file, instead of being written to blindly.
+#[tokio::test]
+async fn embedded_notices_its_file_deleted_or_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.db");
+    let s = EmbeddedStore::open(&path).unwrap();
+    s.create("/k/1", b"v").await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let e = s.create("/k/2", b"v").await.unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()) && e.contains("was deleted"), "{e}");
+    assert!(s.get("/k/1").await.unwrap_err().to_string().contains("was deleted"));
+    // A new store at the same path is a different file: still refused by the old handle.
+    let other = EmbeddedStore::open(&path).unwrap();
+    other.create("/k/3", b"v").await.unwrap();
+    let e = s.list("/k/").await.unwrap_err().to_string();
+    assert!(e.contains("was replaced"), "{e}");
+}
+
+/// Another process's commit reaches a watcher through the change notification, well before
+/// the slow backstop poll (500 ms) would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_cross_handle_watch_is_woken_by_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n.db");
+    let a = EmbeddedStore::open(&path).unwrap();
+    let b = EmbeddedStore::open(&path).unwrap();
+    let mut w = a.watch("/n/", 0).await.unwrap();
+    let mut slow = 0;
+    for i in 0..10 {
+        let t = std::time::Instant::now();
+        b.create(&format!("/n/{i}"), b"v").await.unwrap();
+        w.next_timeout(WAIT).await.expect("delivered").unwrap();
+        if t.elapsed() > Duration::from_millis(250) {
+            slow += 1;
+        }
+    }
+    assert!(slow <= 1, "{slow} of 10 deliveries waited for the backstop poll");
+}
