@@ -262,9 +262,15 @@ mod tests {
             let (e, _) = run(false, conf.as_bytes(), env(&add)).unwrap_err();
             assert_eq!(e.code, code::DECODE_FAILURE, "{prev}: {e}");
         }
-        let check = [("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", "/proc/self/ns/net"), ("CNI_IFNAME", "eth0")];
-        let (e, _) = run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham","prevResult":"x"}"#, env(&check))
-            .unwrap_err();
+        let check = [
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let (e, _) =
+            run(false, br#"{"cniVersion":"1.0.0","name":"net","type":"gingham","prevResult":"x"}"#, env(&check))
+                .unwrap_err();
         assert_eq!(e.code, code::DECODE_FAILURE);
         let gc = [("CNI_COMMAND", "GC"), ("GINGHAM_AGENT_SOCKET", "/nonexistent/agent.sock")];
         let (e, _) = run(false, br#"{"cniVersion":"1.1.0","name":"net","type":"gingham"}"#, env(&gc)).unwrap_err();
@@ -285,11 +291,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, code::TRY_AGAIN_LATER);
-        let (e, _) = run(false, br#"{"cniVersion":"1.0.0","name":"../../etc","type":"gingham"}"#, env(&add)).unwrap_err();
+        let (e, _) =
+            run(false, br#"{"cniVersion":"1.0.0","name":"../../etc","type":"gingham"}"#, env(&add)).unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
         let mut bad_id = add;
         bad_id[1] = ("CNI_CONTAINERID", "../../etc.c1");
-        assert_eq!(run(false, br#"{"cniVersion":"1.0.0","name":"n","type":"gingham"}"#, env(&bad_id)).unwrap_err().0.code, code::INVALID_ENV);
+        assert_eq!(
+            run(false, br#"{"cniVersion":"1.0.0","name":"n","type":"gingham"}"#, env(&bad_id)).unwrap_err().0.code,
+            code::INVALID_ENV
+        );
     }
 
     #[test]

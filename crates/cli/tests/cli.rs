@@ -460,6 +460,164 @@ fn ipam_show_check_release() {
     assert!(report.ends_with("Check complete; found 5 problems.\n"), "{report}");
     assert_eq!(env.ok(&["ipam", "release", &format!("--ip={ip}")]), format!("Successfully released IP {ip}\n"));
     assert!(env.fails(&["ipam", "release", &format!("--ip={ip}")]).contains("is not assigned"));
-    assert!(String::from_utf8(env.run(&["ipam", "check"]).stdout).unwrap().ends_with("Check complete; found 4 problems.\n"));
+    assert!(
+        String::from_utf8(env.run(&["ipam", "check"]).stdout).unwrap().ends_with("Check complete; found 4 problems.\n")
+    );
     assert!(env.ok(&["ipam", "show"]).contains("|     4 (0%) | 65532 (100%) |"));
+}
+
+fn pool(name: &str, cidr: &str) -> String {
+    format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}}}\n")
+}
+
+/// Multi-document writes are all or nothing: every document is checked (among themselves and
+/// against the store) before one transaction writes them all.
+#[test]
+fn multi_document_writes_are_all_or_nothing() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let nothing = |env: &Env| !env.ok(&["get", "ippool"]).contains("p1");
+    // The same resource twice.
+    let f = write(dir.path(), "dup.yaml", &format!("{}---\n{}", pool("p1", "10.1.0.0/16"), pool("p1", "10.1.0.0/16")));
+    assert!(env.fails(&["apply", "-f", &f]).contains("document 2: IPPool p1: the same resource as"));
+    assert!(nothing(&env));
+    // A resourceVersion that is no revision, and one that is not the stored one.
+    let f = write(
+        dir.path(),
+        "rv.yaml",
+        &format!(
+            "{}---\n{}",
+            pool("p1", "10.1.0.0/16"),
+            pool("p2", "10.2.0.0/16").replace("{name: p2}", "{name: p2, resourceVersion: 'abc'}")
+        ),
+    );
+    assert!(env.fails(&["apply", "-f", &f]).contains("metadata.resourceVersion: \"abc\" is not a revision number"));
+    assert!(nothing(&env));
+    env.ok(&["apply", "-f", &write(dir.path(), "p2.yaml", &pool("p2", "10.2.0.0/16"))]);
+    let f = write(
+        dir.path(),
+        "replace.yaml",
+        &format!(
+            "{}---\n{}",
+            pool("p2", "10.2.0.0/16").replace("{cidr: 10.2.0.0/16}", "{cidr: 10.2.0.0/16, disabled: true}"),
+            pool("p1", "10.1.0.0/16")
+        )
+        .replace("{name: p2}", "{name: p2, resourceVersion: '999'}"),
+    );
+    assert!(env.fails(&["apply", "-f", &f]).contains("changed by someone else"));
+    assert!(nothing(&env) && !env.ok(&["get", "ippool", "-o", "yaml"]).contains("disabled: true"));
+    // Two files in a directory, the second bad: the first is not written either.
+    let sub = dir.path().join("two");
+    std::fs::create_dir(&sub).unwrap();
+    write(&sub, "a.yaml", &pool("p1", "10.1.0.0/16"));
+    write(&sub, "b.yaml", &pool("p3", "10.2.128.0/17"));
+    assert!(env.fails(&["apply", "-f", sub.to_str().unwrap()]).contains("overlaps IPPool p2"));
+    assert!(nothing(&env));
+    // Deletes too: one missing resource means none is deleted.
+    assert!(env.fails(&["delete", "ippool", "p2", "nope"]).contains("nothing was deleted"));
+    assert!(env.ok(&["get", "ippool"]).contains("p2"));
+}
+
+/// Overlapping pools are refused, as Calico does; re-applying a pool is not an overlap.
+#[test]
+fn overlapping_pools_are_refused() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = write(dir.path(), "a.yaml", &pool("a", "10.70.0.0/16"));
+    env.ok(&["apply", "-f", &a]);
+    env.ok(&["apply", "-f", &a]);
+    let b = write(dir.path(), "b.yaml", &pool("b", "10.70.1.0/24"));
+    assert!(env.fails(&["apply", "-f", &b]).contains("spec.cidr: 10.70.1.0/24 overlaps IPPool a (10.70.0.0/16)"));
+    let both = write(dir.path(), "c.yaml", &format!("{}---\n{}", pool("c", "10.80.0.0/16"), pool("d", "10.80.0.0/12")));
+    assert!(env.fails(&["create", "-f", &both]).contains("overlaps"));
+    assert!(!env.ok(&["get", "ippool"]).contains("10.80"));
+}
+
+#[test]
+fn patch_honours_resource_version_and_apply_survives_symlink_loops() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &pool("a", "10.70.0.0/16"));
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+    assert_eq!(
+        env.ok(&["apply", "-R", "-f", dir.path().to_str().unwrap()]),
+        "Successfully applied 1 'IPPool' resource(s)\n"
+    );
+    let rv = env.ok(&["get", "ippool", "a", "-o", "json"]);
+    let rv: serde_json::Value = serde_json::from_str(&rv).unwrap();
+    let rv = rv["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let stale = format!(
+        "{{\"metadata\":{{\"resourceVersion\":\"{}\"}},\"spec\":{{\"disabled\":true}}}}",
+        rv.parse::<i64>().unwrap() - 1
+    );
+    assert!(env.fails(&["patch", "ippool", "a", "-p", &stale]).contains("changed by someone else"));
+    assert!(
+        env.fails(&["patch", "ippool", "a", "-p", "{\"metadata\":{\"resourceVersion\":\"abc\"}}"])
+            .contains("not a revision number")
+    );
+    let fresh = format!("{{\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"spec\":{{\"disabled\":true}}}}");
+    env.ok(&["patch", "ippool", "a", "-p", &fresh]);
+    assert!(env.ok(&["get", "ippool", "a", "-o", "yaml"]).contains("disabled: true"));
+}
+
+/// Reading never creates a store; a user who may only read the file can read it.
+#[test]
+fn readers_never_create_and_read_only_users_can_read() {
+    let env = Env::new();
+    assert!(env.fails(&["get", "ippool"]).contains("does not exist"));
+    assert!(env.fails(&["ipam", "show"]).contains("does not exist"));
+    assert!(!env.store.exists(), "a read created nothing");
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "a.yaml", &pool("a", "10.70.0.0/16"));
+    let out = env.run(&["apply", "-f", &f]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("note: created a new embedded store"));
+    // nobody may read the file (0644) and enter its directory, but not write either.
+    use std::os::unix::fs::PermissionsExt;
+    let parent = env.store.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_gingham")])
+            .args(args)
+            .env("GINGHAM_STORE_PATH", &env.store)
+            .output()
+            .unwrap()
+    };
+    let got = as_nobody(&["get", "ippool"]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(String::from_utf8_lossy(&got.stdout).contains("10.70.0.0/16"));
+    // Also while a writer holds the store open (its -wal and -shm files exist).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let writer = gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap();
+    rt.block_on(gingham_store::Datastore::create(&writer, "/x/held", b"v")).unwrap();
+    let got = as_nobody(&["get", "ippool"]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    drop(writer);
+    let denied = as_nobody(&["apply", "-f", &f]);
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains(&env.store.display().to_string()) && err.contains("read-only for this user"), "{err}");
+}
+
+/// Beyond etcd's --max-txn-ops (128) a batch is written in validated chunks.
+#[test]
+fn large_batches_fit_etcds_transaction_limit() {
+    let server = EtcdServer::start().expect("etcd-server must be installed");
+    let env = Env::etcd(&server.config.endpoints[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..300)
+        .map(|i| format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {{name: set-{i}}}\nspec: {{nets: [10.{}.{}.0/24]}}\n", i / 256, i % 256))
+        .collect();
+    let f = write(dir.path(), "sets.yaml", &docs.join("---\n"));
+    let mut out = env.run(&["apply", "-f", &f]);
+    for _ in 0..100 {
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = env.run(&["apply", "-f", &f]);
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Successfully applied 300 'GlobalNetworkSet' resource(s)\n");
+    assert_eq!(env.ok(&["get", "globalnetworkset"]).lines().filter(|l| l.starts_with("set-")).count(), 300);
 }

@@ -26,7 +26,13 @@ impl Lab {
         let lab = Lab { dir: tempfile::tempdir().unwrap(), prefix, extra_pids: vec![] };
         let mut a = vec!["lab", "up", "--quiet"];
         a.extend_from_slice(args);
-        let out = lab.cmd(&a).output().unwrap();
+        // Under umask 000: every file the lab writes must carry its own mode.
+        let mut up = Command::new("sh");
+        up.args(["-c", "umask 000; exec \"$0\" \"$@\"", G])
+            .args(&a)
+            .env("GINGHAM_LAB_DIR", lab.dir.path())
+            .env("GINGHAM_LAB_PREFIX", &lab.prefix);
+        let out = up.output().unwrap();
         assert!(
             out.status.success(),
             "lab up {args:?}: {}{}",
@@ -213,6 +219,45 @@ fn vxlan_lab_check_drift_node_removal_and_pods() {
         });
         assert_eq!(ip(&["-n", &lab.ns(n), "neigh", "show", "dev", "vxlan.calico"]).matches("PERMANENT").count(), 1);
     }
+}
+
+#[test]
+fn lab_files_have_their_modes_and_down_removes_only_what_the_lab_made() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "1"]);
+    let dir = lab.dir.path();
+    let mode = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        (
+            mode("state.json"),
+            mode("node-1.log"),
+            mode("node-1/net.d/10-gingham.conflist"),
+            mode("node-1"),
+            mode("store.db")
+        ),
+        (0o644, 0o644, 0o644, 0o755, 0o644)
+    );
+    // Someone else's files beside the lab's.
+    std::fs::write(dir.join("mine.txt"), b"keep").unwrap();
+    std::fs::write(dir.join("node-1/notes.txt"), b"keep").unwrap();
+    lab.ok(&["lab", "down"]);
+    assert_eq!(std::fs::read(dir.join("mine.txt")).unwrap(), b"keep");
+    assert_eq!(std::fs::read(dir.join("node-1/notes.txt")).unwrap(), b"keep");
+    for gone in ["state.json", "store.db", "node-1.log", "node-1.sock", "node-1/net.d"] {
+        assert!(!dir.join(gone).exists(), "{gone} removed");
+    }
+    assert!(!ip(&["netns", "list"]).contains(&lab.prefix), "namespaces removed");
+    // A directory that is not a lab's is refused, never emptied.
+    let out = lab.cmd(&["lab", "down"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no lab at"));
+    let out = lab.cmd(&["lab", "up", "--quiet"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not empty and holds no lab"));
+    std::fs::write(dir.join("state.json"), b"{ damaged").unwrap();
+    let out = lab.cmd(&["lab", "down"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a readable lab state"), "{out:?}");
+    assert!(dir.join("mine.txt").exists() && dir.join("state.json").exists(), "nothing deleted");
+    std::fs::remove_file(dir.join("state.json")).unwrap();
 }
 
 #[test]

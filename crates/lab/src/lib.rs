@@ -617,8 +617,13 @@ pub fn down(dir: &Path) -> Result<()> {
             }
             r
         };
-        if let Err(e) = removed {
-            left.push(format!("{}: {e}", path.display()));
+        match removed {
+            Ok(()) => {}
+            // Someone put files of their own in it: theirs stays, and so does the directory.
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                eprintln!("note: {} holds files the lab did not make; left in place", path.display())
+            }
+            Err(e) => left.push(format!("{}: {e}", path.display())),
         }
     }
     std::fs::remove_file(state_path(dir))?;

@@ -147,18 +147,20 @@ pub struct EmbeddedStore {
 fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
     let base = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     let opened = if read_only {
-        Connection::open_with_flags(path, base | OpenFlags::SQLITE_OPEN_READ_ONLY).or_else(|e| {
-            // Nobody has the store open (no -wal file) and this user cannot create the shared
-            // memory file: read the file as it is, which is then safe.
-            let wal = path.with_file_name(format!("{}-wal", path.file_name().unwrap_or_default().to_string_lossy()));
-            if wal.exists() {
-                return Err(e);
-            }
-            Connection::open_with_flags(
-                format!("file:{}?immutable=1", path.display()),
-                base | OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-        })
+        Connection::open_with_flags(path, base | OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |_| Ok(())).map(|()| c))
+            .or_else(|e| {
+                // Nobody has the store open (no -wal file) and this user cannot create the shared
+                // memory file: read the file as it is, which is then safe.
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                if path.with_file_name(format!("{name}-wal")).exists() {
+                    return Err(e);
+                }
+                Connection::open_with_flags(
+                    format!("file:{}?immutable=1", path.display()),
+                    base | OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+            })
     } else {
         Connection::open_with_flags(path, base | OpenFlags::SQLITE_OPEN_READ_WRITE)
     };
@@ -468,31 +470,31 @@ impl Datastore for EmbeddedStore {
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
         self.with_conn(|conn| {
-        // One read transaction: the items and the revision are one consistent snapshot.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
-        let end = upper_bound(prefix);
-        let items = {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
+            // One read transaction: the items and the revision are one consistent snapshot.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
+            let end = upper_bound(prefix);
+            let items = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
                  WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < CAST(?2 AS TEXT)) ORDER BY c.key",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![prefix, end], |r| {
-                    Ok(KeyValue {
-                        key: r.get(0)?,
-                        mod_revision: r.get(1)?,
-                        create_revision: r.get(2)?,
-                        value: r.get(3)?,
+                    )
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(params![prefix, end], |r| {
+                        Ok(KeyValue {
+                            key: r.get(0)?,
+                            mod_revision: r.get(1)?,
+                            create_revision: r.get(2)?,
+                            value: r.get(3)?,
+                        })
                     })
-                })
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
-        };
-        let revision = current_revision(&tx).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(Listing { items, revision })
+                    .map_err(db_err)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
+            };
+            let revision = current_revision(&tx).map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Listing { items, revision })
         })
     }
 
@@ -561,7 +563,8 @@ impl Datastore for EmbeddedStore {
         self.ensure_poller()?;
         let named = |e| self.shared.named(e);
         let conn = blocking(|| open_connection(&self.shared.path, self.shared.read_only)).map_err(named)?;
-        let start = if from > 0 { from } else { blocking(|| current_revision(&conn)).map_err(db_err).map_err(named)? + 1 };
+        let start =
+            if from > 0 { from } else { blocking(|| current_revision(&conn)).map_err(db_err).map_err(named)? + 1 };
         let compacted = blocking(|| compact_rev(&conn)).map_err(db_err).map_err(named)?;
         let (tx, rx) = mpsc::channel(1024);
         if start <= compacted {

@@ -31,7 +31,10 @@ impl DirChanges {
         let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         ino.add_watch(
             dir,
-            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+            AddWatchFlags::IN_MODIFY
+                | AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_CLOSE_WRITE,
         )?;
         // SAFETY: the descriptor is owned by the Instance inside the AsyncFd, so it stays open
         // exactly as long as it is registered.

@@ -308,7 +308,11 @@ async fn embedded_refuses_what_is_not_a_store() {
     assert!(err(&empty).contains(&format!("{}: is empty (0 bytes)", empty.display())), "{}", err(&empty));
     let junk = dir.path().join("junk.db");
     std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
-    assert!(err(&junk).contains(&junk.display().to_string()) && err(&junk).contains("not a database"), "{}", err(&junk));
+    assert!(
+        err(&junk).contains(&junk.display().to_string()) && err(&junk).contains("not a database"),
+        "{}",
+        err(&junk)
+    );
     let other = dir.path().join("other.db");
     rusqlite::Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x);").unwrap();
     assert!(err(&other).contains("not a gingham store"), "{}", err(&other));
