@@ -281,6 +281,7 @@ impl Parser<'_> {
         Ok(if ops.len() == 1 { ops.remove(0) } else { Selector::And(ops) })
     }
 
+    /// `!` binds to one primary; each `!` toggles (`!!x` is `x`), as in Calico.
     fn unary(&mut self) -> Result<Selector, SelectorError> {
         let mut negate = false;
         loop {
@@ -563,7 +564,7 @@ mod tests {
             assert!(err.message.contains("nested deeper than 128"), "{n}: {err}");
             assert_eq!(err.position, MAX_DEPTH);
         }
-        // Negations and long flat chains do not recurse: they parse up to the length bound.
+        // Negations toggle and long flat chains do not recurse: they parse up to the length bound.
         assert!(Selector::parse(&format!("{}has(a)", "!".repeat(10_000))).is_ok());
         let flat = vec!["a == 'b'"; 5_000].join(" && ");
         assert!(flat.len() < MAX_SELECTOR_LEN && Selector::parse(&flat).is_ok());

@@ -147,11 +147,12 @@ fn main() {
     let agent_ns = std::fs::File::open(host.path()).unwrap();
     let mut agent_cmd = Command::new(G);
     agent_cmd
-        .args(["node", "run", "--nodename", "bench-node", "--socket"])
+        // The bench's host namespace has no underlay: serve the plugin only.
+        .args(["node", "run", "--endpoints-only", "--nodename", "bench-node", "--socket"])
         .arg(&socket)
         .env("GINGHAM_STORE_PATH", &store)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap());
     unsafe {
         agent_cmd.pre_exec(move || {
             nix::sched::setns(agent_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
@@ -164,8 +165,15 @@ fn main() {
             let _ = self.0.wait();
         }
     }
-    let _agent = Kill(agent_cmd.spawn().unwrap());
-    while !socket.exists() {
+    let mut agent = Kill(agent_cmd.spawn().unwrap());
+    // Fail loudly, never hang: the agent must answer within 20 s, and must not have died.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            panic!("the gingham agent exited ({status}) before serving; its log:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "the gingham agent did not serve within 20 s; its log:\n{}", log());
         std::thread::sleep(Duration::from_millis(10));
     }
     let g_conf = json!({ "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "gingham", "mtu": 1500, "agent_socket": socket, "ipam": { "type": "gingham-ipam" } });
