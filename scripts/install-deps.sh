@@ -5,6 +5,9 @@ set -euo pipefail
 
 # binary -> Debian package
 declare -A NEED=(
+  [podman]=podman           # the CNI plugin driven by a real container runtime
+  [runc]=runc               # podman's runtime here (crun fails on this cgroup setup)
+  [/bin/busybox]=busybox-static  # the containers' rootfs (no image can be pulled)
   [etcd]=etcd-server        # the etcd backend's tests and benchmark run a real etcd
   [etcdctl]=etcd-client
   [protoc]=protobuf-compiler # etcd-client's gRPC code generation at build time
