@@ -603,9 +603,7 @@ impl EndpointService {
     pub async fn sweep_orphans(self: Arc<Self>, grace: Duration) {
         loop {
             if let Err(e) = self.sweep_once(grace).await {
-                if let Ok(mut l) = self.metrics.last_error.lock() {
-                    *l = format!("orphaned endpoint sweep: {e}");
-                }
+                self.metrics.record_error(format!("orphaned endpoint sweep: {e}"));
             }
             tokio::time::sleep(ORPHAN_SCAN).await;
         }

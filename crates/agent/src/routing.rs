@@ -45,6 +45,16 @@ pub struct Metrics {
 pub const BUCKETS_MS: [f64; 8] = [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, f64::INFINITY];
 
 impl Metrics {
+    /// Keep the latest error for /readiness and say it on stderr once (not on every retry).
+    pub fn record_error(&self, e: String) {
+        if let Ok(mut l) = self.last_error.lock() {
+            if *l != e {
+                eprintln!("gingham node agent: {e}");
+                *l = e;
+            }
+        }
+    }
+
     fn observe(&self, d: Duration) {
         let ms = d.as_secs_f64() * 1e3;
         let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len() - 1);
@@ -171,9 +181,7 @@ impl Routing {
                 }
                 Err(e) => {
                     self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut l) = self.metrics.last_error.lock() {
-                        *l = e;
-                    }
+                    self.metrics.record_error(e);
                 }
             }
             if watch.is_none() {

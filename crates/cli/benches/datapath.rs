@@ -46,7 +46,21 @@ fn iperf(src: &str, dst: &str, dst_ip: &str, secs: u32) -> f64 {
     );
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
-        .args(["netns", "exec", src, "iperf3", "-c", dst_ip, "-p", "5301", "-t", &secs.to_string(), "-J", "--connect-timeout", "3000"])
+        .args([
+            "netns",
+            "exec",
+            src,
+            "iperf3",
+            "-c",
+            dst_ip,
+            "-p",
+            "5301",
+            "-t",
+            &secs.to_string(),
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ])
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

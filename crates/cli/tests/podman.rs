@@ -62,7 +62,13 @@ impl Podman {
         let yaml = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v4}\nspec: {cidr: 10.77.0.0/16}\n---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v6}\nspec: {cidr: 'fd00:77::/112'}\n";
         std::fs::write(d.join("pools.yaml"), yaml).unwrap();
         p.gingham(&["apply", "-f", d.join("pools.yaml").to_str().unwrap()]);
-        ok(Command::new(G).args(["cni", "install", "--name", "gnet", "--nodename", "pmnode", "--conf-dir"]).arg(d.join("net.d")).arg("--bin-dir").arg(d.join("bin")).arg("--socket").arg(p.socket()));
+        ok(Command::new(G)
+            .args(["cni", "install", "--name", "gnet", "--nodename", "pmnode", "--conf-dir"])
+            .arg(d.join("net.d"))
+            .arg("--bin-dir")
+            .arg(d.join("bin"))
+            .arg("--socket")
+            .arg(p.socket()));
         p
     }
 
@@ -77,7 +83,19 @@ impl Podman {
     fn start_agent(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, G, "node", "run", "--nodename", "pmnode", "--ip", "10.200.0.1/24", "--socket"])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                G,
+                "node",
+                "run",
+                "--nodename",
+                "pmnode",
+                "--ip",
+                "10.200.0.1/24",
+                "--socket",
+            ])
             .arg(self.socket())
             .args(["--health-listen", "127.0.0.1:9199"])
             .env("GINGHAM_STORE_PATH", self.dir.path().join("store.db"))
@@ -174,7 +192,13 @@ fn podman_runs_containers_on_gingham() {
     p.run(&["-d", "--name", "web1", "--", "/bin/httpd", "-f", "-p", "80", "-h", "/www"]);
     let web = p.addr("web1", false);
     assert!(web.starts_with("10.77."), "{web}");
-    let got = p.run(&["--rm", "--", "/bin/sh", "-c", &format!("ping -c 1 -W 2 {web} >/dev/null && wget -q -O - http://{web}/")]);
+    let got = p.run(&[
+        "--rm",
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("ping -c 1 -W 2 {web} >/dev/null && wget -q -O - http://{web}/"),
+    ]);
     assert_eq!(got, "hello from gingham\n");
     // A published port, through the chained portmap plugin.
     p.run(&["-d", "--name", "web2", "-p", "18080:80", "--", "/bin/httpd", "-f", "-p", "80", "-h", "/www"]);
@@ -183,9 +207,18 @@ fn podman_runs_containers_on_gingham() {
     // Requested addresses, dual stack.
     p.run(&["-d", "--name", "fixed", "--ip", "10.77.0.50", "--ip6", "fd00:77::50", "--", "/bin/sleep", "600"]);
     assert_eq!((p.addr("fixed", false), p.addr("fixed", true)), ("10.77.0.50".to_string(), "fd00:77::50".to_string()));
-    let out = p.podman(&["run", "--rm", "--network", "gnet", "--ip", "10.77.0.50", "--rootfs"]).arg(p.dir.path().join("rootfs")).arg("/bin/true").output().unwrap();
+    let out = p
+        .podman(&["run", "--rm", "--network", "gnet", "--ip", "10.77.0.50", "--rootfs"])
+        .arg(p.dir.path().join("rootfs"))
+        .arg("/bin/true")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "a taken address is refused");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("10.77.0.50 is already allocated"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("10.77.0.50 is already allocated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Endpoints are named by container ID; the container's name is nowhere in them.
     let weps = p.gingham(&["get", "wep", "-o", "yaml"]);
     assert_eq!(weps.matches("  orchestrator: cni").count(), 3, "{weps}");
@@ -196,7 +229,11 @@ fn podman_runs_containers_on_gingham() {
     let got = p.run(&["--rm", "--", "/bin/wget", "-q", "-O", "-", &format!("http://{web}/")]);
     assert_eq!(got, "hello from gingham\n");
     assert_eq!(p.gingham(&["get", "wep", "-o", "yaml"]).matches("  orchestrator: cni").count(), 3);
-    let check = Command::new(G).args(["ipam", "check"]).env("GINGHAM_STORE_PATH", p.dir.path().join("store.db")).output().unwrap();
+    let check = Command::new(G)
+        .args(["ipam", "check"])
+        .env("GINGHAM_STORE_PATH", p.dir.path().join("store.db"))
+        .output()
+        .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     // Stop and remove: nothing left behind.
     ok(&mut p.podman(&["stop", "-t", "0", "web1"]));
@@ -204,6 +241,10 @@ fn podman_runs_containers_on_gingham() {
     assert!(!ip(&["-n", &p.ns, "link"]).contains("cali"), "no veth left");
     assert!(!p.gingham(&["get", "wep"]).contains("pmnode"), "no endpoint left");
     assert!(p.gingham(&["ipam", "show"]).contains("|     0 (0%) |"), "no address left");
-    let check = Command::new(G).args(["ipam", "check"]).env("GINGHAM_STORE_PATH", p.dir.path().join("store.db")).output().unwrap();
+    let check = Command::new(G)
+        .args(["ipam", "check"])
+        .env("GINGHAM_STORE_PATH", p.dir.path().join("store.db"))
+        .output()
+        .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 }

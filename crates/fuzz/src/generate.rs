@@ -5,17 +5,87 @@ use crate::Rng;
 use serde_json::{Value, json};
 
 pub const SELECTOR_TOKENS: &[&str] = &[
-    "&&", "||", "!", "(", ")", "==", "!=", " in ", " not in ", " contains ", " starts with ", " ends with ",
-    "has(", "all()", "global()", "{", "}", ",", "'", "\"", "app", "'web'", "\"x\"", " ", "\t",
+    "&&",
+    "||",
+    "!",
+    "(",
+    ")",
+    "==",
+    "!=",
+    " in ",
+    " not in ",
+    " contains ",
+    " starts with ",
+    " ends with ",
+    "has(",
+    "all()",
+    "global()",
+    "{",
+    "}",
+    ",",
+    "'",
+    "\"",
+    "app",
+    "'web'",
+    "\"x\"",
+    " ",
+    "\t",
 ];
 pub const JSON_TOKENS: &[&str] = &[
-    "{", "}", "[", "]", ":", ",", "\"", "null", "true", "1e999", "-0", "\"cniVersion\"", "\"1.0.0\"",
-    "\"prevResult\"", "\"ips\"", "\"address\"", "\"10.0.0.1/32\"", "\"runtimeConfig\"", "\"\\u0000\"", "\\",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "\"",
+    "null",
+    "true",
+    "1e999",
+    "-0",
+    "\"cniVersion\"",
+    "\"1.0.0\"",
+    "\"prevResult\"",
+    "\"ips\"",
+    "\"address\"",
+    "\"10.0.0.1/32\"",
+    "\"runtimeConfig\"",
+    "\"\\u0000\"",
+    "\\",
 ];
 pub const YAML_TOKENS: &[&str] = &[
-    "---\n", "- ", ": ", "{", "}", "[", "]", "&a ", "*a", "!!str ", "!!binary ", "? ", "|\n", ">\n", "#",
-    "\n  ", "\n", "'", "\"", "kind: ", "apiVersion: projectcalico.org/v3\n", "spec:\n", "metadata: {name: x}\n",
-    "<<: *a\n", "~", "0x1F", "1e9", "yes", "on", ".inf", "2001:db8::/64", "10.0.0.0/8",
+    "---\n",
+    "- ",
+    ": ",
+    "{",
+    "}",
+    "[",
+    "]",
+    "&a ",
+    "*a",
+    "!!str ",
+    "!!binary ",
+    "? ",
+    "|\n",
+    ">\n",
+    "#",
+    "\n  ",
+    "\n",
+    "'",
+    "\"",
+    "kind: ",
+    "apiVersion: projectcalico.org/v3\n",
+    "spec:\n",
+    "metadata: {name: x}\n",
+    "<<: *a\n",
+    "~",
+    "0x1F",
+    "1e9",
+    "yes",
+    "on",
+    ".inf",
+    "2001:db8::/64",
+    "10.0.0.0/8",
 ];
 
 const LABELS: &[&str] = &["a", "app", "role", "k8s-app", "projectcalico.org/namespace", "x.y/z_w", "A1"];
@@ -23,7 +93,15 @@ const VALUES: &[&str] = &["b", "web", "", "kube-dns", "a b", "'", "\"", "é", "x
 
 fn quoted(rng: &mut Rng) -> String {
     let v = *rng.pick(VALUES);
-    if v.contains('\'') { format!("\"{v}\"") } else if rng.chance(50) { format!("'{v}'") } else if v.contains('"') { format!("'{v}'") } else { format!("\"{v}\"") }
+    if v.contains('\'') {
+        format!("\"{v}\"")
+    } else if rng.chance(50) {
+        format!("'{v}'")
+    } else if v.contains('"') {
+        format!("'{v}'")
+    } else {
+        format!("\"{v}\"")
+    }
 }
 
 fn ws(rng: &mut Rng) -> &'static str {
@@ -183,7 +261,13 @@ pub fn cni_config(rng: &mut Rng) -> Vec<u8> {
     // The environment part of the target reads lines 1–3 after the JSON.
     if rng.chance(30) {
         let id = *rng.pick(&["c1", "918383d5576a436bda0d1c08825c903e2db949edb55c626bc57bbb042ffd5c45", "../x", ""]);
-        let args = *rng.pick(&["IgnoreUnknown=1;K8S_POD_NAME=x", "IP=10.0.0.1,fd00::1", "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b", "broken", "IP="]);
+        let args = *rng.pick(&[
+            "IgnoreUnknown=1;K8S_POD_NAME=x",
+            "IP=10.0.0.1,fd00::1",
+            "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b",
+            "broken",
+            "IP=",
+        ]);
         text = format!("{id}\neth0\n{args}").into_bytes();
     }
     text
@@ -220,17 +304,62 @@ const KINDS: &[(&str, &str)] = &[
 /// A YAML scalar: plain, quoted or one of YAML 1.1's surprises.
 fn scalar(rng: &mut Rng) -> String {
     (*rng.pick(&[
-        "10.0.0.0/16", "fd00::/108", "26", "Always", "CrossSubnet", "Never", "true", "on", "no", "~", "'quoted'",
-        "\"dq\"", "app == 'web'", "[]", "{}", "-1", "65536", "1e3", "0o17", "x", "\"\\u0041\"", "!!str 5",
+        "10.0.0.0/16",
+        "fd00::/108",
+        "26",
+        "Always",
+        "CrossSubnet",
+        "Never",
+        "true",
+        "on",
+        "no",
+        "~",
+        "'quoted'",
+        "\"dq\"",
+        "app == 'web'",
+        "[]",
+        "{}",
+        "-1",
+        "65536",
+        "1e3",
+        "0o17",
+        "x",
+        "\"\\u0041\"",
+        "!!str 5",
     ]))
     .to_string()
 }
 
 const FIELDS: &[&str] = &[
-    "cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "disabled", "nodeSelector", "selector", "order",
-    "ingress", "egress", "action", "protocol", "source", "destination", "nets", "ports", "asNumber", "peerIP",
-    "node", "types", "podSelector", "policyTypes", "matchLabels", "ipNetworks", "interfaceName", "calicoNetwork",
-    "ipPools", "items",
+    "cidr",
+    "blockSize",
+    "ipipMode",
+    "vxlanMode",
+    "natOutgoing",
+    "disabled",
+    "nodeSelector",
+    "selector",
+    "order",
+    "ingress",
+    "egress",
+    "action",
+    "protocol",
+    "source",
+    "destination",
+    "nets",
+    "ports",
+    "asNumber",
+    "peerIP",
+    "node",
+    "types",
+    "podSelector",
+    "policyTypes",
+    "matchLabels",
+    "ipNetworks",
+    "interfaceName",
+    "calicoNetwork",
+    "ipPools",
+    "items",
 ];
 
 fn yaml_value(rng: &mut Rng, indent: usize, depth: usize, out: &mut String) {
@@ -269,7 +398,10 @@ pub fn document(rng: &mut Rng) -> Vec<u8> {
             out.push_str("---\n");
         }
         let (api, kind) = *rng.pick(KINDS);
-        out.push_str(&format!("apiVersion: {api}\nkind: {kind}\nmetadata:\n  name: {}\n", rng.pick(&["p1", "default", "a.b", "X", "node-1"])));
+        out.push_str(&format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata:\n  name: {}\n",
+            rng.pick(&["p1", "default", "a.b", "X", "node-1"])
+        ));
         if rng.chance(30) {
             out.push_str(&format!("  namespace: {}\n", rng.pick(&["default", "x", "Bad_NS"])));
         }

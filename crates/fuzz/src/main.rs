@@ -55,7 +55,11 @@ fn main() -> ExitCode {
             let name = format!("{}-{:016x}", t.name, fnv(input));
             let path = save.join(&name);
             let _ = std::fs::write(&path, input);
-            println!("  PANIC: {msg}\n    input saved as {} (copy it to crates/fuzz/regressions/{}/)", path.display(), t.name);
+            println!(
+                "  PANIC: {msg}\n    input saved as {} (copy it to crates/fuzz/regressions/{}/)",
+                path.display(),
+                t.name
+            );
         }
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }

@@ -9,15 +9,21 @@ use gingham_cni::spec::{CniResult, Invocation, NetConf, SUPPORTED_VERSIONS};
 pub fn selector(input: &[u8]) {
     let text = String::from_utf8_lossy(input);
     let Ok(sel) = Selector::parse(&text) else { return };
-    let labels: BTreeMap<String, String> =
-        [("a", "b"), ("app", "web"), ("x", ""), ("k8s-app", "kube-dns")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let labels: BTreeMap<String, String> = [("a", "b"), ("app", "web"), ("x", ""), ("k8s-app", "kube-dns")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let none = BTreeMap::<String, String>::new();
     // The canonical form means the same, and is stable once `!(!x)` has collapsed to `x`.
     let canonical = sel.to_string();
     match Selector::parse(&canonical) {
         Ok(again) => {
             for l in [&labels, &none] {
-                assert_eq!(again.matches(l), sel.matches(l), "canonical {canonical:?} of {text:?} means something else");
+                assert_eq!(
+                    again.matches(l),
+                    sel.matches(l),
+                    "canonical {canonical:?} of {text:?} means something else"
+                );
             }
             let second = again.to_string();
             let third = Selector::parse(&second).map(|s| s.to_string());
@@ -47,9 +53,10 @@ pub fn cni(input: &[u8]) {
                 }
             }
         }
-        let _ = conf.other.get("cni.dev/valid-attachments").map(|v| {
-            serde_json::from_value::<Vec<gingham_cni::proto::Attachment>>(v.clone()).map(|a| a.len())
-        });
+        let _ = conf
+            .other
+            .get("cni.dev/valid-attachments")
+            .map(|v| serde_json::from_value::<Vec<gingham_cni::proto::Attachment>>(v.clone()).map(|a| a.len()));
     }
     // …and as the environment a runtime sets.
     let text = String::from_utf8_lossy(input);

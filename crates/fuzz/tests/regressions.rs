@@ -25,6 +25,12 @@ fn a_short_run_of_every_target_finds_nothing() {
         let out = gingham_fuzz::run(&t, 7, 20_000, gingham_fuzz::accepted);
         assert!(out.panics.is_empty(), "{}: {:?}", t.name, out.panics.iter().map(|(_, m)| m).collect::<Vec<_>>());
         // The generators must reach past the first token.
-        assert!(out.accepted * 20 > out.inputs, "{}: only {} of {} inputs were valid", t.name, out.accepted, out.inputs);
+        assert!(
+            out.accepted * 20 > out.inputs,
+            "{}: only {} of {} inputs were valid",
+            t.name,
+            out.accepted,
+            out.inputs
+        );
     }
 }
