@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gingham_api::{Kind, Object, ObjectMeta};
+use gingham_api::Kind;
+use gingham_api::network::NodeSpec;
 use gingham_cni::proto::{Message, Request, Response};
 use gingham_cni::spec::{CniError, code};
 use gingham_ipam::IpamClient;
 use gingham_kernel::Netlink;
-use gingham_store::{Datastore, ResourceStore, StoreError};
+use gingham_store::{Datastore, ResourceStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -48,50 +49,19 @@ pub struct AgentConfig {
 /// Make sure this node's Node resource exists with its address (others route to it and select
 /// on its labels).
 async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::IpNet>) -> Result<(), AgentError> {
-    let err = |m: String| AgentError::Register { node: node.into(), message: m };
-    for _ in 0..10 {
-        let current = resources.get(Kind::Node, None, node).await.map_err(|e| err(e.to_string()))?;
-        let mut value = match &current {
-            Some(o) => serde_json::to_value(o).map_err(|e| err(e.to_string()))?,
-            None => serde_json::to_value(Object {
-                api_version: Kind::Node.api_version().into(),
-                kind: Kind::Node.kind_name().into(),
-                metadata: ObjectMeta { name: node.into(), ..Default::default() },
-                spec: serde_json::json!({}),
-                status: None,
-            })
-            .map_err(|e| err(e.to_string()))?,
-        };
-        if let Some(a) = address {
-            if value.pointer("/spec/bgp/ipv4Address").and_then(|v| v.as_str()) == Some(a.to_string().as_str()) {
-                return Ok(());
+    resources
+        .modify(Kind::Node, None, node, true, |_, spec: &mut NodeSpec| {
+            let Some(a) = address.map(|a| a.to_string()) else { return false };
+            let bgp = spec.bgp.get_or_insert_with(Default::default);
+            if bgp.ipv4_address.as_deref() == Some(a.as_str()) {
+                return false;
             }
-            if value["spec"].get("bgp").is_none() {
-                value["spec"]["bgp"] = serde_json::json!({});
-            }
-            value["spec"]["bgp"]["ipv4Address"] = serde_json::json!(a.to_string());
-        } else if current.is_some() {
-            return Ok(());
-        }
-        let mut obj = Kind::Node
-            .normalize(&value)
-            .map_err(|e| err(e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
-        let result = match &current {
-            None => resources.create(obj).await.map(|_| ()),
-            Some(c) => {
-                obj.metadata.resource_version = c.metadata.resource_version.clone();
-                resources.update(obj).await.map(|_| ())
-            }
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(gingham_store::resources::ResourceError::Store(
-                StoreError::AlreadyExists { .. } | StoreError::Conflict { .. },
-            )) => continue,
-            Err(e) => return Err(err(e.to_string())),
-        }
-    }
-    Err(err("too many conflicting writers".into()))
+            bgp.ipv4_address = Some(a);
+            true
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| AgentError::Register { node: node.into(), message: e.to_string() })
 }
 
 /// Serve until `shutdown` resolves. Removes a stale socket file first and its own on exit.

@@ -93,8 +93,8 @@ impl Routing {
             .iter()
             .map(|p| PoolInfo {
                 cidr: p.cidr,
-                ipip: EncapMode::parse(p.spec.ipip_mode.as_deref()),
-                vxlan: EncapMode::parse(p.spec.vxlan_mode.as_deref()),
+                ipip: p.spec.ipip(),
+                vxlan: p.spec.vxlan(),
                 nat_outgoing: p.spec.nat_outgoing == Some(true),
                 disabled: p.disabled(),
             })
@@ -146,26 +146,16 @@ impl Routing {
     }
 
     async fn ensure_node_mac(&self, res: &ResourceStore, mac: &str) -> Result<(), String> {
-        for _ in 0..10 {
-            let Some(obj) = res.get(Kind::Node, None, &self.node).await.map_err(|e| e.to_string())? else {
-                return Ok(());
-            };
-            if obj.spec["vxlanTunnelMACAddr"].as_str() == Some(mac) {
-                return Ok(());
+        res.modify(Kind::Node, None, &self.node, false, |_, spec: &mut NodeSpec| {
+            if spec.vxlan_tunnel_mac_addr.as_deref() == Some(mac) {
+                return false;
             }
-            let mut v = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
-            v["spec"]["vxlanTunnelMACAddr"] = serde_json::json!(mac);
-            let mut updated = Kind::Node.normalize(&v).map_err(|e| format!("{e:?}"))?;
-            updated.metadata.resource_version = obj.metadata.resource_version.clone();
-            match res.update(updated).await {
-                Ok(_) => return Ok(()),
-                Err(gingham_store::resources::ResourceError::Store(gingham_store::StoreError::Conflict { .. })) => {
-                    continue;
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Err("could not record the VXLAN MAC on the Node: too many conflicting writers".into())
+            spec.vxlan_tunnel_mac_addr = Some(mac.to_string());
+            true
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("recording the VXLAN MAC on the Node: {e}"))
     }
 
     /// Sync forever: after every datastore change, every route/link change in the kernel (a

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::enums::{PolicyType, Protocol};
 use crate::object::{IntOrString, ObjectMeta, Spec};
 use crate::validate::*;
 
@@ -80,7 +81,7 @@ pub struct NetworkPolicyPeer {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkPolicyPort {
-    pub protocol: Option<String>,
+    pub protocol: Option<Protocol>,
     pub port: Option<IntOrString>,
     pub end_port: Option<i64>,
 }
@@ -104,7 +105,7 @@ pub struct EgressRule {
 pub struct K8sNetworkPolicySpec {
     #[serde(default)]
     pub pod_selector: LabelSelector,
-    pub policy_types: Option<Vec<String>>,
+    pub policy_types: Option<Vec<PolicyType>>,
     pub ingress: Option<Vec<IngressRule>>,
     pub egress: Option<Vec<EgressRule>>,
 }
@@ -145,8 +146,8 @@ fn check_peers(peers: &[NetworkPolicyPeer], path: &str, e: &mut Errors) {
 fn check_np_ports(ports: &[NetworkPolicyPort], path: &str, e: &mut Errors) {
     for (i, p) in ports.iter().enumerate() {
         let pp = format!("{path}[{i}]");
-        if let Some(proto) = &p.protocol {
-            check_enum(proto, &["TCP", "UDP", "SCTP"], &format!("{pp}.protocol"), e);
+        if let Some(proto) = p.protocol.filter(|p| !matches!(p, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) {
+            e.push(FieldError::new(format!("{pp}.protocol"), format!("{proto} is not one of TCP, UDP, SCTP")));
         }
         match &p.port {
             Some(IntOrString::Int(n)) => check_port_number(*n, &format!("{pp}.port"), e),
@@ -175,18 +176,15 @@ fn check_np_ports(ports: &[NetworkPolicyPort], path: &str, e: &mut Errors) {
 impl Spec for K8sNetworkPolicySpec {
     fn default_fields(&mut self, _meta: &ObjectMeta) {
         if self.policy_types.as_ref().is_none_or(Vec::is_empty) {
-            let mut t = vec!["Ingress".to_string()];
+            let mut t = vec![PolicyType::Ingress];
             if self.egress.is_some() {
-                t.push("Egress".into());
+                t.push(PolicyType::Egress);
             }
             self.policy_types = Some(t);
         }
     }
     fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
         self.pod_selector.validate("spec.podSelector", e);
-        for (i, t) in self.policy_types.iter().flatten().enumerate() {
-            check_enum(t, &["Ingress", "Egress"], &format!("spec.policyTypes[{i}]"), e);
-        }
         for (i, r) in self.ingress.iter().flatten().enumerate() {
             check_peers(r.from.as_deref().unwrap_or_default(), &format!("spec.ingress[{i}].from"), e);
             check_np_ports(r.ports.as_deref().unwrap_or_default(), &format!("spec.ingress[{i}].ports"), e);

@@ -3,6 +3,7 @@
 //! and Calico's selector language.
 
 pub mod document;
+pub mod enums;
 pub mod k8s;
 pub mod network;
 pub mod object;

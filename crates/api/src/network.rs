@@ -7,10 +7,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::enums::EncapMode;
 use crate::object::{IntOrString, ObjectMeta, Spec};
 use crate::validate::*;
-
-const ENCAP_MODES: &[&str] = &["Never", "Always", "CrossSubnet"];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -18,8 +17,8 @@ pub struct IPPoolSpec {
     #[serde(default)]
     pub cidr: String,
     pub block_size: Option<u8>,
-    pub ipip_mode: Option<String>,
-    pub vxlan_mode: Option<String>,
+    pub ipip_mode: Option<EncapMode>,
+    pub vxlan_mode: Option<EncapMode>,
     pub nat_outgoing: Option<bool>,
     pub disabled: Option<bool>,
     #[serde(rename = "disableBGPExport")]
@@ -38,8 +37,28 @@ impl IPPoolSpec {
     pub fn net(&self) -> Option<IpNet> {
         self.cidr.parse().ok()
     }
-    pub fn encap_enabled(mode: &Option<String>) -> bool {
-        matches!(mode.as_deref(), Some("Always" | "CrossSubnet"))
+    pub fn ipip(&self) -> EncapMode {
+        self.ipip_mode.unwrap_or_default()
+    }
+    pub fn vxlan(&self) -> EncapMode {
+        self.vxlan_mode.unwrap_or_default()
+    }
+    pub fn is_disabled(&self) -> bool {
+        self.disabled == Some(true)
+    }
+    /// Whether nodes need a VXLAN (`vxlan`) or IPIP tunnel address for this pool: it is enabled
+    /// and uses that encapsulation (IPv4 only, as Calico's tunnel allocator). Routes to addresses
+    /// already in a disabled pool still follow the pool's modes.
+    pub fn wants_vxlan_tunnel(&self) -> bool {
+        !self.is_disabled() && self.vxlan().enabled() && self.net().is_some_and(|n| n.addr().is_ipv4())
+    }
+    pub fn wants_ipip_tunnel(&self) -> bool {
+        !self.is_disabled() && self.ipip().enabled() && self.net().is_some_and(|n| n.addr().is_ipv4())
+    }
+    /// Traffic from this pool to outside every pool is masqueraded (disabled pools too: their
+    /// pods still run).
+    pub fn nat_outgoing(&self) -> bool {
+        self.nat_outgoing == Some(true)
     }
 }
 
@@ -50,14 +69,11 @@ impl Spec for IPPoolSpec {
             let enabled = ipip.get("enabled").and_then(Value::as_bool).unwrap_or(true);
             let mode = ipip.get("mode").and_then(Value::as_str).unwrap_or("always");
             if self.ipip_mode.is_none() {
-                self.ipip_mode = Some(
-                    match (enabled, mode) {
-                        (false, _) => "Never",
-                        (true, "cross-subnet") => "CrossSubnet",
-                        _ => "Always",
-                    }
-                    .into(),
-                );
+                self.ipip_mode = Some(match (enabled, mode) {
+                    (false, _) => EncapMode::Never,
+                    (true, "cross-subnet") => EncapMode::CrossSubnet,
+                    _ => EncapMode::Always,
+                });
             }
         }
         if let Some(nat) = self.nat_outgoing_v1.take() {
@@ -65,8 +81,8 @@ impl Spec for IPPoolSpec {
         }
         let v6 = self.net().is_some_and(|n| n.addr().is_ipv6());
         self.block_size.get_or_insert(if v6 { 122 } else { 26 });
-        self.ipip_mode.get_or_insert_with(|| "Never".into());
-        self.vxlan_mode.get_or_insert_with(|| "Never".into());
+        self.ipip_mode.get_or_insert(EncapMode::Never);
+        self.vxlan_mode.get_or_insert(EncapMode::Never);
         self.node_selector.get_or_insert_with(|| "all()".into());
         if self.allowed_uses.as_ref().is_none_or(Vec::is_empty) {
             self.allowed_uses = Some(vec!["Workload".into(), "Tunnel".into()]);
@@ -109,17 +125,11 @@ impl Spec for IPPoolSpec {
                     ));
                 }
             }
-            if net.addr().is_ipv6() && IPPoolSpec::encap_enabled(&self.ipip_mode) {
+            if net.addr().is_ipv6() && self.ipip().enabled() {
                 e.push(FieldError::new("spec.ipipMode", "IPIP is not supported on IPv6 pools; use vxlanMode"));
             }
         }
-        if let Some(m) = &self.ipip_mode {
-            check_enum(m, ENCAP_MODES, "spec.ipipMode", e);
-        }
-        if let Some(m) = &self.vxlan_mode {
-            check_enum(m, ENCAP_MODES, "spec.vxlanMode", e);
-        }
-        if IPPoolSpec::encap_enabled(&self.ipip_mode) && IPPoolSpec::encap_enabled(&self.vxlan_mode) {
+        if self.ipip().enabled() && self.vxlan().enabled() {
             e.push(FieldError::new(
                 "spec.vxlanMode",
                 "IPIP and VXLAN cannot both be enabled on one pool (ipipMode is also set)",
@@ -144,7 +154,7 @@ impl Spec for IPPoolSpec {
             if uses.len() > 1 {
                 e.push(FieldError::new("spec.allowedUses", "LoadBalancer cannot be combined with Workload or Tunnel"));
             }
-            if IPPoolSpec::encap_enabled(&self.ipip_mode) || IPPoolSpec::encap_enabled(&self.vxlan_mode) {
+            if self.ipip().enabled() || self.vxlan().enabled() {
                 e.push(FieldError::new("spec.allowedUses", "a LoadBalancer pool cannot use IPIP or VXLAN"));
             }
             if self.disable_bgp_export == Some(true) {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::enums::{Action, PolicyType, Protocol};
 use crate::object::{IntOrString, ObjectMeta, Spec};
 use crate::validate::*;
 
@@ -61,11 +62,10 @@ pub struct EntityRule {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
-    #[serde(default)]
-    pub action: String,
+    pub action: Option<Action>,
     pub ip_version: Option<i64>,
-    pub protocol: Option<IntOrString>,
-    pub not_protocol: Option<IntOrString>,
+    pub protocol: Option<Protocol>,
+    pub not_protocol: Option<Protocol>,
     pub icmp: Option<IcmpFields>,
     #[serde(rename = "notICMP")]
     pub not_icmp: Option<IcmpFields>,
@@ -79,30 +79,6 @@ pub struct Rule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleMetadata {
     pub annotations: Option<BTreeMap<String, String>>,
-}
-
-const PROTOCOL_NAMES: &[&str] = &["TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "UDPLite"];
-
-/// Protocol names are Calico's (case-insensitive on input); numbers 1–255.
-pub fn check_protocol(p: &IntOrString, path: &str, e: &mut Errors) {
-    match p {
-        IntOrString::Int(n) if !(1..=255).contains(n) => {
-            e.push(FieldError::new(path, format!("protocol {n} is outside 1..255")))
-        }
-        IntOrString::Str(s) if !PROTOCOL_NAMES.iter().any(|n| n.eq_ignore_ascii_case(s)) => e.push(FieldError::new(
-            path,
-            format!("{s:?} is not a protocol (one of {} or 1-255)", PROTOCOL_NAMES.join(", ")),
-        )),
-        _ => {}
-    }
-}
-
-fn supports_ports(p: &Option<IntOrString>) -> bool {
-    match p {
-        Some(IntOrString::Str(s)) => ["TCP", "UDP", "SCTP", "UDPLite"].iter().any(|n| n.eq_ignore_ascii_case(s)),
-        Some(IntOrString::Int(n)) => matches!(n, 6 | 17 | 132 | 136),
-        None => false,
-    }
 }
 
 /// A port entry: a number, a "min:max" range, or a named port.
@@ -160,7 +136,7 @@ fn check_entity(ent: &EntityRule, rule: &Rule, path: &str, e: &mut Errors) {
         }
     }
     for (list, f) in [(&ent.ports, "ports"), (&ent.not_ports, "notPorts")] {
-        if list.as_ref().is_some_and(|l| !l.is_empty()) && !supports_ports(&rule.protocol) {
+        if list.as_ref().is_some_and(|l| !l.is_empty()) && !rule.protocol.is_some_and(Protocol::has_ports) {
             e.push(FieldError::new(format!("{path}.{f}"), "ports need protocol TCP, UDP or SCTP on the rule"));
         }
         for (i, p) in list.iter().flatten().enumerate() {
@@ -188,22 +164,13 @@ pub fn check_rules(rules: &[Rule], path: &str, e: &mut Errors) {
     }
     for (i, r) in rules.iter().enumerate() {
         let p = format!("{path}[{i}]");
-        if r.action.is_empty() {
+        if r.action.is_none() {
             e.push(FieldError::new(format!("{p}.action"), "an action is required (Allow, Deny, Log or Pass)"));
-        } else {
-            check_enum(&r.action, &["Allow", "Deny", "Log", "Pass"], &format!("{p}.action"), e);
         }
         if let Some(v) = r.ip_version.filter(|v| *v != 4 && *v != 6) {
             e.push(FieldError::new(format!("{p}.ipVersion"), format!("{v} is not 4 or 6")));
         }
-        if let Some(pr) = &r.protocol {
-            check_protocol(pr, &format!("{p}.protocol"), e);
-        }
-        if let Some(pr) = &r.not_protocol {
-            check_protocol(pr, &format!("{p}.notProtocol"), e);
-        }
-        let icmp_proto = matches!(&r.protocol, Some(IntOrString::Str(s)) if s.eq_ignore_ascii_case("ICMP") || s.eq_ignore_ascii_case("ICMPv6"))
-            || matches!(&r.protocol, Some(IntOrString::Int(1 | 58)));
+        let icmp_proto = r.protocol.is_some_and(Protocol::is_icmp);
         for (icmp, f) in [(&r.icmp, "icmp"), (&r.not_icmp, "notICMP")] {
             if let Some(icmp) = icmp {
                 if !icmp_proto {
@@ -221,19 +188,14 @@ pub fn check_rules(rules: &[Rule], path: &str, e: &mut Errors) {
     }
 }
 
-fn check_types(types: &[String], e: &mut Errors) {
-    for (i, t) in types.iter().enumerate() {
-        check_enum(t, &["Ingress", "Egress"], &format!("spec.types[{i}]"), e);
-    }
-}
 
 /// Calico's default `types`: from the rules present.
-fn default_types(types: &mut Option<Vec<String>>, has_egress: bool, has_ingress: bool) {
+fn default_types(types: &mut Option<Vec<PolicyType>>, has_egress: bool, has_ingress: bool) {
     if types.as_ref().is_none_or(Vec::is_empty) {
         *types = Some(match (has_ingress, has_egress) {
-            (_, false) => vec!["Ingress".into()],
-            (false, true) => vec!["Egress".into()],
-            (true, true) => vec!["Ingress".into(), "Egress".into()],
+            (_, false) => vec![PolicyType::Ingress],
+            (false, true) => vec![PolicyType::Egress],
+            (true, true) => vec![PolicyType::Ingress, PolicyType::Egress],
         });
     }
 }
@@ -244,7 +206,7 @@ pub struct NetworkPolicySpec {
     pub tier: Option<String>,
     pub order: Option<f64>,
     pub selector: Option<String>,
-    pub types: Option<Vec<String>>,
+    pub types: Option<Vec<PolicyType>>,
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
     pub service_account_selector: Option<String>,
@@ -263,7 +225,6 @@ impl Spec for NetworkPolicySpec {
         common_policy(
             &self.selector,
             &self.service_account_selector,
-            &self.types,
             &self.ingress,
             &self.egress,
             &self.performance_hints,
@@ -277,7 +238,6 @@ impl Spec for NetworkPolicySpec {
 fn common_policy(
     selector: &Option<String>,
     sa_selector: &Option<String>,
-    types: &Option<Vec<String>>,
     ingress: &Option<Vec<Rule>>,
     egress: &Option<Vec<Rule>>,
     hints: &Option<Vec<String>>,
@@ -290,7 +250,6 @@ fn common_policy(
     if let Some(s) = sa_selector {
         check_selector(s, "spec.serviceAccountSelector", e);
     }
-    check_types(types.as_deref().unwrap_or_default(), e);
     check_rules(ingress.as_deref().unwrap_or_default(), "spec.ingress", e);
     check_rules(egress.as_deref().unwrap_or_default(), "spec.egress", e);
     for (i, h) in hints.iter().flatten().enumerate() {
@@ -307,7 +266,7 @@ pub struct GlobalNetworkPolicySpec {
     pub tier: Option<String>,
     pub order: Option<f64>,
     pub selector: Option<String>,
-    pub types: Option<Vec<String>>,
+    pub types: Option<Vec<PolicyType>>,
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
     pub service_account_selector: Option<String>,
@@ -331,7 +290,6 @@ impl Spec for GlobalNetworkPolicySpec {
         common_policy(
             &self.selector,
             &self.service_account_selector,
-            &self.types,
             &self.ingress,
             &self.egress,
             &self.performance_hints,
@@ -354,7 +312,7 @@ impl Spec for GlobalNetworkPolicySpec {
             if !forward {
                 e.push(FieldError::new("spec.applyOnForward", "preDNAT policies need applyOnForward: true"));
             }
-            if self.egress.as_ref().is_some_and(|r| !r.is_empty()) || self.types.iter().flatten().any(|t| t == "Egress")
+            if self.egress.as_ref().is_some_and(|r| !r.is_empty()) || self.types.iter().flatten().any(|t| *t == PolicyType::Egress)
             {
                 e.push(FieldError::new("spec.egress", "preDNAT policies are ingress-only"));
             }
@@ -398,7 +356,7 @@ impl Spec for NetworkSetSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointPort {
     pub name: String,
-    pub protocol: IntOrString,
+    pub protocol: Protocol,
     pub port: i64,
     pub host_port: Option<i64>,
     #[serde(rename = "hostIP")]
@@ -440,7 +398,6 @@ pub struct WorkloadEndpointSpec {
 
 fn check_endpoint_ports(ports: &[EndpointPort], e: &mut Errors) {
     for (i, p) in ports.iter().enumerate() {
-        check_protocol(&p.protocol, &format!("spec.ports[{i}].protocol"), e);
         check_port_number(p.port, &format!("spec.ports[{i}].port"), e);
         if let Some(h) = p.host_port {
             check_port_number(h, &format!("spec.ports[{i}].hostPort"), e);

@@ -7,23 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum EncapMode {
-    #[default]
-    Never,
-    Always,
-    CrossSubnet,
-}
-
-impl EncapMode {
-    pub fn parse(s: Option<&str>) -> EncapMode {
-        match s {
-            Some("Always") => EncapMode::Always,
-            Some("CrossSubnet") => EncapMode::CrossSubnet,
-            _ => EncapMode::Never,
-        }
-    }
-}
+pub use gingham_api::enums::EncapMode;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeInfo {
@@ -106,8 +90,7 @@ fn same_subnet(a: Option<IpNet>, b: Option<IpNet>) -> bool {
 /// (no address yet, no VTEP yet).
 fn route_to(dst: IpNet, me: &NodeInfo, peer: &NodeInfo, pool: Option<&PoolInfo>) -> Option<DesiredRoute> {
     let cross = !same_subnet(me.ipv4, peer.ipv4);
-    let on = |m: EncapMode| m == EncapMode::Always || (m == EncapMode::CrossSubnet && cross);
-    let (vxlan, ipip) = pool.map_or((false, false), |p| (on(p.vxlan), on(p.ipip)));
+    let (vxlan, ipip) = pool.map_or((false, false), |p| (p.vxlan.applies(cross), p.ipip.applies(cross)));
     if vxlan {
         return Some(DesiredRoute::Remote { dst, gateway: IpAddr::V4(peer.vxlan_addr?), via: Via::Vxlan });
     }

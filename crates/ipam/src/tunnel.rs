@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use gingham_api::Kind;
+use gingham_api::network::NodeSpec;
 use gingham_store::StoreError;
 use gingham_store::resources::ResourceError;
-use serde_json::{Value, json};
 
 use crate::pools::Pool;
 use crate::{AutoAssign, IpamClient, IpamError};
@@ -41,20 +41,10 @@ impl TunnelKind {
         self != TunnelKind::VxlanV6
     }
 
-    /// JSON pointer of the Node field holding the address.
-    fn field(self) -> (&'static str, &'static str) {
-        match self {
-            TunnelKind::Ipip => ("/spec/bgp", "ipv4IPIPTunnelAddr"),
-            TunnelKind::Vxlan => ("/spec", "ipv4VXLANTunnelAddr"),
-            TunnelKind::VxlanV6 => ("/spec", "ipv6VXLANTunnelAddr"),
-        }
-    }
-
     fn wants(self, pool: &Pool) -> bool {
-        let on = |m: &Option<String>| matches!(m.as_deref(), Some("Always" | "CrossSubnet"));
         let encap = match self {
-            TunnelKind::Ipip => on(&pool.spec.ipip_mode),
-            TunnelKind::Vxlan | TunnelKind::VxlanV6 => on(&pool.spec.vxlan_mode),
+            TunnelKind::Ipip => pool.spec.ipip().enabled(),
+            TunnelKind::Vxlan | TunnelKind::VxlanV6 => pool.spec.vxlan().enabled(),
         };
         let tunnel_use =
             pool.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == "Tunnel"));
@@ -62,24 +52,15 @@ impl TunnelKind {
     }
 }
 
-fn get_field(node: &Value, kind: TunnelKind) -> Option<IpAddr> {
-    let (parent, name) = kind.field();
-    node.pointer(parent)?.get(name)?.as_str()?.parse().ok()
-}
-
-fn set_field(node: &mut Value, kind: TunnelKind, addr: Option<IpAddr>) {
-    let (parent, name) = kind.field();
-    if node.pointer(parent).is_none() {
-        if let Some(spec) = node.get_mut("spec").and_then(Value::as_object_mut) {
-            spec.insert("bgp".into(), json!({}));
-        }
-    }
-    if let Some(obj) = node.pointer_mut(parent).and_then(Value::as_object_mut) {
-        match addr {
-            Some(a) => obj.insert(name.into(), Value::String(a.to_string())),
-            None => obj.remove(name),
-        };
-    }
+/// The node's current tunnel address of `kind`.
+fn current_address(spec: &NodeSpec, kind: TunnelKind) -> Option<IpAddr> {
+    match kind {
+        TunnelKind::Ipip => spec.bgp.as_ref()?.ipv4_ipip_tunnel_addr.as_deref(),
+        TunnelKind::Vxlan => spec.ipv4_vxlan_tunnel_addr.as_deref(),
+        TunnelKind::VxlanV6 => spec.ipv6_vxlan_tunnel_addr.as_deref(),
+    }?
+    .parse()
+    .ok()
 }
 
 impl IpamClient {
@@ -93,7 +74,10 @@ impl IpamClient {
         let labels: BTreeMap<String, String> = obj.metadata.labels.clone();
         let pools: Vec<Pool> =
             self.pools().await?.into_iter().filter(|p| kind.wants(p)).filter(|p| p.selects_node(&labels)).collect();
-        let current = get_field(&serde_json::to_value(&obj).unwrap_or_default(), kind);
+        let spec: NodeSpec = obj
+            .spec_as()
+            .map_err(|e| IpamError::Corrupt { key: Kind::Node.key(None, node), message: e.to_string() })?;
+        let current = current_address(&spec, kind);
         if let Some(ip) = current {
             let ours = self.holder(ip).await?.is_some_and(|(h, _)| h == handle);
             if ours && pools.iter().any(|p| p.cidr.contains(&ip)) {
@@ -131,25 +115,25 @@ impl IpamClient {
     }
 
     async fn write_node_field(&self, node: &str, kind: TunnelKind, addr: Option<IpAddr>) -> Result<(), IpamError> {
-        for _ in 0..20 {
-            let Some(obj) = self.resources().get(Kind::Node, None, node).await? else {
-                return Err(IpamError::NodeNotFound(node.to_string()));
-            };
-            let mut value = serde_json::to_value(&obj).unwrap_or_default();
-            set_field(&mut value, kind, addr);
-            let mut updated = Kind::Node.normalize(&value).map_err(|e| {
-                IpamError::InvalidRequest(format!(
-                    "Node {node}: {}",
-                    e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-                ))
-            })?;
-            updated.metadata.resource_version = obj.metadata.resource_version.clone();
-            match self.resources().update(updated).await {
-                Ok(_) => return Ok(()),
-                Err(ResourceError::Store(StoreError::Conflict { .. })) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(IpamError::Contention { key: Kind::Node.key(None, node) })
+        let text = addr.map(|a| a.to_string());
+        self.resources()
+            .modify(Kind::Node, None, node, false, |_, spec: &mut NodeSpec| {
+                let field = match kind {
+                    TunnelKind::Ipip => &mut spec.bgp.get_or_insert_with(Default::default).ipv4_ipip_tunnel_addr,
+                    TunnelKind::Vxlan => &mut spec.ipv4_vxlan_tunnel_addr,
+                    TunnelKind::VxlanV6 => &mut spec.ipv6_vxlan_tunnel_addr,
+                };
+                if *field == text {
+                    return false;
+                }
+                *field = text.clone();
+                true
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                ResourceError::Store(StoreError::NotFound { .. }) => IpamError::NodeNotFound(node.to_string()),
+                e => e.into(),
+            })
     }
 }

@@ -241,6 +241,66 @@ impl ResourceStore {
         }
     }
 
+    /// Read-modify-write one resource's typed spec, compare-and-swap, retrying when another
+    /// writer got there first. `change` edits metadata and spec and says whether it changed
+    /// anything (nothing is written if not). A missing resource is created from defaults when
+    /// `create` is set, else it is `NotFound`. A stored resource that does not decode is an
+    /// error naming it, never replaced by defaults.
+    pub async fn modify<S: gingham_api::object::Spec>(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        create: bool,
+        mut change: impl FnMut(&mut gingham_api::ObjectMeta, &mut S) -> bool,
+    ) -> Result<Object> {
+        let key = kind.key(namespace, name);
+        for _ in 0..20 {
+            let current = self.get(kind, namespace, name).await?;
+            let (mut meta, mut spec) = match &current {
+                Some(o) => (
+                    o.metadata.clone(),
+                    o.spec_as::<S>().map_err(|e| ResourceError::Decode { key: key.clone(), message: e.to_string() })?,
+                ),
+                None if create => (
+                    gingham_api::ObjectMeta {
+                        name: name.into(),
+                        namespace: namespace.map(str::to_string),
+                        ..Default::default()
+                    },
+                    S::default(),
+                ),
+                None => return Err(StoreError::NotFound { key }.into()),
+            };
+            if !change(&mut meta, &mut spec) {
+                if let Some(o) = current {
+                    return Ok(o);
+                }
+            }
+            let value = serde_json::json!({
+                "apiVersion": kind.api_version(),
+                "kind": kind.kind_name(),
+                "metadata": meta,
+                "spec": spec,
+            });
+            let mut obj = kind.normalize(&value).map_err(|errors| ResourceError::Invalid {
+                kind,
+                name: name.into(),
+                errors,
+            })?;
+            obj.metadata.resource_version = current.as_ref().and_then(|c| c.metadata.resource_version.clone());
+            let result = match current {
+                Some(_) => self.update(obj).await,
+                None => self.create(obj).await,
+            };
+            match result {
+                Err(ResourceError::Store(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. })) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::Unavailable(format!("{key}: too many conflicting writers")).into())
+    }
+
     /// Write every op or none: all are checked against what is stored (existence, the
     /// resourceVersion each one names, immutable fields), then committed in one transaction —
     /// or, beyond the backend's transaction size, in consecutive transactions of validated
