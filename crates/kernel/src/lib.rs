@@ -13,6 +13,8 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, Li
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+pub mod netns;
+pub mod nft;
 pub mod sysctl;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,8 @@ pub enum KernelError {
     Exists(String),
     #[error("sysctl {path}: {message}")]
     Sysctl { path: String, message: String },
+    #[error("nftables: {0}")]
+    Nft(String),
 }
 
 pub type Result<T> = std::result::Result<T, KernelError>;
@@ -46,6 +50,14 @@ pub struct Link {
     pub mtu: u32,
     pub up: bool,
     pub kind: Option<String>,
+}
+
+/// A neighbour or FDB entry as the kernel reported it.
+#[derive(Clone, Debug)]
+pub struct Neighbour {
+    pub ip: Option<IpAddr>,
+    pub mac: Option<[u8; 6]>,
+    entry: netlink_packet_route::neighbour::NeighbourMessage,
 }
 
 /// A route gingham programs: destination, optional gateway and device, scope and protocol.
@@ -285,13 +297,8 @@ impl Netlink {
             .map_err(nl)
     }
 
-    /// Neighbour (and FDB) entries on one device: (family, destination, lladdr) plus the raw message
-    /// for deletion.
-    pub async fn neighbours(
-        &self,
-        index: u32,
-        bridge: bool,
-    ) -> Result<Vec<(Option<IpAddr>, Option<[u8; 6]>, netlink_packet_route::neighbour::NeighbourMessage)>> {
+    /// Neighbour (ARP/NDP) entries, or with `bridge` the FDB entries, of one device.
+    pub async fn neighbours(&self, index: u32, bridge: bool) -> Result<Vec<Neighbour>> {
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
         let mut req = self.handle.neighbours().get();
         if bridge {
@@ -302,27 +309,43 @@ impl Netlink {
             .into_iter()
             .filter(|m| m.header.ifindex == index)
             .map(|m| {
-                let mut ip = None;
-                let mut mac = None;
-                for a in &m.attributes {
+                let mut n = Neighbour { ip: None, mac: None, entry: m };
+                for a in &n.entry.attributes {
                     match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(IpAddr::V4(*v)),
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => ip = Some(IpAddr::V6(*v)),
-                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => mac = l.as_slice().try_into().ok(),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => n.ip = Some(IpAddr::V4(*v)),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => n.ip = Some(IpAddr::V6(*v)),
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => n.mac = l.as_slice().try_into().ok(),
                         _ => {}
                     }
                 }
-                (ip, mac, m)
+                n
             })
             .collect())
     }
 
-    pub async fn delete_neighbour(&self, msg: netlink_packet_route::neighbour::NeighbourMessage) -> Result<()> {
-        match self.handle.neighbours().del(msg).execute().await {
+    /// Remove a neighbour or FDB entry read with [`Netlink::neighbours`]; absent is fine.
+    pub async fn delete_neighbour(&self, n: &Neighbour) -> Result<()> {
+        match self.handle.neighbours().del(n.entry.clone()).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, 2) => Ok(()),
             Err(e) => Err(nl(e)),
         }
+    }
+
+    /// Create a bridge (absent before); returns its index.
+    pub async fn add_bridge(&self, name: &str) -> Result<u32> {
+        let m = LinkMessageBuilder::<rtnetlink::LinkBridge>::new(name).build();
+        match self.handle.link().add(m).execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, 17) => return Err(KernelError::Exists(name.to_string())),
+            Err(e) => return Err(nl(e)),
+        }
+        self.link(name).await?.map(|l| l.index).ok_or_else(|| KernelError::Netlink(format!("{name} vanished")))
+    }
+
+    /// Enslave a link to a bridge.
+    pub async fn set_master(&self, index: u32, master: u32) -> Result<()> {
+        self.handle.link().set(LinkUnspec::new_with_index(index).controller(master).build()).execute().await.map_err(nl)
     }
 
     pub async fn set_up(&self, index: u32) -> Result<()> {

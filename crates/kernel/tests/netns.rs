@@ -92,3 +92,100 @@ async fn veth_into_namespace_addresses_routes_sysctls() {
     assert!(!h.delete_link("calitest0").await.unwrap());
     assert!(p.link("eth0").await.unwrap().is_none());
 }
+
+/// nftables through libnftables in the namespace's own worker: atomic batches, incremental set
+/// and chain changes, nothing outside the namespace.
+#[tokio::test]
+async fn nftables_batches_are_atomic_and_incremental() {
+    use gingham_kernel::nft::*;
+    let ns = Ns::new("nft");
+    let nft = Nft::in_namespace_file(&open_netns(&ns.path()).unwrap()).unwrap();
+    let t = Table::new(Family::Ip, "gktest");
+    let set = Set { name: "pools".into(), kind: SetType::Ipv4Addr, interval: true };
+    let net = |s: &str| Element::Net(s.parse().unwrap());
+    nft.apply(&[
+        Op::AddTable(t.clone()),
+        Op::AddSet(t.clone(), set.clone()),
+        Op::AddElements(t.clone(), "pools".into(), vec![net("10.0.0.0/16"), net("10.9.0.0/16")]),
+        Op::AddChain(
+            t.clone(),
+            "post".into(),
+            Some(BaseChain { kind: ChainType::Nat, hook: Hook::Postrouting, priority: PRIORITY_SRCNAT, accept_by_default: true }),
+        ),
+        Op::AddRule(
+            t.clone(),
+            "post".into(),
+            Rule::new(
+                vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "pools".into(), negate: false }],
+                vec![Statement::Masquerade { fully_random: true }],
+            ),
+        ),
+    ])
+    .await
+    .unwrap();
+    let listed = nft.list_table(&t).await.unwrap().unwrap();
+    assert!(listed.contains("10.0.0.0/16") && listed.contains("ip saddr @pools masquerade fully-random"), "{listed}");
+    // Only in the namespace.
+    let root = Command::new("nft").args(["list", "table", "ip", "gktest"]).output().unwrap();
+    assert!(!root.status.success(), "nothing in the root namespace");
+    // Incremental: one element out, one in; one chain's rules replaced.
+    nft.apply(&[
+        Op::DeleteElements(t.clone(), "pools".into(), vec![net("10.9.0.0/16")]),
+        Op::AddElements(t.clone(), "pools".into(), vec![net("10.7.0.0/16")]),
+        Op::FlushChain(t.clone(), "post".into()),
+        Op::AddRule(t.clone(), "post".into(), Rule::new(vec![Match::UdpDport(4789)], vec![Statement::Accept])),
+    ])
+    .await
+    .unwrap();
+    let listed = nft.list_table(&t).await.unwrap().unwrap();
+    assert!(listed.contains("10.7.0.0/16") && !listed.contains("10.9.0.0/16"), "{listed}");
+    assert!(listed.contains("udp dport 4789 accept") && !listed.contains("masquerade"), "{listed}");
+    // All or nothing: a batch whose last op fails changes nothing.
+    let err = nft
+        .apply(&[
+            Op::AddElements(t.clone(), "pools".into(), vec![net("10.5.0.0/16")]),
+            Op::AddRule(
+                t.clone(),
+                "post".into(),
+                Rule::new(vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "missing".into(), negate: false }], vec![Statement::Drop]),
+            ),
+        ])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    assert!(!nft.list_table(&t).await.unwrap().unwrap().contains("10.5.0.0/16"), "the batch's first op did not land");
+    nft.apply(&[Op::DeleteTable(t.clone())]).await.unwrap();
+    assert_eq!(nft.list_table(&t).await.unwrap(), None);
+    nft.apply(&[Op::DeleteTable(t.clone())]).await.unwrap();
+}
+
+/// Named namespaces as iproute2 keeps them, bridges, enslaving, commands inside a namespace.
+#[tokio::test]
+async fn named_namespaces_bridges_and_commands() {
+    use gingham_kernel::netns;
+    let name = format!("gk-{}-named", std::process::id());
+    let path = netns::add(&name).unwrap();
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = gingham_kernel::netns::delete(&self.0);
+        }
+    }
+    let _del = Del(name.clone());
+    assert!(netns::add(&name).is_err(), "an existing one is an error");
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&name), "ip netns sees it");
+    let nl = Netlink::in_namespace(&path).unwrap();
+    let br = nl.add_bridge("br0").await.unwrap();
+    let ns_file = open_netns(&path).unwrap();
+    nl.add_veth("port1", "port1p", &ns_file, 1500, None).await.unwrap();
+    let port = nl.link("port1").await.unwrap().unwrap().index;
+    nl.set_master(port, br).await.unwrap();
+    let out = netns::command(&ns_file, "ip").unwrap().args(["-o", "link", "show", "port1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("master br0"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(netns::add("../escape").is_err());
+    netns::delete(&name).unwrap();
+    assert!(!path.exists());
+    netns::delete(&name).unwrap();
+}
