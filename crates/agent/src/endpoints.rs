@@ -21,6 +21,8 @@ use gingham_cni::spec::{
     workload_endpoint_name,
 };
 use gingham_ipam::{AutoAssign, IpamClient};
+
+use crate::model::LocalEndpoint;
 use gingham_kernel::{KernelError, Netlink, Route, is_own_netns, sysctl};
 use gingham_store::resources::{now_rfc3339, parse_rfc3339};
 use gingham_store::{ResourceStore, StoreError};
@@ -29,8 +31,7 @@ use ipnet::IpNet;
 /// The MAC of every host-side veth (so pods see one gateway MAC everywhere).
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 pub const GATEWAY_V4: &str = "169.254.1.1";
-/// Route protocol of workload routes (Felix's deviceRouteProtocol default: RTPROT_BOOT).
-pub const WORKLOAD_ROUTE_PROTO: u8 = 3;
+pub use gingham_dataplane::workloads::WORKLOAD_PROTO as WORKLOAD_ROUTE_PROTO;
 /// Plugin-specific error: the interface name is already used in the pod's namespace.
 pub const ERR_INTERFACE_EXISTS: u32 = 101;
 /// The CNI network an endpoint belongs to (its IPAM handle is `<network>.<containerID>`).
@@ -68,9 +69,11 @@ pub struct EndpointService {
     pub resources: ResourceStore,
     pub host: Netlink,
     /// The routing side's numbers; its pod MTU is used when the network config gives none.
-    pub metrics: Arc<crate::routing::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// One request per attachment (IPAM handle) at a time.
     locks: KeyedLocks,
+    /// This node's endpoints, from the agent's cache.
+    locals: tokio::sync::watch::Receiver<crate::model::Locals>,
 }
 
 /// Identity of an attachment in Calico's terms.
@@ -149,9 +152,10 @@ impl EndpointService {
         ipam: IpamClient,
         resources: ResourceStore,
         host: Netlink,
-        metrics: Arc<crate::routing::Metrics>,
+        metrics: Arc<crate::metrics::Metrics>,
+        locals: tokio::sync::watch::Receiver<crate::model::Locals>,
     ) -> Self {
-        EndpointService { node, ipam, resources, host, metrics, locks: KeyedLocks::default() }
+        EndpointService { node, ipam, resources, host, metrics, locks: KeyedLocks::default(), locals }
     }
 
     fn identity(&self, ep: &Endpoint) -> Identity {
@@ -298,20 +302,7 @@ impl EndpointService {
             .ok_or_else(|| CniError::new(code::INTERNAL, "the pod interface vanished"))?;
         let has_v6 = !got.v6.is_empty();
         // Host side: proxy ARP/NDP answers for the gateway; no delay on the first packet.
-        let h = id.host_veth.as_str();
-        let mut host_sysctls: Vec<([&str; 5], &str)> = vec![
-            (["net", "ipv4", "conf", h, "proxy_arp"], "1"),
-            (["net", "ipv4", "neigh", h, "proxy_delay"], "0"),
-            (["net", "ipv4", "conf", h, "forwarding"], "1"),
-        ];
-        if has_v6 {
-            host_sysctls.extend([
-                (["net", "ipv6", "conf", h, "proxy_ndp"], "1"),
-                (["net", "ipv6", "conf", h, "forwarding"], "1"),
-                (["net", "ipv6", "conf", h, "accept_ra"], "0"),
-            ]);
-        }
-        for (key, value) in host_sysctls {
+        for (key, value) in gingham_dataplane::workloads::host_sysctls(&id.host_veth, has_v6) {
             sysctl::write(&key, value).map_err(|e| kernel("setting a host interface sysctl failed", e))?;
         }
         if has_v6 {
@@ -556,56 +547,47 @@ impl EndpointService {
             let _serial = self.locks.lock(&id).await;
             self.ipam.release_by_handle(&id).await.map_err(|e| internal("releasing a stale handle failed", e))?;
         }
-        for w in self.local_endpoints().await? {
-            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
-            let Some(cid) = spec.container_id.as_deref() else { continue };
+        for w in self.locals() {
+            let Some(cid) = w.container_id.as_deref() else { continue };
             let handle = format!("{network}.{cid}");
-            if keep.contains(&handle) || self.endpoint_network(&w, &spec).await.as_deref() != Some(network) {
+            if keep.contains(&handle) || self.endpoint_network(&w).await.as_deref() != Some(network) {
                 continue;
             }
             let _serial = self.locks.lock(&handle).await;
-            if let Some(ifn) = &spec.interface_name {
+            if let Some(ifn) = &w.interface {
                 Netlink::delete_link_detached(ifn).await.map_err(|e| kernel("removing a stale veth failed", e))?;
             }
-            let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
-            let _ = self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), rv).await;
+            let _ = self.resources.delete(Kind::WorkloadEndpoint, Some(&w.namespace), &w.name, Some(w.revision)).await;
         }
         Ok(())
     }
 
-    /// This node's endpoints.
-    async fn local_endpoints(&self) -> Result<Vec<Object>, CniError> {
-        Ok(self
-            .resources
-            .list(Kind::WorkloadEndpoint, None)
-            .await
-            .map_err(|e| internal("listing endpoints failed", e))?
-            .into_iter()
-            .filter(|w| w.spec["node"].as_str() == Some(self.node.as_str()))
-            .collect())
+    /// This node's endpoints, as the agent's cache last saw them.
+    fn locals(&self) -> Vec<LocalEndpoint> {
+        self.locals.borrow().to_vec()
     }
 
     /// The CNI network an endpoint was attached through: recorded on it by gingham, else read
     /// from the handle holding its first address.
-    async fn endpoint_network(&self, w: &Object, spec: &WorkloadEndpointSpec) -> Option<String> {
-        if let Some(n) = w.metadata.annotations.get(NETWORK_ANNOTATION) {
+    async fn endpoint_network(&self, w: &LocalEndpoint) -> Option<String> {
+        if let Some(n) = &w.network {
             return Some(n.clone());
         }
-        let cid = spec.container_id.as_deref()?;
-        let ip: IpNet = spec.ip_networks.as_ref()?.first()?.parse().ok()?;
-        let (handle, _) = self.ipam.holder(ip.addr()).await.ok()??;
+        let cid = w.container_id.as_deref()?;
+        let (handle, _) = self.ipam.holder(w.ips.first()?.addr()).await.ok()??;
         handle.strip_suffix(&format!(".{cid}")).map(str::to_string)
     }
 
     /// Endpoints whose host interface disappeared without a DEL (the agent was down, or the
     /// runtime forgot): marked on the endpoint at once, so `gingham ipam check` anywhere sees
-    /// them, and released after `grace`. Runs forever.
-    pub async fn sweep_orphans(self: Arc<Self>, grace: Duration) {
+    /// them, and released after `grace`. Runs forever, woken when a workload interface goes and
+    /// every few seconds.
+    pub async fn sweep_orphans(self: Arc<Self>, grace: Duration, wake: Arc<tokio::sync::Notify>) {
         loop {
             if let Err(e) = self.sweep_once(grace).await {
                 self.metrics.record_error(format!("orphaned endpoint sweep: {e}"));
             }
-            tokio::time::sleep(ORPHAN_SCAN).await;
+            let _ = tokio::time::timeout(ORPHAN_SCAN, wake.notified()).await;
         }
     }
 
@@ -614,36 +596,43 @@ impl EndpointService {
         let now = parse_rfc3339(&now_rfc3339()).unwrap_or_default();
         let mut released = Vec::new();
         let mut pending = 0;
-        for w in self.local_endpoints().await? {
-            let spec: WorkloadEndpointSpec = w.spec_as().unwrap_or_default();
-            let (Some(ifn), Some(cid)) = (spec.interface_name.clone(), spec.container_id.clone()) else { continue };
-            let Some(network) = self.endpoint_network(&w, &spec).await else { continue };
+        for w in self.locals() {
+            let (Some(ifn), Some(cid)) = (w.interface.clone(), w.container_id.clone()) else { continue };
+            let Some(network) = self.endpoint_network(&w).await else { continue };
             let handle = format!("{network}.{cid}");
             // An ADD or DEL of this attachment is under way: it decides, not the sweep.
             let Some(_serial) = self.locks.try_lock(&handle) else { continue };
             let present = self.host.link(&ifn).await.map_err(|e| kernel("reading interfaces failed", e))?.is_some();
-            let since = w.metadata.annotations.get(INTERFACE_GONE_ANNOTATION).cloned();
-            match (present, since) {
+            match (present, &w.gone_since) {
                 (true, None) => {}
                 (true, Some(_)) => self.mark_gone(&w, None).await,
                 (false, None) => {
                     pending += 1;
                     self.mark_gone(&w, Some(now_rfc3339())).await
                 }
-                (false, Some(t)) if now - parse_rfc3339(&t).unwrap_or(now) < grace.as_secs() as i64 => pending += 1,
+                (false, Some(t)) if now - parse_rfc3339(t).unwrap_or(now) < grace.as_secs() as i64 => pending += 1,
                 (false, Some(_)) => {
+                    // Only the very version we saw: a newer one (a new ADD) is not an orphan.
+                    let current = self
+                        .resources
+                        .get(Kind::WorkloadEndpoint, Some(&w.namespace), &w.name)
+                        .await
+                        .map_err(|e| internal("reading the endpoint failed", e))?;
+                    if current.and_then(|c| c.metadata.resource_version) != Some(w.revision.to_string()) {
+                        continue;
+                    }
                     self.ipam
                         .release_by_handle(&handle)
                         .await
                         .map_err(|e| internal("releasing addresses failed", e))?;
-                    let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
-                    match self.resources.delete(Kind::WorkloadEndpoint, w.namespace(), w.name(), rv).await {
-                        Ok(_) => {
-                            self.metrics.orphans_released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            released.push(w.name().to_string());
-                        }
-                        // Rewritten meanwhile (a new ADD of the same pod): not an orphan any more.
-                        Err(_) => {}
+                    if self
+                        .resources
+                        .delete(Kind::WorkloadEndpoint, Some(&w.namespace), &w.name, Some(w.revision))
+                        .await
+                        .is_ok()
+                    {
+                        self.metrics.orphans_released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        released.push(w.name.clone());
                     }
                 }
             }
@@ -652,14 +641,19 @@ impl EndpointService {
         Ok(released)
     }
 
-    /// Set (Some) or clear (None) the interface-gone mark, only on the revision we read.
-    async fn mark_gone(&self, w: &Object, since: Option<String>) {
-        let mut next = w.clone();
-        match since {
-            Some(t) => next.metadata.annotations.insert(INTERFACE_GONE_ANNOTATION.into(), t),
-            None => next.metadata.annotations.remove(INTERFACE_GONE_ANNOTATION),
+    /// Set (Some) or clear (None) the interface-gone mark, only on the version we saw.
+    async fn mark_gone(&self, w: &LocalEndpoint, since: Option<String>) {
+        let Ok(Some(mut obj)) = self.resources.get(Kind::WorkloadEndpoint, Some(&w.namespace), &w.name).await else {
+            return;
         };
-        let _ = self.resources.update(next).await;
+        if obj.metadata.resource_version != Some(w.revision.to_string()) {
+            return;
+        }
+        match since {
+            Some(t) => obj.metadata.annotations.insert(INTERFACE_GONE_ANNOTATION.into(), t),
+            None => obj.metadata.annotations.remove(INTERFACE_GONE_ANNOTATION),
+        };
+        let _ = self.resources.update(obj).await;
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::routing::{BUCKETS_MS, Metrics};
+use crate::metrics::{BUCKETS_MS, Metrics};
 
 pub fn render_metrics(m: &Metrics) -> String {
     let mut s = String::new();

@@ -15,10 +15,14 @@ use gingham_store::{Datastore, ResourceStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
+pub mod cache;
+pub mod detect;
 pub mod endpoints;
 pub mod health;
-pub mod routing;
+pub mod metrics;
+pub mod model;
 pub mod socket;
+pub mod sync;
 
 use endpoints::EndpointService;
 
@@ -37,7 +41,7 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub store: Arc<dyn Datastore>,
     /// How to find this node's address (and so its underlay interface).
-    pub address: routing::Autodetect,
+    pub address: detect::Autodetect,
     /// Where to serve /liveness, /readiness and /metrics (None: not served).
     pub health: Option<std::net::SocketAddr>,
     /// Program routes, VXLAN and NAT (off: the endpoint service alone).
@@ -68,9 +72,9 @@ async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let resources = ResourceStore::new(config.store.clone());
     let host = Netlink::current()?;
-    let metrics = Arc::new(routing::Metrics::default());
+    let metrics = Arc::new(metrics::Metrics::default());
     let detected = if config.routing {
-        let (iface, addr) = routing::detect_address(&host, &config.address)
+        let (iface, addr) = detect::detect_address(&host, &config.address)
             .await
             .map_err(|m| AgentError::Register { node: config.node.clone(), message: m })?;
         Some((iface, addr))
@@ -78,21 +82,49 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         None
     };
     register(&resources, &config.node, detected.as_ref().map(|(_, a)| *a)).await?;
-    if let Some((iface, addr)) = detected {
-        let node_ip = routing::ipv4(&addr).ok_or_else(|| AgentError::Register {
-            node: config.node.clone(),
-            message: format!("{addr} is not IPv4"),
-        })?;
-        let underlay_mtu = host.link(&iface).await?.map(|l| l.mtu).unwrap_or(1500);
-        let r = Arc::new(routing::Routing {
-            node: config.node.clone(),
-            store: config.store.clone(),
-            ipam: IpamClient::new(config.store.clone()),
-            dataplane: gingham_dataplane::apply::Dataplane::new(host.clone(), iface, node_ip),
-            underlay_mtu,
-            metrics: metrics.clone(),
-        });
-        tokio::spawn(r.run());
+    let net = match detected {
+        Some((iface, addr)) => {
+            let node_ip = detect::ipv4(&addr).ok_or_else(|| AgentError::Register {
+                node: config.node.clone(),
+                message: format!("{addr} is not IPv4"),
+            })?;
+            let link = host.link(&iface).await?.ok_or_else(|| AgentError::Register {
+                node: config.node.clone(),
+                message: format!("interface {iface} vanished"),
+            })?;
+            let nft = gingham_kernel::nft::Nft::current()?;
+            Some(model::Network::new(host.clone(), nft, iface, link.index, node_ip, link.mtu))
+        }
+        None => None,
+    };
+    // The model: the datastore followed (list once, then watch) into the cache, the
+    // calculation, and the managers.
+    let tunnels = Arc::new(tokio::sync::Notify::new());
+    let sweep = Arc::new(tokio::sync::Notify::new());
+    let routing = net.is_some();
+    let (model, locals) = model::Model::new(
+        &config.node,
+        net,
+        gingham_dataplane::workloads::WorkloadManager::new(host.clone()),
+        metrics.clone(),
+        tunnels.clone(),
+        sweep.clone(),
+    );
+    let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
+    for prefix in [cache::RESOURCES_PREFIX, cache::BLOCKS_PREFIX] {
+        tokio::spawn(sync::follow(config.store.clone(), prefix, feed_tx.clone()));
+    }
+    drop(feed_tx);
+    let kernel = gingham_kernel::route_and_link_events().ok();
+    tokio::spawn(model.run(feed_rx, kernel));
+    if routing {
+        tunnels.notify_one();
+        tokio::spawn(model::maintain_tunnels(
+            IpamClient::new(config.store.clone()),
+            config.node.clone(),
+            tunnels,
+            metrics.clone(),
+        ));
     }
     if let Some(addr) = config.health {
         let listener = health::bind(addr)
@@ -106,13 +138,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         resources,
         host,
         metrics.clone(),
+        locals,
     ));
-    if !config.routing {
-        // Nothing to program: ready once the endpoint service serves (the datastore answered
-        // while registering the Node).
-        metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    tokio::spawn(service.clone().sweep_orphans(config.orphan_grace));
+    tokio::spawn(service.clone().sweep_orphans(config.orphan_grace, sweep));
     let path = config.socket.clone();
     let listener =
         socket::bind(&path).map_err(|m| AgentError::Socket { path: path.display().to_string(), message: m })?;

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use gingham_agent::routing::{Autodetect, detect_address};
+use gingham_agent::detect::{Autodetect, detect_address};
 use gingham_kernel::Netlink;
 
 struct Ns(String);

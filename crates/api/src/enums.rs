@@ -185,7 +185,8 @@ mod tests {
         assert_eq!("always".parse::<EncapMode>().unwrap_err(), "\"always\" is not one of Never, Always, CrossSubnet");
         assert!(serde_json::from_str::<Action>("\"Reject\"").is_err());
         assert_eq!(serde_json::to_string(&PolicyType::Egress).unwrap(), "\"Egress\"");
-        for (text, want) in [("\"tcp\"", Protocol::Tcp), ("\"ICMPv6\"", Protocol::Icmpv6), ("47", Protocol::Number(47))] {
+        for (text, want) in [("\"tcp\"", Protocol::Tcp), ("\"ICMPv6\"", Protocol::Icmpv6), ("47", Protocol::Number(47))]
+        {
             assert_eq!(serde_json::from_str::<Protocol>(text).unwrap(), want, "{text}");
         }
         assert_eq!(serde_json::to_string(&Protocol::Udplite).unwrap(), "\"UDPLite\"");

@@ -188,7 +188,6 @@ pub fn check_rules(rules: &[Rule], path: &str, e: &mut Errors) {
     }
 }
 
-
 /// Calico's default `types`: from the rules present.
 fn default_types(types: &mut Option<Vec<PolicyType>>, has_egress: bool, has_ingress: bool) {
     if types.as_ref().is_none_or(Vec::is_empty) {
@@ -312,7 +311,8 @@ impl Spec for GlobalNetworkPolicySpec {
             if !forward {
                 e.push(FieldError::new("spec.applyOnForward", "preDNAT policies need applyOnForward: true"));
             }
-            if self.egress.as_ref().is_some_and(|r| !r.is_empty()) || self.types.iter().flatten().any(|t| *t == PolicyType::Egress)
+            if self.egress.as_ref().is_some_and(|r| !r.is_empty())
+                || self.types.iter().flatten().any(|t| *t == PolicyType::Egress)
             {
                 e.push(FieldError::new("spec.egress", "preDNAT policies are ingress-only"));
             }

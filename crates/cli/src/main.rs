@@ -372,7 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     orphan_grace_seconds,
                 },
         } => {
-            use gingham_agent::routing::Autodetect;
+            use gingham_agent::detect::Autodetect;
             let address = match (ip, ip_autodetection_method.as_str()) {
                 (Some(ip), _) => Autodetect::Given(
                     ip.parse()

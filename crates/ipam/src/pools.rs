@@ -26,7 +26,7 @@ impl Use {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Pool {
     pub name: String,
     pub cidr: IpNet,

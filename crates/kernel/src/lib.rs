@@ -435,10 +435,28 @@ impl Netlink {
     }
 }
 
-/// A stream of wake-ups, one per route or link change in this namespace (`ip monitor route
-/// link`): reconcilers re-check the kernel instead of waiting for their next period. The kernel
-/// drops events when the socket buffer overflows, so callers keep a periodic resync as well.
-pub fn route_and_link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+/// A change the kernel announced (`ip monitor route link`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Route {
+        deleted: bool,
+        route: Route,
+    },
+    Link {
+        deleted: bool,
+        name: String,
+        index: u32,
+    },
+    /// The kernel dropped events (socket buffer overflow): re-read everything.
+    Overrun,
+}
+
+/// The route and link changes in this namespace, as they happen: reconcilers repair what was
+/// changed behind their back at once. The kernel drops events when the socket buffer
+/// overflows (reported as `Overrun`), so callers keep a periodic resync as well.
+pub fn route_and_link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<KernelEvent>> {
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage as M;
     use rtnetlink::MulticastGroup;
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
@@ -449,9 +467,29 @@ pub fn route_and_link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while futures::StreamExt::next(&mut messages).await.is_some() {
-            if tx.send(()).is_err() {
-                return;
+        while let Some((msg, _)) = futures::StreamExt::next(&mut messages).await {
+            let ev = match msg.payload {
+                NetlinkPayload::InnerMessage(M::NewRoute(m)) if m.header.table == 254 => {
+                    to_route(&m).map(|r| KernelEvent::Route { deleted: false, route: r })
+                }
+                NetlinkPayload::InnerMessage(M::DelRoute(m)) if m.header.table == 254 => {
+                    to_route(&m).map(|r| KernelEvent::Route { deleted: true, route: r })
+                }
+                NetlinkPayload::InnerMessage(M::NewLink(m)) => {
+                    let l = to_link(&m);
+                    Some(KernelEvent::Link { deleted: false, name: l.name, index: l.index })
+                }
+                NetlinkPayload::InnerMessage(M::DelLink(m)) => {
+                    let l = to_link(&m);
+                    Some(KernelEvent::Link { deleted: true, name: l.name, index: l.index })
+                }
+                NetlinkPayload::Overrun(_) => Some(KernelEvent::Overrun),
+                _ => None,
+            };
+            if let Some(ev) = ev {
+                if tx.send(ev).is_err() {
+                    return;
+                }
             }
         }
     });

@@ -40,7 +40,8 @@ fn ensure_run_dir() -> Result<()> {
     match shared(MsFlags::MS_SHARED | MsFlags::MS_REC) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EINVAL) => {
-            mount(Some(dir), dir, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|e| err(dir, e))?;
+            mount(Some(dir), dir, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(|e| err(dir, e))?;
             shared(MsFlags::MS_SHARED | MsFlags::MS_REC).map_err(|e| err(dir, e))
         }
         Err(e) => Err(err(dir, e)),

@@ -94,7 +94,7 @@ impl fmt::Display for Element {
 pub struct Set {
     pub name: String,
     pub kind: SetType,
-    /// Holds prefixes (and merges overlapping ones).
+    /// Holds prefixes (which must not overlap).
     pub interval: bool,
 }
 
@@ -136,9 +136,18 @@ pub enum Addr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Match {
     /// `ip saddr @set` (or `!= @set`); `v6` picks `ip6`.
-    AddrInSet { addr: Addr, v6: bool, set: String, negate: bool },
+    AddrInSet {
+        addr: Addr,
+        v6: bool,
+        set: String,
+        negate: bool,
+    },
     /// `ip saddr 10.0.0.0/8`.
-    Addr { addr: Addr, net: IpNet, negate: bool },
+    Addr {
+        addr: Addr,
+        net: IpNet,
+        negate: bool,
+    },
     UdpDport(u16),
     TcpDport(u16),
     Iifname(String),
@@ -295,7 +304,7 @@ impl Op {
             }
             Op::AddSet(t, s) => {
                 check_name(&s.name)?;
-                let flags = if s.interval { " flags interval; auto-merge;" } else { "" };
+                let flags = if s.interval { " flags interval;" } else { "" };
                 let _ = writeln!(out, "add set {} {} {{ type {};{flags} }}", table(t)?, s.name, s.kind.as_str());
             }
             Op::FlushSet(t, s) => {
@@ -325,8 +334,7 @@ impl Op {
                         Hook::Postrouting => "postrouting",
                     };
                     let policy = if b.accept_by_default { "accept" } else { "drop" };
-                    let _ =
-                        write!(out, " {{ type {kind} hook {hook} priority {}; policy {policy}; }}", b.priority);
+                    let _ = write!(out, " {{ type {kind} hook {hook} priority {}; policy {policy}; }}", b.priority);
                 }
                 out.push('\n');
             }
@@ -386,7 +394,8 @@ fn lib() -> Result<&'static Lib> {
             let handle = nix::libc::dlopen(c"libnftables.so.1".as_ptr(), nix::libc::RTLD_NOW);
             if handle.is_null() {
                 let why = nix::libc::dlerror();
-                let why = if why.is_null() { String::new() } else { CStr::from_ptr(why).to_string_lossy().into_owned() };
+                let why =
+                    if why.is_null() { String::new() } else { CStr::from_ptr(why).to_string_lossy().into_owned() };
                 return Err(format!("cannot load libnftables.so.1 (install the nftables package): {why}"));
             }
             let sym = |name: &CStr| -> std::result::Result<*mut c_void, String> {
@@ -550,11 +559,20 @@ mod tests {
             Op::AddTable(t.clone()),
             Op::AddSet(t.clone(), Set { name: "pools".into(), kind: SetType::Ipv4Addr, interval: true }),
             Op::FlushSet(t.clone(), "pools".into()),
-            Op::AddElements(t.clone(), "pools".into(), vec![Element::Net("10.0.0.0/16".parse().unwrap()), host("10.1.0.1".parse().unwrap())]),
+            Op::AddElements(
+                t.clone(),
+                "pools".into(),
+                vec![Element::Net("10.0.0.0/16".parse().unwrap()), host("10.1.0.1".parse().unwrap())],
+            ),
             Op::AddChain(
                 t.clone(),
                 "nat".into(),
-                Some(BaseChain { kind: ChainType::Nat, hook: Hook::Postrouting, priority: PRIORITY_SRCNAT, accept_by_default: true }),
+                Some(BaseChain {
+                    kind: ChainType::Nat,
+                    hook: Hook::Postrouting,
+                    priority: PRIORITY_SRCNAT,
+                    accept_by_default: true,
+                }),
             ),
             Op::FlushChain(t.clone(), "nat".into()),
             Op::AddRule(
@@ -572,7 +590,7 @@ mod tests {
         assert_eq!(
             render(&ops).unwrap(),
             "add table ip gingham\n\
-             add set ip gingham pools { type ipv4_addr; flags interval; auto-merge; }\n\
+             add set ip gingham pools { type ipv4_addr; flags interval; }\n\
              flush set ip gingham pools\n\
              add element ip gingham pools { 10.0.0.0/16, 10.1.0.1 }\n\
              add chain ip gingham nat { type nat hook postrouting priority 100; policy accept; }\n\

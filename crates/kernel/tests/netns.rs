@@ -110,7 +110,12 @@ async fn nftables_batches_are_atomic_and_incremental() {
         Op::AddChain(
             t.clone(),
             "post".into(),
-            Some(BaseChain { kind: ChainType::Nat, hook: Hook::Postrouting, priority: PRIORITY_SRCNAT, accept_by_default: true }),
+            Some(BaseChain {
+                kind: ChainType::Nat,
+                hook: Hook::Postrouting,
+                priority: PRIORITY_SRCNAT,
+                accept_by_default: true,
+            }),
         ),
         Op::AddRule(
             t.clone(),
@@ -147,7 +152,10 @@ async fn nftables_batches_are_atomic_and_incremental() {
             Op::AddRule(
                 t.clone(),
                 "post".into(),
-                Rule::new(vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "missing".into(), negate: false }], vec![Statement::Drop]),
+                Rule::new(
+                    vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "missing".into(), negate: false }],
+                    vec![Statement::Drop],
+                ),
             ),
         ])
         .await

@@ -446,7 +446,7 @@ pub async fn converge(state: &State, timeout: Duration) -> Result<()> {
             for (b, _) in &blocks {
                 let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:"));
                 if owner.is_some_and(|o| o != n.name)
-                    && !routes.iter().any(|r| r.dst == b.cidr && r.protocol == gingham_dataplane::apply::ROUTE_PROTO)
+                    && !routes.iter().any(|r| r.dst == b.cidr && r.protocol == gingham_dataplane::routes::CALC_PROTO)
                 {
                     missing.push(format!("{}: {}", n.name, b.cidr));
                 }

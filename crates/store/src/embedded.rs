@@ -469,32 +469,48 @@ impl Datastore for EmbeddedStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut items = Vec::new();
+        let revision = self.list_pages(prefix, usize::MAX, &mut |page| items.extend(page)).await?;
+        Ok(Listing { items, revision })
+    }
+
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: usize,
+        visit: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
         self.with_conn(|conn| {
-            // One read transaction: the items and the revision are one consistent snapshot.
+            // One read transaction: every page and the revision are one consistent snapshot.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
             let end = upper_bound(prefix);
-            let items = {
+            {
                 let mut stmt = tx
                     .prepare_cached(
                         "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
-                 WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < CAST(?2 AS TEXT)) ORDER BY c.key",
+                         WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < CAST(?2 AS TEXT)) ORDER BY c.key",
                     )
                     .map_err(db_err)?;
-                let rows = stmt
-                    .query_map(params![prefix, end], |r| {
-                        Ok(KeyValue {
-                            key: r.get(0)?,
-                            mod_revision: r.get(1)?,
-                            create_revision: r.get(2)?,
-                            value: r.get(3)?,
-                        })
-                    })
-                    .map_err(db_err)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
-            };
+                let mut rows = stmt.query(params![prefix, end]).map_err(db_err)?;
+                let mut batch = Vec::new();
+                while let Some(r) = rows.next().map_err(db_err)? {
+                    batch.push(KeyValue {
+                        key: r.get(0).map_err(db_err)?,
+                        mod_revision: r.get(1).map_err(db_err)?,
+                        create_revision: r.get(2).map_err(db_err)?,
+                        value: r.get(3).map_err(db_err)?,
+                    });
+                    if batch.len() >= page {
+                        visit(std::mem::take(&mut batch));
+                    }
+                }
+                if !batch.is_empty() {
+                    visit(batch);
+                }
+            }
             let revision = current_revision(&tx).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
-            Ok(Listing { items, revision })
+            Ok(revision)
         })
     }
 

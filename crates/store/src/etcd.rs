@@ -121,14 +121,25 @@ impl Datastore for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut items = Vec::new();
+        let revision = self.list_pages(prefix, LIST_PAGE as usize, &mut |page| items.extend(page)).await?;
+        Ok(Listing { items, revision })
+    }
+
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: usize,
+        visit: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
         // Page through the range at one revision: a consistent snapshot, and no response larger
         // than the gRPC message limit (4 MiB) however many objects a kind has.
         let end = prefix_end(prefix);
-        let mut items = Vec::new();
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            let mut opts =
+                GetOptions::new().with_range(end.clone()).with_limit(page.clamp(1, LIST_PAGE as usize) as i64);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
@@ -136,16 +147,21 @@ impl Datastore for EtcdStore {
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
-            items.extend(resp.kvs().iter().map(kv));
-            match resp.kvs().last() {
+            let next = match resp.kvs().last() {
                 Some(last) if resp.more() => {
-                    start = last.key().to_vec();
-                    start.push(0);
+                    let mut k = last.key().to_vec();
+                    k.push(0);
+                    Some(k)
                 }
-                _ => break,
+                _ => None,
+            };
+            visit(resp.kvs().iter().map(kv).collect());
+            match next {
+                Some(k) => start = k,
+                None => break,
             }
         }
-        Ok(Listing { items, revision })
+        Ok(revision)
     }
 
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {

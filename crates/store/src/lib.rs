@@ -171,6 +171,22 @@ pub trait Datastore: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Listing>;
+    /// The same, handed to `visit` a page (of at most `page` keys) at a time, all read at one
+    /// revision, which is returned: a large prefix never sits in memory whole.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: usize,
+        visit: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
+        let listing = self.list(prefix).await?;
+        let mut items = listing.items;
+        while !items.is_empty() {
+            let rest = items.split_off(page.max(1).min(items.len()));
+            visit(std::mem::replace(&mut items, rest));
+        }
+        Ok(listing.revision)
+    }
     /// Fails with `AlreadyExists` if the key is present.
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision>;
     /// Compare-and-swap: writes only if the key's revision is still `revision`.

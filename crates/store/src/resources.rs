@@ -283,11 +283,8 @@ impl ResourceStore {
                 "metadata": meta,
                 "spec": spec,
             });
-            let mut obj = kind.normalize(&value).map_err(|errors| ResourceError::Invalid {
-                kind,
-                name: name.into(),
-                errors,
-            })?;
+            let mut obj =
+                kind.normalize(&value).map_err(|errors| ResourceError::Invalid { kind, name: name.into(), errors })?;
             obj.metadata.resource_version = current.as_ref().and_then(|c| c.metadata.resource_version.clone());
             let result = match current {
                 Some(_) => self.update(obj).await,

@@ -219,6 +219,22 @@ async fn concurrent_cas_loses_nothing(ds: Arc<dyn Datastore>) {
     assert_eq!(ds.get("/cnt").await.unwrap().unwrap().value, b"200");
 }
 
+async fn list_in_pages_at_one_revision(ds: &dyn Datastore) {
+    for i in 0..25 {
+        ds.create(&format!("/pg/{i:02}"), b"v").await.unwrap();
+    }
+    ds.create("/pgx", b"outside").await.unwrap();
+    let mut pages = Vec::new();
+    let rev = ds
+        .list_pages("/pg/", 10, &mut |p| pages.push(p.into_iter().map(|kv| kv.key).collect::<Vec<_>>()))
+        .await
+        .unwrap();
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+    let keys: Vec<String> = pages.concat();
+    assert_eq!(keys, (0..25).map(|i| format!("/pg/{i:02}")).collect::<Vec<_>>());
+    assert_eq!(rev, ds.list("/pg/").await.unwrap().revision);
+}
+
 macro_rules! conformance {
     ($($name:ident),* ; $arc:ident) => {
         mod embedded {
@@ -242,6 +258,7 @@ conformance!(
     delete_at_revision,
     list_by_prefix,
     list_large,
+    list_in_pages_at_one_revision,
     watch_from_revision,
     watch_from_now,
     compaction_is_reported,

@@ -1,0 +1,488 @@
+//! The agent's core, one task that owns the picture and acts on it:
+//!
+//! ```text
+//! datastore ─(sync.rs: list once, then watch)─▶ cache ─▶ calc ─▶ managers ─▶ kernel
+//! ```
+//!
+//! Each datastore change is decoded once into the cache, fed to the incremental calculation,
+//! and the resulting difference goes to the managers, which touch only what changed. Kernel
+//! events (a route or device changed behind our back) go straight to the manager that owns the
+//! object; a periodic resync re-applies everything from memory. Nothing here lists the
+//! datastore after the first sync, and nothing touches the kernel before it: an agent that
+//! restarts adopts what it finds.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use gingham_dataplane::calc::{
+    BlockInfo, DesiredRoute, Diff, NodeInfo, PoolInfo, RouteCalc, Via, parse_mac, pod_mtu, vxlan_mac,
+};
+use gingham_dataplane::nat::NatManager;
+use gingham_dataplane::routes::{CALC_PROTO, Dev, RouteManager, Source, Target};
+use gingham_dataplane::vxlan::{VXLAN_DEVICE, Vtep, VxlanManager};
+use gingham_dataplane::workloads::{WORKLOAD_PROTO, Workload, WorkloadManager};
+use gingham_kernel::{KernelEvent, Netlink};
+use ipnet::IpNet;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{Notify, watch};
+
+use crate::cache::{BLOCKS_PREFIX, Cache, Change, RESOURCES_PREFIX};
+use crate::metrics::Metrics;
+use crate::sync::Feed;
+
+/// Full re-application of the desired state from memory (drift the kernel did not report).
+pub const RESYNC: Duration = Duration::from_secs(5);
+
+/// One of this node's endpoints, as the orphan sweep and GC need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub namespace: String,
+    pub name: String,
+    pub interface: Option<String>,
+    pub container_id: Option<String>,
+    pub network: Option<String>,
+    pub gone_since: Option<String>,
+    pub revision: i64,
+    pub ips: Vec<IpNet>,
+}
+
+pub type Locals = Arc<Vec<LocalEndpoint>>;
+
+/// The managers that route: present unless the agent runs `--endpoints-only`.
+pub struct Network {
+    pub routes: RouteManager,
+    pub vxlan: VxlanManager,
+    pub nat: NatManager,
+    pub nl: Netlink,
+    pub underlay_mtu: u32,
+}
+
+impl Network {
+    pub fn new(
+        nl: Netlink,
+        nft: gingham_kernel::nft::Nft,
+        underlay: String,
+        underlay_index: u32,
+        node_ip: Ipv4Addr,
+        underlay_mtu: u32,
+    ) -> Network {
+        let mut routes = RouteManager::new(nl.clone(), &[Source { protocol: CALC_PROTO, priority: 10 }]);
+        routes.set_device(Dev::Underlay, Some(underlay_index));
+        Network {
+            vxlan: VxlanManager::new(nl.clone(), underlay, node_ip),
+            nat: NatManager::new(nft),
+            routes,
+            nl,
+            underlay_mtu,
+        }
+    }
+}
+
+pub struct Model {
+    node: String,
+    cache: Cache,
+    calc: RouteCalc,
+    net: Option<Network>,
+    workloads: WorkloadManager,
+    metrics: Arc<Metrics>,
+    locals: watch::Sender<Locals>,
+    /// Wakes the task that keeps this node's tunnel addresses and VXLAN MAC right.
+    tunnels: Arc<Notify>,
+    /// Wakes the orphan sweep (a workload interface went away).
+    sweep: Arc<Notify>,
+    synced: HashSet<&'static str>,
+    in_sync: bool,
+    pending: BTreeSet<Change>,
+    /// Something in the managers waits to be applied.
+    dirty: bool,
+    troubled: bool,
+}
+
+fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
+    PoolInfo {
+        name: p.name.clone(),
+        cidr: p.cidr,
+        ipip: p.spec.ipip(),
+        vxlan: p.spec.vxlan(),
+        nat_outgoing: p.spec.nat_outgoing(),
+        disabled: p.disabled(),
+    }
+}
+
+fn node_info(name: &str, rec: &crate::cache::NodeRec) -> NodeInfo {
+    let spec = &rec.spec;
+    let bgp = spec.bgp.clone().unwrap_or_default();
+    NodeInfo {
+        name: name.to_string(),
+        ipv4: bgp.ipv4_address.as_deref().and_then(|a| a.parse().ok()),
+        vxlan_addr: spec.ipv4_vxlan_tunnel_addr.as_deref().and_then(|a| a.parse().ok()),
+        vxlan_mac: spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac).or_else(|| Some(vxlan_mac(name))),
+        ipip_addr: bgp.ipv4_ipip_tunnel_addr.as_deref().and_then(|a| a.parse().ok()),
+    }
+}
+
+fn target(r: DesiredRoute) -> Target {
+    match r {
+        DesiredRoute::Blackhole(_) => Target::Blackhole,
+        DesiredRoute::Remote { gateway, via, .. } => Target::Via {
+            gateway,
+            dev: match via {
+                Via::Underlay => Dev::Underlay,
+                Via::Vxlan => Dev::Vxlan,
+                Via::Ipip => Dev::Ipip,
+            },
+            onlink: via != Via::Underlay,
+        },
+    }
+}
+
+impl Model {
+    pub fn new(
+        node: &str,
+        net: Option<Network>,
+        workloads: WorkloadManager,
+        metrics: Arc<Metrics>,
+        tunnels: Arc<Notify>,
+        sweep: Arc<Notify>,
+    ) -> (Model, watch::Receiver<Locals>) {
+        let (locals, rx) = watch::channel(Arc::new(Vec::new()));
+        let m = Model {
+            node: node.into(),
+            cache: Cache::new(node),
+            calc: RouteCalc::new(node),
+            net,
+            workloads,
+            metrics,
+            locals,
+            tunnels,
+            sweep,
+            synced: HashSet::new(),
+            in_sync: false,
+            pending: BTreeSet::new(),
+            dirty: false,
+            troubled: false,
+        };
+        (m, rx)
+    }
+
+    pub async fn run(mut self, mut feed: UnboundedReceiver<Feed>, mut kernel: Option<UnboundedReceiver<KernelEvent>>) {
+        let mut backstop = tokio::time::interval(RESYNC);
+        backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let kernel_event = async {
+                match kernel.as_mut() {
+                    Some(k) => k.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                f = feed.recv() => {
+                    let Some(f) = f else { return };
+                    self.take(f);
+                    // Whatever else is already queued goes into the same pass.
+                    let mut n = 0;
+                    while let Ok(f) = feed.try_recv() {
+                        self.take(f);
+                        n += 1;
+                        if n >= 10_000 {
+                            break;
+                        }
+                    }
+                }
+                ev = kernel_event => match ev {
+                    Some(ev) => self.kernel_event(ev),
+                    None => kernel = None,
+                },
+                _ = backstop.tick() => {
+                    if self.in_sync {
+                        self.resync().await;
+                    }
+                }
+            }
+            if !self.pending.is_empty() || self.dirty {
+                self.process().await;
+            }
+        }
+    }
+
+    fn take(&mut self, f: Feed) {
+        match f {
+            Feed::ListStart(p) => self.cache.relist_start(p),
+            Feed::Page(p, page) => self.pending.extend(self.cache.relist_page(p, &page)),
+            Feed::ListEnd(p, _) => {
+                self.pending.extend(self.cache.relist_end(p));
+                self.synced.insert(p);
+            }
+            Feed::Event(ev) => self.pending.extend(self.cache.apply(&ev)),
+            Feed::Trouble(e) => {
+                self.metrics.datastore_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.record_error(format!("datastore: {e}; keeping the dataplane as it is"));
+                self.troubled = true;
+                self.metrics.ready.store(false, Ordering::Relaxed);
+            }
+            Feed::Recovered => {
+                self.troubled = false;
+                self.metrics.ready.store(self.in_sync, Ordering::Relaxed);
+            }
+        }
+        self.metrics.cache_decode_errors.store(self.cache.decode_errors, Ordering::Relaxed);
+    }
+
+    fn kernel_event(&mut self, ev: KernelEvent) {
+        match ev {
+            KernelEvent::Route { deleted, route } => {
+                if let Some(net) = self.net.as_mut() {
+                    if deleted && net.routes.owns(route.protocol) {
+                        net.routes.forget(route.dst);
+                        self.dirty = true;
+                    } else if !deleted && net.routes.observed(&route) {
+                        self.dirty = true;
+                    }
+                }
+                if deleted && route.protocol == WORKLOAD_PROTO {
+                    self.workloads.touched(Some(&route.dst), None);
+                    self.dirty = true;
+                }
+            }
+            KernelEvent::Link { deleted, name, .. } => {
+                if name == VXLAN_DEVICE {
+                    if let Some(net) = self.net.as_mut() {
+                        net.vxlan.device_changed();
+                        self.dirty = true;
+                    }
+                } else if self.workloads.knows_iface(&name) {
+                    if deleted {
+                        self.sweep.notify_one();
+                    } else {
+                        self.workloads.touched(None, Some(&name));
+                        self.dirty = true;
+                    }
+                }
+            }
+            KernelEvent::Overrun => {
+                if let Some(net) = self.net.as_mut() {
+                    net.vxlan.device_changed();
+                }
+                self.dirty = true;
+                self.metrics.kernel_overruns.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Feed the pending changes through the calculation into the managers, and program.
+    async fn process(&mut self) {
+        let started = Instant::now();
+        let mut diff = Diff::default();
+        let mut locals_changed = false;
+        let mut vtep_changed = false;
+        for c in std::mem::take(&mut self.pending) {
+            match c {
+                Change::Pool(n) => {
+                    diff.merge(self.calc.set_pool(&n, self.cache.pools.get(&n).map(pool_info)));
+                    self.tunnels.notify_one();
+                }
+                Change::Node(n) => {
+                    let info = self.cache.nodes.get(&n).map(|r| node_info(&n, r));
+                    diff.merge(self.calc.set_node(&n, info));
+                    if n == self.node {
+                        self.tunnels.notify_one();
+                        vtep_changed = true;
+                    }
+                }
+                Change::Block(cidr) => {
+                    let info = self.cache.blocks.get(&cidr).map(|b| BlockInfo {
+                        cidr,
+                        node: b.node.as_deref().map(str::to_string),
+                        borrowed: b.borrowed.iter().map(|(ip, n)| (*ip, n.to_string())).collect(),
+                    });
+                    diff.merge(self.calc.set_block(cidr, info));
+                }
+                Change::Endpoint(k) => {
+                    let w = self.cache.endpoints.get(k.as_str()).and_then(|e| {
+                        let l = e.local.as_ref()?;
+                        Some(Workload { iface: l.interface.clone()?, ips: e.ips.to_vec() })
+                    });
+                    let was = self.workloads.knows_key(&k);
+                    if w.is_some() || was {
+                        self.workloads.set(&k, w);
+                        locals_changed = true;
+                    }
+                }
+            }
+        }
+        if diff.encap.is_some() {
+            vtep_changed = true;
+        }
+        if locals_changed {
+            self.publish_locals();
+        }
+        let ready_now = !self.in_sync && self.synced.contains(RESOURCES_PREFIX) && self.synced.contains(BLOCKS_PREFIX);
+        if ready_now {
+            // The first whole picture: hand the managers everything, then adopt the kernel.
+            diff = self.calc.full();
+            vtep_changed = true;
+        }
+        if let Some(net) = self.net.as_mut() {
+            for (dst, r) in diff.routes {
+                net.routes.set(CALC_PROTO, dst, r.map(target));
+            }
+            for (n, p) in diff.peers {
+                net.vxlan.set_peer(&n, p);
+            }
+            if let Some(sets) = diff.nat {
+                net.nat.set(sets);
+            }
+        }
+        if vtep_changed {
+            self.update_vtep();
+        }
+        if !(self.in_sync || ready_now) {
+            return;
+        }
+        if ready_now {
+            if let Some(net) = self.net.as_mut() {
+                net.routes.mark_synced(CALC_PROTO);
+            }
+            self.in_sync = true;
+            self.resync().await;
+            self.metrics.ready.store(!self.troubled, Ordering::Relaxed);
+        } else {
+            self.apply().await;
+        }
+        self.metrics.observe(started.elapsed());
+        self.metrics.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn update_vtep(&mut self) {
+        let (vxlan, ipip) = self.calc.encap();
+        let me = self.calc.node(&self.node).cloned();
+        let Some(net) = self.net.as_mut() else { return };
+        let vtep = match (vxlan, me.as_ref().and_then(|m| Some((m.vxlan_addr?, m.vxlan_mac?)))) {
+            (true, Some((addr, mac))) => Some(Vtep { addr, mac, mtu: pod_mtu(net.underlay_mtu, true, false) }),
+            _ => None,
+        };
+        net.vxlan.set_vtep(vtep);
+        self.metrics.pod_mtu.store(pod_mtu(net.underlay_mtu, vxlan, ipip), Ordering::Relaxed);
+    }
+
+    fn publish_locals(&self) {
+        let mut v: Vec<LocalEndpoint> = self
+            .cache
+            .local_endpoints()
+            .filter_map(|(key, e)| {
+                let l = e.local.as_ref()?;
+                let (ns, name) = key.split_once('/')?;
+                Some(LocalEndpoint {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    interface: l.interface.clone(),
+                    container_id: l.container_id.clone(),
+                    network: l.network.clone(),
+                    gone_since: l.gone_since.clone(),
+                    revision: l.revision,
+                    ips: e.ips.to_vec(),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.metrics.endpoints.store(v.len() as u64, Ordering::Relaxed);
+        self.locals.send_replace(Arc::new(v));
+    }
+
+    async fn apply(&mut self) {
+        self.dirty = false;
+        let mut errors = Vec::new();
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.vxlan.apply().await {
+                errors.push(format!("VXLAN: {e}"));
+            }
+            net.routes.set_device(Dev::Vxlan, net.vxlan.index());
+            let tunl = net.nl.link("tunl0").await.ok().flatten().map(|l| l.index);
+            net.routes.set_device(Dev::Ipip, tunl);
+            match net.routes.apply().await {
+                Ok(_) => {}
+                Err(e) => errors.push(format!("routes: {e}")),
+            }
+            if let Err(e) = net.nat.apply().await {
+                errors.push(format!("NAT: {e}"));
+            }
+            self.metrics.routes_programmed.store(net.routes.len() as u64, Ordering::Relaxed);
+        }
+        if let Err(e) = self.workloads.apply().await {
+            errors.push(format!("workloads: {e}"));
+        }
+        self.report(errors);
+    }
+
+    /// Re-apply the whole desired state from memory, comparing with what the kernel holds.
+    async fn resync(&mut self) {
+        let mut errors = Vec::new();
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.vxlan.resync().await {
+                errors.push(format!("VXLAN: {e}"));
+            }
+            net.routes.set_device(Dev::Vxlan, net.vxlan.index());
+            let tunl = net.nl.link("tunl0").await.ok().flatten().map(|l| l.index);
+            net.routes.set_device(Dev::Ipip, tunl);
+            if let Err(e) = net.routes.resync().await {
+                errors.push(format!("routes: {e}"));
+            }
+            if let Err(e) = net.nat.resync().await {
+                errors.push(format!("NAT: {e}"));
+            }
+            self.metrics.routes_programmed.store(net.routes.len() as u64, Ordering::Relaxed);
+        }
+        if let Err(e) = self.workloads.resync().await {
+            errors.push(format!("workloads: {e}"));
+        }
+        self.report(errors);
+    }
+
+    fn report(&mut self, errors: Vec<String>) {
+        if errors.is_empty() {
+            return;
+        }
+        self.dirty = true;
+        self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.record_error(errors.join("; "));
+    }
+}
+
+/// Keep this node's tunnel addresses (IPAM) and VXLAN MAC on its Node right: woken when pools
+/// or this Node change, never polling.
+pub async fn maintain_tunnels(ipam: gingham_ipam::IpamClient, node: String, wake: Arc<Notify>, metrics: Arc<Metrics>) {
+    use gingham_api::Kind;
+    use gingham_api::network::NodeSpec;
+    use gingham_ipam::tunnel::TunnelKind;
+    loop {
+        wake.notified().await;
+        // Let a burst of changes land first.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut result = ipam.ensure_tunnel_address(&node, TunnelKind::Vxlan).await.map_err(|e| e.to_string());
+        if let Ok(Some(IpAddr::V4(_))) = result {
+            let mac = gingham_dataplane::calc::format_mac(&vxlan_mac(&node));
+            result = ipam
+                .resources()
+                .modify(Kind::Node, None, &node, false, |_, spec: &mut NodeSpec| {
+                    if spec.vxlan_tunnel_mac_addr.as_deref() == Some(mac.as_str()) {
+                        return false;
+                    }
+                    spec.vxlan_tunnel_mac_addr = Some(mac.clone());
+                    true
+                })
+                .await
+                .map(|_| None)
+                .map_err(|e| format!("recording the VXLAN MAC: {e}"));
+        }
+        // IPIP pools get their tunnel address too (tunl0 itself needs the kernel's ipip module).
+        let result = result.and(ipam.ensure_tunnel_address(&node, TunnelKind::Ipip).await.map_err(|e| e.to_string()));
+        if let Err(e) = result {
+            metrics.record_error(format!("tunnel addresses: {e}"));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            wake.notify_one();
+        }
+    }
+}
