@@ -215,6 +215,8 @@ impl Model {
             Feed::ListEnd(p, _) => {
                 self.pending.extend(self.cache.relist_end(p));
                 self.synced.insert(p);
+                // Even an empty listing completes the picture.
+                self.dirty = true;
             }
             Feed::Event(ev) => self.pending.extend(self.cache.apply(&ev)),
             Feed::Trouble(e) => {

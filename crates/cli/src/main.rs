@@ -550,7 +550,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                         .ok_or_else(|| anyhow::anyhow!("--labels {kv}: write k=v"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let p = l::pod_add(&mut state, &exe, &node, &pod, &labels)?;
+            let p = l::pod_add(&mut state, &exe, &node, &pod, &labels).await?;
             println!("pod {} on {}: {}", p.name, p.node, p.ips.join(", "));
             Ok(())
         }

@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gingham_kernel::{Netlink, in_netns, open_netns};
+use gingham_kernel::{Netlink, Route, in_netns, netns, open_netns};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -167,38 +166,50 @@ impl State {
 }
 
 fn ns_path(ns: &str) -> PathBuf {
-    PathBuf::from(format!("/var/run/netns/{ns}"))
+    netns::path(ns)
 }
 
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| msg(format!("{}: {e}", args.join(" "))))?;
-    if !out.status.success() {
-        return Err(msg(format!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A command that runs inside network namespace `ns` (entered between fork and exec).
+/// A command that runs inside network namespace `ns`.
 fn in_ns_command(ns: &str, program: &Path) -> Result<Command> {
-    let f = open_netns(&ns_path(ns))?;
-    let mut c = Command::new(program);
-    unsafe {
-        c.pre_exec(move || {
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-        });
-    }
-    Ok(c)
+    Ok(netns::command(&open_netns(&ns_path(ns))?, program)?)
 }
 
-fn add_ns(state: &mut State, ns: &str) -> Result<()> {
-    run(&["ip", "netns", "add", ns])?;
+fn add_ns(state: &mut State, ns: &str) -> Result<Netlink> {
+    netns::add(ns)?;
     state.namespaces.push(ns.to_string());
-    state.save()
+    state.save()?;
+    Ok(Netlink::in_namespace(&ns_path(ns))?)
 }
 
-fn sysctl_in(ns: &str, key: &str, value: &str) -> Result<()> {
-    run(&["ip", "netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+/// `net.ipv4.ip_forward=1` inside `ns`.
+fn forward(ns: &str) -> Result<()> {
+    Ok(gingham_kernel::sysctl::write_in(
+        &ns_path(ns),
+        vec![(vec!["net".into(), "ipv4".into(), "ip_forward".into()], "1".into())],
+    )?)
 }
+
+/// The index of a link that must exist.
+async fn index(nl: &Netlink, name: &str) -> Result<u32> {
+    nl.link(name).await?.map(|l| l.index).ok_or_else(|| msg(format!("interface {name} is missing")))
+}
+
+/// Bring a link up, with an address if given.
+async fn up_with(nl: &Netlink, name: &str, addr: Option<IpNet>) -> Result<u32> {
+    let i = index(nl, name).await?;
+    if let Some(a) = addr {
+        nl.add_address(i, a).await?;
+    }
+    nl.set_up(i).await?;
+    Ok(i)
+}
+
+fn net(s: &str) -> Result<IpNet> {
+    s.parse().map_err(|e: ipnet::AddrParseError| msg(format!("{s}: {e}")))
+}
+
+/// Routes the lab itself adds carry RTPROT_BOOT, as `ip route add` would.
+const LAB_PROTO: u8 = 3;
 
 fn progress(quiet: bool, m: &str) {
     if !quiet {
@@ -222,7 +233,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         down(dir)?;
     }
     // The underlay of an unrecorded lab with this prefix.
-    let _ = Command::new("ip").args(["netns", "del", &format!("{}-underlay", o.prefix)]).stderr(Stdio::null()).status();
+    let _ = netns::delete(&format!("{}-underlay", o.prefix));
     let created_dir = match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -261,29 +272,31 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
 
     let underlay_ns = state.underlay();
     progress(o.quiet, &format!("underlay: namespace {underlay_ns}, bridge br0 10.99.0.1/24"));
-    add_ns(&mut state, &underlay_ns)?;
+    let underlay = add_ns(&mut state, &underlay_ns)?;
     let cross = o.encap == Encap::VxlanCrosssubnet;
-    run(&["ip", "-n", &underlay_ns, "link", "add", "br0", "type", "bridge"])?;
-    run(&["ip", "-n", &underlay_ns, "addr", "add", "10.99.0.1/24", "dev", "br0"])?;
-    run(&["ip", "-n", &underlay_ns, "link", "set", "br0", "up"])?;
-    run(&["ip", "-n", &underlay_ns, "link", "set", "lo", "up"])?;
-    if cross {
+    let br0 = underlay.add_bridge("br0").await?;
+    up_with(&underlay, "br0", Some(net("10.99.0.1/24")?)).await?;
+    up_with(&underlay, "lo", None).await?;
+    let br1 = if cross {
         // A second subnet behind the underlay acting as a router.
-        run(&["ip", "-n", &underlay_ns, "link", "add", "br1", "type", "bridge"])?;
-        run(&["ip", "-n", &underlay_ns, "addr", "add", "10.99.1.1/24", "dev", "br1"])?;
-        run(&["ip", "-n", &underlay_ns, "link", "set", "br1", "up"])?;
-        sysctl_in(&underlay_ns, "net.ipv4.ip_forward", "1")?;
-    }
+        let br1 = underlay.add_bridge("br1").await?;
+        up_with(&underlay, "br1", Some(net("10.99.1.1/24")?)).await?;
+        forward(&underlay_ns)?;
+        Some(br1)
+    } else {
+        None
+    };
 
     if o.etcd {
         // etcd lives on the underlay (10.99.0.1), where every node reaches it as in a real
         // cluster; a veth from this namespace into the underlay lets the CLI reach it too.
         progress(o.quiet, "etcd on the underlay at 10.99.0.1:2379");
         let host_end = format!("{}-host", state.prefix);
-        Netlink::current()?.add_veth(&host_end, "uplink", &open_netns(&ns_path(&underlay_ns))?, 1500, None).await?;
-        run(&["ip", "addr", "add", "10.99.0.254/24", "dev", &host_end])?;
-        run(&["ip", "link", "set", &host_end, "up"])?;
-        run(&["ip", "-n", &underlay_ns, "link", "set", "uplink", "master", "br0", "up"])?;
+        let host = Netlink::current()?;
+        host.add_veth(&host_end, "uplink", &open_netns(&ns_path(&underlay_ns))?, 1500, None).await?;
+        up_with(&host, &host_end, Some(net("10.99.0.254/24")?)).await?;
+        let uplink = up_with(&underlay, "uplink", None).await?;
+        underlay.set_master(uplink, br0).await?;
         let ep = "http://10.99.0.1:2379".to_string();
         let log = state.new_log("etcd.log")?;
         let data = state.record("etcd")?;
@@ -313,7 +326,6 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: 172.20.0.0/16, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}, natOutgoing: true}}\n"
     );
     apply(&store, &pool).await?;
-    let underlay = Netlink::in_namespace(&ns_path(&underlay_ns))?;
     for i in 1..=o.nodes {
         let name = format!("node-{i}");
         let ns = format!("{}-{name}", state.prefix);
@@ -321,30 +333,22 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let ip: IpNet =
             format!("10.99.{subnet}.{}/24", 10 + i).parse().map_err(|e: ipnet::AddrParseError| msg(e.to_string()))?;
         progress(o.quiet, &format!("{name}: namespace {ns}, eth0 {ip}, agent"));
-        add_ns(&mut state, &ns)?;
-        let port = format!("{name}");
+        let node_nl = add_ns(&mut state, &ns)?;
+        let port = name.clone();
         underlay.add_veth(&port, "eth0", &open_netns(&ns_path(&ns))?, 1500, None).await?;
-        run(&[
-            "ip",
-            "-n",
-            &underlay_ns,
-            "link",
-            "set",
-            &port,
-            "master",
-            if subnet == 1 { "br1" } else { "br0" },
-            "up",
-        ])?;
-        run(&["ip", "-n", &ns, "addr", "add", &ip.to_string(), "dev", "eth0"])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
+        let port_index = up_with(&underlay, &port, None).await?;
+        underlay.set_master(port_index, if subnet == 1 { br1.unwrap_or(br0) } else { br0 }).await?;
+        let eth0 = up_with(&node_nl, "eth0", Some(ip)).await?;
+        let lo = up_with(&node_nl, "lo", None).await?;
+        forward(&ns)?;
         // Proxy ARP answers for 169.254.1.1 only if it is routed out of another device; a real
         // node has its default route for that. Lab nodes have no default route on purpose.
-        run(&["ip", "-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        node_nl.replace_route(&Route::device(net("169.254.1.1/32")?, lo, LAB_PROTO)).await?;
         if cross {
-            let gw = if subnet == 1 { "10.99.1.1" } else { "10.99.0.1" };
-            run(&["ip", "-n", &ns, "route", "add", "10.99.0.0/16", "via", gw])?;
+            let gw: IpAddr = if subnet == 1 { [10, 99, 1, 1] } else { [10, 99, 0, 1] }.into();
+            let mut r = Route::via(net("10.99.0.0/16")?, gw, eth0, LAB_PROTO);
+            r.scope_link = false;
+            node_nl.replace_route(&r).await?;
         }
         let socket = state.record(&format!("{name}.sock"))?;
         // Install the CNI configuration as `gingham cni install` would (MTU 0: the agent's).
@@ -376,7 +380,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         for j in 1..=o.pods_per_node {
             let pod = format!("default/pod-{}-{j}", n.name.trim_start_matches("node-"));
             progress(o.quiet, &format!("pod {pod} on {} (CNI ADD)", n.name));
-            pod_add(&mut state, exe, &n.name, &pod, &BTreeMap::new())?;
+            pod_add(&mut state, exe, &n.name, &pod, &BTreeMap::new()).await?;
         }
     }
     progress(o.quiet, "waiting for every node's routes");
@@ -510,7 +514,7 @@ fn pod_netns_name(prefix: &str, pod: &str) -> String {
 }
 
 /// Create a pod on `node` through the CNI plugin.
-pub fn pod_add(
+pub async fn pod_add(
     state: &mut State,
     exe: &Path,
     node: &str,
@@ -530,7 +534,7 @@ pub fn pod_add(
         .cloned()
         .ok_or_else(|| msg(format!("no node {node} in the lab")))?;
     let netns = pod_netns_name(&state.prefix, pod);
-    add_ns(state, &netns)?;
+    let pod_nl = add_ns(state, &netns)?;
     let mut p = PodState {
         name: pod.into(),
         node: node.into(),
@@ -546,7 +550,7 @@ pub fn pod_add(
         .filter_map(|i| i["address"].as_str())
         .map(|a| a.split('/').next().unwrap_or(a).to_string())
         .collect();
-    run(&["ip", "-n", &p.netns, "link", "set", "lo", "up"])?;
+    up_with(&pod_nl, "lo", None).await?;
     state.pods.push(p.clone());
     state.save()?;
     Ok(p)
@@ -561,7 +565,7 @@ pub fn pod_del(state: &mut State, exe: &Path, pod: &str) -> Result<()> {
         .cloned()
         .ok_or_else(|| msg(format!("node {} is gone", p.node)))?;
     plugin(state, exe, &n, "DEL", &p, &BTreeMap::new())?;
-    run(&["ip", "netns", "del", &p.netns])?;
+    netns::delete(&p.netns)?;
     state.namespaces.retain(|n| *n != p.netns);
     state.pods.retain(|x| x.name != pod);
     state.save()
@@ -596,7 +600,7 @@ pub fn down(dir: &Path) -> Result<()> {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL);
     }
     for ns in state.namespaces.iter().rev() {
-        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        let _ = netns::delete(ns);
     }
     let mut left = Vec::new();
     for rel in state.files.iter().rev() {
@@ -676,12 +680,17 @@ pub fn check(state: &State) -> Result<Vec<(String, String, Cell)>> {
             let Some(ip) = dst.ips.iter().find_map(|i| i.parse::<Ipv4Addr>().ok()) else { continue };
             let (src_ns, label_src, label_dst) = (src.netns.clone(), src.name.clone(), dst.name.clone());
             jobs.push(std::thread::spawn(move || {
-                let ping = Command::new("ip")
-                    .args(["netns", "exec", &src_ns, "ping", "-c", "1", "-W", "2", &ip.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
+                let ping = open_netns(&ns_path(&src_ns))
+                    .ok()
+                    .and_then(|f| netns::command(&f, "ping").ok())
+                    .and_then(|mut c| {
+                        c.args(["-c", "1", "-W", "2", &ip.to_string()])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .ok()
+                    })
+                    .is_some_and(|s| s.success());
                 let tcp = in_netns(&ns_path(&src_ns), move || {
                     TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(ip), CHECK_PORT), Duration::from_secs(2))
                         .is_ok_and(|mut s| {
@@ -758,9 +767,31 @@ pub async fn status(state: &State) -> Result<String> {
     }
     for n in &state.nodes {
         out.push_str(&format!("\nROUTES on {}\n", n.name));
-        let listing = run(&["ip", "-n", &n.netns, "route", "show"])?;
-        for l in listing.lines().filter(|l| l.contains("proto 80") || l.contains("cali") || l.contains("vxlan")) {
-            out.push_str(&format!("  {l}\n"));
+        let nl = Netlink::in_namespace(&ns_path(&n.netns))?;
+        let names: BTreeMap<u32, String> = nl.links().await?.into_iter().map(|l| (l.index, l.name)).collect();
+        for r in nl.routes(true).await? {
+            let dev = r.oif.and_then(|i| names.get(&i)).cloned().unwrap_or_default();
+            if r.protocol != gingham_dataplane::routes::CALC_PROTO
+                && !dev.starts_with("cali")
+                && !dev.starts_with("vxlan")
+            {
+                continue;
+            }
+            let mut line = if r.blackhole { format!("blackhole {}", r.dst) } else { r.dst.to_string() };
+            if let Some(gw) = r.gateway {
+                line.push_str(&format!(" via {gw}"));
+            }
+            if !r.blackhole {
+                line.push_str(&format!(" dev {dev}"));
+            }
+            line.push_str(&format!(" proto {}", r.protocol));
+            if r.scope_link {
+                line.push_str(" scope link");
+            }
+            if r.onlink {
+                line.push_str(" onlink");
+            }
+            out.push_str(&format!("  {line}\n"));
         }
     }
     Ok(out)
