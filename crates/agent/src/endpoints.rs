@@ -74,7 +74,17 @@ pub struct EndpointService {
     locks: KeyedLocks,
     /// This node's endpoints, from the agent's cache.
     locals: tokio::sync::watch::Receiver<crate::model::Locals>,
+    /// DELs done locally while the datastore was unreachable, their datastore part to follow.
+    pending_dels: std::sync::Mutex<Vec<Endpoint>>,
+    /// Where that queue is kept across restarts.
+    pending_file: Option<std::path::PathBuf>,
 }
+
+/// A failed DEL step, and whether the datastore was unreachable (rather than refusing).
+struct Unreachable(bool, CniError);
+
+/// How long a DEL waits for the datastore before completing locally.
+pub const DATASTORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Identity of an attachment in Calico's terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,7 +165,17 @@ impl EndpointService {
         metrics: Arc<crate::metrics::Metrics>,
         locals: tokio::sync::watch::Receiver<crate::model::Locals>,
     ) -> Self {
-        EndpointService { node, ipam, resources, host, metrics, locks: KeyedLocks::default(), locals }
+        EndpointService {
+            node,
+            ipam,
+            resources,
+            host,
+            metrics,
+            locks: KeyedLocks::default(),
+            locals,
+            pending_dels: Default::default(),
+            pending_file: None,
+        }
     }
 
     fn identity(&self, ep: &Endpoint) -> Identity {
@@ -430,30 +450,111 @@ impl EndpointService {
         Ok(())
     }
 
-    /// Remove everything of this attachment; succeeds when it is already gone.
+    /// Remove everything of this attachment; succeeds when it is already gone. With the
+    /// datastore unreachable (or too slow) the DEL is completed locally — the veth goes, unless
+    /// the cache says a newer container owns the name — and its datastore part is queued and
+    /// retried until the datastore answers.
     pub async fn del(&self, ep: &Endpoint) -> Result<(), CniError> {
         let _serial = self.locks.lock(&ep.handle()).await;
         let id = self.identity(ep);
-        self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| internal("releasing addresses failed", e))?;
+        match tokio::time::timeout(DATASTORE_WAIT, self.del_recorded(ep, &id, true)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(Unreachable(false, e))) => return Err(e),
+            Ok(Err(Unreachable(true, _))) | Err(_) => {}
+        }
+        let theirs = self.locals.borrow().iter().any(|w| {
+            w.namespace == id.namespace
+                && w.name == id.wep_name
+                && w.container_id.as_deref().is_some_and(|c| c != ep.container_id)
+        });
+        if !theirs {
+            Netlink::delete_link_detached(&id.host_veth).await.map_err(|e| kernel("removing the veth failed", e))?;
+        }
+        let mut q = self.pending_dels.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.iter().any(|p| p.handle() == ep.handle()) {
+            q.push(ep.clone());
+        }
+        self.save_pending(&q);
+        Ok(())
+    }
+
+    /// Keep the queue of locally completed DELs on disk, so an agent restart resumes them.
+    fn save_pending(&self, q: &[Endpoint]) {
+        self.metrics.pending_dels.store(q.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let Some(path) = &self.pending_file else { return };
+        let written = if q.is_empty() {
+            gingham_files::remove_file_if_regular(path).map(|_| ())
+        } else {
+            gingham_files::write_atomic(path, &serde_json::to_vec(q).unwrap_or_default(), 0o600)
+        };
+        if let Err(e) = written {
+            self.metrics.record_error(format!("saving pending DELs: {e}"));
+        }
+    }
+
+    /// Resume the DELs a previous run of the agent completed locally.
+    pub fn load_pending(&mut self, path: std::path::PathBuf) {
+        if let Ok(text) = std::fs::read(&path) {
+            match serde_json::from_slice::<Vec<Endpoint>>(&text) {
+                Ok(q) => *self.pending_dels.get_mut().unwrap_or_else(|p| p.into_inner()) = q,
+                Err(e) => self.metrics.record_error(format!("{}: unreadable, ignored: {e}", path.display())),
+            }
+        }
+        self.pending_file = Some(path);
+    }
+
+    /// DEL's datastore part (and the veth, when `veth`): release, then the endpoint if it is
+    /// still this container's. The error says whether the datastore was unreachable.
+    async fn del_recorded(&self, ep: &Endpoint, id: &Identity, veth: bool) -> Result<(), Unreachable> {
+        use gingham_store::resources::ResourceError as R;
+        let store_down = |e: &R| matches!(e, R::Store(StoreError::Unavailable(_)));
+        let unreachable = |what: &str, e: &R| Unreachable(store_down(e), internal(what, e));
+        self.ipam.release_by_handle(&ep.handle()).await.map_err(|e| {
+            let down = match &e {
+                gingham_ipam::IpamError::Store(StoreError::Unavailable(_)) => true,
+                gingham_ipam::IpamError::Resource(r) => store_down(r),
+                _ => false,
+            };
+            Unreachable(down, internal("releasing addresses failed", e))
+        })?;
         // The endpoint (and its veth) only if it still belongs to this container: a newer pod
         // of the same name may have replaced it.
         let wep = self
             .resources
             .get(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name)
             .await
-            .map_err(|e| internal("reading the endpoint failed", e))?;
+            .map_err(|e| unreachable("reading the endpoint failed", &e))?;
         let ours = wep.as_ref().is_none_or(|w| w.spec["containerID"].as_str() == Some(ep.container_id.as_str()));
         if ours {
-            Netlink::delete_link_detached(&id.host_veth).await.map_err(|e| kernel("removing the veth failed", e))?;
+            if veth {
+                Netlink::delete_link_detached(&id.host_veth)
+                    .await
+                    .map_err(|e| Unreachable(false, kernel("removing the veth failed", e)))?;
+            }
             if let Some(w) = wep {
                 let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
                 match self.resources.delete(Kind::WorkloadEndpoint, Some(&id.namespace), &id.wep_name, rv).await {
                     Ok(_) | Err(gingham_store::resources::ResourceError::Store(StoreError::NotFound { .. })) => {}
-                    Err(e) => return Err(internal("removing the endpoint failed", e)),
+                    Err(e) => return Err(unreachable("removing the endpoint failed", &e)),
                 }
             }
         }
         Ok(())
+    }
+
+    /// Finish the DELs that were completed locally while the datastore was unreachable.
+    pub async fn retry_pending_dels(&self) {
+        let queued: Vec<Endpoint> = self.pending_dels.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ep in queued {
+            let Some(_serial) = self.locks.try_lock(&ep.handle()) else { continue };
+            let id = self.identity(&ep);
+            let done = matches!(tokio::time::timeout(DATASTORE_WAIT, self.del_recorded(&ep, &id, false)).await, Ok(Ok(())));
+            if done {
+                let mut q = self.pending_dels.lock().unwrap_or_else(|p| p.into_inner());
+                q.retain(|p| p.handle() != ep.handle());
+                self.save_pending(&q);
+            }
+        }
     }
 
     /// A real check: the endpoint, both interfaces, the addresses and routes are as recorded.
@@ -584,6 +685,7 @@ impl EndpointService {
     /// every few seconds.
     pub async fn sweep_orphans(self: Arc<Self>, grace: Duration, wake: Arc<tokio::sync::Notify>) {
         loop {
+            self.retry_pending_dels().await;
             if let Err(e) = self.sweep_once(grace).await {
                 self.metrics.record_error(format!("orphaned endpoint sweep: {e}"));
             }

@@ -60,6 +60,20 @@ pub fn render_metrics(m: &Metrics) -> String {
         "counter",
         m.orphans_released.load(Ordering::Relaxed),
     );
+    g(
+        &mut s,
+        "gingham_pending_dels",
+        "CNI DELs done locally while the datastore was unreachable, their records to clean up.",
+        "gauge",
+        m.pending_dels.load(Ordering::Relaxed),
+    );
+    g(
+        &mut s,
+        "gingham_cache_decode_errors_total",
+        "Stored resources that did not decode (each an error for that resource alone).",
+        "counter",
+        m.cache_decode_errors.load(Ordering::Relaxed),
+    );
     g(&mut s, "gingham_pod_mtu", "MTU given to pods.", "gauge", u64::from(m.pod_mtu.load(Ordering::Relaxed)));
     let _ = writeln!(
         s,

@@ -132,14 +132,16 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             .map_err(|e| AgentError::Socket { path: addr.to_string(), message: e.to_string() })?;
         tokio::spawn(health::serve(listener, metrics.clone()));
     }
-    let service = Arc::new(EndpointService::new(
+    let mut service = EndpointService::new(
         config.node.clone(),
         IpamClient::new(config.store.clone()),
         resources,
         host,
         metrics.clone(),
         locals,
-    ));
+    );
+    service.load_pending(pending_dels_path(&config.socket));
+    let service = Arc::new(service);
     tokio::spawn(service.clone().sweep_orphans(config.orphan_grace, sweep));
     let path = config.socket.clone();
     let listener =
@@ -165,6 +167,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
     socket::remove(&path);
     Ok(())
+}
+
+/// Where the agent keeps the DELs it completed locally while the datastore was away.
+pub fn pending_dels_path(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".pending-dels.json");
+    socket.with_file_name(name)
 }
 
 async fn handle(svc: Arc<EndpointService>, mut stream: UnixStream) {

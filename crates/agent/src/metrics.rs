@@ -19,6 +19,8 @@ pub struct Metrics {
     /// Endpoints whose interface is gone, waiting for their grace period; and those released.
     pub orphans_pending: AtomicU64,
     pub orphans_released: AtomicU64,
+    /// DELs completed locally while the datastore was unreachable, waiting for it.
+    pub pending_dels: AtomicU64,
     /// Stored resources that did not decode (each an error for that resource alone).
     pub cache_decode_errors: AtomicU64,
     /// Times the kernel dropped route/link events (each followed by a full check).

@@ -385,3 +385,63 @@ fn ipip_needs_the_kernel_module() {
     let lab = Lab::up(&["--encap", "ipip", "--nodes", "2", "--pods-per-node", "1"]);
     assert!(lab.check().contains("all 2 pod pairs"));
 }
+
+/// etcd stops answering under a running lab with traffic flowing: every kernel object stays,
+/// pods keep talking, a CNI DEL completes locally (its records cleaned up once etcd is back),
+/// and an agent restarted meanwhile adopts the kernel state instead of tearing it down.
+#[test]
+fn datastore_outage_keeps_the_dataplane() {
+    let mut lab = Lab::up(&["--datastore", "etcd", "--nodes", "2", "--pods-per-node", "2"]);
+    let state = lab.state();
+    let etcd = state["etcd_pid"].as_i64().unwrap().to_string();
+    let ours = |r: String| r.lines().filter(|l| l.contains("proto 80")).map(str::to_string).collect::<Vec<_>>();
+    let before = (ours(lab.routes("node-1")), ours(lab.routes("node-2")));
+    let gone_ip = lab.pod_ip("default/pod-1-2");
+    let env: Vec<(String, String)> = lab
+        .ok(&["lab", "env"])
+        .lines()
+        .filter_map(|l| l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    struct Resume(String);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
+    Command::new("kill").args(["-STOP", &etcd]).status().unwrap();
+    let resume = Resume(etcd);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!((ours(lab.routes("node-1")), ours(lab.routes("node-2"))), before, "routes stay");
+    assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"), "traffic flows without the datastore");
+    // A DEL completes locally.
+    let t = Instant::now();
+    lab.ok(&["lab", "pod", "del", "default/pod-1-2"]);
+    assert!(t.elapsed() < Duration::from_secs(15), "DEL took {:?}", t.elapsed());
+    assert!(!lab.routes("node-1").contains(&gone_ip), "the pod's veth and route are gone");
+    // node-1's agent restarts while etcd is still down: it adopts, it does not tear down.
+    let n = &state["nodes"][0];
+    Command::new("kill").arg("-9").arg(n["agent_pid"].as_i64().unwrap().to_string()).status().unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", n["netns"].as_str().unwrap(), G, "node", "run", "--nodename", "node-1", "--ip"])
+        .arg(n["ip"].as_str().unwrap())
+        .arg("--socket")
+        .arg(n["socket"].as_str().unwrap())
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    lab.extra_pids.push(child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ours(lab.routes("node-1")), before.0, "a restarted agent keeps the routes while etcd is away");
+    // etcd is back: the queued DEL finishes, everything converges.
+    drop(resume);
+    wait_for("the DEL's records to go", Duration::from_secs(30), || {
+        !lab.gingham(&["get", "wep"]).contains("pod-1-2")
+            && lab.gingham(&["ipam", "show", &format!("--ip={gone_ip}")]).contains("is not assigned")
+    });
+    assert!(lab.check().contains("all 6 pod pairs: ping ok, tcp ok"));
+    let check = lab.gingham(&["ipam", "check"]);
+    assert!(check.ends_with("found 0 problems.\n"), "{check}");
+    assert_eq!((ours(lab.routes("node-1")), ours(lab.routes("node-2"))), before);
+}

@@ -351,6 +351,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
             node_nl.replace_route(&r).await?;
         }
         let socket = state.record(&format!("{name}.sock"))?;
+        state.record(&format!("{name}.sock.pending-dels.json"))?;
         // Install the CNI configuration as `gingham cni install` would (MTU 0: the agent's).
         let conf = gingham_cni::conflist(NETWORK, "1.0.0", 0, &name, &socket.display().to_string());
         for d in [name.clone(), format!("{name}/net.d")] {
