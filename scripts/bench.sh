@@ -3,22 +3,37 @@
 # README come from here. As root (the benchmarks build namespaces). Fails loudly: a benchmark that
 # errs or overruns its limit is named at the end and the exit status is 1.
 #   scripts/bench.sh              # all
-#   scripts/bench.sh cni ipam     # some: store ipam cni datapath
+#   scripts/bench.sh cni ipam     # some: store ipam cni datapath scale nft
+# The scale benchmark compares with the agent of commit e5049a0 (before the watch-fed cache),
+# built once into target/old-e5049a0 (a few minutes the first time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh || exit 1
 cargo build --release --benches --locked -q || exit 1
 
-declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200)
+declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200 [scale]=2400 [nft]=300)
 declare -A ARGS=([store]="-p gingham-store" [ipam]="-p gingham-ipam" [cni]="-p gingham --bench cni"
-                 [datapath]="-p gingham --bench datapath")
-ORDER=(store ipam cni datapath)
+                 [datapath]="-p gingham --bench datapath" [scale]="-p gingham --bench scale"
+                 [nft]="-p gingham-kernel --bench nft")
+ORDER=(store ipam cni datapath scale nft)
+
+# The agent before the watch-fed cache, for the scale benchmark's comparison.
+old_agent() {
+  local dir=$PWD/target/old-e5049a0
+  if [[ ! -x $dir/release/gingham ]]; then
+    echo "building the agent of commit e5049a0 for comparison (once) ..."
+    [[ -d $dir/src ]] || git worktree add --detach -f "$dir/src" e5049a0 >/dev/null || return 1
+    (cd "$dir/src" && cargo build --release -q -p gingham --target-dir "$dir") || return 1
+  fi
+  export GINGHAM_OLD_AGENT=$dir/release/gingham
+}
 want=("$@")
 ((${#want[@]})) || want=("${ORDER[@]}")
 
 failed=()
 for b in "${want[@]}"; do
   [[ -n ${LIMIT[$b]:-} ]] || { echo "unknown benchmark $b (have: ${ORDER[*]})" >&2; exit 2; }
+  if [[ $b == scale ]]; then old_agent || echo "cannot build commit e5049a0: the scale table has no comparison rows"; fi
   echo "=== $b (time limit ${LIMIT[$b]} s)"
   # shellcheck disable=SC2086
   timeout --kill-after=15 "${LIMIT[$b]}" cargo bench --locked -q ${ARGS[$b]}

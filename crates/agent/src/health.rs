@@ -69,6 +69,13 @@ pub fn render_metrics(m: &Metrics) -> String {
     );
     g(
         &mut s,
+        "gingham_datastore_lists_total",
+        "Full listings of a datastore prefix: one per prefix at start, more only after compaction.",
+        "counter",
+        m.datastore_lists.load(Ordering::Relaxed),
+    );
+    g(
+        &mut s,
         "gingham_cache_decode_errors_total",
         "Stored resources that did not decode (each an error for that resource alone).",
         "counter",

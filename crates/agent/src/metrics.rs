@@ -21,6 +21,8 @@ pub struct Metrics {
     pub orphans_released: AtomicU64,
     /// DELs completed locally while the datastore was unreachable, waiting for it.
     pub pending_dels: AtomicU64,
+    /// Full listings of a datastore prefix (one per prefix at start; more only after compaction).
+    pub datastore_lists: AtomicU64,
     /// Stored resources that did not decode (each an error for that resource alone).
     pub cache_decode_errors: AtomicU64,
     /// Times the kernel dropped route/link events (each followed by a full check).

@@ -210,7 +210,10 @@ impl Model {
 
     fn take(&mut self, f: Feed) {
         match f {
-            Feed::ListStart(p) => self.cache.relist_start(p),
+            Feed::ListStart(p) => {
+                self.metrics.datastore_lists.fetch_add(1, Ordering::Relaxed);
+                self.cache.relist_start(p)
+            }
             Feed::Page(p, page) => self.pending.extend(self.cache.relist_page(p, &page)),
             Feed::ListEnd(p, _) => {
                 self.pending.extend(self.cache.relist_end(p));

@@ -182,6 +182,20 @@ fn vxlan_lab_check_drift_node_removal_and_pods() {
         lab.routes("node-1").contains(&format!("{victim} via"))
     });
     eprintln!("drift repaired in {took:?}");
+    // A pod's host route, and its interface's proxy ARP, deleted or changed by hand come back.
+    let pod_ip = lab.pod_ip("default/pod-1-1");
+    let dev = lab.routes("node-1").lines().find(|l| l.starts_with(&format!("{pod_ip} dev"))).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    Command::new("ip").args(["-n", &node1, "route", "del", &format!("{pod_ip}/32")]).status().unwrap();
+    let took = wait_for("deleted pod route restored", Duration::from_secs(3), || {
+        lab.routes("node-1").contains(&format!("{pod_ip} dev {dev}"))
+    });
+    eprintln!("pod route repaired in {took:?}");
+    let proxy_arp = format!("/proc/sys/net/ipv4/conf/{dev}/proxy_arp");
+    Command::new("ip").args(["netns", "exec", &node1, "sh", "-c", &format!("echo 0 > {proxy_arp}")]).status().unwrap();
+    wait_for("proxy ARP restored by the resync", Duration::from_secs(12), || {
+        let out = Command::new("ip").args(["netns", "exec", &node1, "cat", &proxy_arp]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "1"
+    });
 
     // Pods come and go through the CNI plugin.
     let out = lab.ok(&["lab", "pod", "add", "node-2", "team-a/extra", "--labels", "app=web"]);
