@@ -19,21 +19,64 @@ use gingham_store::{Event, KeyValue};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-/// An interned string: label keys and values, namespaces, node and profile names repeat across
-/// thousands of endpoints.
+/// A shared string (block owners and borrowers).
 pub type Sym = Arc<str>;
 
+/// An interned string's number: label keys and values, namespaces, node and profile names
+/// repeat across thousands of endpoints, and a number is 4 bytes where a pointer is 16.
+pub type Id = u32;
+
 #[derive(Default)]
-struct Interner(HashSet<Sym>);
+struct Interner {
+    ids: HashMap<Sym, Id>,
+    strings: Vec<Sym>,
+}
+
+/// Interned lists (a workload's label set, its profiles), each stored once.
+struct Lists<T> {
+    ids: HashMap<Arc<[T]>, Id>,
+    lists: Vec<Arc<[T]>>,
+}
+
+impl<T> Default for Lists<T> {
+    fn default() -> Self {
+        Lists { ids: HashMap::new(), lists: Vec::new() }
+    }
+}
+
+impl<T: std::hash::Hash + Eq> Lists<T> {
+    fn id(&mut self, v: Vec<T>) -> Id {
+        if let Some(i) = self.ids.get(v.as_slice()) {
+            return *i;
+        }
+        let a: Arc<[T]> = v.into();
+        let i = self.lists.len() as Id;
+        self.lists.push(a.clone());
+        self.ids.insert(a, i);
+        i
+    }
+    fn get(&self, id: Id) -> &[T] {
+        self.lists.get(id as usize).map_or(&[], |l| l)
+    }
+}
 
 impl Interner {
-    fn get(&mut self, s: &str) -> Sym {
-        if let Some(x) = self.0.get(s) {
-            return x.clone();
+    fn sym(&mut self, s: &str) -> Sym {
+        let id = self.id(s);
+        self.strings[id as usize].clone()
+    }
+    fn id(&mut self, s: &str) -> Id {
+        if let Some(i) = self.ids.get(s) {
+            return *i;
         }
         let x: Sym = Arc::from(s);
-        self.0.insert(x.clone());
-        x
+        let i = self.strings.len() as Id;
+        self.strings.push(x.clone());
+        self.ids.insert(x, i);
+        i
+    }
+    fn name(&self, id: Id) -> &str {
+        self.strings.get(id as usize).map_or("", |s| s)
     }
 }
 
@@ -57,37 +100,109 @@ pub struct BlockRec {
     pub borrowed: Vec<(IpAddr, Sym)>,
 }
 
-/// An endpoint's addresses; nearly always one (two with dual stack), kept inline.
+/// An endpoint's addresses; nearly always one IPv4 address (or one of each family), kept inline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ips {
     None,
-    One(IpNet),
-    Two(IpNet, IpNet),
+    V4(std::net::Ipv4Addr),
+    Dual(std::net::Ipv4Addr, std::net::Ipv6Addr),
     Many(Box<[IpNet]>),
 }
 
 impl Ips {
     fn from(v: Vec<IpNet>) -> Ips {
+        let host = |n: &IpNet| n.prefix_len() == n.max_prefix_len();
         match v.as_slice() {
             [] => Ips::None,
-            [a] => Ips::One(*a),
-            [a, b] => Ips::Two(*a, *b),
+            [IpNet::V4(a)] if host(&v[0]) => Ips::V4(a.addr()),
+            [IpNet::V4(a), IpNet::V6(b)] if host(&v[0]) && host(&v[1]) => Ips::Dual(a.addr(), b.addr()),
             _ => Ips::Many(v.into_boxed_slice()),
         }
     }
     pub fn to_vec(&self) -> Vec<IpNet> {
         match self {
             Ips::None => vec![],
-            Ips::One(a) => vec![*a],
-            Ips::Two(a, b) => vec![*a, *b],
+            Ips::V4(a) => vec![IpNet::from(IpAddr::V4(*a))],
+            Ips::Dual(a, b) => vec![IpNet::from(IpAddr::V4(*a)), IpNet::from(IpAddr::V6(*b))],
             Ips::Many(v) => v.to_vec(),
         }
+    }
+}
+
+/// A 128-bit hash of an endpoint's `namespace/name`: endpoints are found by it, so 150,000 of
+/// them do not keep 150,000 names (only this node's own keep theirs). Two names sharing one is
+/// as likely as a random 128-bit collision.
+pub type EndpointKey = [u64; 2];
+
+pub fn endpoint_key(key: &str) -> EndpointKey {
+    use std::hash::{Hash, Hasher};
+    let h = |salt: u8| {
+        let mut s = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut s);
+        key.hash(&mut s);
+        s.finish()
+    };
+    [h(1), h(2)]
+}
+
+/// Endpoints in a slab, indexed by key hash; freed slots are reused.
+#[derive(Default)]
+pub struct Endpoints {
+    index: HashMap<EndpointKey, u32>,
+    slots: Vec<Option<Endpoint>>,
+    free: Vec<u32>,
+}
+
+impl Endpoints {
+    pub fn get(&self, k: &EndpointKey) -> Option<&Endpoint> {
+        self.slots.get(*self.index.get(k)? as usize)?.as_ref()
+    }
+    fn insert(&mut self, k: EndpointKey, e: Endpoint) {
+        if let Some(i) = self.index.get(&k) {
+            self.slots[*i as usize] = Some(e);
+            return;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(e);
+                i
+            }
+            None => {
+                self.slots.push(Some(e));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(k, i);
+    }
+    fn remove(&mut self, k: &EndpointKey) -> Option<Endpoint> {
+        let i = self.index.remove(k)?;
+        self.free.push(i);
+        self.slots[i as usize].take()
+    }
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &EndpointKey> {
+        self.index.keys()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Endpoint> {
+        self.slots.iter().flatten()
+    }
+    /// Give back what growth over-allocated (after a listing).
+    fn shrink(&mut self) {
+        self.index.shrink_to_fit();
+        self.slots.shrink_to_fit();
     }
 }
 
 /// What only this node's own endpoints carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPart {
+    /// `namespace/name`.
+    pub key: String,
     pub interface: Option<String>,
     pub container_id: Option<String>,
     pub network: Option<String>,
@@ -96,13 +211,15 @@ pub struct LocalPart {
 }
 
 /// A workload endpoint, compact (every endpoint in the cluster is held: policy selects on them).
+/// Strings are interned — resolve them with [`Cache::name`] — and so are whole label and
+/// profile lists, which pods of one workload share: [`Cache::labels`], [`Cache::profiles`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub namespace: Sym,
-    pub node: Sym,
+    pub namespace: Id,
+    pub node: Id,
+    pub labels: Id,
+    pub profiles: Id,
     pub ips: Ips,
-    pub labels: Box<[(Sym, Sym)]>,
-    pub profiles: Box<[Sym]>,
     pub local: Option<Box<LocalPart>>,
 }
 
@@ -112,8 +229,7 @@ pub enum Change {
     Pool(String),
     Node(String),
     Block(IpNet),
-    /// `namespace/name`.
-    Endpoint(String),
+    Endpoint(EndpointKey),
 }
 
 #[derive(Deserialize)]
@@ -172,19 +288,28 @@ fn classify(key: &str) -> Item {
     Item::Other
 }
 
+/// What a listing under way has seen.
+#[derive(Default)]
+struct Seen {
+    keys: HashSet<String>,
+    endpoints: HashSet<EndpointKey>,
+}
+
 /// The typed picture of the cluster; see the module documentation.
 pub struct Cache {
     me: String,
     syms: Interner,
+    label_sets: Lists<(Id, Id)>,
+    profile_sets: Lists<Id>,
     pub pools: BTreeMap<String, Pool>,
     pub nodes: HashMap<String, NodeRec>,
     pub blocks: HashMap<IpNet, BlockRec>,
-    pub endpoints: HashMap<Box<str>, Endpoint>,
+    pub endpoints: Endpoints,
     /// Keys whose stored value did not decode, with the error (logged once).
     pub bad: HashMap<String, String>,
     pub decode_errors: u64,
     /// Keys seen by the listings under way, per prefix.
-    listing: HashMap<String, HashSet<String>>,
+    listing: HashMap<String, Seen>,
 }
 
 impl Cache {
@@ -192,10 +317,12 @@ impl Cache {
         Cache {
             me: me.into(),
             syms: Interner::default(),
+            label_sets: Lists::default(),
+            profile_sets: Lists::default(),
             pools: BTreeMap::new(),
             nodes: HashMap::new(),
             blocks: HashMap::new(),
-            endpoints: HashMap::new(),
+            endpoints: Endpoints::default(),
             bad: HashMap::new(),
             decode_errors: 0,
             listing: HashMap::new(),
@@ -206,9 +333,23 @@ impl Cache {
         &self.me
     }
 
+    /// The string behind an interned id.
+    pub fn name(&self, id: Id) -> &str {
+        self.syms.name(id)
+    }
+
+    /// An endpoint's labels (interned key, value pairs).
+    pub fn labels(&self, e: &Endpoint) -> &[(Id, Id)] {
+        self.label_sets.get(e.labels)
+    }
+
+    pub fn profiles(&self, e: &Endpoint) -> &[Id] {
+        self.profile_sets.get(e.profiles)
+    }
+
     /// This node's endpoints.
-    pub fn local_endpoints(&self) -> impl Iterator<Item = (&str, &Endpoint)> {
-        self.endpoints.iter().filter(|(_, e)| e.local.is_some()).map(|(k, e)| (&**k, e))
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.local.is_some())
     }
 
     /// Apply one watch event; returns what changed (nothing if the value is the same).
@@ -224,7 +365,10 @@ impl Cache {
         match classify(key) {
             Item::Pool(n) => self.pools.remove(&n).map(|_| Change::Pool(n)),
             Item::Node(n) => self.nodes.remove(&n).map(|_| Change::Node(n)),
-            Item::Endpoint(k) => self.endpoints.remove(k.as_str()).map(|_| Change::Endpoint(k)),
+            Item::Endpoint(k) => {
+                let h = endpoint_key(&k);
+                self.endpoints.remove(&h).map(|_| Change::Endpoint(h))
+            }
             Item::Block(c) => self.blocks.remove(&c).map(|_| Change::Block(c)),
             Item::Other => None,
         }
@@ -245,10 +389,11 @@ impl Cache {
                     Change::Node(n.clone())
                 })
             }),
-            Item::Endpoint(k) => self.decode_endpoint(kv).map(|e| {
-                (self.endpoints.get(k.as_str()) != Some(&e)).then(|| {
-                    self.endpoints.insert(k.as_str().into(), e);
-                    Change::Endpoint(k.clone())
+            Item::Endpoint(k) => self.decode_endpoint(k, kv).map(|e| {
+                let h = endpoint_key(k);
+                (self.endpoints.get(&h) != Some(&e)).then(|| {
+                    self.endpoints.insert(h, e);
+                    Change::Endpoint(h)
                 })
             }),
             Item::Block(c) => self.decode_block(*c, kv).map(|b| {
@@ -295,21 +440,20 @@ impl Cache {
         if b.cidr != cidr {
             return Err(format!("holds block {} under the key of {cidr}", b.cidr));
         }
-        let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(|n| self.syms.get(n));
+        let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(|n| self.syms.sym(n));
         let mut borrowed = Vec::new();
         for o in 0..b.size() as u32 {
             if let Some(n) = b.attribute(o).and_then(|a| a.secondary.as_ref()?.get("node")) {
                 if owner.as_deref() != Some(n.as_str()) {
-                    borrowed.push((b.ip(o), self.syms.get(n)));
+                    borrowed.push((b.ip(o), self.syms.sym(n)));
                 }
             }
         }
         Ok(BlockRec { cidr, node: owner, borrowed })
     }
 
-    fn decode_endpoint(&mut self, kv: &KeyValue) -> Result<Endpoint, String> {
+    fn decode_endpoint(&mut self, key: &str, kv: &KeyValue) -> Result<Endpoint, String> {
         let doc: WepDoc = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
-        let key = kv.key.strip_prefix(&Kind::WorkloadEndpoint.prefix(None)).unwrap_or_default();
         let namespace = key.split('/').next().unwrap_or_default();
         let ips = doc
             .spec
@@ -320,6 +464,7 @@ impl Cache {
         let node = doc.spec.node.unwrap_or_default();
         let local = (node == self.me).then(|| {
             Box::new(LocalPart {
+                key: key.to_string(),
                 interface: doc.spec.interface_name,
                 container_id: doc.spec.container_id,
                 network: doc.metadata.annotations.get(crate::endpoints::NETWORK_ANNOTATION).cloned(),
@@ -327,15 +472,15 @@ impl Cache {
                 revision: kv.mod_revision,
             })
         });
-        let labels: Vec<(Sym, Sym)> =
-            doc.metadata.labels.iter().map(|(k, v)| (self.syms.get(k), self.syms.get(v))).collect();
-        let profiles: Vec<Sym> = doc.spec.profiles.iter().map(|p| self.syms.get(p)).collect();
+        let labels: Vec<(Id, Id)> =
+            doc.metadata.labels.iter().map(|(k, v)| (self.syms.id(k), self.syms.id(v))).collect();
+        let profiles: Vec<Id> = doc.spec.profiles.iter().map(|p| self.syms.id(p)).collect();
         Ok(Endpoint {
-            namespace: self.syms.get(namespace),
-            node: self.syms.get(&node),
+            namespace: self.syms.id(namespace),
+            node: self.syms.id(&node),
+            labels: self.label_sets.id(labels),
+            profiles: self.profile_sets.id(profiles),
             ips: Ips::from(ips),
-            labels: labels.into_boxed_slice(),
-            profiles: profiles.into_boxed_slice(),
             local,
         })
     }
@@ -351,20 +496,38 @@ impl Cache {
 
     /// The same, a page at a time (as `sync.rs` delivers them).
     pub fn relist_start(&mut self, prefix: &str) {
-        self.listing.insert(prefix.to_string(), HashSet::new());
+        self.listing.insert(prefix.to_string(), Seen::default());
     }
 
     pub fn relist_page(&mut self, prefix: &str, page: &[KeyValue]) -> Vec<Change> {
+        let wep = Kind::WorkloadEndpoint.prefix(None);
         if let Some(seen) = self.listing.get_mut(prefix) {
-            seen.extend(page.iter().map(|kv| kv.key.clone()));
+            for kv in page {
+                // Endpoints are remembered by hash (a listing of 150,000 keeps no names).
+                match kv.key.strip_prefix(&wep) {
+                    Some(k) => seen.endpoints.insert(endpoint_key(k)),
+                    None => seen.keys.insert(kv.key.clone()),
+                };
+            }
         }
         page.iter().filter_map(|kv| self.put(kv)).collect()
     }
 
     pub fn relist_end(&mut self, prefix: &str) -> Vec<Change> {
         let seen = self.listing.remove(prefix).unwrap_or_default();
-        let gone: Vec<String> = self.held_keys(prefix).into_iter().filter(|k| !seen.contains(k)).collect();
-        gone.iter().filter_map(|k| self.delete(k)).collect()
+        let gone: Vec<String> = self.held_keys(prefix).into_iter().filter(|k| !seen.keys.contains(k)).collect();
+        let mut changes: Vec<Change> = gone.iter().filter_map(|k| self.delete(k)).collect();
+        let wep = Kind::WorkloadEndpoint.prefix(None);
+        if wep.starts_with(prefix) || prefix.starts_with(&wep) {
+            let stale: Vec<EndpointKey> =
+                self.endpoints.keys().filter(|h| !seen.endpoints.contains(*h)).copied().collect();
+            for h in stale {
+                self.endpoints.remove(&h);
+                changes.push(Change::Endpoint(h));
+            }
+        }
+        self.endpoints.shrink();
+        changes
     }
 
     fn held_keys(&self, prefix: &str) -> Vec<String> {
@@ -372,8 +535,6 @@ impl Cache {
         if RESOURCES_PREFIX.starts_with(prefix) || prefix.starts_with(RESOURCES_PREFIX) {
             out.extend(self.pools.keys().map(|n| Kind::IPPool.key(None, n)));
             out.extend(self.nodes.keys().map(|n| Kind::Node.key(None, n)));
-            let wep = Kind::WorkloadEndpoint.prefix(None);
-            out.extend(self.endpoints.keys().map(|k| format!("{wep}{k}")));
         }
         if BLOCKS_PREFIX.starts_with(prefix) || prefix.starts_with(BLOCKS_PREFIX) {
             out.extend(self.blocks.keys().map(gingham_ipam::model::block_key));
@@ -401,37 +562,43 @@ mod tests {
     fn events_become_typed_changes_and_only_real_ones_count() {
         let mut c = Cache::new("n1");
         let key = "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/n1-k8s-w-eth0";
+        let h = endpoint_key("ns1/n1-k8s-w-eth0");
         let put = |v, rev| Event::Put(kv(key, v, rev));
-        assert_eq!(c.apply(&put(wep("n1", "10.0.0.1/32"), 5)), Some(Change::Endpoint("ns1/n1-k8s-w-eth0".into())));
-        let e = &c.endpoints["ns1/n1-k8s-w-eth0"];
-        assert_eq!((e.ips.to_vec(), &*e.namespace), (vec!["10.0.0.1/32".parse().unwrap()], "ns1"));
+        assert_eq!(c.apply(&put(wep("n1", "10.0.0.1/32"), 5)), Some(Change::Endpoint(h)));
+        let e = c.endpoints.get(&h).unwrap();
+        assert_eq!((e.ips.to_vec(), c.name(e.namespace)), (vec!["10.0.0.1/32".parse().unwrap()], "ns1"));
+        assert_eq!(e.ips, Ips::V4("10.0.0.1".parse().unwrap()), "one IPv4 address is kept inline");
         let local = e.local.as_ref().unwrap();
         assert_eq!(
-            (local.interface.as_deref(), local.network.as_deref(), local.revision),
-            (Some("cali1"), Some("net"), 5)
+            (local.key.as_str(), local.interface.as_deref(), local.network.as_deref(), local.revision),
+            ("ns1/n1-k8s-w-eth0", Some("cali1"), Some("net"), 5)
         );
-        // The same content again: nothing changed (a revision alone is no change for remote ones).
+        // The same content again: nothing changed.
         assert_eq!(c.apply(&put(wep("n1", "10.0.0.1/32"), 5)), None);
-        // A remote endpoint carries no local part.
+        // A remote endpoint carries no local part, and shares the interned label set.
         let other = "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/n2-k8s-x-eth0";
         c.apply(&Event::Put(kv(other, wep("n2", "10.0.1.1/32"), 6)));
-        assert!(c.endpoints["ns1/n2-k8s-x-eth0"].local.is_none());
+        let o = c.endpoints.get(&endpoint_key("ns1/n2-k8s-x-eth0")).unwrap();
+        assert!(o.local.is_none());
         assert_eq!(c.local_endpoints().count(), 1);
-        // Interned: both endpoints share one label string.
-        assert!(Arc::ptr_eq(
-            &c.endpoints["ns1/n1-k8s-w-eth0"].labels[0].1,
-            &c.endpoints["ns1/n2-k8s-x-eth0"].labels[0].1
-        ));
+        let mine = c.endpoints.get(&h).unwrap();
+        assert_eq!(mine.labels, o.labels, "one label set for both");
+        let (k, v) = c.labels(mine)[0];
+        assert_eq!((c.name(k), c.name(v)), ("app", "web"));
+        assert_eq!(c.profiles(mine).iter().map(|p| c.name(*p)).collect::<Vec<_>>(), ["kns.ns1"]);
         // A malformed value is that resource's error: counted, last good value kept.
         assert_eq!(c.apply(&put(wep("n1", "not-an-ip"), 7)), None);
         assert_eq!(c.decode_errors, 1);
         assert!(c.bad[key].contains("spec.ipNetworks"));
-        assert_eq!(c.endpoints["ns1/n1-k8s-w-eth0"].ips.to_vec(), vec!["10.0.0.1/32".parse::<IpNet>().unwrap()]);
-        assert_eq!(
-            c.apply(&Event::Delete { key: key.into(), revision: 8 }),
-            Some(Change::Endpoint("ns1/n1-k8s-w-eth0".into()))
-        );
+        assert_eq!(c.endpoints.get(&h).unwrap().ips.to_vec(), vec!["10.0.0.1/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.apply(&Event::Delete { key: key.into(), revision: 8 }), Some(Change::Endpoint(h)));
         assert!(c.bad.is_empty());
+        // A re-list without the remote endpoint removes it (by hash); the freed slot is reused.
+        let changes = c.relist(RESOURCES_PREFIX, &[]);
+        assert_eq!(changes, vec![Change::Endpoint(endpoint_key("ns1/n2-k8s-x-eth0"))]);
+        assert!(c.endpoints.is_empty());
+        c.apply(&put(wep("n1", "10.0.0.2/32"), 9));
+        assert_eq!(c.endpoints.len(), 1);
     }
 
     #[test]

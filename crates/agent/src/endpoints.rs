@@ -548,7 +548,8 @@ impl EndpointService {
         for ep in queued {
             let Some(_serial) = self.locks.try_lock(&ep.handle()) else { continue };
             let id = self.identity(&ep);
-            let done = matches!(tokio::time::timeout(DATASTORE_WAIT, self.del_recorded(&ep, &id, false)).await, Ok(Ok(())));
+            let done =
+                matches!(tokio::time::timeout(DATASTORE_WAIT, self.del_recorded(&ep, &id, false)).await, Ok(Ok(())));
             if done {
                 let mut q = self.pending_dels.lock().unwrap_or_else(|p| p.into_inner());
                 q.retain(|p| p.handle() != ep.handle());

@@ -102,7 +102,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let tunnels = Arc::new(tokio::sync::Notify::new());
     let sweep = Arc::new(tokio::sync::Notify::new());
     let routing = net.is_some();
-    let (model, locals) = model::Model::new(
+    let (model, locals, shared) = model::Model::new(
         &config.node,
         net,
         gingham_dataplane::workloads::WorkloadManager::new(host.clone()),
@@ -110,13 +110,11 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         tunnels.clone(),
         sweep.clone(),
     );
-    let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
     for prefix in [cache::RESOURCES_PREFIX, cache::BLOCKS_PREFIX] {
-        tokio::spawn(sync::follow(config.store.clone(), prefix, feed_tx.clone()));
+        tokio::spawn(sync::follow(config.store.clone(), prefix, shared.clone()));
     }
-    drop(feed_tx);
     let kernel = gingham_kernel::route_and_link_events().ok();
-    tokio::spawn(model.run(feed_rx, kernel));
+    tokio::spawn(model.run(kernel));
     if routing {
         tunnels.notify_one();
         tokio::spawn(model::maintain_tunnels(

@@ -11,7 +11,6 @@
 //! datastore after the first sync, and nothing touches the kernel before it: an agent that
 //! restarts adopts what it finds.
 
-use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,7 +30,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::cache::{BLOCKS_PREFIX, Cache, Change, RESOURCES_PREFIX};
 use crate::metrics::Metrics;
-use crate::sync::Feed;
+use crate::sync::Shared;
 
 /// Full re-application of the desired state from memory (drift the kernel did not report).
 pub const RESYNC: Duration = Duration::from_secs(5);
@@ -83,7 +82,7 @@ impl Network {
 
 pub struct Model {
     node: String,
-    cache: Cache,
+    shared: Arc<Shared>,
     calc: RouteCalc,
     net: Option<Network>,
     workloads: WorkloadManager,
@@ -93,9 +92,9 @@ pub struct Model {
     tunnels: Arc<Notify>,
     /// Wakes the orphan sweep (a workload interface went away).
     sweep: Arc<Notify>,
-    synced: HashSet<&'static str>,
     in_sync: bool,
-    pending: BTreeSet<Change>,
+    /// This node's endpoints by key hash (to find one again once it is deleted).
+    local_keys: std::collections::HashMap<crate::cache::EndpointKey, String>,
     /// Something in the managers waits to be applied.
     dirty: bool,
     troubled: bool,
@@ -147,11 +146,12 @@ impl Model {
         metrics: Arc<Metrics>,
         tunnels: Arc<Notify>,
         sweep: Arc<Notify>,
-    ) -> (Model, watch::Receiver<Locals>) {
+    ) -> (Model, watch::Receiver<Locals>, Arc<Shared>) {
         let (locals, rx) = watch::channel(Arc::new(Vec::new()));
+        let shared = Shared::new(Cache::new(node));
         let m = Model {
             node: node.into(),
-            cache: Cache::new(node),
+            shared: shared.clone(),
             calc: RouteCalc::new(node),
             net,
             workloads,
@@ -159,18 +159,18 @@ impl Model {
             locals,
             tunnels,
             sweep,
-            synced: HashSet::new(),
             in_sync: false,
-            pending: BTreeSet::new(),
+            local_keys: Default::default(),
             dirty: false,
             troubled: false,
         };
-        (m, rx)
+        (m, rx, shared)
     }
 
-    pub async fn run(mut self, mut feed: UnboundedReceiver<Feed>, mut kernel: Option<UnboundedReceiver<KernelEvent>>) {
+    pub async fn run(mut self, mut kernel: Option<UnboundedReceiver<KernelEvent>>) {
         let mut backstop = tokio::time::interval(RESYNC);
         backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = self.shared.clone();
         loop {
             let kernel_event = async {
                 match kernel.as_mut() {
@@ -179,19 +179,7 @@ impl Model {
                 }
             };
             tokio::select! {
-                f = feed.recv() => {
-                    let Some(f) = f else { return };
-                    self.take(f);
-                    // Whatever else is already queued goes into the same pass.
-                    let mut n = 0;
-                    while let Ok(f) = feed.try_recv() {
-                        self.take(f);
-                        n += 1;
-                        if n >= 10_000 {
-                            break;
-                        }
-                    }
-                }
+                _ = shared.wake.notified() => {}
                 ev = kernel_event => match ev {
                     Some(ev) => self.kernel_event(ev),
                     None => kernel = None,
@@ -202,38 +190,8 @@ impl Model {
                     }
                 }
             }
-            if !self.pending.is_empty() || self.dirty {
-                self.process().await;
-            }
+            self.process().await;
         }
-    }
-
-    fn take(&mut self, f: Feed) {
-        match f {
-            Feed::ListStart(p) => {
-                self.metrics.datastore_lists.fetch_add(1, Ordering::Relaxed);
-                self.cache.relist_start(p)
-            }
-            Feed::Page(p, page) => self.pending.extend(self.cache.relist_page(p, &page)),
-            Feed::ListEnd(p, _) => {
-                self.pending.extend(self.cache.relist_end(p));
-                self.synced.insert(p);
-                // Even an empty listing completes the picture.
-                self.dirty = true;
-            }
-            Feed::Event(ev) => self.pending.extend(self.cache.apply(&ev)),
-            Feed::Trouble(e) => {
-                self.metrics.datastore_errors.fetch_add(1, Ordering::Relaxed);
-                self.metrics.record_error(format!("datastore: {e}; keeping the dataplane as it is"));
-                self.troubled = true;
-                self.metrics.ready.store(false, Ordering::Relaxed);
-            }
-            Feed::Recovered => {
-                self.troubled = false;
-                self.metrics.ready.store(self.in_sync, Ordering::Relaxed);
-            }
-        }
-        self.metrics.cache_decode_errors.store(self.cache.decode_errors, Ordering::Relaxed);
     }
 
     fn kernel_event(&mut self, ev: KernelEvent) {
@@ -277,75 +235,98 @@ impl Model {
         }
     }
 
-    /// Feed the pending changes through the calculation into the managers, and program.
+    /// Feed the changes the followers left through the calculation into the managers (all of
+    /// it under the picture's lock, none of it waiting), then program.
     async fn process(&mut self) {
         let started = Instant::now();
-        let mut diff = Diff::default();
-        let mut locals_changed = false;
-        let mut vtep_changed = false;
-        for c in std::mem::take(&mut self.pending) {
-            match c {
-                Change::Pool(n) => {
-                    diff.merge(self.calc.set_pool(&n, self.cache.pools.get(&n).map(pool_info)));
-                    self.tunnels.notify_one();
+        let shared = self.shared.clone();
+        let ready_now;
+        let had_changes;
+        {
+            let mut p = shared.lock();
+            self.metrics.cache_decode_errors.store(p.cache.decode_errors, Ordering::Relaxed);
+            self.metrics.datastore_lists.store(p.lists, Ordering::Relaxed);
+            self.metrics.datastore_errors.store(p.troubles, Ordering::Relaxed);
+            match &p.trouble {
+                Some(e) => {
+                    if !self.troubled {
+                        self.metrics.record_error(format!("datastore: {e}; keeping the dataplane as it is"));
+                    }
+                    self.troubled = true;
+                    self.metrics.ready.store(false, Ordering::Relaxed);
                 }
-                Change::Node(n) => {
-                    let info = self.cache.nodes.get(&n).map(|r| node_info(&n, r));
-                    diff.merge(self.calc.set_node(&n, info));
-                    if n == self.node {
+                None if self.troubled => {
+                    self.troubled = false;
+                    self.metrics.ready.store(self.in_sync, Ordering::Relaxed);
+                }
+                None => {}
+            }
+            let changes = std::mem::take(&mut p.changes);
+            had_changes = !changes.is_empty();
+            ready_now = !self.in_sync && p.synced.contains(RESOURCES_PREFIX) && p.synced.contains(BLOCKS_PREFIX);
+            let push = self.in_sync;
+            let mut locals_changed = false;
+            let mut vtep_changed = false;
+            for c in changes {
+                let diff = match c {
+                    Change::Pool(n) => {
                         self.tunnels.notify_one();
-                        vtep_changed = true;
+                        self.calc.set_pool(&n, p.cache.pools.get(&n).map(pool_info))
                     }
-                }
-                Change::Block(cidr) => {
-                    let info = self.cache.blocks.get(&cidr).map(|b| BlockInfo {
-                        cidr,
-                        node: b.node.as_deref().map(str::to_string),
-                        borrowed: b.borrowed.iter().map(|(ip, n)| (*ip, n.to_string())).collect(),
-                    });
-                    diff.merge(self.calc.set_block(cidr, info));
-                }
-                Change::Endpoint(k) => {
-                    let w = self.cache.endpoints.get(k.as_str()).and_then(|e| {
-                        let l = e.local.as_ref()?;
-                        Some(Workload { iface: l.interface.clone()?, ips: e.ips.to_vec() })
-                    });
-                    let was = self.workloads.knows_key(&k);
-                    if w.is_some() || was {
-                        self.workloads.set(&k, w);
+                    Change::Node(n) => {
+                        if n == self.node {
+                            self.tunnels.notify_one();
+                            vtep_changed = true;
+                        }
+                        let info = p.cache.nodes.get(&n).map(|r| node_info(&n, r));
+                        self.calc.set_node(&n, info)
+                    }
+                    Change::Block(cidr) => {
+                        let info = p.cache.blocks.get(&cidr).map(|b| BlockInfo {
+                            cidr,
+                            node: b.node.as_deref().map(str::to_string),
+                            borrowed: b.borrowed.iter().map(|(ip, n)| (*ip, n.to_string())).collect(),
+                        });
+                        self.calc.set_block(cidr, info)
+                    }
+                    Change::Endpoint(h) => {
+                        let local = p.cache.endpoints.get(&h).and_then(|e| Some((e, e.local.as_ref()?)));
+                        let key = match local {
+                            Some((_, l)) => Some(l.key.clone()),
+                            None => self.local_keys.get(&h).cloned(),
+                        };
+                        // Another node's endpoint: nothing here depends on it (yet).
+                        let Some(key) = key else { continue };
+                        let w = local
+                            .and_then(|(e, l)| Some(Workload { iface: l.interface.clone()?, ips: e.ips.to_vec() }));
+                        match local {
+                            Some(_) => self.local_keys.insert(h, key.clone()),
+                            None => self.local_keys.remove(&h),
+                        };
+                        self.workloads.set(&key, w);
                         locals_changed = true;
+                        self.dirty = true;
+                        continue;
                     }
+                };
+                vtep_changed |= diff.encap.is_some();
+                if push {
+                    self.push(diff);
                 }
             }
-        }
-        if diff.encap.is_some() {
-            vtep_changed = true;
-        }
-        if locals_changed {
-            self.publish_locals();
-        }
-        let ready_now = !self.in_sync && self.synced.contains(RESOURCES_PREFIX) && self.synced.contains(BLOCKS_PREFIX);
-        if ready_now {
-            // The first whole picture: hand the managers everything, then adopt the kernel.
-            diff = self.calc.full();
-            vtep_changed = true;
-        }
-        if let Some(net) = self.net.as_mut() {
-            for (dst, r) in diff.routes {
-                net.routes.set(CALC_PROTO, dst, r.map(target));
+            if ready_now {
+                // The first whole picture: hand the managers everything, then adopt the kernel.
+                let full = self.calc.full();
+                self.push(full);
+                vtep_changed = true;
+                locals_changed = true;
             }
-            for (n, p) in diff.peers {
-                net.vxlan.set_peer(&n, p);
+            if vtep_changed {
+                self.update_vtep();
             }
-            if let Some(sets) = diff.nat {
-                net.nat.set(sets);
+            if locals_changed {
+                self.publish_locals(&p.cache);
             }
-        }
-        if vtep_changed {
-            self.update_vtep();
-        }
-        if !(self.in_sync || ready_now) {
-            return;
         }
         if ready_now {
             if let Some(net) = self.net.as_mut() {
@@ -354,11 +335,28 @@ impl Model {
             self.in_sync = true;
             self.resync().await;
             self.metrics.ready.store(!self.troubled, Ordering::Relaxed);
-        } else {
+        } else if self.in_sync && (had_changes || self.dirty) {
             self.apply().await;
+        } else {
+            return;
         }
         self.metrics.observe(started.elapsed());
         self.metrics.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hand one difference to the managers.
+    fn push(&mut self, diff: Diff) {
+        self.dirty = true;
+        let Some(net) = self.net.as_mut() else { return };
+        for (dst, r) in diff.routes {
+            net.routes.set(CALC_PROTO, dst, r.map(target));
+        }
+        for (n, p) in diff.peers {
+            net.vxlan.set_peer(&n, p);
+        }
+        if let Some(sets) = diff.nat {
+            net.nat.set(sets);
+        }
     }
 
     fn update_vtep(&mut self) {
@@ -373,13 +371,12 @@ impl Model {
         self.metrics.pod_mtu.store(pod_mtu(net.underlay_mtu, vxlan, ipip), Ordering::Relaxed);
     }
 
-    fn publish_locals(&self) {
-        let mut v: Vec<LocalEndpoint> = self
-            .cache
+    fn publish_locals(&self, cache: &Cache) {
+        let mut v: Vec<LocalEndpoint> = cache
             .local_endpoints()
-            .filter_map(|(key, e)| {
+            .filter_map(|e| {
                 let l = e.local.as_ref()?;
-                let (ns, name) = key.split_once('/')?;
+                let (ns, name) = l.key.split_once('/')?;
                 Some(LocalEndpoint {
                     namespace: ns.into(),
                     name: name.into(),

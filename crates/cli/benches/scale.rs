@@ -7,7 +7,8 @@
 //! in GINGHAM_OLD_AGENT; scripts/bench.sh builds it), each of its phases capped in time. Then
 //! ten idle agents on one embedded store: their total CPU.
 //!
-//! `cargo bench -p gingham --bench scale`; GINGHAM_SCALE_NODES (1000,5000), GINGHAM_SCALE_CHURN_SECS (10).
+//! `cargo bench -p gingham --bench scale`; GINGHAM_SCALE_NODES (1000,5000), GINGHAM_SCALE_CHURN_SECS (10),
+//! GINGHAM_SCALE_BACKENDS (embedded,etcd).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -114,7 +115,10 @@ fn block_ops(i: usize, owner: usize) -> (Vec<TxnOp>, Vec<IpAddr>) {
         ops.push(put(handle_key(&handle), serde_json::to_vec(&h).unwrap()));
     }
     ops.push(put(block_key(&cidr), serde_json::to_vec(&b).unwrap()));
-    ops.push(put(affinity_key(&format!("node-{owner}"), &cidr), serde_json::to_vec(&BlockAffinity::confirmed()).unwrap()));
+    ops.push(put(
+        affinity_key(&format!("node-{owner}"), &cidr),
+        serde_json::to_vec(&BlockAffinity::confirmed()).unwrap(),
+    ));
     (ops, ips)
 }
 
@@ -130,7 +134,8 @@ async fn populate(ds: &dyn Datastore, nodes: usize) {
     let pool = serde_json::json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "pool"},
         "spec": {"cidr": "10.0.0.0/8", "blockSize": 26, "ipipMode": "Never", "vxlanMode": "Never", "natOutgoing": true,
                  "nodeSelector": "all()", "allowedUses": ["Workload", "Tunnel"], "assignmentMode": "Automatic"}});
-    let mut ops = vec![put("/calico/resources/v3/projectcalico.org/ippools/pool".into(), pool.to_string().into_bytes())];
+    let mut ops =
+        vec![put("/calico/resources/v3/projectcalico.org/ippools/pool".into(), pool.to_string().into_bytes())];
     for i in 0..nodes {
         ops.push(put(format!("/calico/resources/v3/projectcalico.org/nodes/node-{i}"), node_json(i)));
         let (b, ips) = block_ops(i, i);
@@ -151,7 +156,12 @@ fn proc_stat(pid: u32) -> (u64, u64, u64) {
     let f: Vec<u64> = stat.rsplit(')').next().unwrap_or("").split_whitespace().filter_map(|x| x.parse().ok()).collect();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     // utime + stime (ticks of 1/100 s), RSS and peak RSS (KiB).
     (f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0), kb("VmRSS:"), kb("VmHWM:"))
@@ -197,10 +207,9 @@ fn forward_into(ns: &Path, port: u16, target: std::net::SocketAddr) {
                 return;
             }
             let Ok(outbound) = rx.recv() else { continue };
-            for (mut from, mut to) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
+            for (mut from, mut to) in
+                [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)]
+            {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut from, &mut to);
                     let _ = to.shutdown(std::net::Shutdown::Write);
@@ -233,10 +242,12 @@ fn start_agent(exe: &Path, ns: &Ns, env: &[(String, String)], socket: &Path, por
         .args(extra)
         .envs(env.iter().cloned())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(socket.with_extension("log")).unwrap());
     // SAFETY: only setns(2) between fork and exec.
     unsafe {
-        c.pre_exec(move || nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+        c.pre_exec(move || {
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
     }
     Agent(c.spawn().expect("start the agent"))
 }
@@ -294,10 +305,27 @@ async fn measure(
     };
     if sync.is_none() {
         row.peak_mib = proc_stat(pid).2 as f64 / 1024.0;
+        let log = std::fs::read_to_string(socket.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        eprintln!(
+            "{who} on {backend} ({nodes} nodes) was not ready within {cap:?}; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        eprintln!("its readiness: {}", http(&ns.path(), port, "/readiness").lines().last().unwrap_or(""));
         return row;
     }
     // Churn elsewhere: 20 changes/s (a pod's labels change; another's address comes and goes).
     let (cpu0, _, _) = proc_stat(pid);
+    // GINGHAM_SCALE_PERF=DIR: record where the agent spends the churn (perf, call graphs).
+    let perf = std::env::var("GINGHAM_SCALE_PERF").ok().map(|d| {
+        Command::new("perf")
+            .args(["record", "-g", "-q", "-p", &pid.to_string(), "-o"])
+            .arg(Path::new(&d).join(format!("{who}-{backend}-{nodes}.data")))
+            .args(["--", "sleep", &churn_secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    });
     let churn_start = Instant::now();
     let mut n = 0usize;
     while churn_start.elapsed() < Duration::from_secs(churn_secs) {
@@ -311,6 +339,9 @@ async fn measure(
         tokio::time::sleep_until(next.into()).await;
     }
     let (cpu1, _, _) = proc_stat(pid);
+    if let Some(Ok(mut p)) = perf {
+        let _ = p.wait();
+    }
     row.cpu = Some((cpu1 - cpu0) as f64 / churn_start.elapsed().as_secs_f64()); // ticks/s = % of a core
     // Remote block claims → route in this agent's kernel.
     let nl = {
@@ -373,8 +404,20 @@ async fn measure(
 fn idle_agents(exe: &Path) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store.db");
-    let mut apply = Command::new(G).args(["apply", "-f", "-"]).env("GINGHAM_STORE_PATH", &store).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    apply.stdin.take().unwrap().write_all(b"apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.66.0.0/16}\n").unwrap();
+    let mut apply = Command::new(G)
+        .args(["apply", "-f", "-"])
+        .env("GINGHAM_STORE_PATH", &store)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    apply
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.66.0.0/16}\n")
+        .unwrap();
     apply.wait().unwrap();
     let ns = Ns::new(format!("gsi{}-{}", std::process::id(), exe.as_os_str().len()));
     ns.ip(&["link", "set", "lo", "up"]);
@@ -394,7 +437,9 @@ fn idle_agents(exe: &Path) -> f64 {
                 .stderr(Stdio::null());
             // SAFETY: only setns(2) between fork and exec.
             unsafe {
-                c.pre_exec(move || nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+                c.pre_exec(move || {
+                    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                });
             }
             Agent(c.spawn().unwrap())
         })
@@ -408,7 +453,13 @@ fn idle_agents(exe: &Path) -> f64 {
 }
 
 fn fmt_d(d: Option<Duration>) -> String {
-    d.map_or("> cap".into(), |d| if d < Duration::from_secs(1) { format!("{:.1} ms", d.as_secs_f64() * 1e3) } else { format!("{:.2} s", d.as_secs_f64()) })
+    d.map_or("> cap".into(), |d| {
+        if d < Duration::from_secs(1) {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        } else {
+            format!("{:.2} s", d.as_secs_f64())
+        }
+    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -421,11 +472,14 @@ async fn main() {
     let churn: u64 = std::env::var("GINGHAM_SCALE_CHURN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let old = std::env::var("GINGHAM_OLD_AGENT").ok().map(PathBuf::from).filter(|p| p.exists());
     if old.is_none() {
-        eprintln!("GINGHAM_OLD_AGENT is not set (scripts/bench.sh builds commit e5049a0): the old agent's rows are skipped");
+        eprintln!(
+            "GINGHAM_OLD_AGENT is not set (scripts/bench.sh builds commit e5049a0): the old agent's rows are skipped"
+        );
     }
     let mut rows = Vec::new();
     for &nodes in &sizes {
-        for backend in ["embedded", "etcd"] {
+        let backends = std::env::var("GINGHAM_SCALE_BACKENDS").unwrap_or_else(|_| "embedded,etcd".into());
+        for backend in ["embedded", "etcd"].into_iter().filter(|b| backends.contains(b)) {
             let dir = tempfile::tempdir().unwrap();
             let etcd = (backend == "etcd").then(|| gingham_store::testing::EtcdServer::start().expect("etcd-server"));
             let (ds, env): (Arc<dyn Datastore>, Vec<(String, String)>) = match &etcd {
@@ -438,15 +492,27 @@ async fn main() {
                 }
                 Some(s) => (
                     Arc::new(s.connect().await.unwrap()),
-                    vec![("DATASTORE_TYPE".into(), "etcdv3".into()), ("ETCD_ENDPOINTS".into(), s.config.endpoints.join(","))],
+                    vec![
+                        ("DATASTORE_TYPE".into(), "etcdv3".into()),
+                        ("ETCD_ENDPOINTS".into(), s.config.endpoints.join(",")),
+                    ],
                 ),
             };
             let t = Instant::now();
             populate(ds.as_ref(), nodes).await;
-            eprintln!("{backend}: {nodes} nodes, {} endpoints written in {:.1} s", nodes * WEPS, t.elapsed().as_secs_f64());
-            rows.push(measure("gingham", Path::new(G), backend, ds.clone(), &env, nodes, churn, Duration::from_secs(120)).await);
+            eprintln!(
+                "{backend}: {nodes} nodes, {} endpoints written in {:.1} s",
+                nodes * WEPS,
+                t.elapsed().as_secs_f64()
+            );
+            rows.push(
+                measure("gingham", Path::new(G), backend, ds.clone(), &env, nodes, churn, Duration::from_secs(120))
+                    .await,
+            );
             if let Some(old) = &old {
-                rows.push(measure("e5049a0", old, backend, ds.clone(), &env, nodes, churn, Duration::from_secs(60)).await);
+                rows.push(
+                    measure("e5049a0", old, backend, ds.clone(), &env, nodes, churn, Duration::from_secs(60)).await,
+                );
             }
         }
     }
@@ -458,7 +524,16 @@ async fn main() {
     );
     println!(
         "{:<9} {:<9} {:>6} {:>9} {:>10} {:>9} {:>10} {:>13} {:>13} {:>12}",
-        "agent", "store", "nodes", "endpoints", "first sync", "RSS MiB", "peak MiB", "CPU % (churn)", "claim→route", "lists"
+        "agent",
+        "store",
+        "nodes",
+        "endpoints",
+        "first sync",
+        "RSS MiB",
+        "peak MiB",
+        "CPU % (churn)",
+        "claim→route",
+        "lists"
     );
     for r in &rows {
         println!(
@@ -477,7 +552,10 @@ async fn main() {
     }
     println!("(claim→route: p50 / p99 over 50 remote block claims; '> cap': not within the phase's time limit)");
     match old_idle {
-        Some(o) => println!("\n10 idle agents on one embedded store: gingham {new_idle:.2}% of a core in total, e5049a0 {o:.2}% ({:.2}x)", new_idle / o.max(0.01)),
+        Some(o) => println!(
+            "\n10 idle agents on one embedded store: gingham {new_idle:.2}% of a core in total, e5049a0 {o:.2}% ({:.2}x)",
+            new_idle / o.max(0.01)
+        ),
         None => println!("\n10 idle agents on one embedded store: gingham {new_idle:.2}% of a core in total"),
     }
 }

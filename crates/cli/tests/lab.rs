@@ -18,12 +18,17 @@ struct Lab {
     dir: tempfile::TempDir,
     prefix: String,
     extra_pids: Vec<u32>,
+    /// Labs on etcd reach it from this namespace at one fixed address (10.99.0.254): one at a time.
+    _etcd_turn: Option<std::sync::MutexGuard<'static, ()>>,
 }
+
+static ETCD_LABS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Lab {
     fn up(args: &[&str]) -> Lab {
         let prefix = format!("gt{}{}", std::process::id() % 10_000, SEQ.fetch_add(1, Ordering::SeqCst));
-        let lab = Lab { dir: tempfile::tempdir().unwrap(), prefix, extra_pids: vec![] };
+        let etcd_turn = args.contains(&"etcd").then(|| ETCD_LABS.lock().unwrap_or_else(|p| p.into_inner()));
+        let lab = Lab { dir: tempfile::tempdir().unwrap(), prefix, extra_pids: vec![], _etcd_turn: etcd_turn };
         let mut a = vec!["lab", "up", "--quiet"];
         a.extend_from_slice(args);
         // Under umask 000: every file the lab writes must carry its own mode.
@@ -184,7 +189,15 @@ fn vxlan_lab_check_drift_node_removal_and_pods() {
     eprintln!("drift repaired in {took:?}");
     // A pod's host route, and its interface's proxy ARP, deleted or changed by hand come back.
     let pod_ip = lab.pod_ip("default/pod-1-1");
-    let dev = lab.routes("node-1").lines().find(|l| l.starts_with(&format!("{pod_ip} dev"))).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    let dev = lab
+        .routes("node-1")
+        .lines()
+        .find(|l| l.starts_with(&format!("{pod_ip} dev")))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
     Command::new("ip").args(["-n", &node1, "route", "del", &format!("{pod_ip}/32")]).status().unwrap();
     let took = wait_for("deleted pod route restored", Duration::from_secs(3), || {
         lab.routes("node-1").contains(&format!("{pod_ip} dev {dev}"))

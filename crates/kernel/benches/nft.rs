@@ -16,7 +16,8 @@ fn pct(mut v: Vec<Duration>) -> (Duration, Duration) {
 
 fn nft_process(ns: &std::fs::File, script: &str) {
     let mut c = netns::command(ns, "nft").unwrap();
-    let mut child = c.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("nft");
+    let mut child =
+        c.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("nft");
     child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
@@ -47,7 +48,10 @@ async fn main() {
         ops.push(Op::AddRule(
             t.clone(),
             "big".into(),
-            Rule::new(vec![Match::Addr { addr: Addr::Source, net, negate: false }, Match::TcpDport(1000 + (i % 1000) as u16)], vec![Statement::Counter, Statement::Accept]),
+            Rule::new(
+                vec![Match::Addr { addr: Addr::Source, net, negate: false }, Match::TcpDport(1000 + (i % 1000) as u16)],
+                vec![Statement::Counter, Statement::Accept],
+            ),
         ));
     }
     let started = Instant::now();
@@ -57,8 +61,19 @@ async fn main() {
     let chain_ops = |i: u32| {
         vec![
             Op::FlushChain(t.clone(), "small".into()),
-            Op::AddRule(t.clone(), "small".into(), Rule::new(vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "s".into(), negate: false }], vec![Statement::Accept])),
-            Op::AddRule(t.clone(), "small".into(), Rule::new(vec![Match::TcpDport(1 + i as u16)], vec![Statement::Drop])),
+            Op::AddRule(
+                t.clone(),
+                "small".into(),
+                Rule::new(
+                    vec![Match::AddrInSet { addr: Addr::Source, v6: false, set: "s".into(), negate: false }],
+                    vec![Statement::Accept],
+                ),
+            ),
+            Op::AddRule(
+                t.clone(),
+                "small".into(),
+                Rule::new(vec![Match::TcpDport(1 + i as u16)], vec![Statement::Drop]),
+            ),
         ]
     };
     let (mut lib_elem, mut lib_chain, mut proc_elem, mut proc_chain) = (vec![], vec![], vec![], vec![]);
@@ -84,11 +99,23 @@ async fn main() {
         ms(load),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
-    println!("{:<34} {:>14} {:>14} {:>16}", "change", "nft process p50/p99 ms", "libnftables p50/p99 ms", "p50 lib/process");
-    for (what, p, l) in [("add one set element", proc_elem, lib_elem), ("replace one chain (flush + 2 rules)", proc_chain, lib_chain)] {
+    println!(
+        "{:<34} {:>14} {:>14} {:>16}",
+        "change", "nft process p50/p99 ms", "libnftables p50/p99 ms", "p50 lib/process"
+    );
+    for (what, p, l) in
+        [("add one set element", proc_elem, lib_elem), ("replace one chain (flush + 2 rules)", proc_chain, lib_chain)]
+    {
         let (pp50, pp99) = pct(p);
         let (lp50, lp99) = pct(l);
-        println!("{what:<34} {:>10.2} / {:<9.2} {:>11.2} / {:<9.2} {:>13.3}x", ms(pp50), ms(pp99), ms(lp50), ms(lp99), lp50.as_secs_f64() / pp50.as_secs_f64());
+        println!(
+            "{what:<34} {:>10.2} / {:<9.2} {:>11.2} / {:<9.2} {:>13.3}x",
+            ms(pp50),
+            ms(pp99),
+            ms(lp50),
+            ms(lp99),
+            lp50.as_secs_f64() / pp50.as_secs_f64()
+        );
     }
     nft.apply(&[Op::DeleteTable(t)]).await.unwrap();
 }

@@ -137,13 +137,22 @@ impl Datastore for EtcdStore {
         let end = prefix_end(prefix);
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
+        let mut limit = page.clamp(1, LIST_PAGE as usize) as i64;
         loop {
-            let mut opts =
-                GetOptions::new().with_range(end.clone()).with_limit(page.clamp(1, LIST_PAGE as usize) as i64);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = self.client.clone().get(start.clone(), Some(opts)).await.map_err(err)?;
+            let resp = match self.client.clone().get(start.clone(), Some(opts)).await {
+                Ok(r) => r,
+                // Large values (IPAM blocks are several KiB): a page over the 4 MiB gRPC message
+                // limit is asked for again in halves.
+                Err(e) if limit > 1 && e.to_string().contains("message length too large") => {
+                    limit /= 2;
+                    continue;
+                }
+                Err(e) => return Err(err(e)),
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }

@@ -138,6 +138,14 @@ async fn list_large(ds: &dyn Datastore) {
     let l = ds.list("/big/").await.unwrap();
     assert_eq!(l.items.len(), 2500);
     assert!(l.items.windows(2).all(|w| w[0].key < w[1].key), "in key order, no duplicates");
+    // Values so large that a page of 1,000 would pass gRPC's 4 MiB limit (IPAM blocks).
+    let huge = vec![b'h'; 6000];
+    for i in 0..1200 {
+        ds.create(&format!("/huge/{i:05}"), &huge).await.unwrap();
+    }
+    let mut n = 0;
+    ds.list_pages("/huge/", 1000, &mut |p| n += p.len()).await.unwrap();
+    assert_eq!(n, 1200);
 }
 
 async fn watch_from_revision(ds: &dyn Datastore) {
