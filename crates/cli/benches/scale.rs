@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use gingham_ipam::block::AllocationBlock;
 use gingham_ipam::model::{BlockAffinity, IpamHandle, affinity_key, block_key, handle_key};
+use gingham_kernel::KernelEvent;
 use gingham_store::{Condition, Datastore, TxnOp};
 use ipnet::IpNet;
 
@@ -344,13 +345,15 @@ async fn measure(
     }
     row.cpu = Some((cpu1 - cpu0) as f64 / churn_start.elapsed().as_secs_f64()); // ticks/s = % of a core
     // Remote block claims → route in this agent's kernel.
-    let nl = {
+    // The claim's latency ends when the kernel announces its route: polling a dump of 5,000
+    // routes would add milliseconds of its own.
+    let (nl, mut events) = {
         let f = std::fs::File::open(ns.path()).unwrap();
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
             nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let _g = rt.enter();
-            gingham_kernel::Netlink::current().unwrap()
+            (gingham_kernel::Netlink::current().unwrap(), gingham_kernel::route_and_link_events().unwrap())
         })
         .join()
         .unwrap()
@@ -361,17 +364,22 @@ async fn measure(
         let owner = 1 + c % (nodes - 1);
         let (ops, _) = block_ops(idx, owner);
         let cidr = block_cidr(idx);
+        while events.try_recv().is_ok() {}
         let t = Instant::now();
         write_all(ds.as_ref(), ops).await;
-        let per = (cap / 10).max(Duration::from_secs(5));
-        let mut seen = false;
-        while t.elapsed() < per {
-            if nl.routes(true).await.unwrap_or_default().iter().any(|r| r.dst == cidr) {
-                seen = true;
-                break;
+        let deadline = t + (cap / 10).max(Duration::from_secs(5));
+        let seen = loop {
+            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                Ok(Some(KernelEvent::Route { deleted: false, route })) if route.dst == cidr => break true,
+                Ok(Some(KernelEvent::Overrun)) => {
+                    if nl.routes(true).await.unwrap_or_default().iter().any(|r| r.dst == cidr) {
+                        break true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break false,
             }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        };
         lat.push(if seen { t.elapsed() } else { Duration::MAX });
         if !seen {
             break;

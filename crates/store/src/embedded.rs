@@ -66,6 +66,17 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_rev', 0);
 ";
 
+/// History between the old compaction point and the new one that no current value needs.
+const COMPACT_RANGE: &str = "DELETE FROM log WHERE rev > ?1 AND rev < ?2 \
+                             AND NOT EXISTS (SELECT 1 FROM current c WHERE c.key = log.key AND c.rev = log.rev)";
+
+/// A prefix listing. Two statements, not one with `?2 IS NULL OR …`: with the OR, SQLite cannot
+/// bound the index range and walks from the prefix to the end of the table.
+const LIST_RANGE: &str = "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
+                          WHERE c.key >= ?1 AND c.key < CAST(?2 AS TEXT) ORDER BY c.key";
+const LIST_FROM: &str = "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
+                         WHERE c.key >= ?1 ORDER BY c.key";
+
 fn db_err(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, _)
@@ -323,7 +334,8 @@ impl EmbeddedStore {
         let (out, rev) = self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             let (out, rev) = f(&tx)?;
-            if rev % COMPACT_EVERY == 0 && rev > KEEP_REVISIONS {
+            // A transaction of many writes moves the revision by many: compare, not modulo.
+            if rev - compact_rev(&tx).map_err(db_err)? > KEEP_REVISIONS + COMPACT_EVERY {
                 compact_tx(&tx, rev - KEEP_REVISIONS)?;
             }
             tx.commit().map_err(db_err)?;
@@ -404,9 +416,12 @@ fn compact_rev(conn: &Connection) -> rusqlite::Result<Revision> {
     conn.query_row("SELECT value FROM meta WHERE name = 'compact_rev'", [], |r| r.get(0))
 }
 
+/// Forget history below `rev`. Every row at or below the compaction point is one `current`
+/// points at (`append` drops such a row as soon as it is superseded), so only the rows between
+/// the old point and `rev` are looked at: the cost is the history dropped, not the store's size.
 fn compact_tx(tx: &rusqlite::Transaction<'_>, rev: Revision) -> Result<()> {
-    tx.execute("DELETE FROM log WHERE rev < ?1 AND rev NOT IN (SELECT rev FROM current)", params![rev])
-        .map_err(db_err)?;
+    let from = compact_rev(tx).map_err(db_err)?;
+    tx.execute(COMPACT_RANGE, params![from, rev]).map_err(db_err)?;
     tx.execute("UPDATE meta SET value = MAX(value, ?1 - 1) WHERE name = 'compact_rev'", params![rev])
         .map_err(db_err)?;
     Ok(())
@@ -420,24 +435,29 @@ fn current_row(tx: &Connection, key: &str) -> Result<Option<(Revision, Revision)
 
 /// Append a change to the log and apply it to `current`; returns the new revision.
 fn append(tx: &Connection, key: &str, value: Option<&[u8]>, create_rev: Option<Revision>) -> Result<Revision> {
-    tx.execute(
-        "INSERT INTO log (key, value, create_rev) VALUES (?1, ?2, ?3)",
-        params![key, value, create_rev.unwrap_or(0)],
+    let run = |sql: &str, p: &[&dyn rusqlite::ToSql]| tx.prepare_cached(sql).and_then(|mut s| s.execute(p));
+    // The value being replaced is history; below the compaction point nobody can watch it.
+    run(
+        "DELETE FROM log WHERE rev = (SELECT rev FROM current WHERE key = ?1) \
+         AND rev <= (SELECT value FROM meta WHERE name = 'compact_rev')",
+        params![key],
     )
     .map_err(db_err)?;
+    run("INSERT INTO log (key, value, create_rev) VALUES (?1, ?2, ?3)", params![key, value, create_rev.unwrap_or(0)])
+        .map_err(db_err)?;
     let rev = tx.last_insert_rowid();
     match value {
         Some(_) => {
             let create = create_rev.unwrap_or(rev);
-            tx.execute(
-                "INSERT INTO current (key, rev, create_rev) VALUES (?1, ?2, ?3)
+            run(
+                "INSERT INTO current (key, rev, create_rev) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (key) DO UPDATE SET rev = excluded.rev",
                 params![key, rev, create],
             )
             .map_err(db_err)?;
         }
         None => {
-            tx.execute("DELETE FROM current WHERE key = ?1", params![key]).map_err(db_err)?;
+            run("DELETE FROM current WHERE key = ?1", params![key]).map_err(db_err)?;
         }
     }
     Ok(rev)
@@ -485,13 +505,12 @@ impl Datastore for EmbeddedStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
             let end = upper_bound(prefix);
             {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
-                         WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < CAST(?2 AS TEXT)) ORDER BY c.key",
-                    )
-                    .map_err(db_err)?;
-                let mut rows = stmt.query(params![prefix, end]).map_err(db_err)?;
+                let mut stmt = tx.prepare_cached(if end.is_some() { LIST_RANGE } else { LIST_FROM }).map_err(db_err)?;
+                let mut rows = match &end {
+                    Some(end) => stmt.query(params![prefix, end]),
+                    None => stmt.query(params![prefix]),
+                }
+                .map_err(db_err)?;
                 let mut batch = Vec::new();
                 while let Some(r) = rows.next().map_err(db_err)? {
                     batch.push(KeyValue {
@@ -686,4 +705,79 @@ fn read_log(
         out.push((rev, ev));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prefix listing reads only its key range: SQLite's plan bounds the index on both sides.
+    #[test]
+    fn prefix_listing_is_a_bounded_index_range() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {LIST_RANGE}"))
+            .unwrap()
+            .query_map(params!["/a/", b"/a0".to_vec()], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert!(plan.iter().any(|p| p.contains("key>? AND key<?")), "the listing scans beyond its prefix: {plan:?}");
+    }
+
+    fn log_revs(conn: &Connection) -> Vec<Revision> {
+        conn.prepare("SELECT rev FROM log ORDER BY rev")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    /// Compaction keeps every current value and all history above its point, drops the rest,
+    /// and a value superseded below the point goes at once (so the next compaction need not
+    /// look there).
+    #[test]
+    fn compaction_drops_only_unwatchable_history() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let tx = conn.transaction().unwrap();
+        let a1 = append(&tx, "/a", Some(b"1"), None).unwrap();
+        let b1 = append(&tx, "/b", Some(b"1"), None).unwrap();
+        let a2 = append(&tx, "/a", Some(b"2"), Some(a1)).unwrap();
+        let c1 = append(&tx, "/c", Some(b"1"), None).unwrap();
+        let c_del = append(&tx, "/c", None, None).unwrap();
+        let d1 = append(&tx, "/d", Some(b"1"), None).unwrap();
+        compact_tx(&tx, d1).unwrap();
+        // a1 superseded, c gone: only current rows below the point, and the point's own row.
+        assert_eq!(log_revs(&tx), vec![b1, a2, d1]);
+        assert!(c1 < c_del);
+        // b's value is below the point: replacing it removes the old row at once.
+        let b2 = append(&tx, "/b", Some(b"2"), Some(b1)).unwrap();
+        assert_eq!(log_revs(&tx), vec![a2, d1, b2]);
+        // d's value is above the point: it stays as history until the next compaction.
+        let d2 = append(&tx, "/d", Some(b"2"), Some(d1)).unwrap();
+        assert_eq!(log_revs(&tx), vec![a2, d1, b2, d2]);
+        compact_tx(&tx, d2 + 1).unwrap();
+        assert_eq!(log_revs(&tx), vec![a2, b2, d2]);
+        assert_eq!(compact_rev(&tx).unwrap(), d2);
+    }
+
+    /// Compaction reads the log only between the old and new points, and looks rows up in
+    /// `current` by key: its cost does not grow with the store.
+    #[test]
+    fn compaction_is_a_bounded_range() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {COMPACT_RANGE}"))
+            .unwrap()
+            .query_map(params![1, 2], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert!(plan.iter().any(|p| p.contains("rowid>? AND rowid<?")), "{plan:?}");
+        assert!(plan.iter().any(|p| p.contains("PRIMARY KEY (key=?)")), "{plan:?}");
+    }
 }
