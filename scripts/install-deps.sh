@@ -18,6 +18,9 @@ declare -A NEED=(
   [nft]=nftables            # NAT outgoing
   [iperf3]=iperf3           # the datapath benchmark
   [/usr/lib/cni/portmap]=containernetworking-plugins  # chained after gingham in tests; ptp + host-local for the CNI benchmark
+  [bird]=bird2              # BGP interop tests and the BGP benchmark's reference
+  [/usr/lib/frr/bgpd]=frr   # BGP interop (route-reflector client, eBGP ToR)
+  [gobgpd]=gobgpd           # BGP interop
 )
 missing=()
 for bin in "${!NEED[@]}"; do

@@ -183,6 +183,44 @@ impl Rib {
         (received, self.up.get(&peer).map_or(0, |o| o.sent.values().map(Vec::len).sum()))
     }
 
+    /// A peer no longer configured (after `peer_down`).
+    pub fn remove_peer(&mut self, id: PeerId) {
+        self.peers.remove(&id);
+        self.up.remove(&id);
+    }
+
+    /// Every destination with its best path's source and attributes.
+    pub fn routes(&self) -> Vec<(IpNet, String, Arc<Attrs>)> {
+        let mut out: Vec<_> = self
+            .dests
+            .iter()
+            .filter_map(|(prefix, d)| {
+                let i = *self.ranked(d).first()?;
+                let p = &d.paths[i];
+                let from = match (p.source, p.next_hop) {
+                    (Source::Local, _) => "local".to_string(),
+                    (_, NextHop::Address(a)) => a.to_string(),
+                    (_, NextHop::Local) => "self".to_string(),
+                };
+                Some((*prefix, from, p.attrs.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The peer asked for a family again (ROUTE-REFRESH): everything we have for it.
+    pub fn refresh(&mut self, id: PeerId, family: Family) -> Changes {
+        let Some(out) = self.up.get_mut(&id) else { return Changes::default() };
+        out.sent.retain(|p, _| Family::of(p) != family);
+        let prefixes: Vec<IpNet> = self.dests.keys().filter(|p| Family::of(p) == family).copied().collect();
+        let mut ch = Changes::default();
+        for p in prefixes {
+            self.export_to(id, &p, &mut ch);
+        }
+        ch
+    }
+
     /// A session came up: it gets everything it should have.
     pub fn peer_up(&mut self, id: PeerId, families: BTreeSet<Family>, add_path: BTreeSet<Family>) -> Changes {
         let Some(info) = self.peers.get(&id).cloned() else { return Changes::default() };

@@ -16,6 +16,7 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 pub mod netns;
 pub mod nft;
 pub mod sysctl;
+pub mod tcp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -1,0 +1,873 @@
+//! The speaker's I/O, as actors around the one instance that owns every FSM and the RIB:
+//! a listener task, a connect task per attempt, a reader and a writer task per connection
+//! and a task per running timer. They only send messages to the instance; the instance only
+//! sends bytes to writers and forwarding changes to its owner. Collision detection (RFC 4271
+//! §6.8) runs here, with one FSM per connection while two race.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::fsm::{self, Action, Event, Fsm, State, Timer};
+use crate::packet::{Attrs, Codec, Family, Message, MpReach, MpUnreach, Nlri, Update, cease};
+use crate::rib::{Changes, FibChange, NextHop, OutPath, PeerChanges, PeerId, PeerInfo, Rib};
+
+/// Sets (or clears, with None) the TCP-MD5 key for a peer on a socket before it listens or
+/// connects. The agent supplies it from crates/kernel: this crate does not touch the kernel.
+pub type KeySocket = Arc<dyn Fn(RawFd, IpAddr, Option<&[u8]>) -> io::Result<()> + Send + Sync>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// BIRD's protocol name as Calico renders it (`Mesh_10_0_0_2`, `Global_…`, `Node_…`).
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub fsm: fsm::Config,
+    pub rr_client: bool,
+    pub keep_next_hop: bool,
+    pub allow_own_as: usize,
+    pub password: Option<String>,
+    /// The address we connect from (Calico: the node's address unless `sourceAddress: None`).
+    pub source: Option<IpAddr>,
+    /// The next hops we give for our own routes when the session's family differs from
+    /// the connection's (IPv6 routes over an IPv4 session and the reverse).
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpeakerConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub cluster_id: Option<Ipv4Addr>,
+    /// Where to accept connections (port 179 in production); None: only connect.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: IpAddr,
+    pub state: State,
+    pub since: SystemTime,
+    pub last_error: Option<String>,
+    pub received: usize,
+    pub advertised: usize,
+    pub negotiated: Option<fsm::Negotiated>,
+    pub flaps: u64,
+}
+
+pub enum Command {
+    /// The whole wanted set of peers: new ones start, removed ones stop, changed ones restart
+    /// only if what changed matters to the session.
+    SetPeers(Vec<PeerConfig>),
+    Originate(IpNet, Attrs),
+    Withdraw(IpNet),
+    Status(oneshot::Sender<Vec<PeerStatus>>),
+    /// Every route as the Loc-RIB has it, for `node status --routes`.
+    Routes(oneshot::Sender<Vec<(IpNet, String, Arc<Attrs>)>>),
+}
+
+pub struct Speaker {
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// Forwarding changes for the kernel (through the agent's route manager).
+    pub fib: mpsc::UnboundedReceiver<FibChange>,
+    pub task: JoinHandle<()>,
+    pub listening: Option<SocketAddr>,
+}
+
+impl Speaker {
+    pub async fn status(&self) -> Vec<PeerStatus> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Status(tx));
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// Bind the listener (if any) now, so errors are the caller's; then run.
+pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result<Speaker> {
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (fib_tx, fib_rx) = mpsc::unbounded_channel();
+    let (int_tx, int_rx) = mpsc::unbounded_channel();
+    let mut listening = None;
+    let listener = match config.listen {
+        Some(addr) => {
+            let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            sock.set_reuseaddr(true)?;
+            sock.bind(addr)?;
+            let l = sock.listen(128)?;
+            listening = Some(l.local_addr()?);
+            Some(Arc::new(l))
+        }
+        None => None,
+    };
+    let mut inst = Instance {
+        rib: Rib::new(config.asn, config.router_id, config.cluster_id),
+        config,
+        peers: BTreeMap::new(),
+        by_addr: HashMap::new(),
+        next_id: 1,
+        next_slot: 1,
+        internal: int_tx.clone(),
+        fib: fib_tx,
+        keys,
+        listener: listener.clone(),
+    };
+    if let Some(l) = listener {
+        let tx = int_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, from)) => {
+                        if tx.send(Internal::Accepted(s, from)).is_err() {
+                            return;
+                        }
+                    }
+                    // Out of descriptors and the like: wait rather than spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+    let task = tokio::spawn(async move { inst.run(cmd_rx, int_rx).await });
+    Ok(Speaker { commands: cmd_tx, fib: fib_rx, task, listening })
+}
+
+enum Internal {
+    Accepted(TcpStream, SocketAddr),
+    Connected { peer: PeerId, slot: u64, stream: io::Result<TcpStream> },
+    Frame { peer: PeerId, slot: u64, bytes: Vec<u8> },
+    Closed { peer: PeerId, slot: u64, why: String },
+    Timer { peer: PeerId, slot: u64, timer: Timer, generation: u64 },
+    StaleExpired { peer: PeerId, generation: u64 },
+}
+
+struct Conn {
+    write: mpsc::UnboundedSender<Vec<u8>>,
+    local: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One FSM and its connection; two while a collision is being resolved.
+struct Slot {
+    id: u64,
+    fsm: Fsm,
+    conn: Option<Conn>,
+    connecting: Option<JoinHandle<()>>,
+    /// Whether we initiated this connection.
+    outgoing: bool,
+    timers: HashMap<Timer, (u64, JoinHandle<()>)>,
+    generation: u64,
+    codec: Codec,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(c) = self.connecting.take() {
+            c.abort();
+        }
+        for (_, (_, t)) in self.timers.drain() {
+            t.abort();
+        }
+    }
+}
+
+struct Peer {
+    config: PeerConfig,
+    main: Slot,
+    pending: Option<Slot>,
+    since: SystemTime,
+    flaps: u64,
+    stale: Option<(u64, JoinHandle<()>)>,
+    /// Families whose End-of-RIB we still await after a graceful restart.
+    awaiting_eor: BTreeSet<Family>,
+}
+
+struct Instance {
+    config: SpeakerConfig,
+    rib: Rib,
+    peers: BTreeMap<PeerId, Peer>,
+    by_addr: HashMap<IpAddr, PeerId>,
+    next_id: PeerId,
+    next_slot: u64,
+    internal: mpsc::UnboundedSender<Internal>,
+    fib: mpsc::UnboundedSender<FibChange>,
+    keys: Option<KeySocket>,
+    listener: Option<Arc<TcpListener>>,
+}
+
+/// Whether a configuration change needs the session to start again.
+fn resets(a: &PeerConfig, b: &PeerConfig) -> bool {
+    a.address != b.address
+        || a.port != b.port
+        || a.fsm != b.fsm
+        || a.password != b.password
+        || a.source != b.source
+        || a.rr_client != b.rr_client
+}
+
+impl Instance {
+    async fn run(
+        &mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        loop {
+            tokio::select! {
+                c = commands.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => {
+                        // The owner is gone: tell every peer, then stop.
+                        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                        for id in ids {
+                            self.stop_peer(id, 2);
+                        }
+                        return;
+                    }
+                },
+                Some(m) = internal.recv() => self.internal(m),
+            }
+        }
+    }
+
+    /// A slot for a connection we make (`outgoing`) or one the peer made (its FSM then
+    /// never connects: it exists for that connection only).
+    fn new_slot(&mut self, config: &PeerConfig, outgoing: bool) -> Slot {
+        let id = self.next_slot;
+        self.next_slot += 1;
+        let mut fsm_config = config.fsm.clone();
+        fsm_config.passive |= !outgoing;
+        Slot {
+            id,
+            fsm: Fsm::new(fsm_config),
+            conn: None,
+            connecting: None,
+            outgoing,
+            timers: HashMap::new(),
+            generation: 0,
+            codec: Codec::default(),
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::SetPeers(list) => self.set_peers(list),
+            Command::Originate(net, attrs) => {
+                let ch = self.rib.originate(net, attrs);
+                self.apply(ch);
+            }
+            Command::Withdraw(net) => {
+                let ch = self.rib.withdraw_local(net);
+                self.apply(ch);
+            }
+            Command::Status(reply) => {
+                let s = self
+                    .peers
+                    .iter()
+                    .map(|(id, p)| {
+                        let (received, advertised) = self.rib.counts(*id);
+                        PeerStatus {
+                            name: p.config.name.clone(),
+                            address: p.config.address,
+                            state: p.main.fsm.state(),
+                            since: p.since,
+                            last_error: p.main.fsm.last_error.clone(),
+                            received,
+                            advertised,
+                            negotiated: p.main.fsm.negotiated().cloned(),
+                            flaps: p.flaps,
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(s);
+            }
+            Command::Routes(reply) => {
+                let _ = reply.send(self.rib.routes());
+            }
+        }
+    }
+
+    fn set_peers(&mut self, list: Vec<PeerConfig>) {
+        let wanted: HashMap<IpAddr, PeerConfig> = list.into_iter().map(|p| (p.address, p)).collect();
+        let gone: Vec<PeerId> =
+            self.peers.iter().filter(|(_, p)| !wanted.contains_key(&p.config.address)).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.stop_peer(id, 3);
+            self.remove_peer(id);
+        }
+        for (addr, config) in wanted {
+            match self.by_addr.get(&addr).copied() {
+                Some(id) if !resets(&self.peers[&id].config, &config) => {
+                    // Names and next hops change without touching the session.
+                    self.peers.get_mut(&id).expect("indexed").config = config;
+                }
+                Some(id) => {
+                    self.stop_peer(id, 6);
+                    self.remove_peer(id);
+                    self.add_peer(config);
+                }
+                None => self.add_peer(config),
+            }
+        }
+    }
+
+    fn add_peer(&mut self, config: PeerConfig) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.rib.set_peer(
+            id,
+            PeerInfo {
+                address: config.address,
+                remote_as: config.fsm.remote_as,
+                local_as: config.fsm.local_as,
+                rr_client: config.rr_client,
+                keep_next_hop: config.keep_next_hop,
+                allow_own_as: config.allow_own_as,
+            },
+        );
+        if let (Some(keys), Some(l)) = (&self.keys, &self.listener) {
+            // The listener must know the key before the peer's SYN arrives.
+            let _ = keys(l.as_raw_fd(), config.address, config.password.as_deref().map(str::as_bytes));
+        }
+        let main = self.new_slot(&config, true);
+        self.by_addr.insert(config.address, id);
+        self.peers.insert(
+            id,
+            Peer {
+                config,
+                main,
+                pending: None,
+                since: SystemTime::now(),
+                flaps: 0,
+                stale: None,
+                awaiting_eor: BTreeSet::new(),
+            },
+        );
+        self.event(id, None, Event::Start);
+    }
+
+    fn remove_peer(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.remove(&id) {
+            self.by_addr.remove(&p.config.address);
+            if let (Some(keys), Some(l)) = (&self.keys, &self.listener) {
+                let _ = keys(l.as_raw_fd(), p.config.address, None);
+            }
+        }
+        let ch = self.rib.peer_down(id, false);
+        self.rib.remove_peer(id);
+        self.apply(ch);
+    }
+
+    fn stop_peer(&mut self, id: PeerId, subcode: u8) {
+        if self.peers.get(&id).is_some_and(|p| p.pending.is_some()) {
+            let slot = self.peers[&id].pending.as_ref().map(|s| s.id);
+            self.event(id, slot, Event::Stop(subcode));
+        }
+        self.event(id, None, Event::Stop(subcode));
+    }
+
+    fn internal(&mut self, m: Internal) {
+        match m {
+            Internal::Accepted(stream, from) => self.accepted(stream, from),
+            Internal::Connected { peer, slot, stream } => {
+                let Some(s) = self.slot_mut(peer, slot) else { return };
+                s.connecting = None;
+                match stream {
+                    Ok(stream) => {
+                        self.attach(peer, slot, stream);
+                        self.event(peer, Some(slot), Event::TcpConnected);
+                    }
+                    Err(_) => self.event(peer, Some(slot), Event::TcpFails),
+                }
+            }
+            Internal::Frame { peer, slot, bytes } => {
+                let Some(s) = self.slot_mut(peer, slot) else { return };
+                let ev = match Message::decode(&bytes, &s.codec) {
+                    Ok(m) => Event::Received(m),
+                    Err(e) => Event::Malformed(e),
+                };
+                self.event(peer, Some(slot), ev);
+            }
+            Internal::Closed { peer, slot, why } => {
+                if let Some(s) = self.slot_mut(peer, slot) {
+                    if s.conn.is_some() {
+                        s.conn = None;
+                        s.fsm.last_error = Some(why);
+                        self.event(peer, Some(slot), Event::TcpFails);
+                    }
+                }
+            }
+            Internal::Timer { peer, slot, timer, generation } => {
+                let Some(s) = self.slot_mut(peer, slot) else { return };
+                if s.timers.get(&timer).is_some_and(|(g, _)| *g == generation) {
+                    s.timers.remove(&timer);
+                    self.event(peer, Some(slot), Event::TimerExpired(timer));
+                }
+            }
+            Internal::StaleExpired { peer, generation } => {
+                let Some(p) = self.peers.get_mut(&peer) else { return };
+                if p.stale.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    p.stale = None;
+                    p.awaiting_eor.clear();
+                    let ch = self.rib.sweep_stale(peer, None);
+                    self.apply(ch);
+                }
+            }
+        }
+    }
+
+    fn slot_mut(&mut self, peer: PeerId, slot: u64) -> Option<&mut Slot> {
+        let p = self.peers.get_mut(&peer)?;
+        if p.main.id == slot {
+            return Some(&mut p.main);
+        }
+        p.pending.as_mut().filter(|s| s.id == slot)
+    }
+
+    fn accepted(&mut self, stream: TcpStream, from: SocketAddr) {
+        // IPv4 peers reach a dual-stack listener as mapped addresses.
+        let addr = match from.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let Some(id) = self.by_addr.get(&addr).copied() else { return };
+        let state = self.peers[&id].main.fsm.state();
+        match state {
+            State::Idle | State::Connect | State::Active => {
+                // Take their connection instead of ours (still being made, or waiting).
+                let config = self.peers[&id].config.clone();
+                let slot = self.new_slot(&config, false);
+                let sid = slot.id;
+                let p = self.peers.get_mut(&id).expect("indexed");
+                p.main = slot;
+                self.attach(id, sid, stream);
+                self.event(id, Some(sid), Event::Start);
+                self.event(id, Some(sid), Event::TcpConnected);
+            }
+            State::OpenSent | State::OpenConfirm if self.peers[&id].pending.is_none() => {
+                let config = self.peers[&id].config.clone();
+                let slot = self.new_slot(&config, false);
+                let sid = slot.id;
+                self.peers.get_mut(&id).expect("indexed").pending = Some(slot);
+                self.attach(id, sid, stream);
+                self.event(id, Some(sid), Event::Start);
+                self.event(id, Some(sid), Event::TcpConnected);
+            }
+            // Established (or a collision already under way): the new connection loses.
+            _ => {
+                tokio::spawn(async move {
+                    let mut s = stream;
+                    if let Ok(b) = Message::Notification(cease(7)).encode(&Codec::default()) {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(&b)).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Start the reader and writer for a connection.
+    fn attach(&mut self, peer: PeerId, slot: u64, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (mut rd, mut wr) = stream.into_split();
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let tx = self.internal.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(8192);
+            let mut chunk = vec![0u8; 65536];
+            loop {
+                loop {
+                    match Message::frame_len(&buf) {
+                        Ok(Some(n)) => {
+                            let bytes: Vec<u8> = buf.drain(..n).collect();
+                            if tx.send(Internal::Frame { peer, slot, bytes }).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            // Let the instance decode the bad header and answer it.
+                            let bytes = std::mem::take(&mut buf);
+                            let _ = tx.send(Internal::Frame { peer, slot, bytes });
+                            return;
+                        }
+                    }
+                }
+                match rd.read(&mut chunk).await {
+                    Ok(0) => {
+                        let _ = tx.send(Internal::Closed { peer, slot, why: "Connection closed".into() });
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) => {
+                        let _ = tx.send(Internal::Closed { peer, slot, why: format!("Socket: {e}") });
+                        return;
+                    }
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(b) = wrx.recv().await {
+                if b.is_empty() {
+                    break; // an empty frame: close after what was queued
+                }
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        if let Some(s) = self.slot_mut(peer, slot) {
+            s.conn = Some(Conn { write: wtx, local, tasks: vec![reader] });
+            // The writer finishes what is queued even after the connection is dropped.
+            drop(writer);
+        }
+    }
+
+    /// Feed one FSM an event and carry out what it says.
+    fn event(&mut self, peer: PeerId, slot: Option<u64>, ev: Event) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let sid = slot.unwrap_or(p.main.id);
+        let Some(s) = (if p.main.id == sid { Some(&mut p.main) } else { p.pending.as_mut().filter(|s| s.id == sid) })
+        else {
+            return;
+        };
+        let actions = s.fsm.handle(ev);
+        for a in actions {
+            self.action(peer, sid, a);
+        }
+        self.resolve_collision(peer);
+        self.reopen_if_accepted(peer);
+    }
+
+    fn action(&mut self, peer: PeerId, sid: u64, a: Action) {
+        match a {
+            Action::Connect => self.connect(peer, sid),
+            Action::Disconnect => {
+                if let Some(s) = self.slot_mut(peer, sid) {
+                    if let Some(c) = s.connecting.take() {
+                        c.abort();
+                    }
+                    if let Some(c) = s.conn.take() {
+                        let _ = c.write.send(Vec::new());
+                    }
+                }
+                // A losing collision connection goes away entirely.
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    if p.pending.as_ref().is_some_and(|s| s.id == sid) {
+                        p.pending = None;
+                    }
+                }
+            }
+            Action::Send(m) => {
+                if let Some(s) = self.slot_mut(peer, sid) {
+                    if let (Some(c), Ok(b)) = (&s.conn, m.encode(&s.codec)) {
+                        let _ = c.write.send(b);
+                    }
+                }
+            }
+            Action::StartTimer(t, d) => {
+                let tx = self.internal.clone();
+                if let Some(s) = self.slot_mut(peer, sid) {
+                    s.generation += 1;
+                    let generation = s.generation;
+                    let h = tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        let _ = tx.send(Internal::Timer { peer, slot: sid, timer: t, generation });
+                    });
+                    if let Some((_, old)) = s.timers.insert(t, (generation, h)) {
+                        old.abort();
+                    }
+                }
+            }
+            Action::StopTimer(t) => {
+                if let Some(s) = self.slot_mut(peer, sid) {
+                    if let Some((_, h)) = s.timers.remove(&t) {
+                        h.abort();
+                    }
+                }
+            }
+            Action::Established(n) => {
+                // The collision is over: the established connection is the session.
+                let p = self.peers.get_mut(&peer).expect("event checked");
+                if p.pending.as_ref().is_some_and(|s| s.id == sid) {
+                    let pending = p.pending.take().expect("checked");
+                    p.main = pending;
+                }
+                p.main.codec = n.codec.clone();
+                p.since = SystemTime::now();
+                let families = n.families.clone();
+                // After a graceful restart, wait for End-of-RIB of each family the peer kept.
+                let kept: BTreeSet<Family> = n
+                    .peer_graceful_restart
+                    .as_ref()
+                    .map(|g| g.families.iter().filter(|(_, f)| *f).map(|(f, _)| *f).collect())
+                    .unwrap_or_default();
+                if p.stale.is_some() {
+                    p.awaiting_eor = kept.intersection(&families).copied().collect();
+                }
+                let sweep: Vec<Family> =
+                    Family::ALL.into_iter().filter(|f| p.stale.is_some() && !p.awaiting_eor.contains(f)).collect();
+                if p.awaiting_eor.is_empty() {
+                    if let Some((_, h)) = p.stale.take() {
+                        h.abort();
+                    }
+                }
+                let mut ch = Changes::default();
+                for f in sweep {
+                    merge(&mut ch, self.rib.sweep_stale(peer, Some(f)));
+                }
+                merge(&mut ch, self.rib.peer_up(peer, families.clone(), n.codec.add_path_tx.clone()));
+                self.apply(ch);
+                for f in families {
+                    self.send_update(peer, Update::end_of_rib(f));
+                }
+            }
+            Action::Update(u) => {
+                if let Some(f) = u.is_end_of_rib() {
+                    let p = self.peers.get_mut(&peer).expect("event checked");
+                    if p.awaiting_eor.remove(&f) {
+                        if p.awaiting_eor.is_empty() {
+                            if let Some((_, h)) = p.stale.take() {
+                                h.abort();
+                            }
+                        }
+                        let ch = self.rib.sweep_stale(peer, Some(f));
+                        self.apply(ch);
+                    }
+                    return;
+                }
+                let rid = self.peers[&peer].main.fsm.negotiated().map(|n| n.remote_id).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                let ch = self.rib.update(peer, rid, &u);
+                self.apply(ch);
+            }
+            Action::Refresh(f) => {
+                let ch = self.rib.refresh(peer, f);
+                self.apply(ch);
+            }
+            Action::Down { keep_stale, .. } => {
+                let p = self.peers.get_mut(&peer).expect("event checked");
+                p.flaps += 1;
+                p.since = SystemTime::now();
+                if let Some(d) = keep_stale {
+                    let generation = p.stale.as_ref().map_or(1, |(g, _)| g + 1);
+                    let tx = self.internal.clone();
+                    let h = tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        let _ = tx.send(Internal::StaleExpired { peer, generation });
+                    });
+                    if let Some((_, old)) = p.stale.replace((generation, h)) {
+                        old.abort();
+                    }
+                }
+                let ch = self.rib.peer_down(peer, keep_stale.is_some());
+                self.apply(ch);
+            }
+        }
+    }
+
+    /// RFC 4271 §6.8, once either connection has the peer's OPEN: the connection opened by
+    /// the speaker with the higher BGP identifier stays; the other is told so and dropped.
+    fn resolve_collision(&mut self, peer: PeerId) {
+        let router_id = self.config.router_id;
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Some(pending) = &p.pending else { return };
+        let ready = |s: &Slot| matches!(s.fsm.state(), State::OpenConfirm | State::Established);
+        if !(ready(pending) || ready(&p.main)) {
+            return;
+        }
+        let Some(remote) = pending.fsm.negotiated().or(p.main.fsm.negotiated()).map(|n| n.remote_id) else { return };
+        let ours_stays = fsm::keep_ours(router_id, remote);
+        let main_loses = p.main.outgoing != ours_stays;
+        let loser = if main_loses {
+            let pending = p.pending.take().expect("checked");
+            std::mem::replace(&mut p.main, pending)
+        } else {
+            p.pending.take().expect("checked")
+        };
+        if let Some(c) = &loser.conn {
+            if let Ok(b) = Message::Notification(cease(7)).encode(&loser.codec) {
+                let _ = c.write.send(b);
+            }
+            let _ = c.write.send(Vec::new());
+        }
+    }
+
+    /// A session on a connection the peer opened has failed: we go back to connecting
+    /// ourselves (unless configured passive), after the FSM's wait.
+    fn reopen_if_accepted(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        let m = &p.main;
+        if m.outgoing
+            || p.config.fsm.passive
+            || m.fsm.state() != State::Idle
+            || !m.timers.contains_key(&Timer::IdleHold)
+        {
+            return;
+        }
+        let config = p.config.clone();
+        let slot = self.new_slot(&config, true);
+        let sid = slot.id;
+        self.peers.get_mut(&peer).expect("present").main = slot;
+        self.action(peer, sid, Action::StartTimer(Timer::IdleHold, Duration::from_secs(5)));
+    }
+
+    fn connect(&mut self, peer: PeerId, sid: u64) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        let target = SocketAddr::new(p.config.address, p.config.port);
+        let source = p.config.source;
+        let password = p.config.password.clone();
+        let keys = self.keys.clone();
+        let tx = self.internal.clone();
+        let h = tokio::spawn(async move {
+            let stream = async {
+                let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                if let Some(src) = source {
+                    sock.bind(SocketAddr::new(src, 0))?;
+                }
+                if let (Some(keys), Some(pw)) = (keys, password) {
+                    keys(sock.as_raw_fd(), target.ip(), Some(pw.as_bytes()))?;
+                }
+                tokio::time::timeout(Duration::from_secs(5), sock.connect(target))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+            }
+            .await;
+            let _ = tx.send(Internal::Connected { peer, slot: sid, stream });
+        });
+        if let Some(s) = self.slot_mut(peer, sid) {
+            if let Some(old) = s.connecting.replace(h) {
+                old.abort();
+            }
+        }
+    }
+
+    fn apply(&mut self, ch: Changes) {
+        for f in ch.fib {
+            let _ = self.fib.send(f);
+        }
+        for (peer, changes) in ch.peers {
+            self.send_changes(peer, changes);
+        }
+    }
+
+    fn send_update(&mut self, peer: PeerId, u: Update) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        if p.main.fsm.state() != State::Established {
+            return;
+        }
+        if let (Some(c), Ok(b)) = (&p.main.conn, Message::Update(u).encode(&p.main.codec)) {
+            let _ = c.write.send(b);
+        }
+    }
+
+    /// Pack a peer's changes into as few UPDATEs as fit: withdrawals first, then
+    /// announcements grouped by identical attributes and next hop.
+    fn send_changes(&mut self, peer: PeerId, ch: PeerChanges) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        let Some(conn) = &p.main.conn else { return };
+        let codec = p.main.codec.clone();
+        let local = conn.local.ip();
+        let (nh4, nh6) = (
+            p.config.next_hop_v4.or(match local {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(a) => a.to_ipv4_mapped(),
+            }),
+            p.config.next_hop_v6.or(match local {
+                IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => Some(a),
+                _ => None,
+            }),
+        );
+        let mut out: Vec<Update> = Vec::new();
+        for family in Family::ALL {
+            let add_path = codec.add_path_tx.contains(&family);
+            let w: Vec<Nlri> = ch.withdraw.iter().filter(|n| Family::of(&n.prefix) == family).copied().collect();
+            for chunk in pack(&w, Update::room(None, family, &codec), add_path) {
+                out.push(match family {
+                    Family::Ipv4Unicast => Update { withdrawn: chunk, ..Default::default() },
+                    f => Update { mp_unreach: Some(MpUnreach { family: f, withdrawn: chunk }), ..Default::default() },
+                });
+            }
+            let mut groups: HashMap<&OutPath, Vec<Nlri>> = HashMap::new();
+            for (n, path) in ch.announce.iter().filter(|(n, _)| Family::of(&n.prefix) == family) {
+                groups.entry(path).or_default().push(*n);
+            }
+            for (path, nlri) in groups {
+                let next_hop: Option<IpAddr> = match (path.next_hop, family) {
+                    (NextHop::Address(a), _) => Some(a),
+                    (NextHop::Local, Family::Ipv4Unicast) => nh4.map(IpAddr::V4),
+                    (NextHop::Local, Family::Ipv6Unicast) => nh6.map(IpAddr::V6),
+                };
+                let Some(next_hop) = next_hop else { continue };
+                let mut attrs = (*path.attrs).clone();
+                match (family, next_hop) {
+                    (Family::Ipv4Unicast, IpAddr::V4(a)) => attrs.next_hop = Some(a),
+                    (Family::Ipv6Unicast, _) => attrs.next_hop = None,
+                    _ => continue,
+                }
+                let room = Update::room(Some(&attrs), family, &codec);
+                for chunk in pack(&nlri, room, add_path) {
+                    out.push(match family {
+                        Family::Ipv4Unicast => Update { attrs: Some(attrs.clone()), nlri: chunk, ..Default::default() },
+                        f => Update {
+                            attrs: Some(attrs.clone()),
+                            mp_reach: Some(MpReach { family: f, next_hop, link_local: None, nlri: chunk }),
+                            ..Default::default()
+                        },
+                    });
+                }
+            }
+        }
+        for u in out {
+            if let Ok(b) = Message::Update(u).encode(&codec) {
+                let _ = conn.write.send(b);
+            }
+        }
+    }
+}
+
+fn merge(into: &mut Changes, from: Changes) {
+    into.fib.extend(from.fib);
+    for (peer, c) in from.peers {
+        let e = into.peers.entry(peer).or_default();
+        e.announce.extend(c.announce);
+        e.withdraw.extend(c.withdraw);
+    }
+}
+
+/// Split NLRI into runs that fit `room` bytes.
+fn pack(nlri: &[Nlri], room: usize, add_path: bool) -> Vec<Vec<Nlri>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut used = 0;
+    for n in nlri {
+        let len = Update::nlri_len(n, add_path);
+        if used + len > room && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+            used = 0;
+        }
+        cur.push(*n);
+        used += len;
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
