@@ -375,9 +375,25 @@ impl EmbeddedStore {
                         false
                     }
                 };
-                let mut delay = Duration::from_micros(500);
-                while !poll_commit(&conn, &weak, &mut last_version) && notified && delay < Duration::from_millis(20) {
-                    tokio::time::sleep(delay).await;
+                if poll_commit(&conn, &weak, &mut last_version) || !notified {
+                    continue;
+                }
+                // The WAL is written a moment before its index makes the commit visible:
+                // look again within microseconds (off the async workers), then back off.
+                let seen = blocking(|| {
+                    (0..20).any(|_| {
+                        std::thread::sleep(Duration::from_micros(50));
+                        poll_commit(&conn, &weak, &mut last_version)
+                    })
+                });
+                let mut delay = Duration::from_millis(2);
+                while !seen && delay < Duration::from_millis(40) && !poll_commit(&conn, &weak, &mut last_version) {
+                    // A new notification ends the wait early.
+                    if let Some(c) = changes.as_mut() {
+                        let _ = tokio::time::timeout(delay, c.next()).await;
+                    } else {
+                        tokio::time::sleep(delay).await;
+                    }
                     delay *= 2;
                 }
             }
