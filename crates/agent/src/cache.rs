@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use gingham_api::Kind;
-use gingham_api::network::NodeSpec;
+use gingham_api::network::{BGPConfigurationSpec, BGPPeerSpec, NodeSpec};
 use gingham_ipam::block::AllocationBlock;
 use gingham_ipam::pools::Pool;
 use gingham_store::{Event, KeyValue};
@@ -230,6 +230,8 @@ pub enum Change {
     Node(String),
     Block(IpNet),
     Endpoint(EndpointKey),
+    BgpConfig(String),
+    BgpPeer(String),
 }
 
 #[derive(Deserialize)]
@@ -261,11 +263,18 @@ struct WepSpec {
     container_id: Option<String>,
 }
 
+fn decode_spec<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, String> {
+    let obj: gingham_api::Object = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+    obj.spec_as().map_err(|e| format!("spec: {e}"))
+}
+
 /// What a key is.
 enum Item {
     Pool(String),
     Node(String),
     Endpoint(String),
+    BgpConfig(String),
+    BgpPeer(String),
     Block(IpNet),
     Other,
 }
@@ -277,6 +286,8 @@ fn classify(key: &str) -> Item {
             p if p == Kind::IPPool.plural() => Item::Pool(name.into()),
             p if p == Kind::Node.plural() => Item::Node(name.into()),
             p if p == Kind::WorkloadEndpoint.plural() => Item::Endpoint(name.into()),
+            p if p == Kind::BGPConfiguration.plural() => Item::BgpConfig(name.into()),
+            p if p == Kind::BGPPeer.plural() => Item::BgpPeer(name.into()),
             _ => Item::Other,
         };
     }
@@ -305,6 +316,8 @@ pub struct Cache {
     pub nodes: HashMap<String, NodeRec>,
     pub blocks: HashMap<IpNet, BlockRec>,
     pub endpoints: Endpoints,
+    pub bgp_configs: BTreeMap<String, BGPConfigurationSpec>,
+    pub bgp_peers: BTreeMap<String, BGPPeerSpec>,
     /// Keys whose stored value did not decode, with the error (logged once).
     pub bad: HashMap<String, String>,
     pub decode_errors: u64,
@@ -323,6 +336,8 @@ impl Cache {
             nodes: HashMap::new(),
             blocks: HashMap::new(),
             endpoints: Endpoints::default(),
+            bgp_configs: BTreeMap::new(),
+            bgp_peers: BTreeMap::new(),
             bad: HashMap::new(),
             decode_errors: 0,
             listing: HashMap::new(),
@@ -370,6 +385,8 @@ impl Cache {
                 self.endpoints.remove(&h).map(|_| Change::Endpoint(h))
             }
             Item::Block(c) => self.blocks.remove(&c).map(|_| Change::Block(c)),
+            Item::BgpConfig(n) => self.bgp_configs.remove(&n).map(|_| Change::BgpConfig(n)),
+            Item::BgpPeer(n) => self.bgp_peers.remove(&n).map(|_| Change::BgpPeer(n)),
             Item::Other => None,
         }
     }
@@ -400,6 +417,18 @@ impl Cache {
                 (self.blocks.get(c) != Some(&b)).then(|| {
                     self.blocks.insert(*c, b);
                     Change::Block(*c)
+                })
+            }),
+            Item::BgpConfig(n) => decode_spec(kv).map(|c: BGPConfigurationSpec| {
+                (self.bgp_configs.get(n) != Some(&c)).then(|| {
+                    self.bgp_configs.insert(n.clone(), c);
+                    Change::BgpConfig(n.clone())
+                })
+            }),
+            Item::BgpPeer(n) => decode_spec(kv).map(|c: BGPPeerSpec| {
+                (self.bgp_peers.get(n) != Some(&c)).then(|| {
+                    self.bgp_peers.insert(n.clone(), c);
+                    Change::BgpPeer(n.clone())
                 })
             }),
             Item::Other => return None,
@@ -535,6 +564,8 @@ impl Cache {
         if RESOURCES_PREFIX.starts_with(prefix) || prefix.starts_with(RESOURCES_PREFIX) {
             out.extend(self.pools.keys().map(|n| Kind::IPPool.key(None, n)));
             out.extend(self.nodes.keys().map(|n| Kind::Node.key(None, n)));
+            out.extend(self.bgp_configs.keys().map(|n| Kind::BGPConfiguration.key(None, n)));
+            out.extend(self.bgp_peers.keys().map(|n| Kind::BGPPeer.key(None, n)));
         }
         if BLOCKS_PREFIX.starts_with(prefix) || prefix.starts_with(BLOCKS_PREFIX) {
             out.extend(self.blocks.keys().map(gingham_ipam::model::block_key));

@@ -9,6 +9,9 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use gingham_bgp::fsm::State;
+use gingham_bgp::tasks::{Command, PeerStatus};
+
 use crate::metrics::{BUCKETS_MS, Metrics};
 
 pub fn render_metrics(m: &Metrics) -> String {
@@ -124,16 +127,28 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let sessions = bgp_sessions(&metrics).await;
             let (status, ctype, body) = match path {
                 "/liveness" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readiness" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
+                // Like calico-node's -bird-ready: every configured session must be up.
+                "/readiness" if metrics.ready.load(Ordering::Relaxed) => match not_established(&sessions) {
+                    None => ("200 OK", "text/plain", "ready\n".to_string()),
+                    Some(down) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: BGP not established with {down}\n"),
+                    ),
+                },
                 "/readiness" => {
                     let why = metrics.last_error.lock().map(|e| e.clone()).unwrap_or_default();
                     ("503 Service Unavailable", "text/plain", format!("not ready: first sync not done {why}\n"))
                 }
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(&metrics)),
+                "/metrics" => {
+                    let mut m = render_metrics(&metrics);
+                    m.push_str(&render_bgp_metrics(sessions.as_deref().unwrap_or_default()));
+                    ("200 OK", "text/plain; version=0.0.4", m)
+                }
+                "/bgp/status" => ("200 OK", "application/json", bgp_status_json(sessions.as_deref()).to_string()),
                 _ => ("404 Not Found", "text/plain", "try /liveness, /readiness or /metrics\n".to_string()),
             };
             let resp = format!(
@@ -143,6 +158,89 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let _ = stream.write_all(resp.as_bytes()).await;
         });
     }
+}
+
+/// The speaker's sessions (None: this agent does not speak BGP).
+async fn bgp_sessions(metrics: &Metrics) -> Option<Vec<PeerStatus>> {
+    let cmd = metrics.bgp.lock().ok()?.clone()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    cmd.send(Command::Status(tx)).ok()?;
+    tokio::time::timeout(std::time::Duration::from_secs(2), rx).await.ok()?.ok()
+}
+
+fn not_established(sessions: &Option<Vec<PeerStatus>>) -> Option<String> {
+    let down: Vec<String> = sessions
+        .iter()
+        .flatten()
+        .filter(|p| p.state != State::Established)
+        .map(|p| {
+            format!(
+                "{} ({}{})",
+                p.address,
+                p.state.name(),
+                p.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    (!down.is_empty()).then(|| down.join(", "))
+}
+
+fn render_bgp_metrics(sessions: &[PeerStatus]) -> String {
+    let mut s = String::new();
+    if sessions.is_empty() {
+        return s;
+    }
+    for (name, help, f) in [
+        (
+            "gingham_bgp_session_established",
+            "1 when the BGP session is Established",
+            (|p: &PeerStatus| (p.state == State::Established) as u64) as fn(&PeerStatus) -> u64,
+        ),
+        ("gingham_bgp_prefixes_received", "Prefixes the peer sent that we kept", |p: &PeerStatus| p.received as u64),
+        ("gingham_bgp_prefixes_advertised", "Prefixes we sent the peer", |p: &PeerStatus| p.advertised as u64),
+        ("gingham_bgp_session_flaps_total", "Times the session went down", |p: &PeerStatus| p.flaps),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for p in sessions {
+            let _ = writeln!(s, "{name}{{peer=\"{}\",address=\"{}\"}} {}", p.name, p.address, f(p));
+        }
+    }
+    s
+}
+
+/// What `gingham node status` shows.
+pub fn bgp_status_json(sessions: Option<&[PeerStatus]>) -> serde_json::Value {
+    let Some(sessions) = sessions else { return serde_json::json!({"running": false}) };
+    let since = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let peers: Vec<serde_json::Value> = sessions
+        .iter()
+        .map(|p| {
+            let n = p.negotiated.as_ref();
+            serde_json::json!({
+                "name": p.name,
+                "address": p.address.to_string(),
+                "state": p.state.name(),
+                "since": since(p.since),
+                "info": p.last_error,
+                "received": p.received,
+                "advertised": p.advertised,
+                "flaps": p.flaps,
+                "negotiated": n.map(|n| serde_json::json!({
+                    "remote_as": n.remote_as,
+                    "remote_id": n.remote_id.to_string(),
+                    "hold_time": n.hold_time,
+                    "keepalive": n.keepalive,
+                    "families": n.families.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
+                    "four_octet_as": n.codec.four_octet_as,
+                    "add_path_rx": n.codec.add_path_rx.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
+                    "add_path_tx": n.codec.add_path_tx.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
+                    "route_refresh": n.route_refresh,
+                    "graceful_restart": n.peer_graceful_restart.as_ref().map(|g| g.time),
+                })),
+            })
+        })
+        .collect();
+    serde_json::json!({"running": true, "peers": peers})
 }
 
 /// Bind the health port (errors are the caller's to report).

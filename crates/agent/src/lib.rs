@@ -15,6 +15,7 @@ use gingham_store::{Datastore, ResourceStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
+pub mod bgp;
 pub mod cache;
 pub mod detect;
 pub mod endpoints;
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     pub routing: bool,
     /// How long an endpoint whose interface is gone stays before its addresses are released.
     pub orphan_grace: Duration,
+    /// Speak BGP (with routing), reading BGPPeer passwords from this directory.
+    pub bgp: Option<PathBuf>,
 }
 
 /// Make sure this node's Node resource exists with its address (others route to it and select
@@ -102,7 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let tunnels = Arc::new(tokio::sync::Notify::new());
     let sweep = Arc::new(tokio::sync::Notify::new());
     let routing = net.is_some();
-    let (model, locals, shared) = model::Model::new(
+    let (mut model, locals, shared) = model::Model::new(
         &config.node,
         net,
         gingham_dataplane::workloads::WorkloadManager::new(host.clone()),
@@ -110,6 +113,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         tunnels.clone(),
         sweep.clone(),
     );
+    if let (true, Some(secrets)) = (routing, config.bgp.clone()) {
+        let keys: gingham_bgp::tasks::KeySocket = Arc::new(gingham_kernel::tcp::set_md5_key);
+        model.with_bgp(bgp::Runner::new(Some(secrets), Some(keys)));
+    }
     for prefix in [cache::RESOURCES_PREFIX, cache::BLOCKS_PREFIX] {
         tokio::spawn(sync::follow(config.store.clone(), prefix, shared.clone()));
     }

@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Times the kernel dropped route/link events (each followed by a full check).
     pub kernel_overruns: AtomicU64,
     pub last_error: std::sync::Mutex<String>,
+    /// The BGP speaker, for readiness, per-session metrics and `node status`.
+    pub bgp: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<gingham_bgp::tasks::Command>>>,
 }
 
 pub const BUCKETS_MS: [f64; 8] = [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, f64::INFINITY];

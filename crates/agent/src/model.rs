@@ -20,7 +20,7 @@ use gingham_dataplane::calc::{
     BlockInfo, DesiredRoute, Diff, NodeInfo, PoolInfo, RouteCalc, Via, parse_mac, pod_mtu, vxlan_mac,
 };
 use gingham_dataplane::nat::NatManager;
-use gingham_dataplane::routes::{CALC_PROTO, Dev, RouteManager, Source, Target};
+use gingham_dataplane::routes::{BGP_PROTO, CALC_PROTO, Dev, RouteManager, Source, Target};
 use gingham_dataplane::vxlan::{VXLAN_DEVICE, Vtep, VxlanManager};
 use gingham_dataplane::workloads::{WORKLOAD_PROTO, Workload, WorkloadManager};
 use gingham_kernel::{KernelEvent, Netlink};
@@ -68,7 +68,10 @@ impl Network {
         node_ip: Ipv4Addr,
         underlay_mtu: u32,
     ) -> Network {
-        let mut routes = RouteManager::new(nl.clone(), &[Source { protocol: CALC_PROTO, priority: 10 }]);
+        let mut routes = RouteManager::new(
+            nl.clone(),
+            &[Source { protocol: BGP_PROTO, priority: 5 }, Source { protocol: CALC_PROTO, priority: 10 }],
+        );
         routes.set_device(Dev::Underlay, Some(underlay_index));
         Network {
             vxlan: VxlanManager::new(nl.clone(), underlay, node_ip),
@@ -98,6 +101,8 @@ pub struct Model {
     /// Something in the managers waits to be applied.
     dirty: bool,
     troubled: bool,
+    /// BGP, when this node speaks it (`--bgp`, Calico's `calico_backend: bird`).
+    bgp: Option<crate::bgp::Runner>,
 }
 
 fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
@@ -163,6 +168,7 @@ impl Model {
             local_keys: Default::default(),
             dirty: false,
             troubled: false,
+            bgp: None,
         };
         (m, rx, shared)
     }
@@ -178,7 +184,14 @@ impl Model {
                     None => std::future::pending().await,
                 }
             };
+            let learned = async {
+                match self.bgp.as_mut() {
+                    Some(b) => b.next_fib().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                f = learned => self.learned(f),
                 _ = shared.wake.notified() => {}
                 ev = kernel_event => match ev {
                     Some(ev) => self.kernel_event(ev),
@@ -192,6 +205,26 @@ impl Model {
             }
             self.process().await;
         }
+    }
+
+    /// Speak BGP (before `run`).
+    pub fn with_bgp(&mut self, runner: crate::bgp::Runner) {
+        self.bgp = Some(runner);
+    }
+
+    /// A route BGP learned or lost: to the route manager, through the underlay, or tunl0
+    /// for IPIP pools (CrossSubnet: only towards other subnets).
+    fn learned(&mut self, f: gingham_bgp::rib::FibChange) {
+        let Some(net) = self.net.as_mut() else { return };
+        let target = f.next_hops.first().map(|gw| {
+            let me = self.calc.node(&self.node).and_then(|n| n.ipv4);
+            let cross = !me.is_some_and(|m| m.contains(gw));
+            let pool = self.calc.pool_of(&f.prefix);
+            let ipip = gw.is_ipv4() && pool.is_some_and(|p| p.ipip.applies(cross));
+            Target::Via { gateway: *gw, dev: if ipip { Dev::Ipip } else { Dev::Underlay }, onlink: ipip }
+        });
+        net.routes.set(BGP_PROTO, f.prefix, target);
+        self.dirty = true;
     }
 
     fn kernel_event(&mut self, ev: KernelEvent) {
@@ -270,10 +303,16 @@ impl Model {
             for c in changes {
                 let diff = match c {
                     Change::Pool(n) => {
+                        if let Some(b) = self.bgp.as_mut() {
+                            b.dirty = true;
+                        }
                         self.tunnels.notify_one();
                         self.calc.set_pool(&n, p.cache.pools.get(&n).map(pool_info))
                     }
                     Change::Node(n) => {
+                        if let Some(b) = self.bgp.as_mut() {
+                            b.dirty = true;
+                        }
                         if n == self.node {
                             self.tunnels.notify_one();
                             vtep_changed = true;
@@ -282,12 +321,21 @@ impl Model {
                         self.calc.set_node(&n, info)
                     }
                     Change::Block(cidr) => {
+                        if let Some(b) = self.bgp.as_mut() {
+                            b.block_changed(&p.cache, cidr, &self.node);
+                        }
                         let info = p.cache.blocks.get(&cidr).map(|b| BlockInfo {
                             cidr,
                             node: b.node.as_deref().map(str::to_string),
                             borrowed: b.borrowed.iter().map(|(ip, n)| (*ip, n.to_string())).collect(),
                         });
                         self.calc.set_block(cidr, info)
+                    }
+                    Change::BgpConfig(_) | Change::BgpPeer(_) => {
+                        if let Some(b) = self.bgp.as_mut() {
+                            b.dirty = true;
+                        }
+                        continue;
                     }
                     Change::Endpoint(h) => {
                         let local = p.cache.endpoints.get(&h).and_then(|e| Some((e, e.local.as_ref()?)));
@@ -327,6 +375,28 @@ impl Model {
             if locals_changed {
                 self.publish_locals(&p.cache);
             }
+            if let Some(b) = self.bgp.as_mut().filter(|b| b.dirty && (self.in_sync || ready_now)) {
+                b.replan(&p.cache, &self.node);
+            }
+        }
+        if let Some(b) = self.bgp.as_mut() {
+            b.apply().await;
+            let forgotten = b.take_forgotten();
+            let errors = std::mem::take(&mut b.errors);
+            let synced = b.kernel_synced();
+            if let Ok(mut slot) = self.metrics.bgp.lock() {
+                *slot = b.commands();
+            }
+            if let Some(net) = self.net.as_mut() {
+                for dst in forgotten {
+                    net.routes.set(BGP_PROTO, dst, None);
+                    self.dirty = true;
+                }
+                if synced {
+                    net.routes.mark_synced(BGP_PROTO);
+                }
+            }
+            self.report(errors);
         }
         if ready_now {
             if let Some(net) = self.net.as_mut() {
@@ -348,7 +418,10 @@ impl Model {
     fn push(&mut self, diff: Diff) {
         self.dirty = true;
         let Some(net) = self.net.as_mut() else { return };
+        let bgp = self.bgp.is_some();
         for (dst, r) in diff.routes {
+            // With BGP, remote blocks outside VXLAN pools are BGP's to route.
+            let r = r.filter(|r| !(bgp && matches!(r, DesiredRoute::Remote { via: Via::Underlay | Via::Ipip, .. })));
             net.routes.set(CALC_PROTO, dst, r.map(target));
         }
         for (n, p) in diff.peers {

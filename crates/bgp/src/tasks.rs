@@ -83,6 +83,17 @@ pub struct Speaker {
     pub fib: mpsc::UnboundedReceiver<FibChange>,
     pub task: JoinHandle<()>,
     pub listening: Option<SocketAddr>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// Dropping the speaker closes its listener at once; the instance says Cease to its peers
+/// and stops (its command channel is closed).
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+    }
 }
 
 impl Speaker {
@@ -122,24 +133,27 @@ pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result
         keys,
         listener: listener.clone(),
     };
-    if let Some(l) = listener {
+    let accept = listener.map(|l| {
         let tx = int_tx.clone();
         tokio::spawn(async move {
             loop {
-                match l.accept().await {
-                    Ok((s, from)) => {
-                        if tx.send(Internal::Accepted(s, from)).is_err() {
-                            return;
+                tokio::select! {
+                    // The instance is gone: stop listening (the port is free again).
+                    _ = tx.closed() => return,
+                    r = l.accept() => match r {
+                        Ok((s, from)) => {
+                            let _ = tx.send(Internal::Accepted(s, from));
                         }
-                    }
-                    // Out of descriptors and the like: wait rather than spin.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        // Out of descriptors and the like: wait rather than spin.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    },
                 }
             }
-        });
-    }
+        })
+    });
+    drop(int_tx);
     let task = tokio::spawn(async move { inst.run(cmd_rx, int_rx).await });
-    Ok(Speaker { commands: cmd_tx, fib: fib_rx, task, listening })
+    Ok(Speaker { commands: cmd_tx, fib: fib_rx, task, listening, accept })
 }
 
 enum Internal {
@@ -549,7 +563,14 @@ impl Instance {
         else {
             return;
         };
+        let before = s.fsm.state();
+        let trace = std::env::var_os("GINGHAM_BGP_TRACE")
+            .is_some()
+            .then(|| format!("{ev:?}").chars().take(120).collect::<String>());
         let actions = s.fsm.handle(ev);
+        if let Some(ev) = trace {
+            eprintln!("bgp {} slot {sid}: {before:?} --{ev}--> {:?}", p.config.name, s.fsm.state());
+        }
         for a in actions {
             self.action(peer, sid, a);
         }

@@ -3,7 +3,7 @@
 //! its loopback.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ impl Ns {
                 let nl = gingham_kernel::Netlink::current().unwrap();
                 let lo = nl.link("lo").await.unwrap().unwrap();
                 nl.set_up(lo.index).await.unwrap();
-                for a in ["10.255.0.1/32", "10.255.0.2/32", "10.255.0.3/32", "fd00:255::1/128", "fd00:255::2/128"] {
+                for a in ["10.255.0.1/32", "10.255.0.2/32", "fd00:255::1/128", "fd00:255::2/128"] {
                     nl.add_address(lo.index, a.parse().unwrap()).await.unwrap();
                 }
                 body().await
@@ -55,6 +55,42 @@ impl Drop for Ns {
     }
 }
 
+/// Another namespace joined to the test's by a veth (10.254.0.2 here, 10.254.0.3 there),
+/// with 10.255.0.3 on its loopback: a router that is not on this host. Each side routes the
+/// other's loopback addresses over the veth. Call from inside the test's namespace.
+struct Far {
+    _ns: Ns,
+    file: std::fs::File,
+}
+
+impl Far {
+    async fn new(tag: &str) -> Far {
+        let ns = Ns::new(tag);
+        let file = std::fs::File::open(&ns.path).unwrap();
+        let here = gingham_kernel::Netlink::current().unwrap();
+        here.add_veth("far0", "far1", &file, 1500, None).await.unwrap();
+        let i = here.link("far0").await.unwrap().unwrap().index;
+        here.add_address(i, "10.254.0.2/24".parse().unwrap()).await.unwrap();
+        here.set_up(i).await.unwrap();
+        let mut r = gingham_kernel::Route::via(net("10.255.0.3/32"), "10.254.0.3".parse().unwrap(), i, 4);
+        r.scope_link = false;
+        here.replace_route(&r).await.unwrap();
+        let path = ns.path.clone();
+        // The far side's own links, from a thread inside it.
+        let far = gingham_kernel::Netlink::in_namespace(&path).unwrap();
+        let lo = far.link("lo").await.unwrap().unwrap().index;
+        far.set_up(lo).await.unwrap();
+        far.add_address(lo, "10.255.0.3/32".parse().unwrap()).await.unwrap();
+        let j = far.link("far1").await.unwrap().unwrap().index;
+        far.add_address(j, "10.254.0.3/24".parse().unwrap()).await.unwrap();
+        far.set_up(j).await.unwrap();
+        let mut r = gingham_kernel::Route::via(net("10.255.0.0/24"), "10.254.0.2".parse().unwrap(), j, 4);
+        r.scope_link = false;
+        far.replace_route(&r).await.unwrap();
+        Far { _ns: ns, file }
+    }
+}
+
 /// A BIRD 2 daemon with the given protocol configuration, stopped on drop.
 struct Bird {
     child: Child,
@@ -64,18 +100,31 @@ struct Bird {
 
 impl Bird {
     fn start(router_id: &str, protocols: &str) -> Bird {
+        Bird::start_in(None, router_id, protocols)
+    }
+
+    /// In the far namespace, when given.
+    fn start_in(far: Option<&Far>, router_id: &str, protocols: &str) -> Bird {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("bird.conf");
         let socket = dir.path().join("bird.ctl");
         std::fs::write(
             &conf,
             format!(
-                "router id {router_id};\nlog \"{}\" all;\nprotocol device {{ }}\n{protocols}\n",
+                "router id {router_id};\nlog \"{}\" all;\nprotocol device {{ }}\n\
+                 protocol direct {{ ipv4; ipv6; interface \"lo\"; }}\n{protocols}\n",
                 dir.path().join("bird.log").display()
             ),
         )
         .unwrap();
-        let child = Command::new("bird")
+        // A configuration BIRD refuses is the test's mistake: say so plainly.
+        let check = Command::new("bird").arg("-p").arg("-c").arg(&conf).output().expect("bird2 must be installed");
+        assert!(check.status.success(), "BIRD refuses its configuration: {}", String::from_utf8_lossy(&check.stderr));
+        let mut cmd = match far {
+            Some(f) => gingham_kernel::netns::command(&f.file, "bird").unwrap(),
+            None => Command::new("bird"),
+        };
+        let child = cmd
             .arg("-f")
             .arg("-c")
             .arg(&conf)
@@ -85,9 +134,16 @@ impl Bird {
             .stderr(Stdio::piped())
             .spawn()
             .expect("bird2 must be installed (scripts/install-deps.sh)");
-        let b = Bird { child, socket, _dir: dir };
+        let mut b = Bird { child, socket, _dir: dir };
         let t = Instant::now();
         while !b.socket.exists() {
+            if let Ok(Some(status)) = b.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = b.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("BIRD exited ({status}): {err}");
+            }
             assert!(t.elapsed() < WAIT, "BIRD did not start: {}", b.log());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -143,6 +199,7 @@ fn peer(name: &str, address: &str, remote_as: u32) -> PeerConfig {
 }
 
 async fn speaker(cluster_id: Option<Ipv4Addr>) -> Speaker {
+    FIB.with(|f| f.borrow_mut().clear());
     let keys: KeySocket = Arc::new(|fd, peer, key| gingham_kernel::tcp::set_md5_key(fd, peer, key));
     tasks::start(
         SpeakerConfig {
@@ -165,17 +222,29 @@ fn attrs() -> Attrs {
     Attrs::default()
 }
 
-/// Wait for the forwarding change of `prefix` that satisfies `ok`.
+thread_local! {
+    /// The latest forwarding state per prefix this test's speaker reported (each test runs
+    /// on a thread of its own).
+    static FIB: std::cell::RefCell<std::collections::HashMap<IpNet, Vec<IpAddr>>> = Default::default();
+}
+
+/// Wait until the forwarding state of `prefix` satisfies `ok` (changes for other prefixes
+/// are remembered, not lost).
 async fn fib_until(s: &mut Speaker, prefix: &str, ok: impl Fn(&[IpAddr]) -> bool) -> Vec<IpAddr> {
     let want = net(prefix);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match tokio::time::timeout_at(deadline, s.fib.recv()).await {
-            Ok(Some(FibChange { prefix, next_hops })) if prefix == want && ok(&next_hops) => return next_hops,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the speaker stopped"),
-            Err(_) => panic!("no forwarding change for {prefix} as expected within {WAIT:?}"),
+        if let Some(h) = FIB.with(|f| f.borrow().get(&want).cloned()).filter(|h| ok(h)) {
+            return h;
         }
+        match tokio::time::timeout_at(deadline, s.fib.recv()).await {
+            Ok(Some(FibChange { prefix, next_hops })) => FIB.with(|f| f.borrow_mut().insert(prefix, next_hops)),
+            Ok(None) => panic!("the speaker stopped"),
+            Err(_) => panic!(
+                "no forwarding change for {prefix} as expected within {WAIT:?}; last: {:?}",
+                FIB.with(|f| f.borrow().get(&want).cloned())
+            ),
+        };
     }
 }
 
@@ -241,7 +310,393 @@ fn ibgp_with_bird_both_families_both_ways() {
         assert_eq!(n.families.len(), 2);
         assert!(n.peer_graceful_restart.is_some());
         assert_eq!(p.advertised, 1, "{p:?}");
-        let _ = AsPathSegment { kind: SegmentKind::Sequence, asns: vec![] };
-        let _ = Path::new("/");
     });
+}
+
+fn bird_peer(asn: u32, extra: &str) -> String {
+    format!(
+        r#"
+protocol static s4 {{ ipv4; route 10.20.0.0/26 blackhole; }}
+protocol bgp gingham {{
+  local 10.255.0.1 as 64512;
+  neighbor 10.255.0.2 as {asn};
+  strict bind on;
+  multihop;
+  connect retry time 1;
+  error wait time 1, 2;
+  {extra}
+  ipv4 {{ import all; export all; }};
+}}
+"#
+    )
+}
+
+#[test]
+fn a_bad_open_is_answered_with_its_notification() {
+    let ns = Ns::new("badopen");
+    ns.run(|| async {
+        let bird = Bird::start("10.255.0.1", &bird_peer(AS, ""));
+        let s = speaker(None).await;
+        // We expect AS 64999; BIRD is 64512: our NOTIFICATION is "bad peer AS".
+        s.commands.send(Cmd::SetPeers(vec![peer("Global_10_255_0_1", "10.255.0.1", 64999)])).unwrap();
+        bird.until("show protocols all gingham", |o| o.contains("Bad peer AS")).await;
+        let t = Instant::now();
+        loop {
+            let st = s.status().await;
+            let e = st[0].last_error.clone().unwrap_or_default();
+            if e.contains("bad peer AS") {
+                assert_ne!(st[0].state, State::Established);
+                break;
+            }
+            assert!(t.elapsed() < WAIT, "{st:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn hold_timer_expiry_takes_the_session_down() {
+    let ns = Ns::new("hold");
+    ns.run(|| async {
+        let bird = Bird::start("10.255.0.1", &bird_peer(AS, "hold time 3;"));
+        let mut s = speaker(None).await;
+        s.commands.send(Cmd::SetPeers(vec![peer("Mesh_10_255_0_1", "10.255.0.1", AS)])).unwrap();
+        established(&s, "Mesh_10_255_0_1").await;
+        fib_until(&mut s, "10.20.0.0/26", |h| !h.is_empty()).await;
+        // BIRD stops answering but keeps the connection: after 3 s our hold timer fires.
+        let pid = bird.child.id().to_string();
+        Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        let t = Instant::now();
+        let err = loop {
+            let st = s.status().await;
+            if st[0].state != State::Established {
+                break st[0].last_error.clone().unwrap_or_default();
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "still up: {st:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        assert!(t.elapsed() >= Duration::from_secs(1), "down too early");
+        assert_eq!(err, "Hold timer expired");
+        // BIRD offered graceful restart and a hold-timer expiry is not its decision: its route
+        // stays (stale) while it comes back.
+        bird.until("show protocols all gingham", |o| o.contains("Hold timer expired")).await;
+        established(&s, "Mesh_10_255_0_1").await;
+    });
+}
+
+#[test]
+fn md5_passwords_must_match() {
+    let ns = Ns::new("md5");
+    ns.run(|| async {
+        let bird = Bird::start("10.255.0.1", &bird_peer(AS, r#"password "s3cret";"#));
+        let s = speaker(None).await;
+        let mut p = peer("Global_10_255_0_1", "10.255.0.1", AS);
+        p.password = Some("wrong".into());
+        s.commands.send(Cmd::SetPeers(vec![p.clone()])).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_ne!(state_of(&s, "Global_10_255_0_1").await, State::Established);
+        assert!(!bird.cli("show protocols gingham").contains("Established"));
+        // The right password: up (a changed password restarts only that session).
+        p.password = Some("s3cret".into());
+        s.commands.send(Cmd::SetPeers(vec![p])).unwrap();
+        established(&s, "Global_10_255_0_1").await;
+    });
+}
+
+#[test]
+fn graceful_restart_keeps_our_routes_while_we_restart() {
+    let ns = Ns::new("gr");
+    ns.run(|| async {
+        let bird = Bird::start("10.255.0.1", &bird_peer(AS, "graceful restart;"));
+        let s = speaker(None).await;
+        s.commands.send(Cmd::SetPeers(vec![peer("Mesh_10_255_0_1", "10.255.0.1", AS)])).unwrap();
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        s.commands.send(Cmd::Originate(net("10.11.0.0/26"), attrs())).unwrap();
+        bird.until("show route 10.11.0.0/26", |o| o.contains("10.11.0.0/26")).await;
+        // The agent dies (no NOTIFICATION, the connection just closes).
+        s.task.abort();
+        drop(s);
+        bird.until("show protocols gingham", |o| !o.contains("Established")).await;
+        let kept = bird.cli("show route 10.10.0.0/26 all");
+        assert!(kept.contains("10.10.0.0/26"), "BIRD dropped our routes at once:\n{kept}");
+        // We come back (restart bit set) with one of the two: after our End-of-RIB the other goes.
+        let s = speaker(None).await;
+        let mut p = peer("Mesh_10_255_0_1", "10.255.0.1", AS);
+        p.fsm.restarting = true;
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        s.commands.send(Cmd::SetPeers(vec![p])).unwrap();
+        established(&s, "Mesh_10_255_0_1").await;
+        bird.until("show route 10.11.0.0/26", |o| !o.contains("10.11.0.0/26")).await;
+        let r = bird.cli("show route 10.10.0.0/26 all");
+        assert!(r.contains("10.10.0.0/26") && !r.contains("stale"), "{r}");
+    });
+}
+
+#[test]
+fn route_reflector_client_of_bird() {
+    let ns = Ns::new("rrc");
+    ns.run(|| async {
+        let far = Far::new("rrc-far").await;
+        // BIRD on .1 reflects between gingham (.2) and a second BIRD (.3).
+        let rr = Bird::start(
+            "10.255.0.1",
+            r#"
+protocol bgp gingham { local 10.255.0.1 as 64512; neighbor 10.255.0.2 as 64512; strict bind on; multihop;
+  connect retry time 1; rr client; rr cluster id 1.0.0.1; ipv4 { import all; export all; }; }
+protocol bgp client2 { local 10.255.0.1 as 64512; neighbor 10.255.0.3 as 64512; strict bind on; multihop;
+  connect retry time 1; rr client; rr cluster id 1.0.0.1; ipv4 { import all; export all; }; }
+"#,
+        );
+        let other = Bird::start_in(
+            Some(&far),
+            "10.255.0.3",
+            r#"
+protocol static s4 { ipv4; route 10.30.0.0/26 blackhole; }
+protocol bgp reflector { local 10.255.0.3 as 64512; neighbor 10.255.0.1 as 64512; strict bind on; multihop;
+  connect retry time 1; ipv4 { import all; export all; next hop self; }; }
+"#,
+        );
+        let mut s = speaker(None).await;
+        s.commands.send(Cmd::SetPeers(vec![peer("Node_10_255_0_1", "10.255.0.1", AS)])).unwrap();
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        // The other client's block, via the reflector, keeps its own next hop.
+        assert_eq!(fib_until(&mut s, "10.30.0.0/26", |h| !h.is_empty()).await, vec![IpAddr::from([10, 255, 0, 3])]);
+        let r = other.until("show route 10.10.0.0/26 all", |o| o.contains("10.10.0.0/26")).await;
+        assert!(r.contains("BGP.next_hop: 10.255.0.2"), "{r}");
+        assert!(r.contains("BGP.originator_id: 10.255.0.2"), "{r}");
+        assert!(r.contains("BGP.cluster_list: 1.0.0.1"), "{r}");
+        drop(rr);
+    });
+}
+
+#[test]
+fn route_reflector_for_bird_and_frr_clients() {
+    let ns = Ns::new("rr");
+    ns.run(|| async {
+        let bird = Bird::start(
+            "10.255.0.1",
+            r#"
+protocol static s4 { ipv4; route 10.20.0.0/26 blackhole; }
+protocol bgp reflector { local 10.255.0.1 as 64512; neighbor 10.255.0.2 as 64512; strict bind on; multihop;
+  connect retry time 1; ipv4 { import all; export all; next hop self; }; }
+"#,
+        );
+        let far = Far::new("rr-far").await;
+        let frr = Frr::start(
+            &far,
+            "10.255.0.3",
+            "router bgp 64512\n bgp router-id 10.255.0.3\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+             neighbor 10.255.0.2 remote-as 64512\n neighbor 10.255.0.2 update-source 10.255.0.3\n \
+             neighbor 10.255.0.2 timers connect 1\n address-family ipv4 unicast\n  network 10.30.0.0/26\n exit-address-family\n",
+        );
+        let cluster = Ipv4Addr::new(2, 0, 0, 2);
+        let mut s = speaker(Some(cluster)).await;
+        let mut a = peer("Node_10_255_0_1", "10.255.0.1", AS);
+        a.rr_client = true;
+        let mut b = peer("Node_10_255_0_3", "10.255.0.3", AS);
+        b.rr_client = true;
+        s.commands.send(Cmd::SetPeers(vec![a, b])).unwrap();
+        fib_until(&mut s, "10.30.0.0/26", |h| h == [IpAddr::from([10, 255, 0, 3])]).await;
+        fib_until(&mut s, "10.20.0.0/26", |h| h == [IpAddr::from([10, 255, 0, 1])]).await;
+        // BIRD sees FRR's block reflected: FRR's next hop, FRR as originator, our cluster.
+        let r = bird.until("show route 10.30.0.0/26 all", |o| o.contains("10.30.0.0/26")).await;
+        assert!(r.contains("BGP.next_hop: 10.255.0.3"), "{r}");
+        assert!(r.contains("BGP.originator_id: 10.255.0.3"), "{r}");
+        assert!(r.contains("BGP.cluster_list: 2.0.0.2"), "{r}");
+        // FRR sees BIRD's.
+        let r = frr.until("show bgp ipv4 unicast 10.20.0.0/26", |o| o.contains("10.255.0.1")).await;
+        assert!(r.contains("Originator: 10.255.0.1") && r.contains("Cluster list: 2.0.0.2"), "{r}");
+    });
+}
+
+#[test]
+fn ebgp_to_an_frr_tor() {
+    let ns = Ns::new("tor");
+    ns.run(|| async {
+        let far = Far::new("tor-far").await;
+        let frr = Frr::start(
+            &far,
+            "10.255.0.3",
+            "router bgp 65001\n bgp router-id 10.255.0.3\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+             neighbor 10.255.0.2 remote-as 64512\n neighbor 10.255.0.2 update-source 10.255.0.3\n \
+             neighbor 10.255.0.2 ebgp-multihop 2\n neighbor 10.255.0.2 timers connect 1\n \
+             address-family ipv4 unicast\n  network 10.40.0.0/26\n exit-address-family\n",
+        );
+        let mut s = speaker(None).await;
+        s.commands.send(Cmd::SetPeers(vec![peer("Global_10_255_0_3", "10.255.0.3", 65001)])).unwrap();
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        assert_eq!(fib_until(&mut s, "10.40.0.0/26", |h| !h.is_empty()).await, vec![IpAddr::from([10, 255, 0, 3])]);
+        // Our block at the ToR: AS path 64512, next hop us.
+        let r = frr.until("show bgp ipv4 unicast 10.10.0.0/26", |o| o.contains("10.255.0.2")).await;
+        assert!(r.lines().any(|l| l.trim() == "64512"), "{r}");
+        let (_, _, a) = routes_of(&s, "10.40.0.0/26").await;
+        assert_eq!(a.as_path, vec![AsPathSegment { kind: SegmentKind::Sequence, asns: vec![65001] }]);
+    });
+}
+
+#[test]
+fn gobgp_peers_both_ways() {
+    let ns = Ns::new("gobgp");
+    ns.run(|| async {
+        let nl = gingham_kernel::Netlink::current().unwrap();
+        let lo = nl.link("lo").await.unwrap().unwrap().index;
+        nl.add_address(lo, "10.255.0.3/32".parse().unwrap()).await.unwrap();
+        let g = GoBgp::start(
+            r#"
+[global.config]
+  as = 64512
+  router-id = "10.255.0.3"
+  port = 179
+  local-address-list = ["10.255.0.3"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "10.255.0.2"
+    peer-as = 64512
+  [neighbors.transport.config]
+    local-address = "10.255.0.3"
+  [neighbors.timers.config]
+    connect-retry = 1
+"#,
+        );
+        let mut s = speaker(None).await;
+        s.commands.send(Cmd::SetPeers(vec![peer("Mesh_10_255_0_3", "10.255.0.3", AS)])).unwrap();
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        established(&s, "Mesh_10_255_0_3").await;
+        g.cli(&["global", "rib", "add", "-a", "ipv4", "10.50.0.0/26"]);
+        assert_eq!(fib_until(&mut s, "10.50.0.0/26", |h| !h.is_empty()).await, vec![IpAddr::from([10, 255, 0, 3])]);
+        g.until(&["global", "rib", "-a", "ipv4"], |o| o.contains("10.10.0.0/26") && o.contains("10.255.0.2")).await;
+        g.cli(&["global", "rib", "del", "-a", "ipv4", "10.50.0.0/26"]);
+        fib_until(&mut s, "10.50.0.0/26", |h| h.is_empty()).await;
+    });
+}
+
+async fn routes_of(s: &Speaker, prefix: &str) -> (IpNet, String, Arc<Attrs>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.commands.send(Cmd::Routes(tx)).unwrap();
+    rx.await.unwrap().into_iter().find(|r| r.0 == net(prefix)).expect("the route is in the Loc-RIB")
+}
+
+/// FRR's zebra and bgpd with a bgpd configuration, in the foreground, stopped on drop.
+struct Frr {
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Frr {
+    fn start(far: &Far, address: &str, bgpd_conf: &str) -> Frr {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("zebra.conf"), "hostname zebra\n").unwrap();
+        std::fs::write(d.join("bgpd.conf"), format!("hostname bgpd\n{bgpd_conf}")).unwrap();
+        // The daemons drop to user frr.
+        Command::new("chown").args(["-R", "frr:frr"]).arg(d).status().unwrap();
+        let daemon = |name: &str, extra: &[&str]| {
+            gingham_kernel::netns::command(&far.file, format!("/usr/lib/frr/{name}"))
+                .unwrap()
+                .args(["-P", "0", "-f"])
+                .arg(d.join(format!("{name}.conf")))
+                .arg("-i")
+                .arg(d.join(format!("{name}.pid")))
+                .arg("-z")
+                .arg(d.join("zserv.api"))
+                .arg("--vty_socket")
+                .arg(d)
+                .arg("--log")
+                .arg(format!("file:{}", d.join(format!("{name}.log")).display()))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("frr must be installed (scripts/install-deps.sh)")
+        };
+        let zebra = daemon("zebra", &[]);
+        let t = Instant::now();
+        while !d.join("zserv.api").exists() {
+            assert!(t.elapsed() < WAIT, "zebra did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let bgpd = daemon("bgpd", &["-l", address, "-p", "179"]);
+        Frr { children: vec![bgpd, zebra], dir }
+    }
+
+    fn cli(&self, cmd: &str) -> String {
+        let out = Command::new("vtysh").arg("--vty_socket").arg(self.dir.path()).args(["-c", cmd]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn until(&self, cmd: &str, ok: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let out = self.cli(cmd);
+            if ok(&out) {
+                return out;
+            }
+            let log = std::fs::read_to_string(self.dir.path().join("bgpd.log")).unwrap_or_default();
+            assert!(t.elapsed() < WAIT, "`vtysh -c '{cmd}'` never became what was expected:\n{out}\nbgpd log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Frr {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// gobgpd with a TOML configuration (its API on the namespace's own loopback), stopped on drop.
+struct GoBgp {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl GoBgp {
+    fn start(toml: &str) -> GoBgp {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("gobgpd.toml");
+        std::fs::write(&conf, toml).unwrap();
+        let child = Command::new("gobgpd")
+            .arg("-f")
+            .arg(&conf)
+            .args(["-p", "--api-hosts", "127.0.0.1:50051", "--pprof-disable"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gobgpd must be installed (scripts/install-deps.sh)");
+        let g = GoBgp { child, _dir: dir };
+        let t = Instant::now();
+        while !g.cli(&["global"]).contains("AS") {
+            assert!(t.elapsed() < WAIT, "gobgpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("gobgp").args(["--host", "127.0.0.1", "-p", "50051"]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn until(&self, args: &[&str], ok: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let out = self.cli(args);
+            if ok(&out) {
+                return out;
+            }
+            assert!(t.elapsed() < WAIT, "`gobgp {}` never became what was expected:\n{out}", args.join(" "));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for GoBgp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -239,6 +239,13 @@ enum NodeCommand {
         /// addresses before the agent releases them, in seconds.
         #[arg(long, default_value_t = 60)]
         orphan_grace_seconds: u64,
+        /// How nodes learn each other's routes (Calico's calico_backend): bird = BGP (node mesh,
+        /// route reflectors, BGPPeers); vxlan = no BGP, routes calculated from the datastore.
+        #[arg(long, env = "CALICO_NETWORKING_BACKEND", default_value = "bird", value_parser = ["bird", "vxlan"])]
+        backend: String,
+        /// Where BGPPeer passwords are read: a secretKeyRef {name, key} is the file DIR/name/key.
+        #[arg(long, default_value = "/etc/gingham/bgp-secrets")]
+        bgp_secrets: PathBuf,
     },
 }
 
@@ -370,6 +377,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     health_listen,
                     endpoints_only,
                     orphan_grace_seconds,
+                    backend,
+                    bgp_secrets,
                 },
         } => {
             use gingham_agent::detect::Autodetect;
@@ -416,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 health: Some(health_listen),
                 routing: !endpoints_only,
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_seconds),
+                bgp: (backend == "bird").then_some(bgp_secrets),
             };
             gingham_agent::run(config, shutdown).await?;
             Ok(())

@@ -171,6 +171,11 @@ impl RouteCalc {
     pub fn encap(&self) -> (bool, bool) {
         self.encap
     }
+    /// The pool holding `net`.
+    pub fn pool_of(&self, net: &IpNet) -> Option<&PoolInfo> {
+        self.pools.values().find(|p| p.cidr.contains(net))
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.get(name)
     }
@@ -288,10 +293,6 @@ impl RouteCalc {
         let mut d = Diff::default();
         self.refresh(&dsts, &mut d);
         d
-    }
-
-    fn pool_of(&self, net: &IpNet) -> Option<&PoolInfo> {
-        self.pools.values().find(|p| p.cidr.contains(net))
     }
 
     /// What `dst` should route to, from the current state.

@@ -14,6 +14,9 @@ use crate::DataplaneError;
 
 /// Protocol of the routes gingham calculates (Felix's number, so the kernel reads as Calico's).
 pub const CALC_PROTO: u8 = 80;
+/// Protocol of the routes BGP learned (RTPROT_BIRD: `ip route` says `proto bird`, as on a
+/// Calico node).
+pub const BGP_PROTO: u8 = 12;
 
 /// A device routes leave through, resolved to an index when programmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -43,6 +43,8 @@ pub const DEFAULT_PATH: &str = "/var/lib/gingham/store.db";
 const KEEP_REVISIONS: i64 = 10_000;
 /// Automatic compaction runs every this many revisions.
 const COMPACT_EVERY: i64 = 1_000;
+/// How long to keep looking for the commit a notification announced.
+const COMMIT_WAIT: Duration = Duration::from_millis(100);
 /// Backstop for missed change notifications from other processes.
 const BACKSTOP_POLL: Duration = Duration::from_millis(500);
 /// Rows a watcher reads per query.
@@ -364,37 +366,38 @@ impl EmbeddedStore {
             let mut changes = changes;
             let mut last_version: i64 = -1;
             poll_commit(&conn, &weak, &mut last_version);
+            // Set while a notification has not been matched by a visible commit yet.
+            let mut until: Option<tokio::time::Instant> = None;
             loop {
                 if weak.strong_count() == 0 {
                     return;
                 }
+                let wait = if until.is_some() { Duration::from_millis(1) } else { BACKSTOP_POLL };
                 let notified = match changes.as_mut() {
-                    Some(c) => tokio::time::timeout(BACKSTOP_POLL, c.next()).await.is_ok(),
+                    Some(c) => tokio::time::timeout(wait, c.next()).await.is_ok(),
                     None => {
-                        tokio::time::sleep(BACKSTOP_POLL).await;
+                        tokio::time::sleep(wait).await;
                         false
                     }
                 };
-                if poll_commit(&conn, &weak, &mut last_version) || !notified {
+                if poll_commit(&conn, &weak, &mut last_version) {
+                    until = None;
                     continue;
                 }
-                // The WAL is written a moment before its index makes the commit visible:
-                // look again within microseconds (off the async workers), then back off.
-                let seen = blocking(|| {
-                    (0..20).any(|_| {
-                        std::thread::sleep(Duration::from_micros(50));
-                        poll_commit(&conn, &weak, &mut last_version)
-                    })
-                });
-                let mut delay = Duration::from_millis(2);
-                while !seen && delay < Duration::from_millis(40) && !poll_commit(&conn, &weak, &mut last_version) {
-                    // A new notification ends the wait early.
-                    if let Some(c) = changes.as_mut() {
-                        let _ = tokio::time::timeout(delay, c.next()).await;
-                    } else {
-                        tokio::time::sleep(delay).await;
-                    }
-                    delay *= 2;
+                if notified {
+                    // The WAL is written a moment before its index makes the commit visible:
+                    // look again within microseconds (off the async workers) ...
+                    let seen = blocking(|| {
+                        (0..20).any(|_| {
+                            std::thread::sleep(Duration::from_micros(50));
+                            poll_commit(&conn, &weak, &mut last_version)
+                        })
+                    });
+                    // ... then every millisecond for a while (a long transaction, whose last
+                    // write may come with no notification after it).
+                    until = (!seen).then(|| tokio::time::Instant::now() + COMMIT_WAIT);
+                } else if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    until = None;
                 }
             }
         }));
