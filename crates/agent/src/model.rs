@@ -420,8 +420,11 @@ impl Model {
         let Some(net) = self.net.as_mut() else { return };
         let bgp = self.bgp.is_some();
         for (dst, r) in diff.routes {
-            // With BGP, remote blocks outside VXLAN pools are BGP's to route.
-            let r = r.filter(|r| !(bgp && matches!(r, DesiredRoute::Remote { via: Via::Underlay | Via::Ipip, .. })));
+            // With BGP, remote blocks outside VXLAN pools are BGP's to route (VXLAN pools stay
+            // the calculation's, their same-subnet routes of CrossSubnet too).
+            let bgp_owned = bgp && !self.calc.pool_of(&dst).is_some_and(|p| p.vxlan.enabled());
+            let r =
+                r.filter(|r| !(bgp_owned && matches!(r, DesiredRoute::Remote { via: Via::Underlay | Via::Ipip, .. })));
             net.routes.set(CALC_PROTO, dst, r.map(target));
         }
         for (n, p) in diff.peers {

@@ -291,8 +291,10 @@ fn lab_files_have_their_modes_and_down_removes_only_what_the_lab_made() {
 fn native_routing_and_nat_outgoing() {
     let lab = Lab::up(&["--encap", "none", "--nodes", "2", "--pods-per-node", "1"]);
     assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
+    // Learned over the node-to-node mesh (BGP, as `calico_backend: bird`).
     let routes = lab.routes("node-1");
-    assert!(routes.contains("via 10.99.0.12 dev eth0 proto 80"), "{routes}");
+    assert!(routes.contains("via 10.99.0.12 dev eth0 proto bird"), "{routes}");
+    assert!(!routes.contains("via 10.99.0.12 dev eth0 proto 80"), "BGP alone routes pools without VXLAN: {routes}");
     assert!(!routes.contains("vxlan"), "{routes}");
     assert!(
         ip(&["-n", &lab.ns("node-1"), "link", "show", "vxlan.calico"]).is_empty(),

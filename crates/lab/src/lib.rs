@@ -437,7 +437,7 @@ fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
     }
 }
 
-/// Wait until every node has a route (proto 80) for every other node's blocks.
+/// Wait until every node has a route (calculated, or learned over BGP) for every other node's blocks.
 pub async fn converge(state: &State, timeout: Duration) -> Result<()> {
     let store = connect(state).await?;
     let ipam = gingham_ipam::IpamClient::new(store);
@@ -451,7 +451,11 @@ pub async fn converge(state: &State, timeout: Duration) -> Result<()> {
             for (b, _) in &blocks {
                 let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:"));
                 if owner.is_some_and(|o| o != n.name)
-                    && !routes.iter().any(|r| r.dst == b.cidr && r.protocol == gingham_dataplane::routes::CALC_PROTO)
+                    && !routes.iter().any(|r| {
+                        r.dst == b.cidr
+                            && [gingham_dataplane::routes::CALC_PROTO, gingham_dataplane::routes::BGP_PROTO]
+                                .contains(&r.protocol)
+                    })
                 {
                     missing.push(format!("{}: {}", n.name, b.cidr));
                 }
