@@ -149,6 +149,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     ("200 OK", "text/plain; version=0.0.4", m)
                 }
                 "/bgp/status" => ("200 OK", "application/json", bgp_status_json(sessions.as_deref()).to_string()),
+                "/bgp/routes" => ("200 OK", "application/json", bgp_routes_json(&metrics).await.to_string()),
                 _ => ("404 Not Found", "text/plain", "try /liveness, /readiness or /metrics\n".to_string()),
             };
             let resp = format!(
@@ -206,6 +207,43 @@ fn render_bgp_metrics(sessions: &[PeerStatus]) -> String {
         }
     }
     s
+}
+
+/// The Loc-RIB for `gingham node status --routes`.
+async fn bgp_routes_json(metrics: &Metrics) -> serde_json::Value {
+    let Some(cmd) = metrics.bgp.lock().ok().and_then(|b| b.clone()) else { return serde_json::json!([]) };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if cmd.send(Command::Routes(tx)).is_err() {
+        return serde_json::json!([]);
+    }
+    let Ok(Ok(routes)) = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await else {
+        return serde_json::json!([]);
+    };
+    let list: Vec<serde_json::Value> = routes
+        .iter()
+        .take(10_000)
+        .map(|(prefix, from, a)| {
+            let path: Vec<String> = a.as_path.iter().flat_map(|s| s.asns.iter().map(|n| n.to_string())).collect();
+            let mut attrs = vec![format!("origin {:?}", a.origin)];
+            if let Some(l) = a.local_pref {
+                attrs.push(format!("local-pref {l}"));
+            }
+            if let Some(m) = a.med {
+                attrs.push(format!("med {m}"));
+            }
+            if let Some(o) = a.originator_id {
+                attrs.push(format!("originator {o}"));
+            }
+            if !a.cluster_list.is_empty() {
+                attrs.push(format!("cluster-list {}", a.cluster_list.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")));
+            }
+            for c in &a.communities {
+                attrs.push(format!("community {}:{}", c >> 16, c & 0xffff));
+            }
+            serde_json::json!({"prefix": prefix.to_string(), "from": from, "as_path": path.join(" "), "attributes": attrs.join(", ")})
+        })
+        .collect();
+    serde_json::Value::Array(list)
 }
 
 /// What `gingham node status` shows.

@@ -4,6 +4,7 @@ mod cni;
 mod ipam;
 mod output;
 mod resources;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -216,6 +217,18 @@ enum PodCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
+    /// This node's BGP sessions, as `calicoctl node status` shows them.
+    Status {
+        /// The agent's health address (its --health-listen).
+        #[arg(long, default_value = "127.0.0.1:9099")]
+        health: std::net::SocketAddr,
+        /// Also list the Loc-RIB: every prefix with its best path's source and attributes.
+        #[arg(long)]
+        routes: bool,
+        /// Per session: negotiated capabilities, timers, counters and the last error.
+        #[arg(long)]
+        detail: bool,
+    },
     /// Run the node agent: serves the CNI plugin on a unix socket.
     Run {
         /// This node's name (default: the host name).
@@ -366,6 +379,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Check => ipam::run_check(&client).await,
                 IpamCommand::Release { ip } => ipam::release(&client, ip).await,
             }
+        }
+        Command::Node { command: NodeCommand::Status { health, routes, detail } } => {
+            status::run(health, routes, detail).map_err(anyhow::Error::msg)
         }
         Command::Node {
             command:

@@ -6,6 +6,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+pub mod bgp;
 pub mod generate;
 pub mod targets;
 
@@ -110,6 +111,7 @@ pub fn targets() -> Vec<Target> {
             corpus: generate::cni_corpus,
             tokens: generate::JSON_TOKENS,
         },
+        Target { name: "bgp", check: bgp::check, generate: bgp::generate, corpus: bgp::corpus, tokens: bgp::TOKENS },
         Target {
             name: "documents",
             check: targets::documents,
@@ -187,6 +189,15 @@ pub fn accepted(t: &Target, input: &[u8]) -> bool {
         "selector" => gingham_api::Selector::parse(&text).is_ok(),
         "cni" => gingham_cni::spec::NetConf::parse(input).is_ok(),
         "documents" => gingham_api::parse_documents_in("fuzz.yaml", &text, None).is_ok(),
+        "bgp" => input.split_first().is_some_and(|(_, m)| {
+            m.len() >= 19 && {
+                let mut m = m.to_vec();
+                m[..16].fill(0xff);
+                let len = m.len().min(u16::MAX as usize) as u16;
+                m[16..18].copy_from_slice(&len.to_be_bytes());
+                gingham_bgp::packet::Message::decode(&m, &gingham_bgp::packet::Codec::default()).is_ok()
+            }
+        }),
         _ => false,
     }
 }
