@@ -350,13 +350,38 @@ async fn measure(
     // Remote block claims → route in this agent's kernel.
     // The claim's latency ends when the kernel announces its route: polling a dump of 5,000
     // routes would add milliseconds of its own.
-    let (nl, mut events) = {
+    // The claim's latency ends when the kernel announces its route: a thread of its own in
+    // the agent's namespace stamps each route event as it arrives (so nothing this task does
+    // after the write, nor polling a dump of 5,000 routes, adds to the figure).
+    let (stamps_tx, stamps) = std::sync::mpsc::channel::<(Option<IpNet>, Instant)>();
+    let nl = {
+        let f = std::fs::File::open(ns.path()).unwrap();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut events = gingham_kernel::route_and_link_events().unwrap();
+                let _ = ready_tx.send(());
+                while let Some(ev) = events.recv().await {
+                    let stamp = match ev {
+                        KernelEvent::Route { deleted: false, route } => (Some(route.dst), Instant::now()),
+                        KernelEvent::Overrun => (None, Instant::now()),
+                        _ => continue,
+                    };
+                    if stamps_tx.send(stamp).is_err() {
+                        return;
+                    }
+                }
+            });
+        });
+        ready.recv_timeout(Duration::from_secs(10)).expect("route events in the agent's namespace");
         let f = std::fs::File::open(ns.path()).unwrap();
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
             nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let _g = rt.enter();
-            (gingham_kernel::Netlink::current().unwrap(), gingham_kernel::route_and_link_events().unwrap())
+            gingham_kernel::Netlink::current().unwrap()
         })
         .join()
         .unwrap()
@@ -367,24 +392,26 @@ async fn measure(
         let owner = 1 + c % (nodes - 1);
         let (ops, _) = block_ops(idx, owner);
         let cidr = block_cidr(idx);
-        while events.try_recv().is_ok() {}
+        while stamps.try_recv().is_ok() {}
         let t = Instant::now();
         write_all(ds.as_ref(), ops).await;
         let deadline = t + (cap / 10).max(Duration::from_secs(5));
         let seen = loop {
-            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-                Ok(Some(KernelEvent::Route { deleted: false, route })) if route.dst == cidr => break true,
-                Ok(Some(KernelEvent::Overrun)) => {
+            match stamps.try_recv() {
+                Ok((Some(dst), at)) if dst == cidr => break Some(at),
+                Ok((None, at)) => {
+                    // Events were lost: look at the table itself.
                     if nl.routes(true).await.unwrap_or_default().iter().any(|r| r.dst == cidr) {
-                        break true;
+                        break Some(at.max(Instant::now()));
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break false,
+                Ok(_) => {}
+                Err(_) if Instant::now() >= deadline => break None,
+                Err(_) => tokio::time::sleep(Duration::from_micros(200)).await,
             }
         };
-        lat.push(if seen { t.elapsed() } else { Duration::MAX });
-        if !seen {
+        lat.push(seen.map_or(Duration::MAX, |at| at.saturating_duration_since(t)));
+        if seen.is_none() {
             break;
         }
     }

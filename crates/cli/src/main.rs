@@ -176,6 +176,10 @@ enum LabCommand {
         /// embedded or etcd.
         #[arg(long, default_value = "embedded")]
         datastore: String,
+        /// rr1 or rr2: the seeds' route-reflector setups instead of the node-to-node mesh
+        /// (rr2: --nodes 6).
+        #[arg(long)]
+        bgp_topology: Option<String>,
         #[arg(long, short)]
         quiet: bool,
     },
@@ -504,7 +508,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
     use gingham_lab as l;
     let exe = std::env::current_exe()?;
     match command {
-        LabCommand::Up { nodes, pods_per_node, encap, datastore, quiet } => {
+        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, quiet } => {
             let etcd = match datastore.as_str() {
                 "embedded" => false,
                 "etcd" => true,
@@ -517,6 +521,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 encap: l::Encap::parse(&encap)?,
                 etcd,
                 quiet,
+                bgp_topology: bgp_topology.as_deref().map(l::BgpTopology::parse).transpose()?,
             };
             if !quiet {
                 eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());

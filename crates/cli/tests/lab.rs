@@ -474,3 +474,95 @@ fn datastore_outage_keeps_the_dataplane() {
     assert!(check.ends_with("found 0 problems.\n"), "{check}");
     assert_eq!((ours(lab.routes("node-1")), ours(lab.routes("node-2"))), before);
 }
+
+/// A node's BGP sessions (peer address → state), from its agent as `gingham node status`
+/// reads them.
+fn sessions(lab: &Lab, node: &str) -> std::collections::BTreeMap<String, String> {
+    let body = in_ns(&lab.ns(node), || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 9099)), Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /bgp/status HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let json: Value = serde_json::from_str(body.split_once("\r\n\r\n").unwrap().1).unwrap();
+    json["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["address"].as_str().unwrap().to_string(), p["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn established(addrs: &[&str]) -> std::collections::BTreeMap<String, String> {
+    addrs.iter().map(|a| (a.to_string(), "Established".to_string())).collect()
+}
+
+/// The gateways of a node's BGP routes, with how many routes use each.
+fn bgp_gateways(lab: &Lab, node: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in lab.routes(node).lines().filter(|l| l.contains("proto bird")) {
+        let gw = l.split_whitespace().skip_while(|w| *w != "via").nth(1).unwrap_or("?").to_string();
+        *out.entry(gw).or_insert(0) += 1;
+    }
+    out
+}
+
+#[test]
+fn route_reflectors_as_in_the_seeds_setup_1() {
+    let lab = Lab::up(&["--encap", "none", "--nodes", "4", "--pods-per-node", "1", "--bgp-topology", "rr1"]);
+    let check = lab.check();
+    assert!(check.contains("all 12 pod pairs: ping ok, tcp ok"), "{check}");
+    // Clients peer with both reflectors only; reflectors with everyone.
+    for client in ["node-3", "node-4"] {
+        assert_eq!(sessions(&lab, client), established(&["10.99.0.11", "10.99.0.12"]), "{client}");
+    }
+    assert_eq!(sessions(&lab, "node-1"), established(&["10.99.0.12", "10.99.0.13", "10.99.0.14"]));
+    assert_eq!(sessions(&lab, "node-2"), established(&["10.99.0.11", "10.99.0.13", "10.99.0.14"]));
+    // Every block is reached via its own node (one block per node here).
+    assert_eq!(
+        bgp_gateways(&lab, "node-3"),
+        [("10.99.0.11", 1), ("10.99.0.12", 1), ("10.99.0.14", 1)].map(|(a, n)| (a.to_string(), n)).into(),
+        "{}",
+        lab.routes("node-3")
+    );
+    // node status, as calicoctl shows it.
+    let status = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("node-3"), env!("CARGO_BIN_EXE_gingham"), "node", "status"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(out.contains("IPv4 BGP status") && out.contains("No IPv6 peers found."), "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("| node specific | up    |")).count(), 2, "{out}");
+}
+
+#[test]
+fn route_reflectors_as_in_the_seeds_setup_2() {
+    let lab = Lab::up(&["--encap", "none", "--nodes", "6", "--pods-per-node", "1", "--bgp-topology", "rr2"]);
+    let check = lab.check();
+    assert!(check.contains("all 30 pod pairs: ping ok, tcp ok"), "{check}");
+    // Members peer with their group's reflector; the reflectors peer with each other (eBGP).
+    for (member, rr) in
+        [("node-2", "10.99.0.11"), ("node-3", "10.99.0.11"), ("node-5", "10.99.0.14"), ("node-6", "10.99.0.14")]
+    {
+        assert_eq!(sessions(&lab, member), established(&[rr]), "{member}");
+    }
+    assert_eq!(sessions(&lab, "node-1"), established(&["10.99.0.12", "10.99.0.13", "10.99.0.14"]));
+    assert_eq!(sessions(&lab, "node-4"), established(&["10.99.0.11", "10.99.0.15", "10.99.0.16"]));
+    // Inside an AS a block is reached via its own node; the other AS's blocks via that AS's
+    // reflector (next hop self over eBGP, kept when reflected).
+    assert_eq!(
+        bgp_gateways(&lab, "node-2"),
+        [("10.99.0.11", 1), ("10.99.0.13", 1), ("10.99.0.14", 3)].map(|(a, n)| (a.to_string(), n)).into(),
+        "{}",
+        lab.routes("node-2")
+    );
+    assert_eq!(
+        bgp_gateways(&lab, "node-5"),
+        [("10.99.0.11", 3), ("10.99.0.14", 1), ("10.99.0.16", 1)].map(|(a, n)| (a.to_string(), n)).into(),
+        "{}",
+        lab.routes("node-5")
+    );
+}

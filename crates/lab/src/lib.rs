@@ -224,6 +224,90 @@ pub struct UpOptions {
     pub encap: Encap,
     pub etcd: bool,
     pub quiet: bool,
+    /// A route-reflector setup from the seeds instead of the node-to-node mesh.
+    pub bgp_topology: Option<BgpTopology>,
+}
+
+/// The two route-reflector setups of ../shared/examples/seeds (bgppeer-rr-mode1.yaml,
+/// bgppeer-rr-mode2.yaml, node-rr.yaml, bgpconfiguration-no-mesh.yaml), resources as there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BgpTopology {
+    /// node-1 and node-2 reflect (label calico-rr, cluster 224.0.0.1); everyone else is a
+    /// client of both.
+    Rr1,
+    /// Two AS groups: 64512 (node-1 reflects for node-2, node-3) and 64513 (node-4 reflects
+    /// for node-5, node-6); the reflectors peer over eBGP.
+    Rr2,
+}
+
+impl BgpTopology {
+    pub fn parse(s: &str) -> Result<BgpTopology> {
+        match s {
+            "rr1" => Ok(BgpTopology::Rr1),
+            "rr2" => Ok(BgpTopology::Rr2),
+            other => Err(msg(format!("--bgp-topology {other}: use rr1 or rr2"))),
+        }
+    }
+
+    /// The resources to apply before the agents start: the mesh off, each Node's labels,
+    /// AS and cluster ID, the BGPPeers.
+    pub fn resources(self, nodes: usize) -> Result<String> {
+        let mut y = String::from(
+            "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n\
+             spec: {logSeverityScreen: Info, nodeToNodeMeshEnabled: false, asNumber: 64512}\n",
+        );
+        let node = |name: &str, labels: &str, bgp: &str| {
+            format!(
+                "---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {name}, labels: {{{labels}}}}}\nspec: {{bgp: {{{bgp}}}}}\n"
+            )
+        };
+        let peer = |name: &str, nodes: &str, peers: &str| {
+            format!(
+                "---\napiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {{name: {name}}}\nspec: {{nodeSelector: \"{nodes}\", peerSelector: \"{peers}\"}}\n"
+            )
+        };
+        match self {
+            BgpTopology::Rr1 => {
+                if nodes < 3 {
+                    return Err(msg("--bgp-topology rr1 needs at least 3 nodes (2 reflectors and a client)"));
+                }
+                for i in 1..=nodes {
+                    y.push_str(&if i <= 2 {
+                        node(
+                            &format!("node-{i}"),
+                            "calico-rr: 'true'",
+                            "asNumber: 64512, routeReflectorClusterID: 224.0.0.1",
+                        )
+                    } else {
+                        node(&format!("node-{i}"), "", "asNumber: 64512")
+                    });
+                }
+                y.push_str(&peer("rr-to-node", "!has(calico-rr)", "has(calico-rr)"));
+                y.push_str(&peer("rr-to-rr", "has(calico-rr)", "has(calico-rr)"));
+            }
+            BgpTopology::Rr2 => {
+                if nodes != 6 {
+                    return Err(msg("--bgp-topology rr2 is the seeds' six-node setup: use --nodes 6"));
+                }
+                for i in 1..=6 {
+                    let (asn, group) = if i <= 3 { (64512, "rr1") } else { (64513, "rr2") };
+                    y.push_str(&if i == 1 || i == 4 {
+                        node(
+                            &format!("node-{i}"),
+                            &format!("calico-group: {group}"),
+                            &format!("asNumber: {asn}, routeReflectorClusterID: 224.0.0.1"),
+                        )
+                    } else {
+                        node(&format!("node-{i}"), &format!("calico-rr: {group}"), &format!("asNumber: {asn}"))
+                    });
+                }
+                y.push_str(&peer("rr1-to-node", "calico-rr == 'rr1'", "calico-group == 'rr1'"));
+                y.push_str(&peer("rr2-to-node", "calico-rr == 'rr2'", "calico-group == 'rr2'"));
+                y.push_str(&peer("rr1-to-rr2", "calico-group == 'rr1'", "calico-group == 'rr2'"));
+            }
+        }
+        Ok(y)
+    }
 }
 
 /// Build the lab (tearing down a stale one first).
@@ -326,6 +410,10 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: 172.20.0.0/16, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}, natOutgoing: true}}\n"
     );
     apply(&store, &pool).await?;
+    if let Some(t) = o.bgp_topology {
+        progress(o.quiet, &format!("BGP: route reflectors as in the seeds ({t:?}), node-to-node mesh off"));
+        apply(&store, &t.resources(o.nodes)?).await?;
+    }
     for i in 1..=o.nodes {
         let name = format!("node-{i}");
         let ns = format!("{}-{name}", state.prefix);
