@@ -216,6 +216,7 @@ fn gingham(n: usize) -> Row {
             }
             let fib = t0.elapsed();
             let after = rss_kib(std::process::id());
+
             drop(injector);
             Row { rib: rib.unwrap_or(fib), fib, rss_delta_kib: after.saturating_sub(before) }
         })

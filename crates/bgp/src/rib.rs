@@ -62,8 +62,9 @@ struct Path {
     next_hop: NextHop,
     attrs: Arc<Attrs>,
     stale: bool,
-    /// The path as each kind of peer gets it, made once and shared by all such peers.
-    exported: Vec<(Class, OutPath)>,
+    /// The path as each kind of peer gets it, made once and shared by all such peers (boxed:
+    /// most paths are never sent anywhere, and a destination costs what its paths cost).
+    exported: Option<Box<Vec<(Class, OutPath)>>>,
 }
 
 /// Peers that get a path with the same attributes.
@@ -137,7 +138,24 @@ pub struct Rib {
     up: BTreeMap<PeerId, OutPeer>,
     dests: HashMap<IpNet, Dest>,
     /// What the FIB has from us, to report only real changes.
-    fib: HashMap<IpNet, Vec<IpAddr>>,
+    fib: HashMap<IpNet, Hops>,
+}
+
+/// Next hops as the FIB map keeps them: one inline (nearly every route), more boxed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Hops {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl Hops {
+    fn of(h: &[IpAddr]) -> Option<Hops> {
+        match h {
+            [] => None,
+            [one] => Some(Hops::One(*one)),
+            many => Some(Hops::Many(many.into())),
+        }
+    }
 }
 
 /// Default LOCAL_PREF of paths that come without one (eBGP, local).
@@ -337,21 +355,14 @@ impl Rib {
             p.next_hop = next_hop;
             p.router_id = router_id;
             p.stale = false;
-            p.exported.clear();
+            p.exported = None;
             return;
         }
         d.next_id += 1;
         let local_id = d.next_id;
-        d.paths.push(Path {
-            source,
-            remote_id,
-            local_id,
-            router_id,
-            next_hop,
-            attrs,
-            stale: false,
-            exported: Vec::new(),
-        });
+        // A first push would reserve room for four paths; nearly every destination has one.
+        d.paths.reserve_exact(1);
+        d.paths.push(Path { source, remote_id, local_id, router_id, next_hop, attrs, stale: false, exported: None });
     }
 
     fn remove_path(&mut self, prefix: &IpNet, source: Source, remote_id: u32) {
@@ -467,13 +478,12 @@ impl Rib {
         }
         hops.sort();
         hops.dedup();
-        let old = self.fib.get(prefix).cloned().unwrap_or_default();
-        if old != hops {
-            if hops.is_empty() {
-                self.fib.remove(prefix);
-            } else {
-                self.fib.insert(*prefix, hops.clone());
-            }
+        let new = Hops::of(&hops);
+        if self.fib.get(prefix) != new.as_ref() {
+            match new {
+                None => self.fib.remove(prefix),
+                Some(h) => self.fib.insert(*prefix, h),
+            };
             ch.fib.push(FibChange { prefix: *prefix, next_hops: hops });
         }
     }
@@ -516,11 +526,13 @@ impl Rib {
             let d = self.dests.get_mut(prefix).expect("ranked above");
             for (&i, from_ibgp) in chosen.iter().zip(from) {
                 let p = &mut d.paths[i];
-                let path = match p.exported.iter().find(|(c, _)| *c == class) {
-                    Some((_, o)) => o.clone(),
+                let cached =
+                    p.exported.as_ref().and_then(|e| e.iter().find(|(c, _)| *c == class).map(|(_, o)| o.clone()));
+                let path = match cached {
+                    Some(o) => o,
                     None => {
                         let o = out_path(p, from_ibgp, &to, cluster_id);
-                        p.exported.push((class, o.clone()));
+                        p.exported.get_or_insert_with(Default::default).push((class, o.clone()));
                         o
                     }
                 };
