@@ -161,15 +161,7 @@ impl Bird {
 
     /// Wait until `birdc cmd` output satisfies `ok`.
     async fn until(&self, cmd: &str, ok: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let out = self.cli(cmd);
-            if ok(&out) {
-                return out;
-            }
-            assert!(t.elapsed() < WAIT, "`birdc {cmd}` never became what was expected:\n{out}\nlog:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(&format!("birdc {cmd}"), || self.cli(cmd), ok, || self.log()).await
     }
 }
 
@@ -177,6 +169,19 @@ impl Drop for Bird {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Run `get` until its output satisfies `ok` (failing after WAIT with the output and `log`).
+async fn poll(what: &str, get: impl Fn() -> String, ok: impl Fn(&str) -> bool, log: impl Fn() -> String) -> String {
+    let t = Instant::now();
+    loop {
+        let out = get();
+        if ok(&out) {
+            return out;
+        }
+        assert!(t.elapsed() < WAIT, "`{what}` never became what was expected:\n{out}\nlog:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -626,16 +631,8 @@ impl Frr {
     }
 
     async fn until(&self, cmd: &str, ok: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let out = self.cli(cmd);
-            if ok(&out) {
-                return out;
-            }
-            let log = std::fs::read_to_string(self.dir.path().join("bgpd.log")).unwrap_or_default();
-            assert!(t.elapsed() < WAIT, "`vtysh -c '{cmd}'` never became what was expected:\n{out}\nbgpd log:\n{log}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let log = || std::fs::read_to_string(self.dir.path().join("bgpd.log")).unwrap_or_default();
+        poll(&format!("vtysh -c '{cmd}'"), || self.cli(cmd), ok, log).await
     }
 }
 
@@ -682,15 +679,7 @@ impl GoBgp {
     }
 
     async fn until(&self, args: &[&str], ok: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let out = self.cli(args);
-            if ok(&out) {
-                return out;
-            }
-            assert!(t.elapsed() < WAIT, "`gobgp {}` never became what was expected:\n{out}", args.join(" "));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll(&format!("gobgp {}", args.join(" ")), || self.cli(args), ok, String::new).await
     }
 }
 

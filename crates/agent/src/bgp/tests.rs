@@ -30,6 +30,15 @@ fn resource(c: &mut Cache, plural: &str, kind: &str, name: &str, spec: serde_jso
     );
 }
 
+fn mesh_off(c: &mut Cache) {
+    let spec = json!({"nodeToNodeMeshEnabled": false, "asNumber": 64512});
+    resource(c, "bgpconfigurations", "BGPConfiguration", "default", spec);
+}
+
+fn selector_peer(c: &mut Cache, name: &str, nodes: &str, peers: &str) {
+    resource(c, "bgppeers", "BGPPeer", name, json!({"nodeSelector": nodes, "peerSelector": peers}));
+}
+
 fn peer_names(p: &Plan) -> Vec<(String, bool, bool, u32)> {
     p.peers.iter().map(|p| (p.name.clone(), p.fsm.passive, p.rr_client, p.fsm.remote_as)).collect()
 }
@@ -112,27 +121,9 @@ fn seed_route_reflector_setup_1() {
     for (n, ip) in [("n3", "10.0.0.3"), ("n4", "10.0.0.4")] {
         node(&mut c, n, ip, json!({}), json!({}));
     }
-    resource(
-        &mut c,
-        "bgpconfigurations",
-        "BGPConfiguration",
-        "default",
-        json!({"nodeToNodeMeshEnabled": false, "asNumber": 64512}),
-    );
-    resource(
-        &mut c,
-        "bgppeers",
-        "BGPPeer",
-        "rr-to-node",
-        json!({"nodeSelector": "!has(calico-rr)", "peerSelector": "has(calico-rr)"}),
-    );
-    resource(
-        &mut c,
-        "bgppeers",
-        "BGPPeer",
-        "rr-to-rr",
-        json!({"nodeSelector": "has(calico-rr)", "peerSelector": "has(calico-rr)"}),
-    );
+    mesh_off(&mut c);
+    selector_peer(&mut c, "rr-to-node", "!has(calico-rr)", "has(calico-rr)");
+    selector_peer(&mut c, "rr-to-rr", "has(calico-rr)", "has(calico-rr)");
     let names = |n: &str| plan(&c, n, None).peers.iter().map(|p| (p.name.clone(), p.rr_client)).collect::<Vec<_>>();
     // Clients peer with both reflectors only.
     assert_eq!(names("n3"), vec![("Node_10_0_0_1".into(), false), ("Node_10_0_0_2".into(), false)]);
@@ -160,34 +151,10 @@ fn seed_route_reflector_setup_2() {
         };
         node(&mut c, &format!("n{i}"), &format!("10.0.0.{i}"), labels, extra);
     }
-    resource(
-        &mut c,
-        "bgpconfigurations",
-        "BGPConfiguration",
-        "default",
-        json!({"nodeToNodeMeshEnabled": false, "asNumber": 64512}),
-    );
-    resource(
-        &mut c,
-        "bgppeers",
-        "BGPPeer",
-        "rr1-to-node",
-        json!({"nodeSelector": "calico-rr == 'rr1'", "peerSelector": "calico-group == 'rr1'"}),
-    );
-    resource(
-        &mut c,
-        "bgppeers",
-        "BGPPeer",
-        "rr2-to-node",
-        json!({"nodeSelector": "calico-rr == 'rr2'", "peerSelector": "calico-group == 'rr2'"}),
-    );
-    resource(
-        &mut c,
-        "bgppeers",
-        "BGPPeer",
-        "rr1-to-rr2",
-        json!({"nodeSelector": "calico-group == 'rr1'", "peerSelector": "calico-group == 'rr2'"}),
-    );
+    mesh_off(&mut c);
+    selector_peer(&mut c, "rr1-to-node", "calico-rr == 'rr1'", "calico-group == 'rr1'");
+    selector_peer(&mut c, "rr2-to-node", "calico-rr == 'rr2'", "calico-group == 'rr2'");
+    selector_peer(&mut c, "rr1-to-rr2", "calico-group == 'rr1'", "calico-group == 'rr2'");
     let peers = |n: &str| {
         plan(&c, n, None).peers.iter().map(|p| (p.name.clone(), p.rr_client, p.fsm.remote_as)).collect::<Vec<_>>()
     };
