@@ -145,7 +145,9 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             if local_cfg.bind_mode.as_deref().or(global.bind_mode.as_deref()) == Some("NodeIP") {
                 IpAddr::V4(my_v4)
             } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                // Dual stack (IPv4 peers arrive as mapped addresses); IPv4 only where the
+                // kernel has no IPv6 (see tasks::start).
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
             },
             port,
         )),

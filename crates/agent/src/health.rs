@@ -122,9 +122,18 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // The request line, however the client's writes were split (bounded in size and time).
             let mut buf = [0u8; 1024];
-            let n =
-                tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
+            let mut n = 0;
+            let _ = tokio::time::timeout(READ_TIMEOUT, async {
+                while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            })
+            .await;
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let sessions = bgp_sessions(&metrics).await;

@@ -110,12 +110,21 @@ pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result
     let (fib_tx, fib_rx) = mpsc::unbounded_channel();
     let (int_tx, int_rx) = mpsc::unbounded_channel();
     let mut listening = None;
+    let bind = |addr: SocketAddr| -> io::Result<TcpListener> {
+        let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(128)
+    };
     let listener = match config.listen {
         Some(addr) => {
-            let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            sock.set_reuseaddr(true)?;
-            sock.bind(addr)?;
-            let l = sock.listen(128)?;
+            let l = match bind(addr) {
+                // `[::]` where the kernel has no IPv6: IPv4 alone.
+                Err(_) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+                    bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))?
+                }
+                r => r?,
+            };
             listening = Some(l.local_addr()?);
             Some(Arc::new(l))
         }

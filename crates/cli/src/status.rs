@@ -11,7 +11,9 @@ use serde_json::Value;
 fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    // One write: a request line split over segments must not depend on the server's reads.
+    let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut body = String::new();
     s.take(16 << 20).read_to_string(&mut body).map_err(|e| e.to_string())?;
     body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).ok_or_else(|| "malformed response".into())

@@ -534,7 +534,8 @@ fn route_reflectors_as_in_the_seeds_setup_1() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&status.stdout);
-    assert!(out.contains("IPv4 BGP status") && out.contains("No IPv6 peers found."), "{out}");
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(out.contains("IPv4 BGP status") && out.contains("No IPv6 peers found."), "{out}{err}");
     assert_eq!(out.lines().filter(|l| l.contains("| node specific | up    |")).count(), 2, "{out}");
 }
 
