@@ -159,6 +159,10 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
         let mut f = fsm::Config::new(my_as, remote_as, my_v4);
         // Calico renders `connect retry time 5` and BIRD's restart time of 120 s.
         f.connect_retry = Duration::from_secs(5);
+        // The agent keeps its kernel routes across restarts and session resets (the route
+        // manager adopts them), so every OPEN says forwarding state was kept: a peer that
+        // still holds our routes as stale keeps them until our End-of-RIB.
+        f.restarting = true;
         PeerConfig {
             name,
             address,

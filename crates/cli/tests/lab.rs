@@ -567,3 +567,56 @@ fn route_reflectors_as_in_the_seeds_setup_2() {
         lab.routes("node-5")
     );
 }
+
+/// Graceful restart with BGP: node-1's agent is killed; its routes stay in its kernel, node-2
+/// keeps node-1's block (stale) and the flow goes on; the agent comes back and nothing moves.
+#[test]
+fn agent_restart_keeps_bgp_routes_and_flows() {
+    let mut lab = Lab::up(&["--encap", "none", "--nodes", "2", "--pods-per-node", "1"]);
+    let (before1, before2) = (lab.routes("node-1"), lab.routes("node-2"));
+    assert!(before2.contains("via 10.99.0.11 dev eth0 proto bird"), "{before2}");
+    let dst = lab.pod_ip("default/pod-1-1");
+    let server = in_ns(&lab.pod_ns("default/pod-1-1"), || TcpListener::bind("0.0.0.0:9101").unwrap());
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut buf = [0u8; 5];
+        for _ in 0..2 {
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        }
+    });
+    let mut conn = in_ns(&lab.pod_ns("default/pod-2-1"), move || TcpStream::connect((dst.as_str(), 9101)).unwrap());
+    let mut buf = [0u8; 5];
+    conn.write_all(b"hello").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    let state = lab.state();
+    let pid = state["nodes"][0]["agent_pid"].as_i64().unwrap();
+    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    // node-2's session to node-1 is gone; it keeps node-1's block as stale.
+    wait_for("node-2 to notice", Duration::from_secs(10), || {
+        sessions(&lab, "node-2").get("10.99.0.11").is_some_and(|s| s != "Established")
+    });
+    assert_eq!(lab.routes("node-1"), before1, "node-1's kernel keeps its routes");
+    assert_eq!(lab.routes("node-2"), before2, "node-2 keeps node-1's block while it restarts");
+    conn.write_all(b"again").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+    echo.join().unwrap();
+    let n = &state["nodes"][0];
+    let child = Command::new("ip")
+        .args(["netns", "exec", n["netns"].as_str().unwrap(), G, "node", "run", "--nodename", "node-1"])
+        .args(["--ip", n["ip"].as_str().unwrap(), "--socket", n["socket"].as_str().unwrap()])
+        .env("GINGHAM_STORE_PATH", lab.dir.path().join("store.db"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    lab.extra_pids.push(child.id());
+    wait_for("the session to come back", Duration::from_secs(20), || {
+        sessions(&lab, "node-2").get("10.99.0.11").is_some_and(|s| s == "Established")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.routes("node-1"), before1, "a restarted agent keeps what is right");
+    assert_eq!(lab.routes("node-2"), before2, "and its peer too");
+    assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
+}
