@@ -133,6 +133,7 @@ fn target(r: DesiredRoute) -> Target {
         DesiredRoute::Blackhole(_) => Target::Blackhole,
         DesiredRoute::Remote { gateway, via, .. } => Target::Via {
             gateway,
+            also: Vec::new(),
             dev: match via {
                 Via::Underlay => Dev::Underlay,
                 Via::Vxlan => Dev::Vxlan,
@@ -221,7 +222,9 @@ impl Model {
             let cross = !me.is_some_and(|m| m.contains(gw));
             let pool = self.calc.pool_of(&f.prefix);
             let ipip = gw.is_ipv4() && pool.is_some_and(|p| p.ipip.applies(cross));
-            Target::Via { gateway: *gw, dev: if ipip { Dev::Ipip } else { Dev::Underlay }, onlink: ipip }
+            // Equal paths through several next hops: one ECMP route.
+            let also = f.next_hops[1..].to_vec();
+            Target::Via { gateway: *gw, also, dev: if ipip { Dev::Ipip } else { Dev::Underlay }, onlink: ipip }
         });
         net.routes.set(BGP_PROTO, f.prefix, target);
         self.dirty = true;

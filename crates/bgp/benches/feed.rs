@@ -203,7 +203,7 @@ fn gingham(n: usize) -> Row {
                     routes.set(
                         BGP_PROTO,
                         f.prefix,
-                        Some(Target::Via { gateway: *gw, dev: Dev::Underlay, onlink: false }),
+                        Some(Target::Via { gateway: *gw, also: Vec::new(), dev: Dev::Underlay, onlink: false }),
                     );
                 }
                 // Program as it comes, in batches (as the agent's model does between wakes).

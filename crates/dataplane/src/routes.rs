@@ -29,7 +29,13 @@ pub enum Dev {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     Blackhole,
-    Via { gateway: IpAddr, dev: Dev, onlink: bool },
+    /// `also`: further gateways of equal cost through the same device (ECMP).
+    Via {
+        gateway: IpAddr,
+        also: Vec<IpAddr>,
+        dev: Dev,
+        onlink: bool,
+    },
 }
 
 /// A source of routes: its protocol number and priority (lower wins).
@@ -64,9 +70,15 @@ pub struct RouteManager {
     dirty: BTreeSet<IpNet>,
 }
 
-/// The identity the kernel compares (the device of a blackhole does not matter).
+/// The identity the kernel compares (the device of a blackhole does not matter; the order of
+/// ECMP next hops does not either).
 fn same(a: &Route, b: &Route) -> bool {
-    let key = |r: &Route| (r.dst, r.gateway, if r.blackhole { None } else { r.oif }, r.blackhole, r.protocol);
+    let hops = |r: &Route| {
+        let mut h: Vec<IpAddr> = r.gateway.iter().chain(r.also_via.iter()).copied().collect();
+        h.sort();
+        h
+    };
+    let key = |r: &Route| (r.dst, hops(r), if r.blackhole { None } else { r.oif }, r.blackhole, r.protocol);
     key(a) == key(b)
 }
 
@@ -161,16 +173,18 @@ impl RouteManager {
                 Target::Blackhole => Route {
                     dst: *dst,
                     gateway: None,
+                    also_via: Vec::new(),
                     oif: None,
                     scope_link: false,
                     onlink: false,
                     blackhole: true,
                     protocol: s.source.protocol,
                 },
-                Target::Via { gateway, dev, onlink } => match self.devices.get(dev) {
+                Target::Via { gateway, also, dev, onlink } => match self.devices.get(dev) {
                     Some(oif) => Route {
                         dst: *dst,
                         gateway: Some(*gateway),
+                        also_via: also.clone(),
                         oif: Some(*oif),
                         scope_link: false,
                         onlink: *onlink,

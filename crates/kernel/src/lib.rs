@@ -62,10 +62,13 @@ pub struct Neighbour {
 }
 
 /// A route gingham programs: destination, optional gateway and device, scope and protocol.
+/// `also_via`: more gateways of equal cost over the same device (ECMP; the kernel gets one
+/// multipath route: `nexthop via gateway … nexthop via also_via[0] …`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub dst: IpNet,
     pub gateway: Option<IpAddr>,
+    pub also_via: Vec<IpAddr>,
     pub oif: Option<u32>,
     pub scope_link: bool,
     pub onlink: bool,
@@ -76,13 +79,23 @@ pub struct Route {
 impl Route {
     /// `dst dev <oif> scope link`.
     pub fn device(dst: IpNet, oif: u32, protocol: u8) -> Route {
-        Route { dst, gateway: None, oif: Some(oif), scope_link: true, onlink: false, blackhole: false, protocol }
+        Route {
+            dst,
+            gateway: None,
+            also_via: Vec::new(),
+            oif: Some(oif),
+            scope_link: true,
+            onlink: false,
+            blackhole: false,
+            protocol,
+        }
     }
     /// `dst via gw dev <oif>`.
     pub fn via(dst: IpNet, gateway: IpAddr, oif: u32, protocol: u8) -> Route {
         Route {
             dst,
             gateway: Some(gateway),
+            also_via: Vec::new(),
             oif: Some(oif),
             scope_link: false,
             onlink: false,
@@ -392,6 +405,34 @@ impl Netlink {
         }
         let mut b =
             RouteMessageBuilder::<IpAddr>::new().destination_prefix(r.dst.addr(), r.dst.prefix_len()).map_err(bad)?;
+        if let (Some(gw), false) = (r.gateway, r.also_via.is_empty()) {
+            use netlink_packet_route::route::{RouteNextHop, RouteNextHopFlags};
+            let hop = |g: IpAddr| {
+                let mut h = RouteNextHop::default();
+                h.flags = if r.onlink { RouteNextHopFlags::Onlink } else { RouteNextHopFlags::empty() };
+                h.interface_index = r.oif.unwrap_or(0);
+                h.attributes = vec![match (g, r.dst.addr().is_ipv4()) {
+                    (IpAddr::V4(a), true) => {
+                        RouteAttribute::Gateway(netlink_packet_route::route::RouteAddress::Inet(a))
+                    }
+                    (IpAddr::V6(a), false) => {
+                        RouteAttribute::Gateway(netlink_packet_route::route::RouteAddress::Inet6(a))
+                    }
+                    (IpAddr::V4(a), false) => RouteAttribute::Via(netlink_packet_route::route::RouteVia::Inet(a)),
+                    (IpAddr::V6(a), true) => RouteAttribute::Via(netlink_packet_route::route::RouteVia::Inet6(a)),
+                }];
+                h
+            };
+            let hops = std::iter::once(gw).chain(r.also_via.iter().copied()).map(hop).collect();
+            b = b.multipath(hops);
+            if r.scope_link {
+                b = b.scope(RouteScope::Link);
+            }
+            if r.blackhole {
+                b = b.kind(RouteType::BlackHole);
+            }
+            return Ok(b.protocol(RouteProtocol::from(r.protocol)).build());
+        }
         if let Some(gw) = r.gateway {
             b = b.gateway(gw).map_err(bad)?;
         }
@@ -540,11 +581,34 @@ fn to_route(m: &RouteMessage) -> Option<Route> {
     let mut dst = None;
     let mut gateway = None;
     let mut oif = None;
+    let mut also_via = Vec::new();
+    let mut onlink = m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink);
     for a in &m.attributes {
         match a {
             RouteAttribute::Destination(d) => dst = addr(d),
             RouteAttribute::Gateway(g) => gateway = addr(g),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            // ECMP: the first hop as gateway and device, the others' gateways after it.
+            RouteAttribute::MultiPath(hops) => {
+                for h in hops {
+                    let gw = h.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Gateway(g) => addr(g),
+                        RouteAttribute::Via(v) => match v {
+                            netlink_packet_route::route::RouteVia::Inet(a) => Some(IpAddr::V4(*a)),
+                            netlink_packet_route::route::RouteVia::Inet6(a) => Some(IpAddr::V6(*a)),
+                            _ => None,
+                        },
+                        _ => None,
+                    });
+                    if gateway.is_none() {
+                        gateway = gw;
+                        oif = Some(h.interface_index);
+                        onlink |= h.flags.contains(netlink_packet_route::route::RouteNextHopFlags::Onlink);
+                    } else if let Some(g) = gw {
+                        also_via.push(g);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -553,9 +617,10 @@ fn to_route(m: &RouteMessage) -> Option<Route> {
     Some(Route {
         dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
         gateway,
+        also_via,
         oif,
         scope_link: m.header.scope == RouteScope::Link,
-        onlink: m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink),
+        onlink,
         blackhole: m.header.kind == RouteType::BlackHole,
         protocol: u8::from(m.header.protocol),
     })

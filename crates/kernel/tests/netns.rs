@@ -197,3 +197,34 @@ async fn named_namespaces_bridges_and_commands() {
     assert!(!path.exists());
     netns::delete(&name).unwrap();
 }
+
+/// Equal-cost routes: one multipath route, read back as the same gateways, replaced by a
+/// single-path one and back.
+#[tokio::test]
+async fn ecmp_routes_are_one_multipath_route() {
+    let a = Ns::new("ecmp");
+    let b = Ns::new("ecmp-far");
+    let n = Netlink::in_namespace(&a.path()).unwrap();
+    n.add_veth("ecmp0", "ecmp1", &open_netns(&b.path()).unwrap(), 1500, None).await.unwrap();
+    let i = n.link("ecmp0").await.unwrap().unwrap().index;
+    n.add_address(i, "10.1.0.1/24".parse().unwrap()).await.unwrap();
+    n.set_up(i).await.unwrap();
+    let g = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut r = Route::via("10.9.0.0/24".parse().unwrap(), g("10.1.0.2"), i, 12);
+    r.also_via = vec![g("10.1.0.3"), g("10.1.0.4")];
+    n.replace_route(&r).await.unwrap();
+    let shown = Command::new("ip").args(["-n", &a.0, "route", "show", "10.9.0.0/24"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert_eq!(shown.matches("nexthop via").count(), 3, "{shown}");
+    let back = n.routes(true).await.unwrap().into_iter().find(|x| x.dst == r.dst).unwrap();
+    assert_eq!(
+        (back.gateway, back.also_via.clone(), back.oif, back.protocol),
+        (r.gateway, r.also_via.clone(), Some(i), 12)
+    );
+    // Down to one path, and the kernel's view follows.
+    let single = Route::via(r.dst, g("10.1.0.3"), i, 12);
+    n.replace_route(&single).await.unwrap();
+    let back = n.routes(true).await.unwrap().into_iter().find(|x| x.dst == r.dst).unwrap();
+    assert_eq!((back.gateway, back.also_via.len()), (Some(g("10.1.0.3")), 0));
+    assert!(n.delete_route(&single).await.unwrap());
+}
