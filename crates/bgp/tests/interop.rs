@@ -689,3 +689,30 @@ impl Drop for GoBgp {
         let _ = self.child.wait();
     }
 }
+
+#[test]
+fn equal_paths_from_two_birds_make_ecmp() {
+    let ns = Ns::new("ecmp");
+    ns.run(|| async {
+        let far = Far::new("ecmp-far").await;
+        let conf = |me: &str| {
+            format!(
+                "protocol static s4 {{ ipv4; route 10.60.0.0/26 blackhole; }}\n\
+                 protocol bgp gingham {{ local {me} as 64512; neighbor 10.255.0.2 as 64512; strict bind on; multihop;\n\
+                   connect retry time 1; ipv4 {{ import all; export all; next hop self; }}; }}\n"
+            )
+        };
+        let a = Bird::start("10.255.0.1", &conf("10.255.0.1"));
+        let b = Bird::start_in(Some(&far), "10.255.0.3", &conf("10.255.0.3"));
+        let mut s = speaker(None).await;
+        let mut pb = peer("Node_10_255_0_3", "10.255.0.3", AS);
+        pb.source = Some("10.255.0.2".parse().unwrap());
+        s.commands.send(Cmd::SetPeers(vec![peer("Node_10_255_0_1", "10.255.0.1", AS), pb])).unwrap();
+        let hops = fib_until(&mut s, "10.60.0.0/26", |h| h.len() == 2).await;
+        assert_eq!(hops, vec![IpAddr::from([10, 255, 0, 1]), IpAddr::from([10, 255, 0, 3])]);
+        // One of them withdraws: one path left.
+        b.cli("disable s4");
+        assert_eq!(fib_until(&mut s, "10.60.0.0/26", |h| h.len() == 1).await, vec![IpAddr::from([10, 255, 0, 1])]);
+        drop(a);
+    });
+}
