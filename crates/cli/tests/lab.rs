@@ -332,54 +332,14 @@ fn vxlan_cross_subnet() {
 fn agent_restart_keeps_routes_and_flows() {
     let mut lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
     let before = lab.routes("node-1");
-    // An established flow from pod-1-1 to pod-2-1.
-    let dst = lab.pod_ip("default/pod-2-1");
-    let server = in_ns(&lab.pod_ns("default/pod-2-1"), || TcpListener::bind("0.0.0.0:9100").unwrap());
-    let echo = std::thread::spawn(move || {
-        let (mut s, _) = server.accept().unwrap();
-        let mut buf = [0u8; 5];
-        for _ in 0..2 {
-            s.read_exact(&mut buf).unwrap();
-            s.write_all(&buf).unwrap();
-        }
-    });
-    let mut conn = in_ns(&lab.pod_ns("default/pod-1-1"), move || TcpStream::connect((dst.as_str(), 9100)).unwrap());
-    let mut buf = [0u8; 5];
-    conn.write_all(b"hello").unwrap();
-    conn.read_exact(&mut buf).unwrap();
+    let flow = Flow::open(&lab, "default/pod-1-1", "default/pod-2-1", 9100);
     // The agent dies: routes stay, the flow goes on.
-    let state = lab.state();
-    let pid = state["nodes"][0]["agent_pid"].as_i64().unwrap();
-    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    let state = kill_agent(&lab);
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(lab.routes("node-1"), before, "routes stay while the agent is down");
-    conn.write_all(b"again").unwrap();
-    conn.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"again");
-    echo.join().unwrap();
+    flow.again();
     // The agent comes back and the cluster still checks out.
-    let n = &state["nodes"][0];
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            n["netns"].as_str().unwrap(),
-            G,
-            "node",
-            "run",
-            "--nodename",
-            "node-1",
-            "--ip",
-            n["ip"].as_str().unwrap(),
-            "--socket",
-            n["socket"].as_str().unwrap(),
-        ])
-        .env("GINGHAM_STORE_PATH", lab.dir.path().join("store.db"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    lab.extra_pids.push(child.id());
+    restart_agent(&mut lab, &state);
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(lab.routes("node-1"), before, "a restarted agent keeps what is right");
     assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
@@ -575,33 +535,70 @@ fn agent_restart_keeps_bgp_routes_and_flows() {
     let mut lab = Lab::up(&["--encap", "none", "--nodes", "2", "--pods-per-node", "1"]);
     let (before1, before2) = (lab.routes("node-1"), lab.routes("node-2"));
     assert!(before2.contains("via 10.99.0.11 dev eth0 proto bird"), "{before2}");
-    let dst = lab.pod_ip("default/pod-1-1");
-    let server = in_ns(&lab.pod_ns("default/pod-1-1"), || TcpListener::bind("0.0.0.0:9101").unwrap());
-    let echo = std::thread::spawn(move || {
-        let (mut s, _) = server.accept().unwrap();
-        let mut buf = [0u8; 5];
-        for _ in 0..2 {
-            s.read_exact(&mut buf).unwrap();
-            s.write_all(&buf).unwrap();
-        }
-    });
-    let mut conn = in_ns(&lab.pod_ns("default/pod-2-1"), move || TcpStream::connect((dst.as_str(), 9101)).unwrap());
-    let mut buf = [0u8; 5];
-    conn.write_all(b"hello").unwrap();
-    conn.read_exact(&mut buf).unwrap();
-    let state = lab.state();
-    let pid = state["nodes"][0]["agent_pid"].as_i64().unwrap();
-    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    let flow = Flow::open(&lab, "default/pod-2-1", "default/pod-1-1", 9101);
+    let state = kill_agent(&lab);
     // node-2's session to node-1 is gone; it keeps node-1's block as stale.
     wait_for("node-2 to notice", Duration::from_secs(10), || {
         sessions(&lab, "node-2").get("10.99.0.11").is_some_and(|s| s != "Established")
     });
     assert_eq!(lab.routes("node-1"), before1, "node-1's kernel keeps its routes");
     assert_eq!(lab.routes("node-2"), before2, "node-2 keeps node-1's block while it restarts");
-    conn.write_all(b"again").unwrap();
-    conn.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"again");
-    echo.join().unwrap();
+    flow.again();
+    restart_agent(&mut lab, &state);
+    wait_for("the session to come back", Duration::from_secs(20), || {
+        sessions(&lab, "node-2").get("10.99.0.11").is_some_and(|s| s == "Established")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.routes("node-1"), before1, "a restarted agent keeps what is right");
+    assert_eq!(lab.routes("node-2"), before2, "and its peer too");
+    assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
+}
+
+/// A TCP flow from pod `from` to pod `to` that has exchanged one message; `again` sends the
+/// second (and the echo thread ends).
+struct Flow {
+    conn: TcpStream,
+    echo: std::thread::JoinHandle<()>,
+}
+
+impl Flow {
+    fn open(lab: &Lab, from: &str, to: &str, port: u16) -> Flow {
+        let dst = lab.pod_ip(to);
+        let server = in_ns(&lab.pod_ns(to), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut buf = [0u8; 5];
+            for _ in 0..2 {
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(&buf).unwrap();
+            }
+        });
+        let mut conn = in_ns(&lab.pod_ns(from), move || TcpStream::connect((dst.as_str(), port)).unwrap());
+        let mut buf = [0u8; 5];
+        conn.write_all(b"hello").unwrap();
+        conn.read_exact(&mut buf).unwrap();
+        Flow { conn, echo }
+    }
+
+    fn again(mut self) {
+        let mut buf = [0u8; 5];
+        self.conn.write_all(b"again").unwrap();
+        self.conn.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"again");
+        self.echo.join().unwrap();
+    }
+}
+
+/// Kill node-1's agent (-9, no cleanup), returning the lab state it ran with.
+fn kill_agent(lab: &Lab) -> Value {
+    let state = lab.state();
+    let pid = state["nodes"][0]["agent_pid"].as_i64().unwrap();
+    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    state
+}
+
+/// Start node-1's agent again as the lab did.
+fn restart_agent(lab: &mut Lab, state: &Value) {
     let n = &state["nodes"][0];
     let child = Command::new("ip")
         .args(["netns", "exec", n["netns"].as_str().unwrap(), G, "node", "run", "--nodename", "node-1"])
@@ -612,11 +609,4 @@ fn agent_restart_keeps_bgp_routes_and_flows() {
         .spawn()
         .unwrap();
     lab.extra_pids.push(child.id());
-    wait_for("the session to come back", Duration::from_secs(20), || {
-        sessions(&lab, "node-2").get("10.99.0.11").is_some_and(|s| s == "Established")
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(lab.routes("node-1"), before1, "a restarted agent keeps what is right");
-    assert_eq!(lab.routes("node-2"), before2, "and its peer too");
-    assert!(lab.check().contains("all 2 pod pairs: ping ok, tcp ok"));
 }
