@@ -126,7 +126,8 @@ struct OutPeer {
     families: BTreeSet<Family>,
     add_path: BTreeSet<Family>,
     /// What the peer has from us: per prefix, (our path id, path).
-    sent: HashMap<IpNet, Vec<(u32, OutPath)>>,
+    /// (Boxed slices, sized exactly: a route reflector holds one per client and prefix.)
+    sent: HashMap<IpNet, Box<[(u32, OutPath)]>>,
 }
 
 pub struct Rib {
@@ -198,7 +199,7 @@ impl Rib {
     pub fn counts(&self, peer: PeerId) -> (usize, usize) {
         let received =
             self.dests.values().map(|d| d.paths.iter().filter(|p| p.source == Source::Peer(peer)).count()).sum();
-        (received, self.up.get(&peer).map_or(0, |o| o.sent.values().map(Vec::len).sum()))
+        (received, self.up.get(&peer).map_or(0, |o| o.sent.values().map(|v| v.len()).sum()))
     }
 
     /// A peer no longer configured (after `peer_down`).
@@ -542,7 +543,7 @@ impl Rib {
         let out = self.up.get_mut(&id).expect("checked above");
         let mut changes = PeerChanges::default();
         let sent = out.sent.remove(prefix).unwrap_or_default();
-        for (i, _) in &sent {
+        for (i, _) in sent.iter() {
             if !want.iter().any(|(w, _)| w == i) {
                 changes.withdraw.push(Nlri { prefix: *prefix, path_id: *i });
             }
@@ -553,7 +554,7 @@ impl Rib {
             }
         }
         if !want.is_empty() {
-            out.sent.insert(*prefix, want);
+            out.sent.insert(*prefix, want.into_boxed_slice());
         }
         if !changes.is_empty() {
             let e = ch.peers.entry(id).or_default();
