@@ -165,6 +165,9 @@ pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result
     Ok(Speaker { commands: cmd_tx, fib: fib_rx, task, listening, accept })
 }
 
+/// How much a connection reads at once (four maximum-size messages).
+const READ_CHUNK: usize = 16 * 1024;
+
 enum Internal {
     Accepted(TcpStream, SocketAddr),
     Connected { peer: PeerId, slot: u64, stream: io::Result<TcpStream> },
@@ -513,13 +516,15 @@ impl Instance {
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
         let tx = self.internal.clone();
         let reader = tokio::spawn(async move {
-            let mut buf: Vec<u8> = Vec::with_capacity(8192);
-            let mut chunk = vec![0u8; 65536];
+            // One buffer per connection, read into directly (a reflector has hundreds).
+            let mut buf: Vec<u8> = Vec::new();
             loop {
+                let mut at = 0;
                 loop {
-                    match Message::frame_len(&buf) {
+                    match Message::frame_len(&buf[at..]) {
                         Ok(Some(n)) => {
-                            let bytes: Vec<u8> = buf.drain(..n).collect();
+                            let bytes = buf[at..at + n].to_vec();
+                            at += n;
                             if tx.send(Internal::Frame { peer, slot, bytes }).is_err() {
                                 return;
                             }
@@ -527,18 +532,19 @@ impl Instance {
                         Ok(None) => break,
                         Err(_) => {
                             // Let the instance decode the bad header and answer it.
-                            let bytes = std::mem::take(&mut buf);
-                            let _ = tx.send(Internal::Frame { peer, slot, bytes });
+                            let _ = tx.send(Internal::Frame { peer, slot, bytes: buf[at..].to_vec() });
                             return;
                         }
                     }
                 }
-                match rd.read(&mut chunk).await {
+                buf.drain(..at);
+                buf.reserve(READ_CHUNK);
+                match rd.read_buf(&mut buf).await {
                     Ok(0) => {
                         let _ = tx.send(Internal::Closed { peer, slot, why: "Connection closed".into() });
                         return;
                     }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Ok(_) => {}
                     Err(e) => {
                         let _ = tx.send(Internal::Closed { peer, slot, why: format!("Socket: {e}") });
                         return;
