@@ -244,7 +244,7 @@ fn bird(n: usize) -> Row {
     )
     .unwrap();
     let f = std::fs::File::open(rx.path()).unwrap();
-    let mut child: Child = gingham_kernel::netns::command(&f, "bird")
+    let child = gingham_kernel::netns::command(&f, "bird")
         .unwrap()
         .args(["-f", "-c"])
         .arg(&conf)
@@ -254,13 +254,15 @@ fn bird(n: usize) -> Row {
         .stderr(Stdio::null())
         .spawn()
         .expect("bird2 must be installed (scripts/install-deps.sh)");
+    // Stopped however this ends (a failed assertion included).
+    let child = Daemon(child);
     let t = Instant::now();
     while !sock.exists() {
         assert!(t.elapsed() < Duration::from_secs(20), "BIRD did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let before = rss_kib(child.id());
+    let before = rss_kib(child.0.id());
     let (tx, started) = std::sync::mpsc::channel();
     let injector = inject(&inj, feed, tx);
     let t0 = started.recv_timeout(Duration::from_secs(60)).expect("BIRD's session came up");
@@ -299,9 +301,8 @@ fn bird(n: usize) -> Row {
         assert!(Instant::now() < deadline, "BIRD did not program the kernel within {LIMIT:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let after = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = rss_kib(child.0.id());
+    drop(child);
     drop(injector);
     Row { rib: rib.unwrap_or(fib), fib, rss_delta_kib: after.saturating_sub(before) }
 }
@@ -338,4 +339,14 @@ fn main() {
         g.fib.as_secs_f64() / b.fib.as_secs_f64(),
         g.rss_delta_kib as f64 / b.rss_delta_kib.max(1) as f64
     );
+}
+
+/// A daemon this benchmark started, killed and reaped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

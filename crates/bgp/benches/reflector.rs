@@ -247,7 +247,7 @@ fn bird(n: usize) -> Row {
         std::process::Command::new("bird").arg("-p").arg("-c").arg(&conf).output().expect("bird2 must be installed");
     assert!(check.status.success(), "BIRD refuses the configuration: {}", String::from_utf8_lossy(&check.stderr));
     let f = std::fs::File::open(&path).unwrap();
-    let mut child = gingham_kernel::netns::command(&f, "bird")
+    let child = gingham_kernel::netns::command(&f, "bird")
         .unwrap()
         .args(["-f", "-c"])
         .arg(&conf)
@@ -257,18 +257,19 @@ fn bird(n: usize) -> Row {
         .stderr(Stdio::null())
         .spawn()
         .expect("bird2 must be installed (scripts/install-deps.sh)");
+    // Stopped however this ends (a failed assertion included).
+    let child = Daemon(child);
     let t = Instant::now();
     while !sock.exists() {
         assert!(t.elapsed() < Duration::from_secs(20), "BIRD did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (t0, r0) = stat(child.id());
+    let (t0, r0) = stat(child.0.id());
     let (converge, clients) = clients(&path, n);
-    let (t1, r1) = stat(child.id());
+    let (t1, r1) = stat(child.0.id());
     drop(clients);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     Row { converge, rss_kib: r1.saturating_sub(r0), cpu_s: (t1 - t0) as f64 / 100.0 }
 }
 
@@ -308,5 +309,15 @@ fn main() {
     if g.converge.is_err() {
         eprintln!("gingham's reflector did not converge within {LIMIT:?}");
         std::process::exit(1);
+    }
+}
+
+/// A daemon this benchmark started, killed and reaped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
