@@ -29,6 +29,20 @@ use ipnet::IpNet;
 const G: &str = env!("CARGO_BIN_EXE_gingham");
 const WEPS: usize = 30;
 
+/// Namespaces a run of this benchmark left behind (killed before its cleanup could run, e.g.
+/// by a machine restart): `gsc<pid>-…` / `gsi<pid>-…` whose process is gone.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("gsc").or_else(|| name.strip_prefix("gsi")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
 struct Ns(String);
 impl Ns {
     fn new(name: String) -> Ns {
@@ -504,6 +518,7 @@ fn fmt_d(d: Option<Duration>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    remove_stale_namespaces();
     let sizes: Vec<usize> = std::env::var("GINGHAM_SCALE_NODES")
         .unwrap_or_else(|_| "1000,5000".into())
         .split(',')
