@@ -340,6 +340,9 @@ fn exports(cache: &Cache, me: &str, global: &BGPConfigurationSpec) -> BTreeMap<I
 /// differences, its learned routes passed on to the route manager.
 pub struct Runner {
     pub dirty: bool,
+    /// A new plan (or a failed start) waits to be applied; nothing to do otherwise, so the
+    /// model's every wake costs nothing here.
+    pending: bool,
     secrets: Option<PathBuf>,
     keys: Option<KeySocket>,
     plan: Plan,
@@ -363,6 +366,7 @@ impl Runner {
         let empty = Plan { speaker: None, peers: vec![], exports: BTreeMap::new() };
         Runner {
             dirty: true,
+            pending: true,
             secrets,
             keys,
             plan: empty.clone(),
@@ -392,6 +396,7 @@ impl Runner {
     pub fn replan(&mut self, cache: &Cache, me: &str) {
         self.plan = plan(cache, me, self.secrets.as_deref());
         self.dirty = false;
+        self.pending = true;
     }
 
     /// Where status queries go (None: no speaker).
@@ -431,6 +436,10 @@ impl Runner {
     /// Bring the speaker to the plan: (re)start it if its identity changed, then peers and
     /// exports by difference.
     pub async fn apply(&mut self) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
         if self.plan.speaker != self.applied.speaker || (self.plan.speaker.is_some() && self.speaker.is_none()) {
             self.speaker = None;
             self.commands = None;
@@ -448,6 +457,8 @@ impl Runner {
                     }
                     Err(e) => {
                         self.errors.push(format!("BGP: cannot listen on {:?}: {e}", cfg.listen));
+                        // Try again at the next wake (the resync backstop brings one).
+                        self.pending = true;
                         return;
                     }
                 }
