@@ -8,8 +8,10 @@
 use std::io::{Read as _, Write as _};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use gingham_bgp::fsm::Config;
 use gingham_bgp::packet::{AsPathSegment, Attrs, Codec, Family, Message, Nlri, Open, SegmentKind, Update};
@@ -232,37 +234,15 @@ fn bird(n: usize) -> Row {
     let feed = feed(n);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(wire(&rx, &inj));
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("bird.conf");
-    let sock = dir.path().join("bird.ctl");
-    std::fs::write(
-        &conf,
+    let bird = common::Bird::start(
+        &rx.path(),
         "router id 10.254.0.2;\nprotocol device { }\nprotocol direct { ipv4; interface \"far0\"; }\n\
          protocol kernel { ipv4 { export all; }; }\n\
          protocol bgp injector { local 10.254.0.2 as 64512; neighbor 10.254.0.3 as 65001; passive on;\n\
            ipv4 { import all; export none; }; }\n",
-    )
-    .unwrap();
-    let f = std::fs::File::open(rx.path()).unwrap();
-    let child = gingham_kernel::netns::command(&f, "bird")
-        .unwrap()
-        .args(["-f", "-c"])
-        .arg(&conf)
-        .arg("-s")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bird2 must be installed (scripts/install-deps.sh)");
-    // Stopped however this ends (a failed assertion included).
-    let child = Daemon(child);
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "BIRD did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let before = rss_kib(child.0.id());
+    );
+    let sock = bird.socket.clone();
+    let before = rss_kib(bird.pid());
     let (tx, started) = std::sync::mpsc::channel();
     let injector = inject(&inj, feed, tx);
     let t0 = started.recv_timeout(Duration::from_secs(60)).expect("BIRD's session came up");
@@ -301,8 +281,8 @@ fn bird(n: usize) -> Row {
         assert!(Instant::now() < deadline, "BIRD did not program the kernel within {LIMIT:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let after = rss_kib(child.0.id());
-    drop(child);
+    let after = rss_kib(bird.pid());
+    drop(bird);
     drop(injector);
     Row { rib: rib.unwrap_or(fib), fib, rss_delta_kib: after.saturating_sub(before) }
 }
@@ -339,14 +319,4 @@ fn main() {
         g.fib.as_secs_f64() / b.fib.as_secs_f64(),
         g.rss_delta_kib as f64 / b.rss_delta_kib.max(1) as f64
     );
-}
-
-/// A daemon this benchmark started, killed and reaped on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -11,6 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use gingham_bgp::fsm::Config;
 use gingham_bgp::packet::{Attrs, Capability, Codec, Family, Message, Nlri, Open, Update};
 use gingham_bgp::tasks::{self, Command as Cmd, PeerConfig, SpeakerConfig};
@@ -230,9 +232,6 @@ fn gingham(n: usize) -> Row {
 
 fn bird(n: usize) -> Row {
     let (_ns, path) = namespace("b", n);
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("bird.conf");
-    let sock = dir.path().join("bird.ctl");
     let mut c = String::from(
         "router id 10.199.0.1;\nprotocol device { }\nprotocol direct { ipv4; interface \"lo\"; }\n\
          template bgp rr_client_tpl { local 10.199.0.1 as 64512; rr client; rr cluster id 1.1.1.1; passive on; multihop;\n\
@@ -241,35 +240,12 @@ fn bird(n: usize) -> Row {
     for i in 0..n {
         c.push_str(&format!("protocol bgp c{i} from rr_client_tpl {{ neighbor {} as 64512; }}\n", client_ip(i)));
     }
-    std::fs::write(&conf, c).unwrap();
-    // `client` and the like are BIRD keywords: a configuration BIRD refuses says so here.
-    let check =
-        std::process::Command::new("bird").arg("-p").arg("-c").arg(&conf).output().expect("bird2 must be installed");
-    assert!(check.status.success(), "BIRD refuses the configuration: {}", String::from_utf8_lossy(&check.stderr));
-    let f = std::fs::File::open(&path).unwrap();
-    let child = gingham_kernel::netns::command(&f, "bird")
-        .unwrap()
-        .args(["-f", "-c"])
-        .arg(&conf)
-        .arg("-s")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bird2 must be installed (scripts/install-deps.sh)");
-    // Stopped however this ends (a failed assertion included).
-    let child = Daemon(child);
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "BIRD did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let (t0, r0) = stat(child.0.id());
+    let bird = common::Bird::start(&path, &c);
+    let (t0, r0) = stat(bird.pid());
     let (converge, clients) = clients(&path, n);
-    let (t1, r1) = stat(child.0.id());
+    let (t1, r1) = stat(bird.pid());
     drop(clients);
-    drop(child);
+    drop(bird);
     Row { converge, rss_kib: r1.saturating_sub(r0), cpu_s: (t1 - t0) as f64 / 100.0 }
 }
 
@@ -309,15 +285,5 @@ fn main() {
     if g.converge.is_err() {
         eprintln!("gingham's reflector did not converge within {LIMIT:?}");
         std::process::exit(1);
-    }
-}
-
-/// A daemon this benchmark started, killed and reaped on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
