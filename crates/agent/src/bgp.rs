@@ -4,7 +4,7 @@
 //! (its affine blocks, addresses it borrowed, service ranges; nothing from VXLAN pools or
 //! pools with disableBGPExport). Reference: Calico's BIRD templates (reference §6.3, §6.4).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use gingham_bgp::fsm;
 use gingham_bgp::packet::Attrs;
 use gingham_bgp::rib::FibChange;
 use gingham_bgp::tasks::{self, Command, KeySocket, PeerConfig, Speaker, SpeakerConfig};
+use gingham_prefixmap::PrefixMap;
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
@@ -151,6 +152,7 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             },
             port,
         )),
+        max_queued: tasks::MAX_QUEUED,
     };
     let nodes: BTreeMap<&str, (Bgp, &BTreeMap<String, String>)> =
         cache.nodes.iter().map(|(n, r)| (n.as_str(), (node_bgp(n, r.spec.bgp.as_ref()), &r.labels))).collect();
@@ -349,8 +351,8 @@ pub struct Runner {
     applied: Plan,
     speaker: Option<Speaker>,
     commands: Option<mpsc::UnboundedSender<Command>>,
-    fib: Option<mpsc::UnboundedReceiver<FibChange>>,
-    learned: BTreeSet<IpNet>,
+    fib: Option<mpsc::Receiver<Vec<FibChange>>>,
+    learned: PrefixMap<()>,
     /// Learned routes of a speaker that was replaced: the route manager drops them.
     forgotten: Vec<IpNet>,
     started: Option<Instant>,
@@ -359,6 +361,9 @@ pub struct Runner {
 
 /// How long after the speaker starts its routes left in the kernel by a previous agent are
 /// kept unconfirmed (graceful restart: peers send theirs again within this).
+/// How many forwarding batches (one per UPDATE) the model takes before programming them.
+const FIB_BATCHES: usize = 64;
+
 pub const KERNEL_ROUTES_GRACE: Duration = Duration::from_secs(120);
 
 impl Runner {
@@ -374,7 +379,7 @@ impl Runner {
             speaker: None,
             commands: None,
             fib: None,
-            learned: BTreeSet::new(),
+            learned: PrefixMap::new(),
             forgotten: Vec::new(),
             started: None,
             errors: Vec::new(),
@@ -415,17 +420,26 @@ impl Runner {
             || (self.started.is_some() && self.plan.peers.is_empty())
     }
 
-    /// The next route learned or lost.
-    pub async fn next_fib(&mut self) -> FibChange {
+    /// The next routes learned or lost: what has arrived, up to `FIB_BATCHES` batches.
+    pub async fn next_fib(&mut self) -> Vec<FibChange> {
         loop {
             if let Some(rx) = self.fib.as_mut() {
-                if let Some(f) = rx.recv().await {
-                    if f.next_hops.is_empty() {
-                        self.learned.remove(&f.prefix);
-                    } else {
-                        self.learned.insert(f.prefix);
+                if let Some(first) = rx.recv().await {
+                    let mut all = first;
+                    for _ in 1..FIB_BATCHES {
+                        match rx.try_recv() {
+                            Ok(more) => all.extend(more),
+                            Err(_) => break,
+                        }
                     }
-                    return f;
+                    for f in &all {
+                        if f.next_hops.is_empty() {
+                            self.learned.remove(&f.prefix);
+                        } else {
+                            self.learned.insert(f.prefix, ());
+                        }
+                    }
+                    return all;
                 }
                 self.fib = None;
             }
@@ -444,12 +458,12 @@ impl Runner {
             self.speaker = None;
             self.commands = None;
             self.fib = None;
-            self.forgotten.extend(std::mem::take(&mut self.learned));
+            self.forgotten.extend(std::mem::take(&mut self.learned).keys());
             self.applied = Plan { speaker: None, peers: vec![], exports: BTreeMap::new() };
             if let Some(cfg) = self.plan.speaker.clone() {
                 match tasks::start(cfg.clone(), self.keys.clone()).await {
                     Ok(mut s) => {
-                        self.fib = Some(std::mem::replace(&mut s.fib, mpsc::unbounded_channel().1));
+                        self.fib = Some(std::mem::replace(&mut s.fib, mpsc::channel(1).1));
                         self.commands = Some(s.commands.clone());
                         self.speaker = Some(s);
                         self.started.get_or_insert_with(Instant::now);

@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use gingham_bgp::fsm::State;
+use gingham_bgp::packet::{Attrs, Nlri};
+use gingham_bgp::rib::NextHop;
 use gingham_bgp::tasks::{Command, PeerStatus};
 
 use crate::metrics::{BUCKETS_MS, Metrics};
@@ -159,6 +161,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 }
                 "/bgp/status" => ("200 OK", "application/json", bgp_status_json(sessions.as_deref()).to_string()),
                 "/bgp/routes" => ("200 OK", "application/json", bgp_routes_json(&metrics).await.to_string()),
+                "/bgp/peer-routes" => ("200 OK", "application/json", bgp_peer_routes_json(&metrics).await.to_string()),
                 _ => ("404 Not Found", "text/plain", "try /liveness, /readiness or /metrics\n".to_string()),
             };
             let resp = format!(
@@ -232,27 +235,87 @@ async fn bgp_routes_json(metrics: &Metrics) -> serde_json::Value {
         .iter()
         .take(10_000)
         .map(|(prefix, from, a)| {
-            let path: Vec<String> = a.as_path.iter().flat_map(|s| s.asns.iter().map(|n| n.to_string())).collect();
-            let mut attrs = vec![format!("origin {:?}", a.origin)];
-            if let Some(l) = a.local_pref {
-                attrs.push(format!("local-pref {l}"));
-            }
-            if let Some(m) = a.med {
-                attrs.push(format!("med {m}"));
-            }
-            if let Some(o) = a.originator_id {
-                attrs.push(format!("originator {o}"));
-            }
-            if !a.cluster_list.is_empty() {
-                attrs.push(format!("cluster-list {}", a.cluster_list.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")));
-            }
-            for c in &a.communities {
-                attrs.push(format!("community {}:{}", c >> 16, c & 0xffff));
-            }
-            serde_json::json!({"prefix": prefix.to_string(), "from": from, "as_path": path.join(" "), "attributes": attrs.join(", ")})
+            serde_json::json!({"prefix": prefix.to_string(), "from": from, "as_path": as_path_text(a), "attributes": attrs_text(a)})
         })
         .collect();
     serde_json::Value::Array(list)
+}
+
+/// How many routes per peer and direction `/bgp/peer-routes` lists.
+const PEER_ROUTES_LIMIT: usize = 10_000;
+
+/// Per peer, routes received and advertised, for `gingham node status --routes`.
+async fn bgp_peer_routes_json(metrics: &Metrics) -> serde_json::Value {
+    let Some(cmd) = metrics.bgp.lock().ok().and_then(|b| b.clone()) else { return serde_json::json!([]) };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if cmd.send(Command::PeerRoutes { limit: PEER_ROUTES_LIMIT, reply: tx }).is_err() {
+        return serde_json::json!([]);
+    }
+    let Ok(Ok(peers)) = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await else {
+        return serde_json::json!([]);
+    };
+    let hop = |h: &NextHop| match h {
+        NextHop::Address(a) => a.to_string(),
+        NextHop::Local => "self".to_string(),
+    };
+    let nlri =
+        |n: &Nlri| if n.path_id == 0 { n.prefix.to_string() } else { format!("{} (path {})", n.prefix, n.path_id) };
+    let list: Vec<serde_json::Value> = peers
+        .iter()
+        .map(|p| {
+            let received: Vec<serde_json::Value> = p
+                .received
+                .iter()
+                .map(|(n, h, a, stale)| {
+                    let mut attrs = attrs_text(a);
+                    if *stale {
+                        attrs.push_str(", stale");
+                    }
+                    serde_json::json!({"prefix": nlri(n), "next_hop": hop(h), "as_path": as_path_text(a), "attributes": attrs})
+                })
+                .collect();
+            let advertised: Vec<serde_json::Value> = p
+                .advertised
+                .iter()
+                .map(|(n, o)| {
+                    serde_json::json!({"prefix": nlri(n), "next_hop": hop(&o.next_hop), "as_path": as_path_text(&o.attrs), "attributes": attrs_text(&o.attrs)})
+                })
+                .collect();
+            serde_json::json!({"name": p.name, "address": p.address.to_string(), "received": received, "advertised": advertised})
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+fn as_path_text(a: &Attrs) -> String {
+    let path: Vec<String> = a.as_path.iter().flat_map(|s| s.asns.iter().map(|n| n.to_string())).collect();
+    path.join(" ")
+}
+
+fn attrs_text(a: &Attrs) -> String {
+    let mut attrs = vec![format!("origin {:?}", a.origin)];
+    if let Some(l) = a.local_pref {
+        attrs.push(format!("local-pref {l}"));
+    }
+    if let Some(m) = a.med {
+        attrs.push(format!("med {m}"));
+    }
+    if let Some(o) = a.originator_id {
+        attrs.push(format!("originator {o}"));
+    }
+    if !a.cluster_list.is_empty() {
+        attrs.push(format!(
+            "cluster-list {}",
+            a.cluster_list.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")
+        ));
+    }
+    for c in &a.communities {
+        attrs.push(format!("community {}:{}", c >> 16, c & 0xffff));
+    }
+    for l in &a.large_communities {
+        attrs.push(format!("large-community {}:{}:{}", l[0], l[1], l[2]));
+    }
+    attrs.join(", ")
 }
 
 /// What `gingham node status` shows.

@@ -73,6 +73,7 @@ async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::
 
 /// Serve until `shutdown` resolves. Removes a stale socket file first and its own on exit.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    gingham_kernel::memory::keep_large_allocations_mapped();
     let resources = ResourceStore::new(config.store.clone());
     let host = Netlink::current()?;
     let metrics = Arc::new(metrics::Metrics::default());

@@ -103,6 +103,10 @@ pub struct Model {
     troubled: bool,
     /// BGP, when this node speaks it (`--bgp`, Calico's `calico_backend: bird`).
     bgp: Option<crate::bgp::Runner>,
+    /// Routes BGP learned or lost since the heap was last trimmed (a full table arrives in a
+    /// burst and leaves the allocator's free space behind).
+    trimmer: gingham_kernel::memory::HeapTrimmer,
+    learned_changes: usize,
 }
 
 fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
@@ -144,6 +148,9 @@ fn target(r: DesiredRoute) -> Target {
     }
 }
 
+/// How many learned routes change between heap trims.
+pub const TRIM_AFTER_ROUTES: usize = 20_000;
+
 impl Model {
     pub fn new(
         node: &str,
@@ -170,6 +177,8 @@ impl Model {
             dirty: false,
             troubled: false,
             bgp: None,
+            trimmer: gingham_kernel::memory::HeapTrimmer::new(TRIM_AFTER_ROUTES),
+            learned_changes: 0,
         };
         (m, rx, shared)
     }
@@ -205,6 +214,7 @@ impl Model {
                 }
             }
             self.process().await;
+            self.trimmer.changed(std::mem::take(&mut self.learned_changes));
         }
     }
 
@@ -215,7 +225,14 @@ impl Model {
 
     /// A route BGP learned or lost: to the route manager, through the underlay, or tunl0
     /// for IPIP pools (CrossSubnet: only towards other subnets).
-    fn learned(&mut self, f: gingham_bgp::rib::FibChange) {
+    fn learned(&mut self, batch: Vec<gingham_bgp::rib::FibChange>) {
+        self.learned_changes += batch.len();
+        for f in batch {
+            self.learned_one(f);
+        }
+    }
+
+    fn learned_one(&mut self, f: gingham_bgp::rib::FibChange) {
         let Some(net) = self.net.as_mut() else { return };
         let target = f.next_hops.first().map(|gw| {
             let me = self.calc.node(&self.node).and_then(|n| n.ipv4);

@@ -194,6 +194,7 @@ fn gingham(n: usize) -> Row {
                     router_id: RR.into(),
                     cluster_id: Some(Ipv4Addr::new(1, 1, 1, 1)),
                     listen: Some(SocketAddr::from((RR, 179))),
+                    max_queued: tasks::MAX_QUEUED,
                 },
                 None,
             )

@@ -314,7 +314,11 @@ impl Fsm {
                 self.to_idle(out, "Hold timer expired".into(), true);
             }
             Event::TimerExpired(_) | Event::Start => {}
-            Event::TcpFails => self.to_idle(out, "Connection lost".into(), true),
+            // The I/O side may have said why (the peer stopped reading, a socket error).
+            Event::TcpFails => {
+                let why = self.last_error.take().map_or("Connection lost".into(), |w| format!("Connection lost: {w}"));
+                self.to_idle(out, why, true)
+            }
             Event::Received(Message::Notification(n)) => self.to_idle(out, format!("Received: {n}"), false),
             Event::Malformed(e) => {
                 out.push(Action::Send(Message::Notification(e.notification.clone())));

@@ -4,15 +4,16 @@
 //! sends bytes to writers and forwarding changes to its owner. Collision detection (RFC 4271
 //! §6.8) runs here, with one FSM per connection while two race.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -51,6 +52,9 @@ pub struct SpeakerConfig {
     pub cluster_id: Option<Ipv4Addr>,
     /// Where to accept connections (port 179 in production); None: only connect.
     pub listen: Option<SocketAddr>,
+    /// Bytes queued for a peer that does not read them before its session is dropped
+    /// (`MAX_QUEUED`).
+    pub max_queued: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,12 +79,29 @@ pub enum Command {
     Status(oneshot::Sender<Vec<PeerStatus>>),
     /// Every route as the Loc-RIB has it, for `node status --routes`.
     Routes(oneshot::Sender<Vec<(IpNet, String, Arc<Attrs>)>>),
+    /// Per peer, what it sent us and what it has from us (at most `limit` of each).
+    PeerRoutes {
+        limit: usize,
+        reply: oneshot::Sender<Vec<PeerRoutes>>,
+    },
+}
+
+/// What one peer sent us (and we kept) and what it has from us.
+#[derive(Clone, Debug)]
+pub struct PeerRoutes {
+    pub name: String,
+    pub address: IpAddr,
+    /// NLRI, next hop, attributes, stale (kept through the peer's restart).
+    pub received: Vec<(Nlri, NextHop, Arc<Attrs>, bool)>,
+    pub advertised: Vec<(Nlri, OutPath)>,
 }
 
 pub struct Speaker {
     pub commands: mpsc::UnboundedSender<Command>,
-    /// Forwarding changes for the kernel (through the agent's route manager).
-    pub fib: mpsc::UnboundedReceiver<FibChange>,
+    /// Forwarding changes for the kernel (through the agent's route manager), a batch per
+    /// UPDATE or event. Bounded: while the owner does not take them, the speaker stops reading
+    /// UPDATEs (TCP pushes back on the peers) but keeps its sessions alive.
+    pub fib: mpsc::Receiver<Vec<FibChange>>,
     pub task: JoinHandle<()>,
     pub listening: Option<SocketAddr>,
     accept: Option<JoinHandle<()>>,
@@ -107,8 +128,9 @@ impl Speaker {
 /// Bind the listener (if any) now, so errors are the caller's; then run.
 pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result<Speaker> {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (fib_tx, fib_rx) = mpsc::unbounded_channel();
+    let (fib_tx, fib_rx) = mpsc::channel(FIB_QUEUE);
     let (int_tx, int_rx) = mpsc::unbounded_channel();
+    let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
     let mut listening = None;
     let bind = |addr: SocketAddr| -> io::Result<TcpListener> {
         let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -138,7 +160,12 @@ pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result
         next_id: 1,
         next_slot: 1,
         internal: int_tx.clone(),
+        frames: frames_tx,
         fib: fib_tx,
+        backlog: VecDeque::new(),
+        backlog_changes: 0,
+        sent: Arc::default(),
+        sent_at_yield: 0,
         keys,
         listener: listener.clone(),
     };
@@ -161,17 +188,50 @@ pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result
         })
     });
     drop(int_tx);
-    let task = tokio::spawn(async move { inst.run(cmd_rx, int_rx).await });
+    let task = tokio::spawn(async move { inst.run(cmd_rx, int_rx, frames_rx).await });
     Ok(Speaker { commands: cmd_tx, fib: fib_rx, task, listening, accept })
 }
 
-/// How much a connection reads at once (four maximum-size messages).
+/// How much a connection reads at once (four maximum-size messages). Only while it reads:
+/// an idle connection holds no buffer (a reflector has hundreds).
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Messages read and not yet handled, from all connections together. A bounded queue is
+/// fair between the readers waiting on it, so a peer flooding UPDATEs gets its turn like
+/// every other and then waits, with TCP pushing back on it.
+const FRAME_QUEUE: usize = 64;
+
+/// Forwarding batches the owner has not taken; with more than `FIB_BACKLOG` changes kept
+/// here besides (about 5 MB), the instance stops reading UPDATEs until the owner catches up.
+const FIB_QUEUE: usize = 16;
+const FIB_BACKLOG: usize = 100_000;
+
+/// Bytes queued for a peer that does not read them: beyond this the session is dropped
+/// (a full table of 100,000 routes is about 2 MB).
+pub const MAX_QUEUED: usize = 64 << 20;
+
+/// Bytes the instance queues for its writers before it lets them run.
+const YIELD_AFTER_BYTES: usize = 64 * 1024;
+
+/// A write that makes no progress for this long ends the connection (a peer holding it
+/// half-open), so a writer never outlives its session for long.
+const WRITE_STALL: Duration = Duration::from_secs(120);
+
+/// What a connection's reader passes on, in the order it read it.
+struct Frame {
+    peer: PeerId,
+    slot: u64,
+    what: FromConn,
+}
+
+enum FromConn {
+    Message(Vec<u8>),
+    Closed(String),
+}
 
 enum Internal {
     Accepted(TcpStream, SocketAddr),
     Connected { peer: PeerId, slot: u64, stream: io::Result<TcpStream> },
-    Frame { peer: PeerId, slot: u64, bytes: Vec<u8> },
     Closed { peer: PeerId, slot: u64, why: String },
     Timer { peer: PeerId, slot: u64, timer: Timer, generation: u64 },
     StaleExpired { peer: PeerId, generation: u64 },
@@ -179,15 +239,47 @@ enum Internal {
 
 struct Conn {
     write: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued for the writer and not yet written.
+    queued: Arc<AtomicUsize>,
+    /// Bytes queued by every connection of the instance, ever.
+    sent: Arc<AtomicUsize>,
+    max_queued: usize,
     local: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
+    reader: JoinHandle<()>,
+    /// Not stopped with the connection (it finishes what is queued, within `WRITE_STALL`);
+    /// stopped when the peer does not read.
+    writer: JoinHandle<()>,
+    /// To report the connection closed when the peer stops reading.
+    internal: mpsc::UnboundedSender<Internal>,
+    peer: PeerId,
+    slot: u64,
+}
+
+impl Conn {
+    /// Queue bytes for the peer. A peer that lets `MAX_QUEUED` bytes pile up loses its
+    /// connection (reported to the instance as closed).
+    fn send(&self, b: Vec<u8>) {
+        let n = b.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_queued {
+            self.reader.abort();
+            self.writer.abort();
+            let why = format!("Peer does not read: over {} KiB queued", self.max_queued >> 10);
+            let _ = self.internal.send(Internal::Closed { peer: self.peer, slot: self.slot, why });
+            return;
+        }
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        let _ = self.write.send(b);
+    }
+
+    /// Close after what is queued.
+    fn close(&self) {
+        let _ = self.write.send(Vec::new());
+    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.reader.abort();
     }
 }
 
@@ -234,7 +326,13 @@ struct Instance {
     next_id: PeerId,
     next_slot: u64,
     internal: mpsc::UnboundedSender<Internal>,
-    fib: mpsc::UnboundedSender<FibChange>,
+    frames: mpsc::Sender<Frame>,
+    fib: mpsc::Sender<Vec<FibChange>>,
+    /// Forwarding batches waiting for room in `fib`.
+    backlog: VecDeque<Vec<FibChange>>,
+    backlog_changes: usize,
+    sent: Arc<AtomicUsize>,
+    sent_at_yield: usize,
     keys: Option<KeySocket>,
     listener: Option<Arc<TcpListener>>,
 }
@@ -254,9 +352,26 @@ impl Instance {
         &mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
+        mut frames: mpsc::Receiver<Frame>,
     ) {
         loop {
+            let reading = self.backlog_changes < FIB_BACKLOG;
+            let owed = !self.backlog.is_empty();
+            let fib = self.fib.clone();
             tokio::select! {
+                permit = fib.reserve(), if owed => match permit {
+                    Ok(p) => {
+                        let batch = self.backlog.pop_front().unwrap_or_default();
+                        self.backlog_changes -= batch.len();
+                        p.send(batch);
+                    }
+                    // The owner is gone and wants nothing more.
+                    Err(_) => {
+                        self.backlog.clear();
+                        self.backlog_changes = 0;
+                    }
+                },
+                Some(f) = frames.recv(), if reading => self.frame(f),
                 c = commands.recv() => match c {
                     Some(c) => self.command(c),
                     None => {
@@ -269,6 +384,13 @@ impl Instance {
                     }
                 },
                 Some(m) = internal.recv() => self.internal(m),
+            }
+            // Much queued for the writers: let them send it before making more (a reflector
+            // turns one UPDATE into one per client; unchecked, the queues hold a burst's all).
+            let sent = self.sent.load(Ordering::Relaxed);
+            if sent.wrapping_sub(self.sent_at_yield) > YIELD_AFTER_BYTES {
+                self.sent_at_yield = sent;
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -326,6 +448,20 @@ impl Instance {
             }
             Command::Routes(reply) => {
                 let _ = reply.send(self.rib.routes());
+            }
+            Command::PeerRoutes { limit, reply } => {
+                let all = self
+                    .peers
+                    .iter()
+                    .map(|(id, p)| {
+                        let mut received = self.rib.received(*id);
+                        let mut advertised = self.rib.advertised(*id);
+                        received.truncate(limit);
+                        advertised.truncate(limit);
+                        PeerRoutes { name: p.config.name.clone(), address: p.config.address, received, advertised }
+                    })
+                    .collect();
+                let _ = reply.send(all);
             }
         }
     }
@@ -423,14 +559,6 @@ impl Instance {
                     Err(_) => self.event(peer, Some(slot), Event::TcpFails),
                 }
             }
-            Internal::Frame { peer, slot, bytes } => {
-                let Some(s) = self.slot_mut(peer, slot) else { return };
-                let ev = match Message::decode(&bytes, &s.codec) {
-                    Ok(m) => Event::Received(m),
-                    Err(e) => Event::Malformed(e),
-                };
-                self.event(peer, Some(slot), ev);
-            }
             Internal::Closed { peer, slot, why } => {
                 if let Some(s) = self.slot_mut(peer, slot) {
                     if s.conn.is_some() {
@@ -456,6 +584,21 @@ impl Instance {
                     self.apply(ch);
                 }
             }
+        }
+    }
+
+    fn frame(&mut self, f: Frame) {
+        let Frame { peer, slot, what } = f;
+        match what {
+            FromConn::Message(bytes) => {
+                let Some(s) = self.slot_mut(peer, slot) else { return };
+                let ev = match Message::decode(&bytes, &s.codec) {
+                    Ok(m) => Event::Received(m),
+                    Err(e) => Event::Malformed(e),
+                };
+                self.event(peer, Some(slot), ev);
+            }
+            FromConn::Closed(why) => self.internal(Internal::Closed { peer, slot, why }),
         }
     }
 
@@ -512,61 +655,98 @@ impl Instance {
     fn attach(&mut self, peer: PeerId, slot: u64, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (mut rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = stream.into_split();
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let tx = self.internal.clone();
+        let frames = self.frames.clone();
         let reader = tokio::spawn(async move {
-            // One buffer per connection, read into directly (a reflector has hundreds).
+            let closed = |why: String| Frame { peer, slot, what: FromConn::Closed(why) };
             let mut buf: Vec<u8> = Vec::new();
             loop {
+                // Wait with no buffer; take one only to read what has arrived.
+                if let Err(e) = rd.readable().await {
+                    let _ = frames.send(closed(format!("Socket: {e}"))).await;
+                    return;
+                }
+                buf.reserve(READ_CHUNK);
+                match rd.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        let _ = frames.send(closed("Connection closed".into())).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Readiness was stale: wait again, without the buffer if it holds nothing.
+                        if buf.is_empty() {
+                            buf = Vec::new();
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = frames.send(closed(format!("Socket: {e}"))).await;
+                        return;
+                    }
+                }
                 let mut at = 0;
                 loop {
                     match Message::frame_len(&buf[at..]) {
                         Ok(Some(n)) => {
-                            let bytes = buf[at..at + n].to_vec();
+                            let what = FromConn::Message(buf[at..at + n].to_vec());
                             at += n;
-                            if tx.send(Internal::Frame { peer, slot, bytes }).is_err() {
+                            if frames.send(Frame { peer, slot, what }).await.is_err() {
                                 return;
                             }
                         }
                         Ok(None) => break,
                         Err(_) => {
                             // Let the instance decode the bad header and answer it.
-                            let _ = tx.send(Internal::Frame { peer, slot, bytes: buf[at..].to_vec() });
+                            let what = FromConn::Message(buf[at..].to_vec());
+                            let _ = frames.send(Frame { peer, slot, what }).await;
                             return;
                         }
                     }
                 }
                 buf.drain(..at);
-                buf.reserve(READ_CHUNK);
-                match rd.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        let _ = tx.send(Internal::Closed { peer, slot, why: "Connection closed".into() });
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Internal::Closed { peer, slot, why: format!("Socket: {e}") });
-                        return;
-                    }
+                if buf.is_empty() {
+                    buf = Vec::new();
                 }
             }
         });
+        let queued = Arc::new(AtomicUsize::new(0));
+        let left = queued.clone();
+        let internal = self.internal.clone();
         let writer = tokio::spawn(async move {
             while let Some(b) = wrx.recv().await {
                 if b.is_empty() {
                     break; // an empty frame: close after what was queued
                 }
-                if wr.write_all(&b).await.is_err() {
+                let n = b.len();
+                let why = match tokio::time::timeout(WRITE_STALL, wr.write_all(&b)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("Socket: {e}")),
+                    Err(_) => Some(format!("Peer took nothing for {} s", WRITE_STALL.as_secs())),
+                };
+                if let Some(why) = why {
+                    let _ = internal.send(Internal::Closed { peer, slot, why });
                     return;
                 }
+                left.fetch_sub(n, Ordering::Relaxed);
             }
-            let _ = wr.shutdown().await;
+            let _ = tokio::time::timeout(WRITE_STALL, wr.shutdown()).await;
         });
+        let conn = Conn {
+            write: wtx,
+            queued,
+            sent: self.sent.clone(),
+            max_queued: self.config.max_queued,
+            local,
+            reader,
+            writer,
+            internal: self.internal.clone(),
+            peer,
+            slot,
+        };
         if let Some(s) = self.slot_mut(peer, slot) {
-            s.conn = Some(Conn { write: wtx, local, tasks: vec![reader] });
-            // The writer finishes what is queued even after the connection is dropped.
-            drop(writer);
+            s.conn = Some(conn);
         }
     }
 
@@ -602,7 +782,7 @@ impl Instance {
                         c.abort();
                     }
                     if let Some(c) = s.conn.take() {
-                        let _ = c.write.send(Vec::new());
+                        c.close();
                     }
                 }
                 // A losing collision connection goes away entirely.
@@ -615,7 +795,7 @@ impl Instance {
             Action::Send(m) => {
                 if let Some(s) = self.slot_mut(peer, sid) {
                     if let (Some(c), Ok(b)) = (&s.conn, m.encode(&s.codec)) {
-                        let _ = c.write.send(b);
+                        c.send(b);
                     }
                 }
             }
@@ -740,9 +920,9 @@ impl Instance {
         };
         if let Some(c) = &loser.conn {
             if let Ok(b) = Message::Notification(cease(7)).encode(&loser.codec) {
-                let _ = c.write.send(b);
+                c.send(b);
             }
-            let _ = c.write.send(Vec::new());
+            c.close();
         }
     }
 
@@ -796,8 +976,16 @@ impl Instance {
     }
 
     fn apply(&mut self, ch: Changes) {
-        for f in ch.fib {
-            let _ = self.fib.send(f);
+        if !ch.fib.is_empty() {
+            if self.backlog.is_empty() {
+                if let Err(mpsc::error::TrySendError::Full(batch)) = self.fib.try_send(ch.fib) {
+                    self.backlog_changes += batch.len();
+                    self.backlog.push_back(batch);
+                }
+            } else {
+                self.backlog_changes += ch.fib.len();
+                self.backlog.push_back(ch.fib);
+            }
         }
         for (peer, changes) in ch.peers {
             self.send_changes(peer, changes);
@@ -810,7 +998,7 @@ impl Instance {
             return;
         }
         if let (Some(c), Ok(b)) = (&p.main.conn, Message::Update(u).encode(&p.main.codec)) {
-            let _ = c.write.send(b);
+            c.send(b);
         }
     }
 
@@ -873,7 +1061,7 @@ impl Instance {
         }
         for u in out {
             if let Ok(b) = Message::Update(u).encode(&codec) {
-                let _ = conn.write.send(b);
+                conn.send(b);
             }
         }
     }

@@ -212,6 +212,7 @@ async fn speaker(cluster_id: Option<Ipv4Addr>) -> Speaker {
             router_id: Ipv4Addr::new(10, 255, 0, 2),
             cluster_id,
             listen: Some(SocketAddr::new("10.255.0.2".parse().unwrap(), 179)),
+            max_queued: tasks::MAX_QUEUED,
         },
         Some(keys),
     )
@@ -243,7 +244,11 @@ async fn fib_until(s: &mut Speaker, prefix: &str, ok: impl Fn(&[IpAddr]) -> bool
             return h;
         }
         match tokio::time::timeout_at(deadline, s.fib.recv()).await {
-            Ok(Some(FibChange { prefix, next_hops })) => FIB.with(|f| f.borrow_mut().insert(prefix, next_hops)),
+            Ok(Some(batch)) => FIB.with(|f| {
+                for FibChange { prefix, next_hops } in batch {
+                    f.borrow_mut().insert(prefix, next_hops.to_vec());
+                }
+            }),
             Ok(None) => panic!("the speaker stopped"),
             Err(_) => panic!(
                 "no forwarding change for {prefix} as expected within {WAIT:?}; last: {:?}",

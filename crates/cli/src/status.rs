@@ -148,6 +148,34 @@ pub fn render_routes(routes: &Value) -> String {
     table(&["PREFIX", "FROM", "AS PATH", "ATTRIBUTES"], &rows)
 }
 
+/// Per peer, the routes it sent us and those it has from us.
+pub fn render_peer_routes(peers: &Value) -> String {
+    let rows = |v: &Value| -> Vec<Vec<String>> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                ["prefix", "next_hop", "as_path", "attributes"]
+                    .iter()
+                    .map(|k| r[*k].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut out = String::new();
+    for p in peers.as_array().into_iter().flatten() {
+        let who = format!("{} ({})", p["name"].as_str().unwrap_or(""), p["address"].as_str().unwrap_or(""));
+        for (what, key) in [("received from", "received"), ("advertised to", "advertised")] {
+            let r = rows(&p[key]);
+            out.push_str(&format!("\nRoutes {what} {who}: {}\n", r.len()));
+            if !r.is_empty() {
+                out.push_str(&table(&["PREFIX", "NEXT HOP", "AS PATH", "ATTRIBUTES"], &r));
+            }
+        }
+    }
+    out
+}
+
 /// Print the status; exit status 1 when the agent does not answer.
 pub fn run(health: SocketAddr, routes: bool, detail: bool) -> Result<(), String> {
     let body = get(health, "/bgp/status").map_err(|e| format!("gingham process is not running ({health}: {e})"))?;
@@ -157,6 +185,9 @@ pub fn run(health: SocketAddr, routes: bool, detail: bool) -> Result<(), String>
         let body = get(health, "/bgp/routes").map_err(|e| format!("reading routes from {health}: {e}"))?;
         let r: Value = serde_json::from_str(&body).map_err(|e| format!("the agent's answer is not JSON: {e}"))?;
         print!("\nBGP routes (best path of each prefix)\n{}", render_routes(&r));
+        let body = get(health, "/bgp/peer-routes").map_err(|e| format!("reading routes from {health}: {e}"))?;
+        let p: Value = serde_json::from_str(&body).map_err(|e| format!("the agent's answer is not JSON: {e}"))?;
+        print!("{}", render_peer_routes(&p));
     }
     Ok(())
 }
@@ -164,6 +195,17 @@ pub fn run(health: SocketAddr, routes: bool, detail: bool) -> Result<(), String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_peer_routes_are_listed_both_ways() {
+        let p = serde_json::json!([{"name": "Mesh_10_0_0_2", "address": "10.0.0.2",
+            "received": [{"prefix": "10.65.1.0/26", "next_hop": "10.0.0.2", "as_path": "", "attributes": "origin Igp, local-pref 100"}],
+            "advertised": []}]);
+        let out = render_peer_routes(&p);
+        assert!(out.contains("Routes received from Mesh_10_0_0_2 (10.0.0.2): 1\n"), "{out}");
+        assert!(out.contains("10.65.1.0/26") && out.contains("origin Igp, local-pref 100"), "{out}");
+        assert!(out.contains("Routes advertised to Mesh_10_0_0_2 (10.0.0.2): 0\n"), "{out}");
+    }
 
     #[test]
     fn renders_as_calicoctl_does() {

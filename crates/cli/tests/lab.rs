@@ -497,6 +497,17 @@ fn route_reflectors_as_in_the_seeds_setup_1() {
     let err = String::from_utf8_lossy(&status.stderr);
     assert!(out.contains("IPv4 BGP status") && out.contains("No IPv6 peers found."), "{out}{err}");
     assert_eq!(out.lines().filter(|l| l.contains("| node specific | up    |")).count(), 2, "{out}");
+    // Beyond calicoctl: per peer, what it sent and what it has from us.
+    let routes = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("node-3"), env!("CARGO_BIN_EXE_gingham"), "node", "status", "--routes"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&routes.stdout);
+    let sections = |what: &str| out.lines().filter(|l| l.starts_with(what)).map(str::to_string).collect::<Vec<_>>();
+    let (received, advertised) = (sections("Routes received from Node_"), sections("Routes advertised to Node_"));
+    assert_eq!((received.len(), advertised.len()), (2, 2), "{out}");
+    // Each reflector reflects the other three nodes' blocks and gets this node's one.
+    assert!(received.iter().all(|l| l.ends_with(": 3")) && advertised.iter().all(|l| l.ends_with(": 1")), "{out}");
 }
 
 #[test]

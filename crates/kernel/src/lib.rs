@@ -13,6 +13,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, Li
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+pub mod memory;
 pub mod netns;
 pub mod nft;
 pub mod sysctl;
@@ -465,6 +466,35 @@ impl Netlink {
         }
     }
 
+    /// Many route changes, pipelined on the one socket (up to `ROUTES_IN_FLIGHT` requests
+    /// before the first answer is awaited, as BIRD streams its kernel table): each result in
+    /// the order given, true for a deletion that found its route.
+    pub async fn change_routes(&self, ops: &[RouteOp<'_>]) -> Vec<Result<bool>> {
+        use futures::StreamExt;
+        let mut out = Vec::with_capacity(ops.len());
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        let mut next = ops.iter();
+        loop {
+            while in_flight.len() < ROUTES_IN_FLIGHT {
+                match next.next() {
+                    Some(op) => in_flight.push_back(self.route_op(*op)),
+                    None => break,
+                }
+            }
+            match in_flight.next().await {
+                Some(r) => out.push(r),
+                None => return out,
+            }
+        }
+    }
+
+    async fn route_op(&self, op: RouteOp<'_>) -> Result<bool> {
+        match op {
+            RouteOp::Replace(r) => self.replace_route(r).await.map(|()| true),
+            RouteOp::Delete(r) => self.delete_route(r).await,
+        }
+    }
+
     /// Routes of the main table for one family.
     pub async fn routes(&self, v4: bool) -> Result<Vec<Route>> {
         let probe = if v4 {
@@ -475,6 +505,16 @@ impl Netlink {
         let msgs: Vec<RouteMessage> = self.handle.route().get(probe).execute().try_collect().await.map_err(nl)?;
         Ok(msgs.iter().filter(|m| m.header.table == 254).filter_map(to_route).collect())
     }
+}
+
+/// How many route requests `change_routes` keeps in flight.
+pub const ROUTES_IN_FLIGHT: usize = 64;
+
+/// One change for `change_routes`.
+#[derive(Clone, Copy, Debug)]
+pub enum RouteOp<'a> {
+    Replace(&'a Route),
+    Delete(&'a Route),
 }
 
 /// A change the kernel announced (`ip monitor route link`).

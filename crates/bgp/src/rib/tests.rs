@@ -38,7 +38,7 @@ fn all() -> BTreeSet<Family> {
     Family::ALL.into_iter().collect()
 }
 fn hops(ch: &Changes, prefix: &str) -> Option<Vec<IpAddr>> {
-    ch.fib.iter().find(|f| f.prefix == net(prefix)).map(|f| f.next_hops.clone())
+    ch.fib.iter().find(|f| f.prefix == net(prefix)).map(|f| f.next_hops.to_vec())
 }
 
 /// A RIB with peers 1..=n (given AS and client flag), all up without ADD-PATH.
@@ -179,11 +179,11 @@ fn graceful_restart_keeps_stale_routes_until_end_of_rib() {
     r.peer_up(1, all(), BTreeSet::new());
     assert!(r.update(1, rid(1), &announce("10.0.0.0/26", 1, path(&[]))).fib.is_empty());
     let ch = r.sweep_stale(1, Some(Family::Ipv4Unicast));
-    assert_eq!(ch.fib, vec![FibChange { prefix: net("10.0.1.0/26"), next_hops: vec![] }]);
+    assert_eq!(ch.fib, vec![FibChange { prefix: net("10.0.1.0/26"), next_hops: NextHops::None }]);
     assert_eq!(ch.peers[&2].withdraw, vec![Nlri::new(net("10.0.1.0/26"))]);
     // Without graceful restart the routes go at once.
     let ch = r.peer_down(1, false);
-    assert_eq!(ch.fib, vec![FibChange { prefix: net("10.0.0.0/26"), next_hops: vec![] }]);
+    assert_eq!(ch.fib, vec![FibChange { prefix: net("10.0.0.0/26"), next_hops: NextHops::None }]);
 }
 
 #[test]
@@ -220,4 +220,31 @@ fn a_peer_that_comes_up_gets_everything_once() {
     // Nothing changed: nothing to send.
     let again = r.originate(net("10.0.0.0/26"), path(&[]));
     assert!(again.peers.is_empty(), "{again:?}");
+}
+
+#[test]
+fn a_destination_costs_what_one_path_costs() {
+    // The RIB holds one of these per prefix: 100,000 prefixes are 100,000 of them.
+    assert!(std::mem::size_of::<Dest>() <= 16, "{}", std::mem::size_of::<Dest>());
+}
+
+#[test]
+fn what_each_peer_sent_and_has_is_counted_and_listed() {
+    // A reflector with two clients: each client's route goes to the other.
+    let mut r = rib(Some(rid(100)), &[(1, AS, true), (2, AS, true)]);
+    r.update(1, rid(1), &announce("10.0.1.0/26", 1, path(&[])));
+    r.update(1, rid(1), &announce("10.0.2.0/26", 1, path(&[])));
+    r.update(2, rid(2), &announce("10.0.3.0/26", 2, path(&[])));
+    assert_eq!((r.counts(1), r.counts(2)), ((2, 1), (1, 2)));
+    let got: Vec<IpNet> = r.received(1).iter().map(|x| x.0.prefix).collect();
+    assert_eq!(got, vec![net("10.0.1.0/26"), net("10.0.2.0/26")]);
+    let sent: Vec<IpNet> = r.advertised(2).iter().map(|x| x.0.prefix).collect();
+    assert_eq!(sent, vec![net("10.0.1.0/26"), net("10.0.2.0/26")]);
+    assert_eq!(r.advertised(2)[0].1.attrs.originator_id, Some(rid(1)), "reflected with its originator");
+    // A withdrawal and a peer going down are counted off.
+    r.update(1, rid(1), &Update { withdrawn: vec![Nlri::new(net("10.0.1.0/26"))], ..Default::default() });
+    assert_eq!((r.counts(1), r.counts(2)), ((1, 1), (1, 1)));
+    r.peer_down(2, false);
+    assert_eq!(r.counts(1), (1, 0));
+    assert!(r.received(2).is_empty() && r.advertised(2).is_empty());
 }
