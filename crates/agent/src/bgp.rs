@@ -13,8 +13,8 @@ use gingham_api::network::{BGPConfigurationSpec, NodeBGPSpec, Password, parse_pe
 use gingham_api::selector::Selector;
 use gingham_bgp::fsm;
 use gingham_bgp::packet::Attrs;
-use gingham_bgp::rib::FibChange;
-use gingham_bgp::tasks::{self, Command, KeySocket, PeerConfig, Speaker, SpeakerConfig};
+use gingham_bgp::rib::{FibChange, NextHopMode};
+use gingham_bgp::tasks::{self, Command, PeerConfig, SocketHooks, Speaker, SpeakerConfig};
 use gingham_prefixmap::PrefixMap;
 use ipnet::IpNet;
 use tokio::sync::mpsc;
@@ -31,6 +31,9 @@ pub struct Plan {
     pub speaker: Option<SpeakerConfig>,
     pub peers: Vec<PeerConfig>,
     pub exports: BTreeMap<IpNet, Attrs>,
+    /// Kernel routes to peers through a given gateway (BGPPeer reachableBy: Calico renders
+    /// `route <peer>/32 via <gateway>`, so the session never depends on routes it carries).
+    pub statics: BTreeMap<IpNet, IpAddr>,
 }
 
 /// A node's BGP identity as its Node resource gives it.
@@ -129,7 +132,7 @@ fn selects(sel: &Option<String>, labels: &BTreeMap<String, String>) -> bool {
 
 /// Everything BGP needs, from the cache. `secrets`: where BGPPeer passwords are read.
 pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
-    let empty = Plan { speaker: None, peers: vec![], exports: BTreeMap::new() };
+    let empty = Plan { speaker: None, peers: vec![], exports: BTreeMap::new(), statics: BTreeMap::new() };
     let Some(rec) = cache.nodes.get(me) else { return empty };
     let mine = node_bgp(me, rec.spec.bgp.as_ref());
     let Some((my_v4, _)) = mine.v4 else { return empty };
@@ -157,6 +160,7 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
     let nodes: BTreeMap<&str, (Bgp, &BTreeMap<String, String>)> =
         cache.nodes.iter().map(|(n, r)| (n.as_str(), (node_bgp(n, r.spec.bgp.as_ref()), &r.labels))).collect();
     let mut peers: BTreeMap<IpAddr, PeerConfig> = BTreeMap::new();
+    let mut statics: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
     let base = |name: String, address: IpAddr, port: u16, remote_as: u32| {
         let mut f = fsm::Config::new(my_as, remote_as, my_v4);
         // Calico renders `connect retry time 5` and BIRD's restart time of 120 s.
@@ -171,9 +175,10 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             port,
             fsm: f,
             rr_client: false,
-            keep_next_hop: false,
+            next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 0,
             password: None,
+            ttl_security: None,
             source: Some(match address {
                 IpAddr::V4(_) => IpAddr::V4(my_v4),
                 IpAddr::V6(_) => mine.v6.map(IpAddr::V6).unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
@@ -259,10 +264,19 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             }
         }
         for mut p in found {
+            if let Some(gw) = spec.reachable_by.as_deref().and_then(|g| g.parse::<IpAddr>().ok()) {
+                statics.insert(IpNet::from(p.address), gw);
+            }
             p.fsm.local_as = asn_of(&spec.local_as_number).unwrap_or(my_as);
-            p.keep_next_hop =
-                spec.keep_original_next_hop == Some(true) || spec.next_hop_mode.as_deref() == Some("Keep");
+            p.next_hop = match spec.next_hop_mode.as_deref() {
+                Some("Self") => NextHopMode::SelfAddress,
+                Some("Keep") => NextHopMode::Keep,
+                _ if spec.keep_original_next_hop == Some(true) => NextHopMode::Keep,
+                _ => NextHopMode::Auto,
+            };
             p.allow_own_as = spec.num_allowed_local_as_numbers.unwrap_or(0).clamp(0, 10) as usize;
+            // Calico renders `ttl security on; multihop <ttlSecurity>`; 0 is off.
+            p.ttl_security = spec.ttl_security.filter(|t| (1..=255).contains(t)).map(|t| t as u8);
             p.password = password(&spec.password, secrets);
             if spec.source_address.as_deref() == Some("None") {
                 p.source = None;
@@ -281,7 +295,7 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             }
         }
     }
-    Plan { speaker: Some(speaker), peers: peers.into_values().collect(), exports: exports(cache, me, &global) }
+    Plan { speaker: Some(speaker), peers: peers.into_values().collect(), exports: exports(cache, me, &global), statics }
 }
 
 /// What this node advertises, with communities from prefixAdvertisements.
@@ -346,7 +360,7 @@ pub struct Runner {
     /// model's every wake costs nothing here.
     pending: bool,
     secrets: Option<PathBuf>,
-    keys: Option<KeySocket>,
+    keys: Option<SocketHooks>,
     plan: Plan,
     applied: Plan,
     speaker: Option<Speaker>,
@@ -355,6 +369,7 @@ pub struct Runner {
     learned: PrefixMap<()>,
     /// Learned routes of a speaker that was replaced: the route manager drops them.
     forgotten: Vec<IpNet>,
+    static_changes: Vec<(IpNet, Option<IpAddr>)>,
     started: Option<Instant>,
     pub errors: Vec<String>,
 }
@@ -367,8 +382,8 @@ const FIB_BATCHES: usize = 64;
 pub const KERNEL_ROUTES_GRACE: Duration = Duration::from_secs(120);
 
 impl Runner {
-    pub fn new(secrets: Option<PathBuf>, keys: Option<KeySocket>) -> Runner {
-        let empty = Plan { speaker: None, peers: vec![], exports: BTreeMap::new() };
+    pub fn new(secrets: Option<PathBuf>, keys: Option<SocketHooks>) -> Runner {
+        let empty = Plan { speaker: None, peers: vec![], exports: BTreeMap::new(), statics: BTreeMap::new() };
         Runner {
             dirty: true,
             pending: true,
@@ -381,6 +396,7 @@ impl Runner {
             fib: None,
             learned: PrefixMap::new(),
             forgotten: Vec::new(),
+            static_changes: Vec::new(),
             started: None,
             errors: Vec::new(),
         }
@@ -447,6 +463,16 @@ impl Runner {
         }
     }
 
+    /// Kernel routes to peers (reachableBy) to add (with their gateway) or remove.
+    pub fn take_static_changes(&mut self) -> Vec<(IpNet, Option<IpAddr>)> {
+        std::mem::take(&mut self.static_changes)
+    }
+
+    /// Whether `dst` is a route to a peer that BGP must not replace.
+    pub fn is_static(&self, dst: &IpNet) -> bool {
+        self.applied.statics.contains_key(dst)
+    }
+
     /// Bring the speaker to the plan: (re)start it if its identity changed, then peers and
     /// exports by difference.
     pub async fn apply(&mut self) {
@@ -454,12 +480,24 @@ impl Runner {
             return;
         }
         self.pending = false;
+        for (dst, gw) in &self.plan.statics {
+            if self.applied.statics.get(dst) != Some(gw) {
+                self.static_changes.push((*dst, Some(*gw)));
+            }
+        }
+        for dst in self.applied.statics.keys() {
+            if !self.plan.statics.contains_key(dst) {
+                self.static_changes.push((*dst, None));
+            }
+        }
+        self.applied.statics = self.plan.statics.clone();
         if self.plan.speaker != self.applied.speaker || (self.plan.speaker.is_some() && self.speaker.is_none()) {
             self.speaker = None;
             self.commands = None;
             self.fib = None;
             self.forgotten.extend(std::mem::take(&mut self.learned).keys());
-            self.applied = Plan { speaker: None, peers: vec![], exports: BTreeMap::new() };
+            let statics = std::mem::take(&mut self.applied.statics);
+            self.applied = Plan { speaker: None, peers: vec![], exports: BTreeMap::new(), statics };
             if let Some(cfg) = self.plan.speaker.clone() {
                 match tasks::start(cfg.clone(), self.keys.clone()).await {
                     Ok(mut s) => {

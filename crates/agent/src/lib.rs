@@ -115,7 +115,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         sweep.clone(),
     );
     if let (true, Some(secrets)) = (routing, config.bgp.clone()) {
-        let keys: gingham_bgp::tasks::KeySocket = Arc::new(gingham_kernel::tcp::set_md5_key);
+        let keys = gingham_bgp::tasks::SocketHooks {
+            md5: Arc::new(gingham_kernel::tcp::set_md5_key),
+            ttl_security: Arc::new(gingham_kernel::tcp::set_ttl_security),
+        };
         model.with_bgp(bgp::Runner::new(Some(secrets), Some(keys)));
     }
     for prefix in [cache::RESOURCES_PREFIX, cache::BLOCKS_PREFIX] {

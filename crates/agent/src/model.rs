@@ -233,6 +233,10 @@ impl Model {
     }
 
     fn learned_one(&mut self, f: gingham_bgp::rib::FibChange) {
+        // A peer's own address routed through its reachableBy gateway stays so.
+        if self.bgp.as_ref().is_some_and(|b| b.is_static(&f.prefix)) {
+            return;
+        }
         let Some(net) = self.net.as_mut() else { return };
         let target = f.next_hops.first().map(|gw| {
             let me = self.calc.node(&self.node).and_then(|n| n.ipv4);
@@ -402,14 +406,22 @@ impl Model {
         if let Some(b) = self.bgp.as_mut() {
             b.apply().await;
             let forgotten = b.take_forgotten();
+            let statics = b.take_static_changes();
             let errors = std::mem::take(&mut b.errors);
             let synced = b.kernel_synced();
             if let Ok(mut slot) = self.metrics.bgp.lock() {
                 *slot = b.commands();
             }
             if let Some(net) = self.net.as_mut() {
-                for dst in forgotten {
+                for dst in forgotten.into_iter().filter(|d| !statics.iter().any(|(s, _)| s == d)) {
                     net.routes.set(BGP_PROTO, dst, None);
+                    self.dirty = true;
+                }
+                // Routes to peers through their reachableBy gateway, as BGP's own.
+                for (dst, gw) in statics {
+                    let target =
+                        gw.map(|g| Target::Via { gateway: g, also: Vec::new(), dev: Dev::Underlay, onlink: false });
+                    net.routes.set(BGP_PROTO, dst, target);
                     self.dirty = true;
                 }
                 if synced {

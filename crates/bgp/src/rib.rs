@@ -24,8 +24,8 @@ pub struct PeerInfo {
     pub local_as: u32,
     /// The peer is a route-reflector client of ours (we reflect its routes to everyone).
     pub rr_client: bool,
-    /// Send our routes with the next hop they have (eBGP only; iBGP always keeps it).
-    pub keep_next_hop: bool,
+    /// Which next hop our routes leave with (Calico's nextHopMode / keepOriginalNextHop).
+    pub next_hop: NextHopMode,
     /// How often our own AS may appear in a path from this peer (Calico's
     /// numAllowedLocalASNumbers; 0: never).
     pub allow_own_as: usize,
@@ -35,6 +35,17 @@ impl PeerInfo {
     pub fn ibgp(&self) -> bool {
         self.local_as == self.remote_as
     }
+}
+
+/// Calico's nextHopMode: `Auto` is BIRD's default under Calico's config (iBGP and reflected
+/// routes keep their next hop, eBGP gets ours), `SelfAddress` ("Self") always gives ours,
+/// `Keep` always keeps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NextHopMode {
+    #[default]
+    Auto,
+    SelfAddress,
+    Keep,
 }
 
 /// Where a path's next hop points when we send it: an address, or this speaker itself (the
@@ -89,13 +100,13 @@ impl Path {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Class {
     ibgp: bool,
-    keep_next_hop: bool,
+    next_hop: NextHopMode,
     local_as: u32,
 }
 
 impl Class {
     fn of(p: &PeerInfo) -> Class {
-        Class { ibgp: p.ibgp(), keep_next_hop: p.keep_next_hop, local_as: p.local_as }
+        Class { ibgp: p.ibgp(), next_hop: p.next_hop, local_as: p.local_as }
     }
 }
 
@@ -766,9 +777,12 @@ fn out_path(p: &Learned, from_ibgp: Option<bool>, to: &PeerInfo, cluster_id: Opt
             a.med = None;
         }
         a.prepend(to.local_as);
-        if !to.keep_next_hop {
+        if to.next_hop != NextHopMode::Keep {
             next_hop = NextHop::Local;
         }
+    }
+    if to.next_hop == NextHopMode::SelfAddress {
+        next_hop = NextHop::Local;
     }
     OutPath { next_hop, attrs: Arc::new(a) }
 }

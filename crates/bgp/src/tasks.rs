@@ -20,11 +20,22 @@ use tokio::task::JoinHandle;
 
 use crate::fsm::{self, Action, Event, Fsm, State, Timer};
 use crate::packet::{Attrs, Codec, Family, Message, MpReach, MpUnreach, Nlri, Update, cease};
-use crate::rib::{Changes, FibChange, NextHop, OutPath, PeerChanges, PeerId, PeerInfo, Rib};
+use crate::rib::{Changes, FibChange, NextHop, NextHopMode, OutPath, PeerChanges, PeerId, PeerInfo, Rib};
 
 /// Sets (or clears, with None) the TCP-MD5 key for a peer on a socket before it listens or
 /// connects. The agent supplies it from crates/kernel: this crate does not touch the kernel.
 pub type KeySocket = Arc<dyn Fn(RawFd, IpAddr, Option<&[u8]>) -> io::Result<()> + Send + Sync>;
+
+/// Turns on TTL security (RFC 5082) on a socket: we send with TTL 255 and take only what
+/// arrives with at least the given TTL. Also from crates/kernel.
+pub type TtlSocket = Arc<dyn Fn(RawFd, u8) -> io::Result<()> + Send + Sync>;
+
+/// What the speaker asks of its sockets beyond plain TCP.
+#[derive(Clone)]
+pub struct SocketHooks {
+    pub md5: KeySocket,
+    pub ttl_security: TtlSocket,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -34,9 +45,12 @@ pub struct PeerConfig {
     pub port: u16,
     pub fsm: fsm::Config,
     pub rr_client: bool,
-    pub keep_next_hop: bool,
+    pub next_hop: NextHopMode,
     pub allow_own_as: usize,
     pub password: Option<String>,
+    /// TTL security (Calico's ttlSecurity, BIRD's `ttl security on; multihop <n>`): the peer
+    /// is at most this many hops away; None: off.
+    pub ttl_security: Option<u8>,
     /// The address we connect from (Calico: the node's address unless `sourceAddress: None`).
     pub source: Option<IpAddr>,
     /// The next hops we give for our own routes when the session's family differs from
@@ -126,7 +140,7 @@ impl Speaker {
 }
 
 /// Bind the listener (if any) now, so errors are the caller's; then run.
-pub async fn start(config: SpeakerConfig, keys: Option<KeySocket>) -> io::Result<Speaker> {
+pub async fn start(config: SpeakerConfig, keys: Option<SocketHooks>) -> io::Result<Speaker> {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (fib_tx, fib_rx) = mpsc::channel(FIB_QUEUE);
     let (int_tx, int_rx) = mpsc::unbounded_channel();
@@ -333,7 +347,7 @@ struct Instance {
     backlog_changes: usize,
     sent: Arc<AtomicUsize>,
     sent_at_yield: usize,
-    keys: Option<KeySocket>,
+    keys: Option<SocketHooks>,
     listener: Option<Arc<TcpListener>>,
 }
 
@@ -345,6 +359,12 @@ fn resets(a: &PeerConfig, b: &PeerConfig) -> bool {
         || a.password != b.password
         || a.source != b.source
         || a.rr_client != b.rr_client
+        || a.ttl_security != b.ttl_security
+}
+
+/// The least TTL a packet from a peer `hops` away arrives with when sent with 255.
+fn min_ttl(hops: u8) -> u8 {
+    (256 - u16::from(hops.max(1))) as u8
 }
 
 impl Instance {
@@ -500,13 +520,13 @@ impl Instance {
                 remote_as: config.fsm.remote_as,
                 local_as: config.fsm.local_as,
                 rr_client: config.rr_client,
-                keep_next_hop: config.keep_next_hop,
+                next_hop: config.next_hop,
                 allow_own_as: config.allow_own_as,
             },
         );
         if let (Some(keys), Some(l)) = (&self.keys, &self.listener) {
             // The listener must know the key before the peer's SYN arrives.
-            let _ = keys(l.as_raw_fd(), config.address, config.password.as_deref().map(str::as_bytes));
+            let _ = (keys.md5)(l.as_raw_fd(), config.address, config.password.as_deref().map(str::as_bytes));
         }
         let main = self.new_slot(&config, true);
         self.by_addr.insert(config.address, id);
@@ -529,7 +549,7 @@ impl Instance {
         if let Some(p) = self.peers.remove(&id) {
             self.by_addr.remove(&p.config.address);
             if let (Some(keys), Some(l)) = (&self.keys, &self.listener) {
-                let _ = keys(l.as_raw_fd(), p.config.address, None);
+                let _ = (keys.md5)(l.as_raw_fd(), p.config.address, None);
             }
         }
         let ch = self.rib.peer_down(id, false);
@@ -617,6 +637,12 @@ impl Instance {
             v4 => v4,
         };
         let Some(id) = self.by_addr.get(&addr).copied() else { return };
+        // TTL security from here on (what a far sender says next is dropped by the kernel).
+        if let (Some(keys), Some(hops)) = (&self.keys, self.peers[&id].config.ttl_security) {
+            if (keys.ttl_security)(stream.as_raw_fd(), min_ttl(hops)).is_err() {
+                return;
+            }
+        }
         let state = self.peers[&id].main.fsm.state();
         match state {
             State::Idle | State::Connect | State::Active => {
@@ -950,6 +976,7 @@ impl Instance {
         let target = SocketAddr::new(p.config.address, p.config.port);
         let source = p.config.source;
         let password = p.config.password.clone();
+        let ttl = p.config.ttl_security;
         let keys = self.keys.clone();
         let tx = self.internal.clone();
         let h = tokio::spawn(async move {
@@ -958,8 +985,11 @@ impl Instance {
                 if let Some(src) = source {
                     sock.bind(SocketAddr::new(src, 0))?;
                 }
-                if let (Some(keys), Some(pw)) = (keys, password) {
-                    keys(sock.as_raw_fd(), target.ip(), Some(pw.as_bytes()))?;
+                if let (Some(keys), Some(pw)) = (&keys, password) {
+                    (keys.md5)(sock.as_raw_fd(), target.ip(), Some(pw.as_bytes()))?;
+                }
+                if let (Some(keys), Some(hops)) = (&keys, ttl) {
+                    (keys.ttl_security)(sock.as_raw_fd(), min_ttl(hops))?;
                 }
                 tokio::time::timeout(Duration::from_secs(5), sock.connect(target))
                     .await

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gingham_bgp::fsm::{Config, State};
 use gingham_bgp::packet::{AsPathSegment, Attrs, SegmentKind};
 use gingham_bgp::rib::FibChange;
-use gingham_bgp::tasks::{self, Command as Cmd, KeySocket, PeerConfig, Speaker, SpeakerConfig};
+use gingham_bgp::tasks::{self, Command as Cmd, PeerConfig, SocketHooks, Speaker, SpeakerConfig};
 use ipnet::IpNet;
 
 const AS: u32 = 64512;
@@ -194,9 +194,10 @@ fn peer(name: &str, address: &str, remote_as: u32) -> PeerConfig {
         port: 179,
         fsm,
         rr_client: false,
-        keep_next_hop: false,
+        next_hop: gingham_bgp::rib::NextHopMode::Auto,
         allow_own_as: 0,
         password: None,
+        ttl_security: None,
         source: Some("10.255.0.2".parse().unwrap()),
         next_hop_v4: Some(Ipv4Addr::new(10, 255, 0, 2)),
         next_hop_v6: Some("fd00:255::2".parse().unwrap()),
@@ -205,7 +206,10 @@ fn peer(name: &str, address: &str, remote_as: u32) -> PeerConfig {
 
 async fn speaker(cluster_id: Option<Ipv4Addr>) -> Speaker {
     FIB.with(|f| f.borrow_mut().clear());
-    let keys: KeySocket = Arc::new(|fd, peer, key| gingham_kernel::tcp::set_md5_key(fd, peer, key));
+    let keys = SocketHooks {
+        md5: Arc::new(|fd, peer, key| gingham_kernel::tcp::set_md5_key(fd, peer, key)),
+        ttl_security: Arc::new(gingham_kernel::tcp::set_ttl_security),
+    };
     tasks::start(
         SpeakerConfig {
             asn: AS,
@@ -411,6 +415,31 @@ fn md5_passwords_must_match() {
         p.password = Some("s3cret".into());
         s.commands.send(Cmd::SetPeers(vec![p])).unwrap();
         established(&s, "Global_10_255_0_1").await;
+    });
+}
+
+/// BIRD with `ttl security on` takes only packets sent with TTL 255: with TTL security on our
+/// side (Calico's ttlSecurity) the session comes up; turned off, it cannot come up again.
+#[test]
+fn ttl_security_as_bird_checks_it() {
+    let ns = Ns::new("ttl");
+    ns.run(|| async {
+        let bird = Bird::start("10.255.0.1", &bird_peer(AS, "ttl security on;"));
+        let s = speaker(None).await;
+        let mut p = peer("Global_10_255_0_1", "10.255.0.1", AS);
+        p.ttl_security = Some(1);
+        s.commands.send(Cmd::SetPeers(vec![p.clone()])).unwrap();
+        established(&s, "Global_10_255_0_1").await;
+        bird.until("show protocols gingham", |o| o.contains("Established")).await;
+        // Off: the session restarts (its Cease still leaves with TTL 255) and BIRD drops what
+        // the new connection sends. (Our OPEN may get through before BIRD sets its minimum
+        // TTL on the accepted socket; our KEEPALIVE does not: BIRD stays short of Established.)
+        p.ttl_security = None;
+        s.commands.send(Cmd::SetPeers(vec![p])).unwrap();
+        bird.until("show protocols gingham", |o| !o.contains("Established")).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let st = bird.cli("show protocols gingham");
+        assert!(!st.contains("Established"), "BIRD took TTL-64 packets:\n{st}");
     });
 }
 

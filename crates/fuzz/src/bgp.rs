@@ -66,7 +66,7 @@ pub fn check(input: &[u8]) {
             remote_as: 64512,
             local_as: 64512,
             rr_client: true,
-            keep_next_hop: false,
+            next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 0,
         },
     );
@@ -77,7 +77,7 @@ pub fn check(input: &[u8]) {
             remote_as: 65000,
             local_as: 64512,
             rr_client: false,
-            keep_next_hop: false,
+            next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 1,
         },
     );

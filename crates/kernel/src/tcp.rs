@@ -107,3 +107,36 @@ mod tests {
         assert!(set_md5_key(l.as_raw_fd(), "::1".parse().unwrap(), Some(b"k")).is_err());
     }
 }
+
+/// TTL security (RFC 5082) on `fd`: send with TTL (hop limit) 255, drop what arrives with
+/// less than `min_ttl`.
+pub fn set_ttl_security(fd: RawFd, min_ttl: u8) -> io::Result<()> {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: an int option, its address and size; the value outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    };
+    match socket_family(fd)? {
+        libc::AF_INET => {
+            set(libc::IPPROTO_IP, libc::IP_TTL, 255)?;
+            set(libc::IPPROTO_IP, libc::IP_MINTTL, min_ttl.into())
+        }
+        libc::AF_INET6 => {
+            // A dual-stack socket carries IPv4 peers too: both families' options.
+            set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, 255)?;
+            set(libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT, min_ttl.into())?;
+            let _ = set(libc::IPPROTO_IP, libc::IP_TTL, 255);
+            let _ = set(libc::IPPROTO_IP, libc::IP_MINTTL, min_ttl.into());
+            Ok(())
+        }
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket")),
+    }
+}

@@ -90,7 +90,7 @@ fn explicit_peers_are_named_as_bird_names_them() {
         "bgppeers",
         "BGPPeer",
         "rack-b",
-        json!({"nodeSelector": "rack == 'b'", "peerIP": "10.0.0.252", "asNumber": 65003}),
+        json!({"nodeSelector": "rack == 'b'", "peerIP": "10.0.0.252", "asNumber": 65003, "nextHopMode": "Self", "reachableBy": "10.0.0.1"}),
     );
     let p = plan(&c, "n1", None);
     assert_eq!(
@@ -100,8 +100,16 @@ fn explicit_peers_are_named_as_bird_names_them() {
             ("Global_10_0_0_254_port_1790".into(), false, false, 65001)
         ]
     );
-    assert!(p.peers[0].keep_next_hop);
+    assert_eq!(p.peers[0].next_hop, gingham_bgp::rib::NextHopMode::Keep);
     assert_eq!(p.peers[1].port, 1790);
+    // A node of rack b gets that rack's peer, next hop Self.
+    node(&mut c, "n2", "10.0.0.2", json!({"rack": "b"}), json!({}));
+    let p = plan(&c, "n2", None);
+    let rack_b = p.peers.iter().find(|p| p.name == "Node_10_0_0_252").expect("rack b's peer");
+    assert_eq!(rack_b.next_hop, gingham_bgp::rib::NextHopMode::SelfAddress);
+    // reachableBy: a kernel route to the peer through that gateway, on the nodes that peer.
+    assert_eq!(p.statics, [("10.0.0.252/32".parse().unwrap(), "10.0.0.1".parse().unwrap())].into());
+    assert!(plan(&c, "n1", None).statics.is_empty());
 }
 
 /// ../shared/examples/seeds/bgppeer-rr-mode1.yaml on four nodes: r1 and r2 reflect (cluster

@@ -16,7 +16,7 @@ fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 fn peer(n: u8, remote_as: u32, rr_client: bool) -> PeerInfo {
-    PeerInfo { address: ip(n), remote_as, local_as: AS, rr_client, keep_next_hop: false, allow_own_as: 0 }
+    PeerInfo { address: ip(n), remote_as, local_as: AS, rr_client, next_hop: NextHopMode::Auto, allow_own_as: 0 }
 }
 fn path(asns: &[u32]) -> Attrs {
     Attrs {
@@ -247,4 +247,24 @@ fn what_each_peer_sent_and_has_is_counted_and_listed() {
     r.peer_down(2, false);
     assert_eq!(r.counts(1), (1, 0));
     assert!(r.received(2).is_empty() && r.advertised(2).is_empty());
+}
+
+#[test]
+fn next_hop_modes_choose_whose_address_a_route_leaves_with() {
+    // Peers 2 (iBGP client) and 3 (eBGP) of a reflector get peer 1's route.
+    let mut r = Rib::new(AS, rid(100), Some(rid(100)));
+    let modes = [(1, AS, NextHopMode::Auto), (2, AS, NextHopMode::SelfAddress), (3, 65003, NextHopMode::Keep)];
+    for (n, asn, mode) in modes {
+        r.set_peer(n, PeerInfo { next_hop: mode, rr_client: true, ..peer(n as u8, asn, true) });
+        r.peer_up(n, all(), BTreeSet::new());
+    }
+    let ch = r.update(1, rid(1), &announce("10.0.1.0/26", 1, path(&[])));
+    let out = |id: u32| ch.peers[&id].announce[0].1.next_hop;
+    assert_eq!(out(2), NextHop::Local, "Self: ours, even to an iBGP peer");
+    assert_eq!(out(3), NextHop::Address(ip(1)), "Keep: the original, even over eBGP");
+    // Auto: eBGP gets ours (peer 4, no mode), iBGP keeps the original (shown above in
+    // a_route_reflector_reflects_with_originator_and_cluster).
+    r.set_peer(4, peer(4, 65004, false));
+    let ch = r.peer_up(4, all(), BTreeSet::new());
+    assert_eq!(ch.peers[&4].announce[0].1.next_hop, NextHop::Local);
 }
