@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gingham_api::network::{BGPConfigurationSpec, NodeBGPSpec, Password, parse_peer_ip};
@@ -34,6 +35,57 @@ pub struct Plan {
     /// Kernel routes to peers through a given gateway (BGPPeer reachableBy: Calico renders
     /// `route <peer>/32 via <gateway>`, so the session never depends on routes it carries).
     pub statics: BTreeMap<IpNet, IpAddr>,
+}
+
+/// The BGPFilters a peer names, in order, as the speaker applies them (a name with no
+/// BGPFilter behind it adds nothing, as in Calico's rendering).
+fn filters(cache: &Cache, names: &[String]) -> gingham_bgp::filter::Filters {
+    use gingham_bgp::filter::{Filters, Match, Rule};
+    let rules = |list: &Option<Vec<gingham_api::network::BGPFilterRule>>, v6: bool| -> Vec<Rule> {
+        let max = if v6 { 128 } else { 32 };
+        list.iter()
+            .flatten()
+            .filter_map(|r| {
+                let net = r.cidr.as_deref().and_then(|c| c.parse::<IpNet>().ok());
+                let len = |v: Option<i64>, d: u8| v.and_then(|v| u8::try_from(v).ok()).unwrap_or(d).min(max);
+                let (min, top) = match (&net, &r.prefix_length) {
+                    (Some(n), Some(p)) => (len(p.min, n.prefix_len()), len(p.max, max)),
+                    (Some(n), None) => (n.prefix_len(), max),
+                    _ => (0, max),
+                };
+                let prefix = net.and_then(|net| match r.match_operator.as_deref() {
+                    Some("Equal") => Some(Match::Equal(net)),
+                    Some("NotEqual") => Some(Match::NotEqual(net)),
+                    Some("In") => Some(Match::In { net, min, max: top }),
+                    Some("NotIn") => Some(Match::NotIn { net, min, max: top }),
+                    _ => None,
+                });
+                // A rule the stored data does not make clear (another writer's bad CIDR or
+                // action) matches nothing rather than everything.
+                let understood = (r.cidr.is_none() && r.match_operator.is_none()) || prefix.is_some();
+                let accept = match r.action.as_str() {
+                    "Accept" => true,
+                    "Reject" => false,
+                    _ => return None,
+                };
+                understood.then(|| Rule {
+                    accept,
+                    v6,
+                    prefix,
+                    remote_only: r.source.as_deref() == Some("RemotePeers"),
+                    interface: r.interface.clone(),
+                })
+            })
+            .collect()
+    };
+    let mut out = Filters::default();
+    for f in names.iter().filter_map(|n| cache.bgp_filters.get(n)) {
+        out.import.extend(rules(&f.import_v4, false));
+        out.import.extend(rules(&f.import_v6, true));
+        out.export.extend(rules(&f.export_v4, false));
+        out.export.extend(rules(&f.export_v6, true));
+    }
+    out
 }
 
 /// A node's BGP identity as its Node resource gives it.
@@ -177,6 +229,7 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
             rr_client: false,
             next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 0,
+            filters: Default::default(),
             password: None,
             ttl_security: None,
             source: Some(match address {
@@ -275,6 +328,7 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
                 _ => NextHopMode::Auto,
             };
             p.allow_own_as = spec.num_allowed_local_as_numbers.unwrap_or(0).clamp(0, 10) as usize;
+            p.filters = Arc::new(filters(cache, spec.filters.as_deref().unwrap_or_default()));
             // Calico renders `ttl security on; multihop <ttlSecurity>`; 0 is off.
             p.ttl_security = spec.ttl_security.filter(|t| (1..=255).contains(t)).map(|t| t as u8);
             p.password = password(&spec.password, secrets);

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use gingham_api::Kind;
-use gingham_api::network::{BGPConfigurationSpec, BGPPeerSpec, NodeSpec};
+use gingham_api::network::{BGPConfigurationSpec, BGPFilterSpec, BGPPeerSpec, NodeSpec};
 use gingham_ipam::block::AllocationBlock;
 use gingham_ipam::pools::Pool;
 use gingham_store::{Event, KeyValue};
@@ -232,6 +232,7 @@ pub enum Change {
     Endpoint(EndpointKey),
     BgpConfig(String),
     BgpPeer(String),
+    BgpFilter(String),
 }
 
 #[derive(Deserialize)]
@@ -275,6 +276,7 @@ enum Item {
     Endpoint(String),
     BgpConfig(String),
     BgpPeer(String),
+    BgpFilter(String),
     Block(IpNet),
     Other,
 }
@@ -288,6 +290,7 @@ fn classify(key: &str) -> Item {
             p if p == Kind::WorkloadEndpoint.plural() => Item::Endpoint(name.into()),
             p if p == Kind::BGPConfiguration.plural() => Item::BgpConfig(name.into()),
             p if p == Kind::BGPPeer.plural() => Item::BgpPeer(name.into()),
+            p if p == Kind::BGPFilter.plural() => Item::BgpFilter(name.into()),
             _ => Item::Other,
         };
     }
@@ -318,6 +321,7 @@ pub struct Cache {
     pub endpoints: Endpoints,
     pub bgp_configs: BTreeMap<String, BGPConfigurationSpec>,
     pub bgp_peers: BTreeMap<String, BGPPeerSpec>,
+    pub bgp_filters: BTreeMap<String, BGPFilterSpec>,
     /// Keys whose stored value did not decode, with the error (logged once).
     pub bad: HashMap<String, String>,
     pub decode_errors: u64,
@@ -338,6 +342,7 @@ impl Cache {
             endpoints: Endpoints::default(),
             bgp_configs: BTreeMap::new(),
             bgp_peers: BTreeMap::new(),
+            bgp_filters: BTreeMap::new(),
             bad: HashMap::new(),
             decode_errors: 0,
             listing: HashMap::new(),
@@ -387,6 +392,7 @@ impl Cache {
             Item::Block(c) => self.blocks.remove(&c).map(|_| Change::Block(c)),
             Item::BgpConfig(n) => self.bgp_configs.remove(&n).map(|_| Change::BgpConfig(n)),
             Item::BgpPeer(n) => self.bgp_peers.remove(&n).map(|_| Change::BgpPeer(n)),
+            Item::BgpFilter(n) => self.bgp_filters.remove(&n).map(|_| Change::BgpFilter(n)),
             Item::Other => None,
         }
     }
@@ -429,6 +435,12 @@ impl Cache {
                 (self.bgp_peers.get(n) != Some(&c)).then(|| {
                     self.bgp_peers.insert(n.clone(), c);
                     Change::BgpPeer(n.clone())
+                })
+            }),
+            Item::BgpFilter(n) => decode_spec(kv).map(|c: BGPFilterSpec| {
+                (self.bgp_filters.get(n) != Some(&c)).then(|| {
+                    self.bgp_filters.insert(n.clone(), c);
+                    Change::BgpFilter(n.clone())
                 })
             }),
             Item::Other => return None,
@@ -566,6 +578,7 @@ impl Cache {
             out.extend(self.nodes.keys().map(|n| Kind::Node.key(None, n)));
             out.extend(self.bgp_configs.keys().map(|n| Kind::BGPConfiguration.key(None, n)));
             out.extend(self.bgp_peers.keys().map(|n| Kind::BGPPeer.key(None, n)));
+            out.extend(self.bgp_filters.keys().map(|n| Kind::BGPFilter.key(None, n)));
         }
         if BLOCKS_PREFIX.starts_with(prefix) || prefix.starts_with(BLOCKS_PREFIX) {
             out.extend(self.blocks.keys().map(gingham_ipam::model::block_key));

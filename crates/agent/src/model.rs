@@ -355,7 +355,7 @@ impl Model {
                         });
                         self.calc.set_block(cidr, info)
                     }
-                    Change::BgpConfig(_) | Change::BgpPeer(_) => {
+                    Change::BgpConfig(_) | Change::BgpPeer(_) | Change::BgpFilter(_) => {
                         if let Some(b) = self.bgp.as_mut() {
                             b.dirty = true;
                         }

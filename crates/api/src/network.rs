@@ -445,6 +445,97 @@ impl Spec for BGPPeerSpec {
     }
 }
 
+/// BGPFilter: import and export rules per family, referred to by BGPPeer `filters`. The first
+/// rule that matches decides; a route no rule matches is accepted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPFilterSpec {
+    #[serde(rename = "exportV4")]
+    pub export_v4: Option<Vec<BGPFilterRule>>,
+    #[serde(rename = "importV4")]
+    pub import_v4: Option<Vec<BGPFilterRule>>,
+    #[serde(rename = "exportV6")]
+    pub export_v6: Option<Vec<BGPFilterRule>>,
+    #[serde(rename = "importV6")]
+    pub import_v6: Option<Vec<BGPFilterRule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPFilterRule {
+    pub action: String,
+    pub match_operator: Option<String>,
+    pub cidr: Option<String>,
+    pub prefix_length: Option<BGPFilterPrefixLength>,
+    pub source: Option<String>,
+    pub interface: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BGPFilterPrefixLength {
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+}
+
+impl Spec for BGPFilterSpec {
+    fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
+        let lists = [
+            (&self.export_v4, "exportV4", false),
+            (&self.import_v4, "importV4", false),
+            (&self.export_v6, "exportV6", true),
+            (&self.import_v6, "importV6", true),
+        ];
+        for (rules, field, v6) in lists {
+            for (i, r) in rules.iter().flatten().enumerate() {
+                let path = format!("spec.{field}[{i}]");
+                check_enum(&r.action, &["Accept", "Reject"], &format!("{path}.action"), e);
+                if let Some(op) = &r.match_operator {
+                    check_enum(op, &["Equal", "NotEqual", "In", "NotIn"], &format!("{path}.matchOperator"), e);
+                }
+                if r.cidr.is_some() != r.match_operator.is_some() {
+                    e.push(FieldError::new(&path, "cidr and matchOperator go together"));
+                }
+                let max_len: i64 = if v6 { 128 } else { 32 };
+                if let Some(c) = &r.cidr {
+                    if let Some(net) = check_cidr(c, &format!("{path}.cidr"), e) {
+                        if net.addr().is_ipv6() != v6 {
+                            e.push(FieldError::new(
+                                format!("{path}.cidr"),
+                                format!("{c} is not an {} CIDR", if v6 { "IPv6" } else { "IPv4" }),
+                            ));
+                        }
+                    }
+                }
+                if let Some(p) = &r.prefix_length {
+                    if r.cidr.is_none() {
+                        e.push(FieldError::new(format!("{path}.prefixLength"), "needs a cidr"));
+                    }
+                    for (v, f) in [(p.min, "min"), (p.max, "max")] {
+                        if let Some(v) = v.filter(|v| !(0..=max_len).contains(v)) {
+                            e.push(FieldError::new(
+                                format!("{path}.prefixLength.{f}"),
+                                format!("{v} is outside 0..{max_len}"),
+                            ));
+                        }
+                    }
+                    if let (Some(a), Some(b)) = (p.min, p.max) {
+                        if a > b {
+                            e.push(FieldError::new(
+                                format!("{path}.prefixLength"),
+                                format!("min {a} is above max {b}"),
+                            ));
+                        }
+                    }
+                }
+                if let Some(s) = &r.source {
+                    check_enum(s, &["RemotePeers"], &format!("{path}.source"), e);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeBGPSpec {

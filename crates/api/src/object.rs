@@ -20,6 +20,7 @@ pub enum Kind {
     IPAMConfiguration,
     BGPConfiguration,
     BGPPeer,
+    BGPFilter,
     Node,
     WorkloadEndpoint,
     HostEndpoint,
@@ -52,11 +53,12 @@ struct KindInfo {
 const CALICO: &str = "projectcalico.org";
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::IPPool,
         Kind::IPAMConfiguration,
         Kind::BGPConfiguration,
         Kind::BGPPeer,
+        Kind::BGPFilter,
         Kind::Node,
         Kind::WorkloadEndpoint,
         Kind::HostEndpoint,
@@ -101,6 +103,7 @@ impl Kind {
             Kind::BGPPeer => {
                 calico("BGPPeer", "bgppeers", false, &["bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps"])
             }
+            Kind::BGPFilter => calico("BGPFilter", "bgpfilters", false, &["bgpfilter", "bgpfilters"]),
             Kind::Node => calico("Node", "nodes", false, &["node", "nodes", "no", "nos"]),
             Kind::WorkloadEndpoint => calico(
                 "WorkloadEndpoint",
@@ -238,6 +241,7 @@ impl Kind {
             Kind::IPAMConfiguration => typed::<network::IPAMConfigSpec>(object),
             Kind::BGPConfiguration => typed::<network::BGPConfigurationSpec>(object),
             Kind::BGPPeer => typed::<network::BGPPeerSpec>(object),
+            Kind::BGPFilter => typed::<network::BGPFilterSpec>(object),
             Kind::Node => typed::<network::NodeSpec>(object),
             Kind::FelixConfiguration => typed::<network::FelixConfigurationSpec>(object),
             Kind::ClusterInformation => typed::<network::ClusterInformationSpec>(object),

@@ -100,6 +100,32 @@ fn bgp_kinds() {
         &calico("BGPPeer", "p", "  peerSelector: all()\n  keepaliveTime: soon"),
         "spec.keepaliveTime: \"soon\" is not a duration",
     );
+    // BGPFilter as Calico's documentation shows it, and its mistakes by field.
+    accepts(&calico(
+        "BGPFilter",
+        "my-filter",
+        "  exportV4:\n  - action: Accept\n    matchOperator: In\n    cidr: 77.0.0.0/16\n    source: RemotePeers\n  - action: Reject\n    interface: '*.calico'\n  importV4:\n  - action: Accept\n    matchOperator: In\n    cidr: 55.0.0.0/16\n    prefixLength:\n      min: 30\n  importV6:\n  - action: Accept\n    matchOperator: Equal\n    cidr: 5000::0/64\n  - action: Reject",
+    ));
+    rejects(
+        &calico("BGPFilter", "f", "  exportV4:\n  - action: Drop"),
+        "spec.exportV4[0].action: \"Drop\" is not one of",
+    );
+    rejects(
+        &calico("BGPFilter", "f", "  importV4:\n  - action: Reject\n    matchOperator: In\n    cidr: fd00::/64"),
+        "spec.importV4[0].cidr: fd00::/64 is not an IPv4 CIDR",
+    );
+    rejects(
+        &calico("BGPFilter", "f", "  importV6:\n  - action: Reject\n    cidr: fd00::/64"),
+        "spec.importV6[0]: cidr and matchOperator go together",
+    );
+    rejects(
+        &calico(
+            "BGPFilter",
+            "f",
+            "  exportV4:\n  - action: Reject\n    matchOperator: In\n    cidr: 10.0.0.0/8\n    prefixLength:\n      min: 40",
+        ),
+        "spec.exportV4[0].prefixLength.min: 40 is outside 0..32",
+    );
     accepts(&calico("BGPConfiguration", "node.n1", "  asNumber: '1.10'\n  listenPort: 1179"));
     rejects(&calico("BGPConfiguration", "mine", "  asNumber: 1"), "metadata.name: \"mine\": BGPConfiguration is named");
     rejects(

@@ -185,6 +185,7 @@ fn gingham(n: usize) -> Row {
                     rr_client: false,
                     next_hop: gingham_bgp::rib::NextHopMode::Auto,
                     allow_own_as: 0,
+                    filters: Default::default(),
                     password: None,
                     ttl_security: None,
                     source: None,

@@ -213,6 +213,7 @@ fn gingham(n: usize) -> Row {
                         rr_client: true,
                         next_hop: gingham_bgp::rib::NextHopMode::Auto,
                         allow_own_as: 0,
+                        filters: Default::default(),
                         password: None,
                         ttl_security: None,
                         source: None,

@@ -5,6 +5,7 @@
 //! selection with route reflection. Nothing here touches the kernel or the datastore: peer
 //! configurations and local routes come in, route updates go out as values.
 
+pub mod filter;
 pub mod fsm;
 pub mod packet;
 pub mod rib;

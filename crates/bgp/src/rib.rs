@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use gingham_prefixmap::PrefixMap;
 use ipnet::IpNet;
 
+use crate::filter::Filters;
 use crate::packet::{Attrs, Family, Nlri, Update};
 
 /// A peer, as the RIB knows it. `Local` paths (our own blocks and addresses) have no peer.
@@ -29,6 +30,8 @@ pub struct PeerInfo {
     /// How often our own AS may appear in a path from this peer (Calico's
     /// numAllowedLocalASNumbers; 0: never).
     pub allow_own_as: usize,
+    /// What may come in from the peer and go out to it (BGPFilter).
+    pub filters: Arc<Filters>,
 }
 
 impl PeerInfo {
@@ -497,7 +500,8 @@ impl Rib {
         // One shared record per next hop (the IPv4 field's and MP_REACH's may differ).
         let mut groups: Vec<(IpAddr, Arc<Learned>)> = Vec::new();
         for (n, nh) in u.announced() {
-            match (reject, &attrs, nh) {
+            let refused = !info.filters.imports(&n.prefix);
+            match (reject || refused, &attrs, nh) {
                 (false, Some(a), Some(nh)) => {
                     let learned = match groups.iter().find(|(h, _)| *h == nh) {
                         Some((_, l)) => l.clone(),
@@ -735,7 +739,9 @@ impl Rib {
             if !(std::ptr::eq(p, best) || (add_path && self.equal_cost(best, p))) {
                 continue;
             }
-            if !self.may_send(p.source(), &out.info, id) {
+            if !self.may_send(p.source(), &out.info, id)
+                || !out.info.filters.exports(prefix, p.source() != Source::Local)
+            {
                 continue;
             }
             let from_ibgp = self.peer_info(p.source()).map(|f| f.ibgp());

@@ -47,6 +47,8 @@ pub struct PeerConfig {
     pub rr_client: bool,
     pub next_hop: NextHopMode,
     pub allow_own_as: usize,
+    /// What may come in and go out (Calico's BGPFilter); a change resets the session.
+    pub filters: Arc<crate::filter::Filters>,
     pub password: Option<String>,
     /// TTL security (Calico's ttlSecurity, BIRD's `ttl security on; multihop <n>`): the peer
     /// is at most this many hops away; None: off.
@@ -360,6 +362,10 @@ fn resets(a: &PeerConfig, b: &PeerConfig) -> bool {
         || a.source != b.source
         || a.rr_client != b.rr_client
         || a.ttl_security != b.ttl_security
+        || a.filters != b.filters
+        // What the RIB applies to the session's routes.
+        || a.next_hop != b.next_hop
+        || a.allow_own_as != b.allow_own_as
 }
 
 /// The least TTL a packet from a peer `hops` away arrives with when sent with 255.
@@ -522,6 +528,7 @@ impl Instance {
                 rr_client: config.rr_client,
                 next_hop: config.next_hop,
                 allow_own_as: config.allow_own_as,
+                filters: config.filters.clone(),
             },
         );
         if let (Some(keys), Some(l)) = (&self.keys, &self.listener) {

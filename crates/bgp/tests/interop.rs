@@ -196,6 +196,7 @@ fn peer(name: &str, address: &str, remote_as: u32) -> PeerConfig {
         rr_client: false,
         next_hop: gingham_bgp::rib::NextHopMode::Auto,
         allow_own_as: 0,
+        filters: Default::default(),
         password: None,
         ttl_security: None,
         source: Some("10.255.0.2".parse().unwrap()),
@@ -343,6 +344,44 @@ protocol bgp gingham {{
 }}
 "#
     )
+}
+
+/// A BGPFilter on the session: one of BIRD's two routes is refused on the way in, one of our
+/// two blocks is held back on the way out.
+#[test]
+fn filters_decide_what_comes_in_and_goes_out() {
+    use gingham_bgp::filter::{Filters, Match, Rule};
+    let ns = Ns::new("filter");
+    ns.run(|| async {
+        let conf = bird_peer(AS, "").replace(
+            "protocol static s4 { ipv4; route 10.20.0.0/26 blackhole; }",
+            "protocol static s4 { ipv4; route 10.20.0.0/26 blackhole; route 10.30.0.0/26 blackhole; }",
+        );
+        let bird = Bird::start("10.255.0.1", &conf);
+        let mut s = speaker(None).await;
+        let mut p = peer("Global_10_255_0_1", "10.255.0.1", AS);
+        let rule =
+            |accept, prefix| Rule { accept, v6: false, prefix: Some(prefix), remote_only: false, interface: None };
+        p.filters = Arc::new(Filters {
+            import: vec![rule(false, Match::In { net: net("10.20.0.0/16"), min: 16, max: 32 })],
+            export: vec![rule(false, Match::Equal(net("10.11.0.0/26")))],
+        });
+        s.commands.send(Cmd::SetPeers(vec![p])).unwrap();
+        s.commands.send(Cmd::Originate(net("10.10.0.0/26"), attrs())).unwrap();
+        s.commands.send(Cmd::Originate(net("10.11.0.0/26"), attrs())).unwrap();
+        established(&s, "Global_10_255_0_1").await;
+        // In: 10.30 is taken, 10.20 never (BIRD sent both in its first UPDATEs, before 10.30's
+        // forwarding change reached us, so by then 10.20 would have come too).
+        fib_until(&mut s, "10.30.0.0/26", |h| !h.is_empty()).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.commands.send(Cmd::Routes(tx)).unwrap();
+        let all: Vec<IpNet> = rx.await.unwrap().into_iter().map(|r| r.0).collect();
+        assert!(all.contains(&net("10.30.0.0/26")) && !all.contains(&net("10.20.0.0/26")), "{all:?}");
+        // Out: BIRD gets 10.10, not 10.11.
+        bird.until("show route 10.10.0.0/26", |o| o.contains("10.10.0.0/26")).await;
+        let r = bird.cli("show route 10.11.0.0/26");
+        assert!(!r.contains("10.11.0.0/26"), "{r}");
+    });
 }
 
 #[test]

@@ -126,6 +126,7 @@ fn peer(name: &str, address: Ipv4Addr, asn: u32) -> PeerConfig {
         rr_client: false,
         next_hop: gingham_bgp::rib::NextHopMode::Auto,
         allow_own_as: 0,
+        filters: Default::default(),
         password: None,
         ttl_security: None,
         source: None,

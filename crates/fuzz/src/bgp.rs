@@ -68,6 +68,7 @@ pub fn check(input: &[u8]) {
             rr_client: true,
             next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 0,
+            filters: Default::default(),
         },
     );
     rib.set_peer(
@@ -79,6 +80,7 @@ pub fn check(input: &[u8]) {
             rr_client: false,
             next_hop: gingham_bgp::rib::NextHopMode::Auto,
             allow_own_as: 1,
+            filters: Default::default(),
         },
     );
     rib.peer_up(2, Family::ALL.into_iter().collect(), Family::ALL.into_iter().collect());

@@ -90,7 +90,8 @@ fn explicit_peers_are_named_as_bird_names_them() {
         "bgppeers",
         "BGPPeer",
         "rack-b",
-        json!({"nodeSelector": "rack == 'b'", "peerIP": "10.0.0.252", "asNumber": 65003, "nextHopMode": "Self", "reachableBy": "10.0.0.1"}),
+        json!({"nodeSelector": "rack == 'b'", "peerIP": "10.0.0.252", "asNumber": 65003, "nextHopMode": "Self", "reachableBy": "10.0.0.1",
+               "filters": ["edge", "missing"]}),
     );
     let p = plan(&c, "n1", None);
     assert_eq!(
@@ -104,9 +105,34 @@ fn explicit_peers_are_named_as_bird_names_them() {
     assert_eq!(p.peers[1].port, 1790);
     // A node of rack b gets that rack's peer, next hop Self.
     node(&mut c, "n2", "10.0.0.2", json!({"rack": "b"}), json!({}));
+    resource(
+        &mut c,
+        "bgpfilters",
+        "BGPFilter",
+        "edge",
+        json!({"exportV4": [{"action": "Reject", "matchOperator": "In", "cidr": "10.65.0.0/16", "prefixLength": {"min": 26}},
+                            {"action": "Reject", "matchOperator": "Equal", "cidr": "not-a-cidr"}],
+               "importV6": [{"action": "Reject"}]}),
+    );
     let p = plan(&c, "n2", None);
     let rack_b = p.peers.iter().find(|p| p.name == "Node_10_0_0_252").expect("rack b's peer");
     assert_eq!(rack_b.next_hop, gingham_bgp::rib::NextHopMode::SelfAddress);
+    // Its filters: the rules of `edge` ("missing" names nothing; the rule with a CIDR that
+    // is not one matches nothing, so it is left out).
+    use gingham_bgp::filter::{Match, Rule};
+    let f = &rack_b.filters;
+    assert_eq!(
+        f.export,
+        vec![Rule {
+            accept: false,
+            v6: false,
+            prefix: Some(Match::In { net: "10.65.0.0/16".parse().unwrap(), min: 26, max: 32 }),
+            remote_only: false,
+            interface: None
+        }]
+    );
+    assert_eq!(f.import, vec![Rule { accept: false, v6: true, prefix: None, remote_only: false, interface: None }]);
+    assert!(!f.exports(&"10.65.3.0/26".parse().unwrap(), false) && f.exports(&"10.65.0.0/24".parse().unwrap(), false));
     // reachableBy: a kernel route to the peer through that gateway, on the nodes that peer.
     assert_eq!(p.statics, [("10.0.0.252/32".parse().unwrap(), "10.0.0.1".parse().unwrap())].into());
     assert!(plan(&c, "n1", None).statics.is_empty());

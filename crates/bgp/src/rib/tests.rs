@@ -16,7 +16,15 @@ fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 fn peer(n: u8, remote_as: u32, rr_client: bool) -> PeerInfo {
-    PeerInfo { address: ip(n), remote_as, local_as: AS, rr_client, next_hop: NextHopMode::Auto, allow_own_as: 0 }
+    PeerInfo {
+        address: ip(n),
+        remote_as,
+        local_as: AS,
+        rr_client,
+        next_hop: NextHopMode::Auto,
+        allow_own_as: 0,
+        filters: Default::default(),
+    }
 }
 fn path(asns: &[u32]) -> Attrs {
     Attrs {
