@@ -180,6 +180,10 @@ enum LabCommand {
         /// (rr2: --nodes 6).
         #[arg(long)]
         bgp_topology: Option<String>,
+        /// An FRR router on the underlay (10.99.0.253, AS 65100) that every node peers with
+        /// over eBGP, as a top-of-rack switch.
+        #[arg(long)]
+        tor: bool,
         #[arg(long, short)]
         quiet: bool,
     },
@@ -508,7 +512,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
     use gingham_lab as l;
     let exe = std::env::current_exe()?;
     match command {
-        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, quiet } => {
+        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, quiet } => {
             let etcd = match datastore.as_str() {
                 "embedded" => false,
                 "etcd" => true,
@@ -522,6 +526,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 etcd,
                 quiet,
                 bgp_topology: bgp_topology.as_deref().map(l::BgpTopology::parse).transpose()?,
+                tor,
             };
             if !quiet {
                 eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());

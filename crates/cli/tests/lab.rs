@@ -510,6 +510,52 @@ fn route_reflectors_as_in_the_seeds_setup_1() {
     assert!(received.iter().all(|l| l.ends_with(": 3")) && advertised.iter().all(|l| l.ends_with(": 1")), "{out}");
 }
 
+/// `--tor`: an FRR router on the underlay; every node peers with it over eBGP and gives it
+/// its block, while pod traffic keeps the mesh's direct routes.
+#[test]
+fn a_tor_router_peers_with_every_node() {
+    let lab = Lab::up(&["--encap", "none", "--nodes", "3", "--pods-per-node", "1", "--tor"]);
+    let check = lab.check();
+    assert!(check.contains("all 6 pod pairs: ping ok, tcp ok"), "{check}");
+    for node in ["node-1", "node-2", "node-3"] {
+        let s = sessions(&lab, node);
+        assert_eq!(s.get("10.99.0.253").map(String::as_str), Some("Established"), "{node}: {s:?}");
+    }
+    let vty = std::path::PathBuf::from(format!("/run/gingham-lab-tor-{}", lab.prefix));
+    let tor = |cmd: &str| {
+        let out = Command::new("vtysh").arg("--vty_socket").arg(&vty).args(["-c", cmd]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The nodes' blocks, through every node: as BIRD under Calico's export filter, a node
+    // passes on to an eBGP peer what it learned from the mesh, with itself as next hop
+    // (keepOriginalNextHop would send the owner's address instead).
+    let t = Instant::now();
+    let routes = loop {
+        let r = tor("show ip route bgp");
+        let hops = ["10.99.0.11", "10.99.0.12", "10.99.0.13"];
+        if hops.iter().all(|h| r.contains(&format!("via {h}"))) {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the ToR did not learn every node's block:\n{r}\n{}",
+            tor("show bgp summary")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(routes.contains("172.20."), "{routes}");
+    // Pods still go node to node: a node's route to another's block is the direct one.
+    let r = lab.routes("node-1");
+    assert!(
+        r.lines().filter(|l| l.starts_with("172.20.") && l.contains("proto bird")).all(|l| !l.contains("10.99.0.253")),
+        "{r}"
+    );
+    lab.ok(&["lab", "down"]);
+    let left = Command::new("pgrep").args(["-f", &vty.display().to_string()]).output().unwrap();
+    assert!(left.stdout.is_empty(), "FRR left running: {}", String::from_utf8_lossy(&left.stdout));
+    assert!(!vty.exists(), "{} left behind", vty.display());
+}
+
 #[test]
 fn route_reflectors_as_in_the_seeds_setup_2() {
     let lab = Lab::up(&["--encap", "none", "--nodes", "6", "--pods-per-node", "1", "--bgp-topology", "rr2"]);

@@ -92,6 +92,12 @@ pub struct State {
     /// Environment every gingham command needs to reach the lab's datastore.
     pub env: BTreeMap<String, String>,
     pub etcd_pid: Option<i32>,
+    /// The ToR router's FRR daemons (`--tor`), and the directory they run in (outside `dir`:
+    /// FRR drops to user frr, who must reach it).
+    #[serde(default)]
+    pub tor_pids: Vec<i32>,
+    #[serde(default)]
+    pub tor_dir: Option<PathBuf>,
     pub namespaces: Vec<String>,
     /// Prefix of every namespace name (several labs can coexist with different prefixes).
     pub prefix: String,
@@ -226,6 +232,8 @@ pub struct UpOptions {
     pub quiet: bool,
     /// A route-reflector setup from the seeds instead of the node-to-node mesh.
     pub bgp_topology: Option<BgpTopology>,
+    /// An FRR "top-of-rack" router on the underlay that every node peers with over eBGP.
+    pub tor: bool,
 }
 
 /// The two route-reflector setups of ../shared/examples/seeds (bgppeer-rr-mode1.yaml,
@@ -341,6 +349,8 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         pods: vec![],
         env: BTreeMap::new(),
         etcd_pid: None,
+        tor_pids: vec![],
+        tor_dir: None,
         namespaces: vec![],
         prefix: o.prefix.clone(),
         files: vec![],
@@ -414,6 +424,14 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         progress(o.quiet, &format!("BGP: route reflectors as in the seeds ({t:?}), node-to-node mesh off"));
         apply(&store, &t.resources(o.nodes)?).await?;
     }
+    if o.tor {
+        progress(o.quiet, &format!("ToR: FRR in namespace {}-tor, eth0 {TOR_IP}/24, AS {TOR_AS}", state.prefix));
+        tor(&mut state, &underlay, br0).await?;
+        let peer = format!(
+            "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: {TOR_IP}, asNumber: {TOR_AS}}}\n"
+        );
+        apply(&store, &peer).await?;
+    }
     for i in 1..=o.nodes {
         let name = format!("node-{i}");
         let ns = format!("{}-{name}", state.prefix);
@@ -475,6 +493,96 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
     progress(o.quiet, "waiting for every node's routes");
     converge(&state, Duration::from_secs(15)).await?;
     Ok(state)
+}
+
+/// What the ToR's directory holds: our configuration and FRR's sockets, pid files and logs.
+const TOR_FILES: &[&str] = &[
+    "zebra.conf",
+    "bgpd.conf",
+    "zebra.pid",
+    "bgpd.pid",
+    "zserv.api",
+    "zebra.vty",
+    "bgpd.vty",
+    "zebra.log",
+    "bgpd.log",
+];
+
+/// The ToR router of `--tor`.
+pub const TOR_IP: &str = "10.99.0.253";
+pub const TOR_AS: u32 = 65100;
+
+/// FRR (zebra and bgpd) in a namespace of its own on the underlay bridge, taking eBGP
+/// sessions from any address of the lab's underlay (no per-node configuration).
+async fn tor(state: &mut State, underlay: &Netlink, br0: u32) -> Result<()> {
+    let ns = format!("{}-tor", state.prefix);
+    let nl = add_ns(state, &ns)?;
+    underlay.add_veth("tor", "eth0", &open_netns(&ns_path(&ns))?, 1500, None).await?;
+    let port = up_with(underlay, "tor", None).await?;
+    underlay.set_master(port, br0).await?;
+    up_with(&nl, "eth0", Some(net(&format!("{TOR_IP}/24"))?)).await?;
+    up_with(&nl, "lo", None).await?;
+    let dir = PathBuf::from(format!("/run/gingham-lab-tor-{}", state.prefix));
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => return Err(msg(format!("{} exists: another lab's ToR? (`gingham lab down` removes it)", dir.display()))),
+    }
+    gingham_files::ensure_dir(&dir, 0o755).map_err(|e| msg(e.to_string()))?;
+    state.tor_dir = Some(dir.clone());
+    state.save()?;
+    for (name, text) in [
+        ("zebra.conf", "hostname tor\n".to_string()),
+        (
+            "bgpd.conf",
+            format!(
+                "hostname tor\nrouter bgp {TOR_AS}\n bgp router-id {TOR_IP}\n no bgp ebgp-requires-policy\n \
+                 neighbor nodes peer-group\n neighbor nodes remote-as external\n \
+                 bgp listen range 10.99.0.0/16 peer-group nodes\n address-family ipv4 unicast\n  \
+                 neighbor nodes activate\n exit-address-family\n"
+            ),
+        ),
+    ] {
+        gingham_files::write_atomic(&dir.join(name), text.as_bytes(), 0o644).map_err(|e| msg(e.to_string()))?;
+    }
+    // FRR's daemons drop to user frr, and write their sockets, pid files and logs here.
+    let frr = nix::unistd::User::from_name("frr")
+        .ok()
+        .flatten()
+        .ok_or_else(|| msg("no user frr: install frr (scripts/install-deps.sh)"))?;
+    nix::unistd::chown(&dir, Some(frr.uid), Some(frr.gid)).map_err(|e| msg(format!("{}: {e}", dir.display())))?;
+    let daemon = |name: &str, extra: &[String]| -> Result<std::process::Child> {
+        let mut cmd = in_ns_command(&ns, Path::new(&format!("/usr/lib/frr/{name}")))?;
+        cmd.args(["-P", "0", "-f"])
+            .arg(dir.join(format!("{name}.conf")))
+            .arg("-i")
+            .arg(dir.join(format!("{name}.pid")))
+            .arg("-z")
+            .arg(dir.join("zserv.api"))
+            .arg("--vty_socket")
+            .arg(&dir)
+            .arg("--log")
+            .arg(format!("file:{}", dir.join(format!("{name}.log")).display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        cmd.spawn().map_err(|e| msg(format!("cannot start FRR's {name} (install frr): {e}")))
+    };
+    let zebra = daemon("zebra", &[])?;
+    state.tor_pids.push(zebra.id() as i32);
+    state.save()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("zserv.api").exists() {
+        if Instant::now() > deadline {
+            return Err(msg(format!("FRR's zebra did not start (see {}/zebra.log)", dir.display())));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bgpd = daemon("bgpd", &["-l".into(), TOR_IP.into(), "-p".into(), "179".into()])?;
+    state.tor_pids.push(bgpd.id() as i32);
+    state.save()?;
+    Ok(())
 }
 
 async fn connect(state: &State) -> Result<std::sync::Arc<dyn gingham_store::Datastore>> {
@@ -670,7 +778,7 @@ fn is_lab_process(pid: i32) -> bool {
         .map(|c| {
             let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
             let name = String::from_utf8_lossy(argv0);
-            name.ends_with("gingham") || name.ends_with("etcd")
+            ["gingham", "etcd", "frr/zebra", "frr/bgpd"].iter().any(|p| name.ends_with(p))
         })
         .unwrap_or(false)
 }
@@ -680,8 +788,14 @@ fn is_lab_process(pid: i32) -> bool {
 /// readable lab state is refused, never emptied.
 pub fn down(dir: &Path) -> Result<()> {
     let state = State::load(dir)?;
-    let pids: Vec<i32> =
-        state.nodes.iter().filter_map(|n| n.agent_pid).chain(state.etcd_pid).filter(|p| is_lab_process(*p)).collect();
+    let pids: Vec<i32> = state
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent_pid)
+        .chain(state.etcd_pid)
+        .chain(state.tor_pids.iter().copied())
+        .filter(|p| is_lab_process(*p))
+        .collect();
     for pid in &pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGTERM);
     }
@@ -694,6 +808,20 @@ pub fn down(dir: &Path) -> Result<()> {
     }
     for ns in state.namespaces.iter().rev() {
         let _ = netns::delete(ns);
+    }
+    if let Some(tor) = &state.tor_dir {
+        // Our configuration, and what FRR made there for us; then the directory, if empty.
+        for f in TOR_FILES {
+            let p = tor.join(f);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(tor) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("note: {}: {e}; left in place", tor.display());
+            }
+        }
     }
     let mut left = Vec::new();
     for rel in state.files.iter().rev() {
