@@ -222,22 +222,14 @@ pub fn plan(cache: &Cache, me: &str, secrets: Option<&Path>) -> Plan {
         // still holds our routes as stale keeps them until our End-of-RIB.
         f.restarting = true;
         PeerConfig {
-            name,
-            address,
             port,
-            fsm: f,
-            rr_client: false,
-            next_hop: gingham_bgp::rib::NextHopMode::Auto,
-            allow_own_as: 0,
-            filters: Default::default(),
-            password: None,
-            ttl_security: None,
             source: Some(match address {
                 IpAddr::V4(_) => IpAddr::V4(my_v4),
                 IpAddr::V6(_) => mine.v6.map(IpAddr::V6).unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
             }),
             next_hop_v4: Some(my_v4),
             next_hop_v6: mine.v6,
+            ..PeerConfig::new(name, address, f)
         }
     };
     // A route reflector treats iBGP peers outside its cluster as clients.

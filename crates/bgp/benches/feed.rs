@@ -177,21 +177,7 @@ fn gingham(n: usize) -> Row {
             let mut f = Config::new(64512, 65001, Ipv4Addr::new(10, 254, 0, 2));
             f.passive = true;
             s.commands
-                .send(Cmd::SetPeers(vec![PeerConfig {
-                    name: "Global_10_254_0_3".into(),
-                    address: "10.254.0.3".parse().unwrap(),
-                    port: 179,
-                    fsm: f,
-                    rr_client: false,
-                    next_hop: gingham_bgp::rib::NextHopMode::Auto,
-                    allow_own_as: 0,
-                    filters: Default::default(),
-                    password: None,
-                    ttl_security: None,
-                    source: None,
-                    next_hop_v4: None,
-                    next_hop_v6: None,
-                }]))
+                .send(Cmd::SetPeers(vec![PeerConfig::new("Global_10_254_0_3", "10.254.0.3".parse().unwrap(), f)]))
                 .unwrap();
             let injector = inject(&inj, feed, tx);
             let t0 = tokio::task::spawn_blocking(move || {

@@ -205,21 +205,7 @@ fn gingham(n: usize) -> Row {
                     let mut f = Config::new(64512, 64512, RR.into());
                     f.passive = true;
                     f.add_path = gingham_bgp::packet::AddPathMode::Receive;
-                    PeerConfig {
-                        name: format!("Node_{i}"),
-                        address: IpAddr::V4(client_ip(i)),
-                        port: 179,
-                        fsm: f,
-                        rr_client: true,
-                        next_hop: gingham_bgp::rib::NextHopMode::Auto,
-                        allow_own_as: 0,
-                        filters: Default::default(),
-                        password: None,
-                        ttl_security: None,
-                        source: None,
-                        next_hop_v4: None,
-                        next_hop_v6: None,
-                    }
+                    PeerConfig { rr_client: true, ..PeerConfig::new(format!("Node_{i}"), IpAddr::V4(client_ip(i)), f) }
                 })
                 .collect();
             s.commands.send(Cmd::SetPeers(peers)).unwrap();

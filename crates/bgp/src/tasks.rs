@@ -61,6 +61,28 @@ pub struct PeerConfig {
     pub next_hop_v6: Option<Ipv6Addr>,
 }
 
+impl PeerConfig {
+    /// A peer on port 179 with nothing beyond the FSM's configuration: no password, filters,
+    /// TTL security or fixed source and next hops; next hops as BIRD's default.
+    pub fn new(name: impl Into<String>, address: IpAddr, fsm: fsm::Config) -> PeerConfig {
+        PeerConfig {
+            name: name.into(),
+            address,
+            port: 179,
+            fsm,
+            rr_client: false,
+            next_hop: NextHopMode::Auto,
+            allow_own_as: 0,
+            filters: Arc::default(),
+            password: None,
+            ttl_security: None,
+            source: None,
+            next_hop_v4: None,
+            next_hop_v6: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpeakerConfig {
     pub asn: u32,

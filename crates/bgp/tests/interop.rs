@@ -189,19 +189,10 @@ fn peer(name: &str, address: &str, remote_as: u32) -> PeerConfig {
     let mut fsm = Config::new(AS, remote_as, Ipv4Addr::new(10, 255, 0, 2));
     fsm.connect_retry = Duration::from_secs(1);
     PeerConfig {
-        name: name.into(),
-        address: address.parse().unwrap(),
-        port: 179,
-        fsm,
-        rr_client: false,
-        next_hop: gingham_bgp::rib::NextHopMode::Auto,
-        allow_own_as: 0,
-        filters: Default::default(),
-        password: None,
-        ttl_security: None,
         source: Some("10.255.0.2".parse().unwrap()),
         next_hop_v4: Some(Ipv4Addr::new(10, 255, 0, 2)),
         next_hop_v6: Some("fd00:255::2".parse().unwrap()),
+        ..PeerConfig::new(name, address.parse().unwrap(), fsm)
     }
 }
 

@@ -118,21 +118,7 @@ fn peer(name: &str, address: Ipv4Addr, asn: u32) -> PeerConfig {
     // Short, so that a stalled instance would show as an expired session.
     f.hold_time = 6;
     f.graceful_restart = None;
-    PeerConfig {
-        name: name.into(),
-        address: IpAddr::V4(address),
-        port: 179,
-        fsm: f,
-        rr_client: false,
-        next_hop: gingham_bgp::rib::NextHopMode::Auto,
-        allow_own_as: 0,
-        filters: Default::default(),
-        password: None,
-        ttl_security: None,
-        source: None,
-        next_hop_v4: None,
-        next_hop_v6: None,
-    }
+    PeerConfig::new(name, IpAddr::V4(address), f)
 }
 
 #[test]
