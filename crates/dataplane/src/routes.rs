@@ -65,6 +65,9 @@ pub struct Applied {
 /// (else deleted), the route, and the winner programmed once it is done.
 type Planned = (IpNet, bool, Route, Option<(usize, TargetId)>);
 
+/// Destinations programmed per round of `apply`.
+const APPLY_SLICE: usize = 4096;
+
 /// How many sources a manager takes (the calculated routes and BGP's). Each destination keeps
 /// a slot per source, so this is part of every entry's size.
 pub const MAX_SOURCES: usize = 2;
@@ -311,8 +314,23 @@ impl RouteManager {
     /// pending for the next apply.
     pub async fn apply(&mut self) -> Result<Applied, DataplaneError> {
         let mut out = Applied::default();
+        let mut first_error = None;
+        let dirty: Vec<IpNet> = std::mem::take(&mut self.dirty).into_iter().collect();
+        // In slices, so that a full table's routes never sit in memory as kernel messages.
+        for slice in dirty.chunks(APPLY_SLICE) {
+            if let Err(e) = self.apply_slice(slice, &mut out).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    async fn apply_slice(&mut self, dirty: &[IpNet], out: &mut Applied) -> Result<(), DataplaneError> {
         let mut plan: Vec<Planned> = Vec::new();
-        for dst in std::mem::take(&mut self.dirty) {
+        for &dst in dirty {
             let Some(e) = self.routes.get(&dst).copied() else { continue };
             let want = e.winner();
             match (want, e.programmed()) {
@@ -361,7 +379,7 @@ impl RouteManager {
         }
         match first_error {
             Some(e) => Err(e.into()),
-            None => Ok(out),
+            None => Ok(()),
         }
     }
 

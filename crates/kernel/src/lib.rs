@@ -5,6 +5,7 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -13,6 +14,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, Li
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+mod batch;
 pub mod memory;
 pub mod netns;
 pub mod nft;
@@ -111,6 +113,9 @@ impl Route {
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// A raw socket in the same namespace for route changes in bulk (None if it could not be
+    /// made: then they go one request at a time).
+    batch: Option<Arc<std::sync::Mutex<batch::RouteBatcher>>>,
 }
 
 /// Open a network namespace file (`/var/run/netns/x`, `/proc/<pid>/ns/net`).
@@ -157,7 +162,8 @@ impl Netlink {
     pub fn current() -> Result<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| KernelError::Netlink(e.to_string()))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        let batch = batch::RouteBatcher::new().ok().map(|b| Arc::new(std::sync::Mutex::new(b)));
+        Ok(Netlink { handle, batch })
     }
 
     /// A handle whose socket lives in the namespace at `path`.
@@ -168,13 +174,13 @@ impl Netlink {
     /// A handle whose socket lives in the namespace `ns` (an open namespace file).
     pub fn in_namespace_file(ns: &File) -> Result<Netlink> {
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle) = in_netns_file(ns, move || {
+        let (conn, handle, batch) = in_netns_file(ns, move || {
             let _g = rt.enter();
-            rtnetlink::new_connection().map(|(c, h, _)| (c, h))
+            rtnetlink::new_connection().map(|(c, h, _)| (c, h, batch::RouteBatcher::new().ok()))
         })?
         .map_err(|e| KernelError::Netlink(e.to_string()))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink { handle, batch: batch.map(|b| Arc::new(std::sync::Mutex::new(b))) })
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
@@ -470,6 +476,9 @@ impl Netlink {
     /// before the first answer is awaited, as BIRD streams its kernel table): each result in
     /// the order given, true for a deletion that found its route.
     pub async fn change_routes(&self, ops: &[RouteOp<'_>]) -> Vec<Result<bool>> {
+        if let Some(b) = &self.batch {
+            return Self::change_routes_batched(b.clone(), ops).await;
+        }
         use futures::StreamExt;
         let mut out = Vec::with_capacity(ops.len());
         let mut in_flight = futures::stream::FuturesOrdered::new();
@@ -486,6 +495,48 @@ impl Netlink {
                 None => return out,
             }
         }
+    }
+
+    /// The same through the raw socket, in datagrams of many messages, on a blocking thread
+    /// (a datagram's messages are built just before it is sent: a full table never sits in
+    /// memory as messages).
+    async fn change_routes_batched(
+        b: Arc<std::sync::Mutex<batch::RouteBatcher>>,
+        ops: &[RouteOp<'_>],
+    ) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for chunk in ops.chunks(batch::CHUNK) {
+            let mut slots: Vec<Option<Result<bool>>> = Vec::with_capacity(chunk.len());
+            let mut msgs = Vec::with_capacity(chunk.len());
+            for op in chunk {
+                let (replace, r) = match op {
+                    RouteOp::Replace(r) => (true, r),
+                    RouteOp::Delete(r) => (false, r),
+                };
+                match Self::route_message(r) {
+                    Ok(m) => {
+                        msgs.push((replace, m));
+                        slots.push(None);
+                    }
+                    Err(e) => slots.push(Some(Err(e))),
+                }
+            }
+            let b = b.clone();
+            let answers = tokio::task::spawn_blocking(move || b.lock().unwrap_or_else(|e| e.into_inner()).apply(&msgs))
+                .await
+                .unwrap_or_else(|e| vec![Err(format!("the route batch did not finish: {e}"))]);
+            let mut answers = answers.into_iter();
+            out.extend(slots.into_iter().map(|slot| {
+                match slot {
+                    Some(r) => r,
+                    None => answers
+                        .next()
+                        .unwrap_or_else(|| Err("the route batch did not finish".into()))
+                        .map_err(KernelError::Netlink),
+                }
+            }));
+        }
+        out
     }
 
     async fn route_op(&self, op: RouteOp<'_>) -> Result<bool> {

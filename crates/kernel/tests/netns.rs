@@ -228,3 +228,34 @@ async fn ecmp_routes_are_one_multipath_route() {
     assert_eq!((back.gateway, back.also_via.len()), (Some(g("10.1.0.3")), 0));
     assert!(n.delete_route(&single).await.unwrap());
 }
+
+/// Route changes in bulk (many messages per datagram): each change gets its own result, a
+/// failing one in the middle does not take the others with it, and deleting what is not
+/// there is reported as such.
+#[tokio::test]
+async fn route_changes_in_bulk_answer_each_change() {
+    use gingham_kernel::RouteOp;
+    let a = Ns::new("bulk");
+    let b = Ns::new("bulk-far");
+    let n = Netlink::in_namespace(&a.path()).unwrap();
+    n.add_veth("bulk0", "bulk1", &open_netns(&b.path()).unwrap(), 1500, None).await.unwrap();
+    let i = n.link("bulk0").await.unwrap().unwrap().index;
+    n.add_address(i, "10.1.0.1/24".parse().unwrap()).await.unwrap();
+    n.set_up(i).await.unwrap();
+    let gw: IpAddr = "10.1.0.2".parse().unwrap();
+    let mut routes: Vec<Route> = (0..1500u32)
+        .map(|k| Route::via(format!("10.{}.{}.0/24", 50 + k / 256, k % 256).parse().unwrap(), gw, i, 12))
+        .collect();
+    // The 700th has a gateway no device reaches: the kernel refuses it alone.
+    routes[700] = Route::via("10.49.0.0/24".parse().unwrap(), "10.200.0.1".parse().unwrap(), i, 12);
+    let ops: Vec<RouteOp> = routes.iter().map(RouteOp::Replace).collect();
+    let results = n.change_routes(&ops).await;
+    assert_eq!(results.len(), 1500);
+    assert!(results[700].is_err(), "{:?}", results[700]);
+    assert_eq!(results.iter().filter(|r| matches!(r, Ok(true))).count(), 1499);
+    let kernel = n.routes(true).await.unwrap().into_iter().filter(|r| r.protocol == 12).count();
+    assert_eq!(kernel, 1499);
+    // Deleting: one that is there, one that is not.
+    let gone = n.change_routes(&[RouteOp::Delete(&routes[0]), RouteOp::Delete(&routes[700])]).await;
+    assert!(matches!(gone[..], [Ok(true), Ok(false)]), "{gone:?}");
+}
