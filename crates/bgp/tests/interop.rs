@@ -590,7 +590,10 @@ fn ebgp_to_an_frr_tor() {
             "router bgp 65001\n bgp router-id 10.255.0.3\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
              neighbor 10.255.0.2 remote-as 64512\n neighbor 10.255.0.2 update-source 10.255.0.3\n \
              neighbor 10.255.0.2 ebgp-multihop 2\n neighbor 10.255.0.2 timers connect 1\n \
-             address-family ipv4 unicast\n  network 10.40.0.0/26\n exit-address-family\n",
+             address-family ipv4 unicast\n  network 10.40.0.0/26\n exit-address-family\n \
+             address-family ipv6 unicast\n  neighbor 10.255.0.2 activate\n  neighbor 10.255.0.2 route-map v6nh out\n  \
+             network fd00:40::/122\n exit-address-family\n\
+             route-map v6nh permit 10\n set ipv6 next-hop global fd00:255::3\n",
         );
         let mut s = speaker(None).await;
         s.commands.send(Cmd::SetPeers(vec![peer("Global_10_255_0_3", "10.255.0.3", 65001)])).unwrap();
@@ -601,6 +604,15 @@ fn ebgp_to_an_frr_tor() {
         assert!(r.lines().any(|l| l.trim() == "64512"), "{r}");
         let (_, _, a) = routes_of(&s, "10.40.0.0/26").await;
         assert_eq!(a.as_path, vec![AsPathSegment { kind: SegmentKind::Sequence, asns: vec![65001] }]);
+        // IPv6 both ways over the IPv4 session: the ToR's next hop as it sets it, ours as we
+        // give it for IPv6.
+        s.commands.send(Cmd::Originate(net("fd00:10::/122"), attrs())).unwrap();
+        assert_eq!(
+            fib_until(&mut s, "fd00:40::/122", |h| !h.is_empty()).await,
+            vec![IpAddr::V6("fd00:255::3".parse::<Ipv6Addr>().unwrap())]
+        );
+        let r = frr.until("show bgp ipv6 unicast fd00:10::/122", |o| o.contains("fd00:255::2")).await;
+        assert!(r.lines().any(|l| l.trim() == "64512"), "{r}");
     });
 }
 
@@ -626,6 +638,12 @@ fn gobgp_peers_both_ways() {
     local-address = "10.255.0.3"
   [neighbors.timers.config]
     connect-retry = 1
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
 "#,
         );
         let mut s = speaker(None).await;
@@ -637,6 +655,18 @@ fn gobgp_peers_both_ways() {
         g.until(&["global", "rib", "-a", "ipv4"], |o| o.contains("10.10.0.0/26") && o.contains("10.255.0.2")).await;
         g.cli(&["global", "rib", "del", "-a", "ipv4", "10.50.0.0/26"]);
         fib_until(&mut s, "10.50.0.0/26", |h| h.is_empty()).await;
+        // IPv6 over the same session (MP-BGP), both ways and back out.
+        s.commands.send(Cmd::Originate(net("fd00:10::/122"), attrs())).unwrap();
+        g.cli(&["global", "rib", "add", "-a", "ipv6", "fd00:50::/122", "nexthop", "fd00:255::3"]);
+        assert_eq!(
+            fib_until(&mut s, "fd00:50::/122", |h| !h.is_empty()).await,
+            vec![IpAddr::V6("fd00:255::3".parse::<Ipv6Addr>().unwrap())]
+        );
+        g.until(&["global", "rib", "-a", "ipv6"], |o| o.contains("fd00:10::/122") && o.contains("fd00:255::2")).await;
+        g.cli(&["global", "rib", "del", "-a", "ipv6", "fd00:50::/122"]);
+        fib_until(&mut s, "fd00:50::/122", |h| h.is_empty()).await;
+        s.commands.send(Cmd::Withdraw(net("fd00:10::/122"))).unwrap();
+        g.until(&["global", "rib", "-a", "ipv6"], |o| !o.contains("fd00:10::/122")).await;
     });
 }
 
