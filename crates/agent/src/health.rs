@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use gingham_bgp::fsm::State;
 use gingham_bgp::packet::{Attrs, Nlri};
@@ -173,12 +174,17 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+/// Ask the speaker something and wait up to 2 s (None: no speaker, or no answer).
+async fn ask_speaker<T>(metrics: &Metrics, question: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+    let cmd = metrics.bgp.lock().ok()?.clone()?;
+    let (tx, rx) = oneshot::channel();
+    cmd.send(question(tx)).ok()?;
+    tokio::time::timeout(std::time::Duration::from_secs(2), rx).await.ok()?.ok()
+}
+
 /// The speaker's sessions (None: this agent does not speak BGP).
 async fn bgp_sessions(metrics: &Metrics) -> Option<Vec<PeerStatus>> {
-    let cmd = metrics.bgp.lock().ok()?.clone()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    cmd.send(Command::Status(tx)).ok()?;
-    tokio::time::timeout(std::time::Duration::from_secs(2), rx).await.ok()?.ok()
+    ask_speaker(metrics, Command::Status).await
 }
 
 fn not_established(sessions: &Option<Vec<PeerStatus>>) -> Option<String> {
@@ -223,14 +229,7 @@ fn render_bgp_metrics(sessions: &[PeerStatus]) -> String {
 
 /// The Loc-RIB for `gingham node status --routes`.
 async fn bgp_routes_json(metrics: &Metrics) -> serde_json::Value {
-    let Some(cmd) = metrics.bgp.lock().ok().and_then(|b| b.clone()) else { return serde_json::json!([]) };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if cmd.send(Command::Routes(tx)).is_err() {
-        return serde_json::json!([]);
-    }
-    let Ok(Ok(routes)) = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await else {
-        return serde_json::json!([]);
-    };
+    let Some(routes) = ask_speaker(metrics, Command::Routes).await else { return serde_json::json!([]) };
     let list: Vec<serde_json::Value> = routes
         .iter()
         .take(10_000)
@@ -246,14 +245,8 @@ const PEER_ROUTES_LIMIT: usize = 10_000;
 
 /// Per peer, routes received and advertised, for `gingham node status --routes`.
 async fn bgp_peer_routes_json(metrics: &Metrics) -> serde_json::Value {
-    let Some(cmd) = metrics.bgp.lock().ok().and_then(|b| b.clone()) else { return serde_json::json!([]) };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if cmd.send(Command::PeerRoutes { limit: PEER_ROUTES_LIMIT, reply: tx }).is_err() {
-        return serde_json::json!([]);
-    }
-    let Ok(Ok(peers)) = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await else {
-        return serde_json::json!([]);
-    };
+    let question = |reply| Command::PeerRoutes { limit: PEER_ROUTES_LIMIT, reply };
+    let Some(peers) = ask_speaker(metrics, question).await else { return serde_json::json!([]) };
     let hop = |h: &NextHop| match h {
         NextHop::Address(a) => a.to_string(),
         NextHop::Local => "self".to_string(),

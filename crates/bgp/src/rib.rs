@@ -332,7 +332,7 @@ impl Rib {
             .dests
             .iter()
             .flat_map(|(prefix, d)| {
-                self.want(peer, out, &prefix, d.paths())
+                self.want(peer, out, &prefix, &self.best_first(d.paths()))
                     .into_iter()
                     .map(move |(id, p)| (Nlri { prefix, path_id: id }, p))
             })
@@ -388,7 +388,7 @@ impl Rib {
             if family.is_some_and(|f| f != Family::of(&prefix)) {
                 continue;
             }
-            for (path_id, p) in self.want(id, out, &prefix, d.paths()) {
+            for (path_id, p) in self.want(id, out, &prefix, &self.best_first(d.paths())) {
                 pc.announce.push((Nlri { prefix, path_id }, p));
             }
         }
@@ -570,13 +570,14 @@ impl Rib {
         for (prefix, before) in &touched {
             let was = before.as_ref().map_or(&[][..], Dest::paths);
             let now = self.dests.get(prefix).map_or(&[][..], Dest::paths);
-            let hops = self.fib_hops(now);
-            if self.fib_hops(was) != hops {
+            let (was, now) = (self.best_first(was), self.best_first(now));
+            let hops = self.fib_hops(&now);
+            if self.fib_hops(&was) != hops {
                 ch.fib.push(FibChange { prefix: *prefix, next_hops: hops });
             }
             for (id, count) in counts.iter_mut() {
                 let out = &self.up[id];
-                let (old, new) = (self.want(*id, out, prefix, was), self.want(*id, out, prefix, now));
+                let (old, new) = (self.want(*id, out, prefix, &was), self.want(*id, out, prefix, &now));
                 if old.is_empty() && new.is_empty() {
                     continue;
                 }
@@ -679,33 +680,33 @@ impl Rib {
             && ebgp(a) == ebgp(b)
     }
 
+    /// The paths best first (what `fib_hops` and `want` take: ranked once per destination
+    /// state, not once per peer).
+    fn best_first<'a>(&self, paths: &'a [Path]) -> Vec<&'a Path> {
+        self.ranked(paths).into_iter().map(|i| &paths[i]).collect()
+    }
+
     /// The FIB's next hops for a destination: its equal best paths' (none if the best is ours).
-    fn fib_hops(&self, paths: &[Path]) -> NextHops {
+    fn fib_hops(&self, ranked: &[&Path]) -> NextHops {
         let hop = |p: &Path| match p.learned.next_hop {
             NextHop::Address(a) => Some(a),
             NextHop::Local => None,
         };
-        match paths {
-            [] => NextHops::None,
-            [one] if one.source() == Source::Local => NextHops::None,
-            [one] => hop(one).map_or(NextHops::None, NextHops::One),
-            _ => {
-                let ranked = self.ranked(paths);
-                let best = &paths[ranked[0]];
-                if best.source() == Source::Local {
-                    return NextHops::None;
-                }
-                let mut hops: Vec<IpAddr> = ranked
-                    .iter()
-                    .map(|&i| &paths[i])
-                    .filter(|p| std::ptr::eq(*p, best) || self.equal_cost(best, p))
-                    .filter_map(hop)
-                    .collect();
-                hops.sort();
-                hops.dedup();
-                hops.into()
-            }
+        let Some(best) = ranked.first().copied() else { return NextHops::None };
+        if best.source() == Source::Local {
+            return NextHops::None;
         }
+        if ranked.len() == 1 {
+            return hop(best).map_or(NextHops::None, NextHops::One);
+        }
+        let mut hops: Vec<IpAddr> = ranked
+            .iter()
+            .filter(|p| std::ptr::eq(**p, best) || self.equal_cost(best, p))
+            .filter_map(|p| hop(p))
+            .collect();
+        hops.sort();
+        hops.dedup();
+        hops.into()
     }
 
     /// Whether a path from `from` may go to `to` (RFC 4271 §9.2, RFC 4456 §6).
@@ -725,17 +726,16 @@ impl Rib {
     /// What peer `id` should have for a destination with these paths: the best path (with
     /// ADD-PATH, every equal one), as the export rules allow, each with the path id it goes
     /// under.
-    fn want(&self, id: PeerId, out: &OutPeer, prefix: &IpNet, paths: &[Path]) -> Vec<(u32, OutPath)> {
+    fn want(&self, id: PeerId, out: &OutPeer, prefix: &IpNet, ranked: &[&Path]) -> Vec<(u32, OutPath)> {
         let family = Family::of(prefix);
-        if paths.is_empty() || !out.families.contains(&family) {
+        let Some(best) = ranked.first().copied() else { return Vec::new() };
+        if !out.families.contains(&family) {
             return Vec::new();
         }
         let add_path = out.add_path.contains(&family);
-        let ranked = self.ranked(paths);
-        let best = &paths[ranked[0]];
         let class = Class::of(&out.info);
         let mut want = Vec::new();
-        for p in ranked.iter().map(|&i| &paths[i]) {
+        for &p in ranked {
             if !(std::ptr::eq(p, best) || (add_path && self.equal_cost(best, p))) {
                 continue;
             }

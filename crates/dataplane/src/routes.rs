@@ -161,6 +161,8 @@ pub struct RouteManager {
     sources: Vec<SourceState>,
     targets: Targets,
     routes: PrefixMap<Entry>,
+    /// How many entries have a programmed route (for metrics, without a walk of the table).
+    programmed: usize,
     dirty: BTreeSet<IpNet>,
 }
 
@@ -188,6 +190,7 @@ impl RouteManager {
             sources,
             targets: Targets::default(),
             routes: PrefixMap::new(),
+            programmed: 0,
             dirty: BTreeSet::new(),
         }
     }
@@ -249,6 +252,7 @@ impl RouteManager {
         if e.programmed != NONE {
             let id = std::mem::replace(&mut e.programmed, NONE);
             self.targets.release(id);
+            self.programmed -= 1;
             self.dirty.insert(dst);
         }
     }
@@ -273,7 +277,7 @@ impl RouteManager {
 
     /// Destinations with a programmed route.
     pub fn len(&self) -> usize {
-        self.routes.values().filter(|e| e.programmed != NONE).count()
+        self.programmed
     }
 
     pub fn is_empty(&self) -> bool {
@@ -393,9 +397,11 @@ impl RouteManager {
         let unused = e.unused();
         if id != NONE {
             self.targets.hold(id);
+            self.programmed += 1;
         }
         if old != NONE {
             self.targets.release(old);
+            self.programmed -= 1;
         }
         if unused {
             self.routes.remove(&dst);

@@ -47,6 +47,7 @@ async fn ecmp_and_source_priority() {
     let mut hops: Vec<IpAddr> = r.gateway.iter().chain(r.also_via.iter()).copied().collect();
     hops.sort();
     assert_eq!((hops, r.protocol), (vec![g("10.1.0.2"), g("10.1.0.3")], BGP_PROTO));
+    assert_eq!(m.len(), 1, "one destination programmed");
     m.mark_synced(BGP_PROTO);
     m.mark_synced(CALC_PROTO);
     let again = m.resync().await.unwrap();
@@ -56,4 +57,5 @@ async fn ecmp_and_source_priority() {
     m.apply().await.unwrap();
     let r = nl.routes(true).await.unwrap().into_iter().find(|r| r.dst == dst).unwrap();
     assert_eq!((r.gateway, r.also_via.len(), r.protocol), (Some(g("10.1.0.9")), 0, CALC_PROTO));
+    assert_eq!(m.len(), 1, "still one destination, now the calculated route");
 }
