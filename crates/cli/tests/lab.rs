@@ -550,6 +550,41 @@ fn a_tor_router_peers_with_every_node() {
         r.lines().filter(|l| l.starts_with("172.20.") && l.contains("proto bird")).all(|l| !l.contains("10.99.0.253")),
         "{r}"
     );
+    // Health: ready with the session up, its metrics per session; the ToR's bgpd dies, and
+    // readiness fails naming the peer (as calico-node's -bird-ready) while metrics count it.
+    let health = |path: &str| {
+        let path = path.to_string();
+        in_ns(&lab.ns("node-1"), move || {
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 9099)), Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    };
+    let up = "gingham_bgp_session_established{peer=\"Global_10_99_0_253\",address=\"10.99.0.253\"} 1";
+    assert!(health("/readiness").contains(" 200 "));
+    assert!(health("/metrics").contains(up), "{}", health("/metrics"));
+    let bgpd = format!("frr/bgpd.*{}", vty.display());
+    assert!(Command::new("pkill").args(["-KILL", "-f", &bgpd]).status().unwrap().success(), "no bgpd to stop");
+    let t = Instant::now();
+    let ready = loop {
+        let r = health("/readiness");
+        if r.contains(" 503 ") {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "readiness stayed up without the ToR: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(ready.contains("BGP not established with 10.99.0.253"), "{ready}");
+    let m = health("/metrics");
+    assert!(m.contains(&up.replace("} 1", "} 0")), "{m}");
+    assert!(
+        m.contains("gingham_bgp_session_flaps_total{peer=\"Global_10_99_0_253\",address=\"10.99.0.253\"} 1"),
+        "{m}"
+    );
     lab.ok(&["lab", "down"]);
     let left = Command::new("pgrep").args(["-f", &vty.display().to_string()]).output().unwrap();
     assert!(left.stdout.is_empty(), "FRR left running: {}", String::from_utf8_lossy(&left.stdout));
