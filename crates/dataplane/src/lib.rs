@@ -7,6 +7,7 @@
 
 pub mod calc;
 pub mod nat;
+pub mod policy;
 pub mod routes;
 pub mod vxlan;
 pub mod workloads;

@@ -61,6 +61,9 @@ pub enum SetType {
     Ipv4Addr,
     Ipv6Addr,
     Ifname,
+    /// `ipv4_addr . inet_proto . inet_service` (named ports).
+    Ipv4ProtoPort,
+    Ipv6ProtoPort,
 }
 
 impl SetType {
@@ -69,6 +72,8 @@ impl SetType {
             SetType::Ipv4Addr => "ipv4_addr",
             SetType::Ipv6Addr => "ipv6_addr",
             SetType::Ifname => "ifname",
+            SetType::Ipv4ProtoPort => "ipv4_addr . inet_proto . inet_service",
+            SetType::Ipv6ProtoPort => "ipv6_addr . inet_proto . inet_service",
         }
     }
 }
@@ -78,6 +83,10 @@ pub enum Element {
     /// An address or prefix (interval sets).
     Net(IpNet),
     Ifname(String),
+    /// Address, IP protocol, port.
+    ProtoPort(IpAddr, u8, u16),
+    /// A verdict-map entry: interface name → jump to chain.
+    IfJump(String, String),
 }
 
 impl fmt::Display for Element {
@@ -86,6 +95,8 @@ impl fmt::Display for Element {
             Element::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr()),
             Element::Net(n) => write!(f, "{}", n.trunc()),
             Element::Ifname(s) => write!(f, "\"{s}\""),
+            Element::ProtoPort(a, p, n) => write!(f, "{a} . {p} . {n}"),
+            Element::IfJump(i, c) => write!(f, "\"{i}\" : jump {c}"),
         }
     }
 }
@@ -152,6 +163,55 @@ pub enum Match {
     TcpDport(u16),
     Iifname(String),
     Oifname(String),
+    /// `iifname "cali*"`: every interface with the prefix.
+    IifnamePrefix(String),
+    OifnamePrefix(String),
+    /// `ct state established,related`.
+    CtEstablished,
+    CtInvalid,
+    /// `meta nfproto ipv6` (or ipv4).
+    NfProto {
+        v6: bool,
+    },
+    /// `meta l4proto 6` (or `!=`).
+    L4Proto {
+        proto: u8,
+        negate: bool,
+    },
+    /// `th dport { 80, 8000-8080 }` (or sport; or `!=`).
+    Ports {
+        addr: Addr,
+        ranges: Vec<(u16, u16)>,
+        negate: bool,
+    },
+    /// `ip saddr { 10.0.0.0/8, 10.1.0.1 }` (or `!=`); the nets must not overlap.
+    AddrIn {
+        addr: Addr,
+        v6: bool,
+        nets: Vec<IpNet>,
+        negate: bool,
+    },
+    /// `ip daddr . meta l4proto . th dport @set` (named ports).
+    AddrProtoPortInSet {
+        addr: Addr,
+        v6: bool,
+        set: String,
+        negate: bool,
+    },
+    /// `icmp type 8 icmp code 0` (or icmpv6; negated: the type/code pair is not this one).
+    Icmp {
+        v6: bool,
+        kind: u8,
+        code: Option<u8>,
+        negate: bool,
+    },
+    /// `icmpv6 type { … }`.
+    Icmpv6Types(Vec<u8>),
+    /// `meta mark & bits == bits` (all set) or `== 0` (none set).
+    Mark {
+        bits: u32,
+        set: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +222,21 @@ pub enum Statement {
     Return,
     Jump(String),
     Notrack,
-    Masquerade { fully_random: bool },
+    Masquerade {
+        fully_random: bool,
+    },
+    Goto(String),
+    /// `meta mark set meta mark | bits`.
+    MarkSet(u32),
+    /// `meta mark set meta mark & ~bits`.
+    MarkClear(u32),
+    /// `log prefix "…"` (letters, digits, space, `-_:.` only).
+    Log(String),
+    /// `iifname vmap @map` (or oifname).
+    IfnameVmap {
+        input: bool,
+        map: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -190,6 +264,9 @@ pub enum Op {
     FlushChain(Table, String),
     AddRule(Table, String, Rule),
     DeleteChain(Table, String),
+    /// Create a verdict map keyed by interface name, if missing.
+    AddIfnameVmap(Table, String),
+    DeleteSet(Table, String),
 }
 
 fn check_name(n: &str) -> Result<()> {
@@ -230,6 +307,50 @@ impl Match {
                 check_ifname(n)?;
                 write!(out, "oifname \"{n}\"")
             }
+            Match::IifnamePrefix(n) | Match::OifnamePrefix(n) => {
+                check_ifname(n)?;
+                let dir = if matches!(self, Match::IifnamePrefix(_)) { "iifname" } else { "oifname" };
+                write!(out, "{dir} \"{n}*\"")
+            }
+            Match::CtEstablished => write!(out, "ct state established,related"),
+            Match::CtInvalid => write!(out, "ct state invalid"),
+            Match::NfProto { v6 } => write!(out, "meta nfproto {}", if *v6 { "ipv6" } else { "ipv4" }),
+            Match::L4Proto { proto, negate } => write!(out, "meta l4proto {}{proto}", not(*negate)),
+            Match::Ports { addr, ranges, negate } => {
+                let list: Vec<String> = ranges
+                    .iter()
+                    .map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+                    .collect();
+                let port = if *addr == Addr::Source { "sport" } else { "dport" };
+                write!(out, "th {port} {}{{ {} }}", not(*negate), list.join(", "))
+            }
+            Match::AddrIn { addr, v6, nets, negate } => {
+                if nets.is_empty() || nets.iter().any(|n| n.addr().is_ipv6() != *v6) {
+                    return Err(KernelError::Nft(format!("address list {nets:?} is empty or of the other family")));
+                }
+                let list: Vec<String> = nets.iter().map(|n| Element::Net(*n).to_string()).collect();
+                write!(out, "{} {} {}{{ {} }}", fam(*v6), dir(*addr), not(*negate), list.join(", "))
+            }
+            Match::AddrProtoPortInSet { addr, v6, set, negate } => {
+                check_name(set)?;
+                let port = if *addr == Addr::Source { "sport" } else { "dport" };
+                write!(out, "{} {} . meta l4proto . th {port} {}@{set}", fam(*v6), dir(*addr), not(*negate))
+            }
+            Match::Icmp { v6, kind, code, negate } => {
+                let i = if *v6 { "icmpv6" } else { "icmp" };
+                match (code, negate) {
+                    (None, _) => write!(out, "{i} type {}{kind}", not(*negate)),
+                    (Some(c), false) => write!(out, "{i} type {kind} {i} code {c}"),
+                    (Some(c), true) => write!(out, "{i} type . {i} code != {{ {kind} . {c} }}"),
+                }
+            }
+            Match::Icmpv6Types(types) => {
+                let list: Vec<String> = types.iter().map(u8::to_string).collect();
+                write!(out, "icmpv6 type {{ {} }}", list.join(", "))
+            }
+            Match::Mark { bits, set } => {
+                write!(out, "meta mark & {bits:#010x} == {:#010x}", if *set { *bits } else { 0 })
+            }
         }
         .map_err(|e| KernelError::Nft(e.to_string()))
     }
@@ -250,6 +371,24 @@ impl Statement {
             Statement::Notrack => out.push_str("notrack"),
             Statement::Masquerade { fully_random } => {
                 out.push_str(if *fully_random { "masquerade fully-random" } else { "masquerade" })
+            }
+            Statement::Goto(c) => {
+                check_name(c)?;
+                out.push_str("goto ");
+                out.push_str(c);
+            }
+            Statement::MarkSet(b) => out.push_str(&format!("meta mark set meta mark | {b:#010x}")),
+            Statement::MarkClear(b) => out.push_str(&format!("meta mark set meta mark & {:#010x}", !b)),
+            Statement::Log(p) => {
+                if p.len() > 127 || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b" -_:.".contains(&b)) {
+                    return Err(KernelError::Nft(format!("{p:?} is not a log prefix")));
+                }
+                out.push_str(&format!("log prefix \"{p}\""));
+            }
+            Statement::IfnameVmap { input, map } => {
+                check_name(map)?;
+                out.push_str(if *input { "iifname vmap @" } else { "oifname vmap @" });
+                out.push_str(map);
             }
         }
         Ok(())
@@ -278,8 +417,13 @@ impl Rule {
 fn elements(out: &mut String, elems: &[Element]) -> Result<()> {
     out.push_str("{ ");
     for (i, e) in elems.iter().enumerate() {
-        if let Element::Ifname(n) = e {
-            check_ifname(n)?;
+        match e {
+            Element::Ifname(n) => check_ifname(n)?,
+            Element::IfJump(n, c) => {
+                check_ifname(n)?;
+                check_name(c)?;
+            }
+            _ => {}
         }
         if i > 0 {
             out.push_str(", ");
@@ -351,6 +495,14 @@ impl Op {
             Op::DeleteChain(t, c) => {
                 check_name(c)?;
                 let _ = writeln!(out, "delete chain {} {c}", table(t)?);
+            }
+            Op::AddIfnameVmap(t, m) => {
+                check_name(m)?;
+                let _ = writeln!(out, "add map {} {m} {{ type ifname : verdict; }}", table(t)?);
+            }
+            Op::DeleteSet(t, s) => {
+                check_name(s)?;
+                let _ = writeln!(out, "delete set {} {s}", table(t)?);
             }
         }
         Ok(())
@@ -531,6 +683,17 @@ impl Nft {
     pub async fn list_table(&self, t: &Table) -> Result<Option<String>> {
         check_name(&t.name)?;
         match self.run(format!("list table {t}")).await {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.contains("No such file or directory") => Ok(None),
+            Err(e) => Err(KernelError::Nft(e)),
+        }
+    }
+
+    /// One chain as nft lists it (with counters), or None if it does not exist.
+    pub async fn list_chain(&self, t: &Table, chain: &str) -> Result<Option<String>> {
+        check_name(&t.name)?;
+        check_name(chain)?;
+        match self.run(format!("list chain {t} {chain}")).await {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.contains("No such file or directory") => Ok(None),
             Err(e) => Err(KernelError::Nft(e)),

@@ -1,0 +1,499 @@
+//! The policy manager: the engine's plans as nftables in table `inet gingham`, built like
+//! Felix's chains but reached through verdict maps. Base chains on forward and input send
+//! workload traffic (`cali*`, the interface prefix) through per-endpoint chains —
+//! `fw-<iface>` (from the workload: its egress policy) and `tw-<iface>` (to it: ingress) — found
+//! by interface name in the maps `from-wl` / `to-wl`; an interface missing from a map is
+//! dropped, so a new workload has no network until its policy is in place. Each endpoint chain
+//! jumps, tier by tier, to one chain per policy and direction (`pi-…`/`po-…`, shared by every
+//! endpoint using the policy) and then to its profiles' chains (`pri-…`/`pro-…`). Allow and Pass
+//! travel back as mark bits, as in Felix. Rule selectors are named sets (interval sets of
+//! addresses, `s4-`/`s6-` + the selector's unique ID; named ports `n4-`/`n6-`) shared by every
+//! rule with the same selector.
+//!
+//! Conntrack comes first (established/related accepted, invalid dropped on workload
+//! interfaces); traffic from the host to its own workloads (output hook) is not policed.
+//! Changes are one transaction each: a label change is a set-element change, a policy change
+//! rewrites that policy's chains; the table is only replaced whole (atomically) when first
+//! built or found changed by hand.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gingham_kernel::nft::*;
+use gingham_policy::engine::{Dirty, EndpointPlan, Engine, TierPlan};
+use gingham_policy::index::{Member, SetSpec};
+use gingham_policy::rules::{Action, Entity, Port, Rule as PRule};
+use ipnet::IpNet;
+
+use crate::DataplaneError;
+
+pub const TABLE: &str = "gingham";
+pub const FROM_WL: &str = "from-wl";
+pub const TO_WL: &str = "to-wl";
+/// Felix's mark bits (within its default mask 0xffff0000).
+pub const MARK_ACCEPT: u32 = 0x1_0000;
+pub const MARK_PASS: u32 = 0x2_0000;
+const MARKS: u32 = MARK_ACCEPT | MARK_PASS;
+/// ICMPv6 a workload may always send its host (MLD, router solicitation, neighbour discovery).
+const ICMPV6_TO_HOST: [u8; 6] = [130, 131, 132, 133, 135, 136];
+
+pub fn table() -> Table {
+    Table::new(Family::Inet, TABLE)
+}
+
+/// Felix's DefaultEndpointToHostAction: what happens to traffic from a workload to its own
+/// host once the workload's egress policy allowed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndpointToHost {
+    Drop,
+    /// Leave it to the host's other rules.
+    Return,
+    /// Calico's manifests' setting, and ours: kubelet, DNS on the node and the agent's own
+    /// socket must be reachable from pods.
+    #[default]
+    Accept,
+}
+
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub interface_prefix: String,
+    pub endpoint_to_host: EndpointToHost,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { interface_prefix: "cali".into(), endpoint_to_host: EndpointToHost::Accept }
+    }
+}
+
+/// A name safe for nftables, readable, and unique (a hash when anything had to change).
+fn safe(prefix: &str, name: &str) -> String {
+    let clean: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).take(200).collect();
+    if clean == name {
+        format!("{prefix}{clean}")
+    } else {
+        let h = gingham_api::Selector::Eq("n".into(), name.into()).unique_id();
+        format!("{prefix}{clean}-{}", &h[2..10])
+    }
+}
+
+pub fn policy_chain(key: &str, ingress: bool) -> String {
+    safe(if ingress { "pi-" } else { "po-" }, key)
+}
+
+pub fn profile_chain(name: &str, ingress: bool) -> String {
+    safe(if ingress { "pri-" } else { "pro-" }, name)
+}
+
+pub fn endpoint_chain(iface: &str, ingress: bool) -> String {
+    safe(if ingress { "tw-" } else { "fw-" }, iface)
+}
+
+/// nft set names of a set ID, per family.
+pub fn set_name(id: &str, v6: bool) -> String {
+    let (kind, rest) = id.split_once(':').unwrap_or(("s", id));
+    format!("{kind}{}-{rest}", if v6 { 6 } else { 4 })
+}
+
+fn set_elements(spec: &SetSpec, members: Vec<&Member>, v6: bool) -> BTreeSet<Element> {
+    if spec.named.is_some() {
+        return members
+            .into_iter()
+            .filter_map(|m| match m {
+                Member::Port(a, p, n) if a.is_ipv6() == v6 => Some(Element::ProtoPort(*a, *p, *n)),
+                _ => None,
+            })
+            .collect();
+    }
+    let nets: Vec<IpNet> = members
+        .into_iter()
+        .filter_map(|m| match m {
+            Member::Net(n) if n.addr().is_ipv6() == v6 => Some(n.trunc()),
+            _ => None,
+        })
+        .collect();
+    // Interval elements may not overlap.
+    IpNet::aggregate(&nets).into_iter().map(Element::Net).collect()
+}
+
+fn set_type(spec: &SetSpec, v6: bool) -> Set {
+    let named = spec.named.is_some();
+    let kind = match (named, v6) {
+        (false, false) => SetType::Ipv4Addr,
+        (false, true) => SetType::Ipv6Addr,
+        (true, false) => SetType::Ipv4ProtoPort,
+        (true, true) => SetType::Ipv6ProtoPort,
+    };
+    Set { name: String::new(), kind, interval: !named }
+}
+
+fn family_nets(nets: &[IpNet], v6: bool) -> Vec<IpNet> {
+    IpNet::aggregate(&nets.iter().filter(|n| n.addr().is_ipv6() == v6).copied().collect::<Vec<_>>())
+}
+
+/// One side's alternatives: each is the matches of one way to satisfy the side's `ports` (the
+/// numeric ranges together, each named port alone), with everything else of the side.
+fn entity_matches(e: &Entity, addr: Addr, v6: bool, proto: Option<u8>) -> Option<Vec<Vec<Match>>> {
+    let mut base = Vec::new();
+    if !e.nets.is_empty() {
+        let nets = family_nets(&e.nets, v6);
+        if nets.is_empty() {
+            return None; // No net of this family: the rule cannot match it.
+        }
+        base.push(Match::AddrIn { addr, v6, nets, negate: false });
+    }
+    let not = family_nets(&e.not_nets, v6);
+    if !not.is_empty() {
+        base.push(Match::AddrIn { addr, v6, nets: not, negate: true });
+    }
+    let sel_set = |s: &gingham_api::Selector| set_name(&SetSpec { selector: Some(s.clone()), named: None }.id(), v6);
+    if let Some(s) = &e.selector {
+        base.push(Match::AddrInSet { addr, v6, set: sel_set(s), negate: false });
+    }
+    if let Some(s) = &e.not_selector {
+        base.push(Match::AddrInSet { addr, v6, set: sel_set(s), negate: true });
+    }
+    let named_set = |n: &str| {
+        let spec = SetSpec { selector: e.selector.clone(), named: Some((proto.unwrap_or(0), n.to_string())) };
+        set_name(&spec.id(), v6)
+    };
+    let ranges = |ports: &[Port]| -> Vec<(u16, u16)> {
+        ports.iter().filter_map(|p| if let Port::Range(a, b) = p { Some((*a, *b)) } else { None }).collect()
+    };
+    let not_ranges = ranges(&e.not_ports);
+    if !not_ranges.is_empty() {
+        base.push(Match::Ports { addr, ranges: not_ranges, negate: true });
+    }
+    for p in &e.not_ports {
+        if let Port::Named(n) = p {
+            base.push(Match::AddrProtoPortInSet { addr, v6, set: named_set(n), negate: true });
+        }
+    }
+    if e.ports.is_empty() {
+        return Some(vec![base]);
+    }
+    let mut alts = Vec::new();
+    let r = ranges(&e.ports);
+    if !r.is_empty() {
+        let mut m = base.clone();
+        m.push(Match::Ports { addr, ranges: r, negate: false });
+        alts.push(m);
+    }
+    for p in &e.ports {
+        if let Port::Named(n) = p {
+            let mut m = base.clone();
+            m.push(Match::AddrProtoPortInSet { addr, v6, set: named_set(n), negate: false });
+            alts.push(m);
+        }
+    }
+    Some(alts)
+}
+
+/// A policy rule as nft rules: per family it applies to, per port alternative.
+pub fn render_rule(r: &PRule) -> Vec<Rule> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        if r.ip_version.is_some_and(|v| (v == 6) != v6)
+            || matches!((r.protocol, v6), (Some(1), true) | (Some(58), false))
+        {
+            continue;
+        }
+        let mut head = vec![Match::NfProto { v6 }];
+        if let Some(p) = r.protocol {
+            head.push(Match::L4Proto { proto: p, negate: false });
+        }
+        if let Some(p) = r.not_protocol {
+            head.push(Match::L4Proto { proto: p, negate: true });
+        }
+        for (icmp, negate) in [(&r.icmp, false), (&r.not_icmp, true)] {
+            if let Some(i) = icmp {
+                head.push(Match::Icmp { v6, kind: i.kind, code: i.code, negate });
+            }
+        }
+        let (Some(src), Some(dst)) = (
+            entity_matches(&r.source, Addr::Source, v6, r.protocol),
+            entity_matches(&r.destination, Addr::Destination, v6, r.protocol),
+        ) else {
+            continue;
+        };
+        let verdict = match r.action {
+            Action::Allow => vec![Statement::MarkSet(MARK_ACCEPT), Statement::Return],
+            Action::Pass => vec![Statement::MarkSet(MARK_PASS), Statement::Return],
+            Action::Deny => vec![Statement::Drop],
+            Action::Log => vec![Statement::Log("calico-packet: ".into())],
+        };
+        for s in &src {
+            for d in &dst {
+                let mut m = head.clone();
+                m.extend(s.iter().cloned());
+                m.extend(d.iter().cloned());
+                let mut st = vec![Statement::Counter];
+                st.extend(verdict.iter().cloned());
+                out.push(Rule::new(m, st));
+            }
+        }
+    }
+    out
+}
+
+fn rules_chain(ops: &mut Vec<Op>, name: &str, rules: &[PRule]) {
+    let t = table();
+    ops.push(Op::AddChain(t.clone(), name.into(), None));
+    ops.push(Op::FlushChain(t.clone(), name.into()));
+    for r in rules {
+        ops.extend(render_rule(r).into_iter().map(|r| Op::AddRule(t.clone(), name.into(), r)));
+    }
+}
+
+fn mark(bits: u32, set: bool) -> Match {
+    Match::Mark { bits, set }
+}
+
+/// An endpoint's chain for one direction: tiers, then profiles, then drop.
+fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
+    let mut out = vec![Rule::new(vec![], vec![Statement::MarkClear(MARKS)])];
+    if !ingress {
+        // Anti-spoofing: a workload sends only from its own addresses.
+        for v6 in [false, true] {
+            let own = family_nets(&plan.ips, v6);
+            let m = if own.is_empty() {
+                vec![Match::NfProto { v6 }]
+            } else {
+                vec![Match::NfProto { v6 }, Match::AddrIn { addr: Addr::Source, v6, nets: own, negate: true }]
+            };
+            out.push(Rule::new(m, vec![Statement::Counter, Statement::Drop]));
+        }
+    }
+    let tiers: &[TierPlan] = if ingress { &plan.ingress } else { &plan.egress };
+    for t in tiers {
+        out.push(Rule::new(vec![], vec![Statement::MarkClear(MARK_PASS)]));
+        for p in &t.policies {
+            out.push(Rule::new(vec![mark(MARK_PASS, false)], vec![Statement::Jump(policy_chain(p, ingress))]));
+            out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
+        }
+        if !t.pass_at_end {
+            out.push(Rule::new(vec![mark(MARK_PASS, false)], vec![Statement::Counter, Statement::Drop]));
+        }
+    }
+    for p in &plan.profiles {
+        out.push(Rule::new(vec![], vec![Statement::Jump(profile_chain(p, ingress))]));
+        out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
+    }
+    out.push(Rule::new(vec![], vec![Statement::Counter, Statement::Drop]));
+    out
+}
+
+pub struct PolicyManager {
+    nft: Nft,
+    config: PolicyConfig,
+    built: bool,
+    sets: BTreeMap<String, BTreeSet<Element>>,
+    chains: BTreeSet<String>,
+    endpoints: BTreeSet<String>,
+    /// Interfaces whose policy is programmed, for CNI ADD to wait on.
+    programmed: BTreeSet<String>,
+}
+
+impl PolicyManager {
+    pub fn new(nft: Nft, config: PolicyConfig) -> PolicyManager {
+        PolicyManager {
+            nft,
+            config,
+            built: false,
+            sets: BTreeMap::new(),
+            chains: BTreeSet::new(),
+            endpoints: BTreeSet::new(),
+            programmed: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_programmed(&self, iface: &str) -> bool {
+        self.programmed.contains(iface)
+    }
+
+    pub fn programmed(&self) -> &BTreeSet<String> {
+        &self.programmed
+    }
+
+    fn base(&self) -> Vec<Op> {
+        let t = table();
+        let px = &self.config.interface_prefix;
+        let (i, o) = (Match::IifnamePrefix(px.clone()), Match::OifnamePrefix(px.clone()));
+        let base = |hook| {
+            Some(BaseChain { kind: ChainType::Filter, hook, priority: PRIORITY_FILTER, accept_by_default: true })
+        };
+        let mut ops = vec![
+            Op::AddTable(t.clone()),
+            Op::AddIfnameVmap(t.clone(), FROM_WL.into()),
+            Op::AddIfnameVmap(t.clone(), TO_WL.into()),
+        ];
+        let forward = vec![
+            Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
+            Rule::new(vec![i.clone(), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
+            Rule::new(vec![o.clone(), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
+            Rule::new(vec![], vec![Statement::MarkClear(MARKS)]),
+            Rule::new(vec![], vec![Statement::IfnameVmap { input: true, map: FROM_WL.into() }]),
+            // A workload interface without policy yet (not in the map): nothing gets out.
+            Rule::new(vec![i.clone(), mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
+            Rule::new(vec![], vec![Statement::MarkClear(MARKS)]),
+            Rule::new(vec![], vec![Statement::IfnameVmap { input: false, map: TO_WL.into() }]),
+            Rule::new(vec![o, mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
+        ];
+        let mut input = vec![
+            Rule::new(vec![i.clone(), Match::CtEstablished], vec![Statement::Accept]),
+            Rule::new(vec![i.clone(), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
+            Rule::new(vec![i.clone(), Match::Icmpv6Types(ICMPV6_TO_HOST.to_vec())], vec![Statement::Accept]),
+            Rule::new(vec![i.clone()], vec![Statement::MarkClear(MARKS)]),
+            Rule::new(vec![i.clone()], vec![Statement::IfnameVmap { input: true, map: FROM_WL.into() }]),
+            Rule::new(vec![i.clone(), mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
+        ];
+        match self.config.endpoint_to_host {
+            EndpointToHost::Accept => input.push(Rule::new(vec![i], vec![Statement::Accept])),
+            EndpointToHost::Drop => input.push(Rule::new(vec![i], vec![Statement::Counter, Statement::Drop])),
+            EndpointToHost::Return => {}
+        }
+        for (name, hook, rules) in [("forward", Hook::Forward, forward), ("input", Hook::Input, input)] {
+            ops.push(Op::AddChain(t.clone(), name.into(), base(hook)));
+            ops.push(Op::FlushChain(t.clone(), name.into()));
+            ops.extend(rules.into_iter().map(|r| Op::AddRule(t.clone(), name.into(), r)));
+        }
+        ops
+    }
+
+    /// Bring the kernel to the engine's picture for what `dirty` names (everything, the first
+    /// time or after a failure), in one transaction.
+    pub async fn apply(&mut self, engine: &Engine, dirty: &Dirty) -> Result<(), DataplaneError> {
+        let full = !self.built;
+        let mut dirty = dirty.clone();
+        let mut ops = Vec::new();
+        if full {
+            ops.push(Op::DeleteTable(table()));
+            ops.extend(self.base());
+            self.sets.clear();
+            self.chains.clear();
+            self.endpoints.clear();
+            dirty.sets.extend(engine.index().set_ids().cloned());
+            dirty.policies.extend(engine.policies().map(|(k, _)| k.clone()));
+            dirty.profiles.extend(engine.plans().flat_map(|(_, p)| p.profiles.clone()));
+            dirty.endpoints.extend(engine.plans().map(|(i, _)| i.clone()));
+        }
+        let t = table();
+        let mut later = Vec::new();
+        // Sets first (rules refer to them), deletions last.
+        for id in &dirty.sets {
+            let spec = engine.index().set_spec(id).cloned();
+            for v6 in [false, true] {
+                let name = set_name(id, v6);
+                let want = spec.as_ref().map(|s| {
+                    let members: Vec<&Member> = engine.index().members(id).into_iter().flatten().collect();
+                    (s, set_elements(s, members, v6))
+                });
+                match (want, self.sets.get(&name)) {
+                    (Some((s, want)), Some(have)) => {
+                        let _ = s;
+                        let gone: Vec<Element> = have.difference(&want).cloned().collect();
+                        let new: Vec<Element> = want.difference(have).cloned().collect();
+                        ops.push(Op::DeleteElements(t.clone(), name.clone(), gone));
+                        ops.push(Op::AddElements(t.clone(), name.clone(), new));
+                        self.sets.insert(name, want);
+                    }
+                    (Some((s, want)), None) => {
+                        ops.push(Op::AddSet(t.clone(), Set { name: name.clone(), ..set_type(s, v6) }));
+                        ops.push(Op::AddElements(t.clone(), name.clone(), want.iter().cloned().collect()));
+                        self.sets.insert(name, want);
+                    }
+                    (None, Some(_)) => {
+                        later.push(Op::DeleteSet(t.clone(), name.clone()));
+                        self.sets.remove(&name);
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        let mut chain = |ops: &mut Vec<Op>, later: &mut Vec<Op>, name: String, rules: Option<&[PRule]>| match rules {
+            Some(r) => {
+                rules_chain(ops, &name, r);
+                self.chains.insert(name);
+            }
+            None if self.chains.remove(&name) => {
+                ops.push(Op::FlushChain(t.clone(), name.clone()));
+                later.push(Op::DeleteChain(t.clone(), name));
+            }
+            None => {}
+        };
+        for key in &dirty.policies {
+            let p = engine.policy(key).filter(|_| engine.is_active(key));
+            for ingress in [true, false] {
+                let rules = p.and_then(|p| if ingress { p.ingress.as_deref() } else { p.egress.as_deref() });
+                chain(&mut ops, &mut later, policy_chain(key, ingress), rules);
+            }
+        }
+        for name in &dirty.profiles {
+            let prof = engine.profile_active(name).then(|| engine.profile(name));
+            for ingress in [true, false] {
+                let rules = prof.as_ref().map(|p| if ingress { p.ingress.as_slice() } else { p.egress.as_slice() });
+                chain(&mut ops, &mut later, profile_chain(name, ingress), rules);
+            }
+        }
+        let mut endpoint_later = Vec::new();
+        for iface in &dirty.endpoints {
+            let plan = engine.plan(iface);
+            for (ingress, map) in [(true, TO_WL), (false, FROM_WL)] {
+                let name = endpoint_chain(iface, ingress);
+                let elem = vec![Element::IfJump(iface.clone(), name.clone())];
+                match plan {
+                    Some(plan) => {
+                        ops.push(Op::AddChain(t.clone(), name.clone(), None));
+                        ops.push(Op::FlushChain(t.clone(), name.clone()));
+                        ops.extend(
+                            endpoint_rules(plan, ingress).into_iter().map(|r| Op::AddRule(t.clone(), name.clone(), r)),
+                        );
+                        if !self.endpoints.contains(iface) {
+                            ops.push(Op::AddElements(t.clone(), map.into(), elem));
+                        }
+                    }
+                    None if self.endpoints.contains(iface) => {
+                        ops.push(Op::DeleteElements(t.clone(), map.into(), elem));
+                        ops.push(Op::FlushChain(t.clone(), name.clone()));
+                        endpoint_later.push(Op::DeleteChain(t.clone(), name));
+                    }
+                    None => {}
+                }
+            }
+            match plan {
+                Some(_) => self.endpoints.insert(iface.clone()),
+                None => self.endpoints.remove(iface),
+            };
+        }
+        ops.extend(endpoint_later);
+        ops.extend(later);
+        if let Err(e) = self.nft.apply(&ops).await {
+            self.built = false;
+            self.programmed.clear();
+            return Err(e.into());
+        }
+        self.built = true;
+        self.programmed = self.endpoints.clone();
+        Ok(())
+    }
+
+    /// Rebuild from scratch at the next apply (the table was changed by hand, or is unknown).
+    pub fn invalidate(&mut self) {
+        self.built = false;
+    }
+
+    pub fn is_built(&self) -> bool {
+        self.built
+    }
+
+    pub async fn remove(&mut self) -> Result<(), DataplaneError> {
+        self.nft.apply(&[Op::DeleteTable(table())]).await?;
+        self.built = false;
+        self.programmed.clear();
+        Ok(())
+    }
+
+    pub fn nft(&self) -> &Nft {
+        &self.nft
+    }
+}
