@@ -83,6 +83,8 @@ impl Interner {
 /// The keys the agent follows.
 pub const RESOURCES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
 pub const BLOCKS_PREFIX: &str = "/calico/ipam/v2/assignment/";
+/// Everything the agent follows; it is in sync once each was listed.
+pub const FOLLOWED: [&str; 4] = [RESOURCES_PREFIX, BLOCKS_PREFIX, KNP_PREFIX, NAMESPACES_PREFIX];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeRec {
@@ -219,6 +221,7 @@ pub struct Endpoint {
     pub node: Id,
     pub labels: Id,
     pub profiles: Id,
+    pub ports: Id,
     pub ips: Ips,
     pub local: Option<Box<LocalPart>>,
 }
@@ -233,6 +236,36 @@ pub enum Change {
     BgpConfig(String),
     BgpPeer(String),
     BgpFilter(String),
+    /// A policy-kind resource (policies, profiles, namespaces, network sets), by datastore key.
+    PolicyObject(String),
+}
+
+/// The kinds the policy engine takes whole from the datastore.
+pub const POLICY_KINDS: [Kind; 7] = [
+    Kind::NetworkPolicy,
+    Kind::GlobalNetworkPolicy,
+    Kind::Profile,
+    Kind::NetworkSet,
+    Kind::GlobalNetworkSet,
+    Kind::KubernetesNetworkPolicy,
+    Kind::Namespace,
+];
+
+/// Prefixes outside projectcalico.org the agent follows too (Kubernetes kinds).
+pub const KNP_PREFIX: &str = "/calico/resources/v3/networking.k8s.io/networkpolicies/";
+pub const NAMESPACES_PREFIX: &str = "/calico/resources/v3/core/namespaces/";
+
+/// A policy-kind key's kind, namespace and name.
+pub fn policy_key_parts(key: &str) -> Option<(Kind, Option<&str>, &str)> {
+    for k in POLICY_KINDS {
+        if let Some(rest) = key.strip_prefix(k.prefix(None).as_str()) {
+            return Some(match (k.namespaced(), rest.split_once('/')) {
+                (true, Some((ns, name))) => (k, Some(ns), name),
+                _ => (k, None, rest),
+            });
+        }
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -262,6 +295,8 @@ struct WepSpec {
     interface_name: Option<String>,
     #[serde(rename = "containerID")]
     container_id: Option<String>,
+    #[serde(default)]
+    ports: Vec<gingham_api::policy::EndpointPort>,
 }
 
 fn decode_spec<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, String> {
@@ -278,10 +313,14 @@ enum Item {
     BgpPeer(String),
     BgpFilter(String),
     Block(IpNet),
+    PolicyObject,
     Other,
 }
 
 fn classify(key: &str) -> Item {
+    if policy_key_parts(key).is_some() {
+        return Item::PolicyObject;
+    }
     if let Some(rest) = key.strip_prefix(RESOURCES_PREFIX) {
         let Some((plural, name)) = rest.split_once('/') else { return Item::Other };
         return match plural {
@@ -322,6 +361,9 @@ pub struct Cache {
     pub bgp_configs: BTreeMap<String, BGPConfigurationSpec>,
     pub bgp_peers: BTreeMap<String, BGPPeerSpec>,
     pub bgp_filters: BTreeMap<String, BGPFilterSpec>,
+    /// Policy-kind resources as stored, by key (few next to endpoints; compiled by the engine).
+    pub policy_objects: BTreeMap<String, gingham_api::Object>,
+    port_sets: Lists<(Id, u8, u16)>,
     /// Keys whose stored value did not decode, with the error (logged once).
     pub bad: HashMap<String, String>,
     pub decode_errors: u64,
@@ -343,6 +385,8 @@ impl Cache {
             bgp_configs: BTreeMap::new(),
             bgp_peers: BTreeMap::new(),
             bgp_filters: BTreeMap::new(),
+            policy_objects: BTreeMap::new(),
+            port_sets: Lists::default(),
             bad: HashMap::new(),
             decode_errors: 0,
             listing: HashMap::new(),
@@ -365,6 +409,11 @@ impl Cache {
 
     pub fn profiles(&self, e: &Endpoint) -> &[Id] {
         self.profile_sets.get(e.profiles)
+    }
+
+    /// An endpoint's named ports: (name, protocol number, port).
+    pub fn ports(&self, e: &Endpoint) -> &[(Id, u8, u16)] {
+        self.port_sets.get(e.ports)
     }
 
     /// This node's endpoints.
@@ -393,6 +442,7 @@ impl Cache {
             Item::BgpConfig(n) => self.bgp_configs.remove(&n).map(|_| Change::BgpConfig(n)),
             Item::BgpPeer(n) => self.bgp_peers.remove(&n).map(|_| Change::BgpPeer(n)),
             Item::BgpFilter(n) => self.bgp_filters.remove(&n).map(|_| Change::BgpFilter(n)),
+            Item::PolicyObject => self.policy_objects.remove(key).map(|_| Change::PolicyObject(key.into())),
             Item::Other => None,
         }
     }
@@ -443,6 +493,14 @@ impl Cache {
                     Change::BgpFilter(n.clone())
                 })
             }),
+            Item::PolicyObject => {
+                serde_json::from_slice::<gingham_api::Object>(&kv.value).map_err(|e| e.to_string()).map(|o| {
+                    (self.policy_objects.get(&kv.key) != Some(&o)).then(|| {
+                        self.policy_objects.insert(kv.key.clone(), o);
+                        Change::PolicyObject(kv.key.clone())
+                    })
+                })
+            }
             Item::Other => return None,
         };
         match result {
@@ -516,11 +574,18 @@ impl Cache {
         let labels: Vec<(Id, Id)> =
             doc.metadata.labels.iter().map(|(k, v)| (self.syms.id(k), self.syms.id(v))).collect();
         let profiles: Vec<Id> = doc.spec.profiles.iter().map(|p| self.syms.id(p)).collect();
+        let ports: Vec<(Id, u8, u16)> = doc
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| Some((self.syms.id(&p.name), p.protocol.number(), u16::try_from(p.port).ok()?)))
+            .collect();
         Ok(Endpoint {
             namespace: self.syms.id(namespace),
             node: self.syms.id(&node),
             labels: self.label_sets.id(labels),
             profiles: self.profile_sets.id(profiles),
+            ports: self.port_sets.id(ports),
             ips: Ips::from(ips),
             local,
         })
@@ -580,6 +645,7 @@ impl Cache {
             out.extend(self.bgp_peers.keys().map(|n| Kind::BGPPeer.key(None, n)));
             out.extend(self.bgp_filters.keys().map(|n| Kind::BGPFilter.key(None, n)));
         }
+        out.extend(self.policy_objects.keys().cloned());
         if BLOCKS_PREFIX.starts_with(prefix) || prefix.starts_with(BLOCKS_PREFIX) {
             out.extend(self.blocks.keys().map(gingham_ipam::model::block_key));
         }

@@ -74,6 +74,7 @@ pub struct EndpointService {
     locks: KeyedLocks,
     /// This node's endpoints, from the agent's cache.
     locals: tokio::sync::watch::Receiver<crate::model::Locals>,
+    programmed: Option<tokio::sync::watch::Receiver<crate::model::Programmed>>,
     /// DELs done locally while the datastore was unreachable, their datastore part to follow.
     pending_dels: std::sync::Mutex<Vec<Endpoint>>,
     /// Where that queue is kept across restarts.
@@ -82,6 +83,9 @@ pub struct EndpointService {
 
 /// A failed DEL step, and whether the datastore was unreachable (rather than refusing).
 struct Unreachable(bool, CniError);
+
+/// How long an ADD waits for its endpoint's policy to be programmed.
+pub const POLICY_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a DEL waits for the datastore before completing locally.
 pub const DATASTORE_WAIT: Duration = Duration::from_secs(5);
@@ -164,6 +168,7 @@ impl EndpointService {
         host: Netlink,
         metrics: Arc<crate::metrics::Metrics>,
         locals: tokio::sync::watch::Receiver<crate::model::Locals>,
+        programmed: Option<tokio::sync::watch::Receiver<crate::model::Programmed>>,
     ) -> Self {
         EndpointService {
             node,
@@ -173,6 +178,7 @@ impl EndpointService {
             metrics,
             locks: KeyedLocks::default(),
             locals,
+            programmed,
             pending_dels: Default::default(),
             pending_file: None,
         }
@@ -383,7 +389,31 @@ impl EndpointService {
         undo.wep = true;
         self.write_endpoint(ep, id, &got, &pod_link.mac).await?;
         let ips: Vec<IpNet> = got.v4.iter().chain(&got.v6).copied().collect();
+        self.policy_in_place(&id.host_veth, &ips).await?;
         Ok(result_for(ep, id, &host_link, &pod_link, &ips))
+    }
+
+    /// Wait until this node's agent has the endpoint's policy in the kernel, built for these
+    /// addresses (until then its interface drops everything): the pod's first packet meets
+    /// its rules, never a gap.
+    async fn policy_in_place(&self, iface: &str, ips: &[IpNet]) -> Result<(), CniError> {
+        let Some(mut rx) = self.programmed.clone() else { return Ok(()) };
+        let mut want: Vec<IpNet> = ips.iter().map(|n| IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n)).collect();
+        want.sort();
+        let ready = |p: &crate::model::Programmed| {
+            p.get(iface).is_some_and(|have| {
+                let mut have = have.clone();
+                have.sort();
+                have == want
+            })
+        };
+        match tokio::time::timeout(POLICY_WAIT, rx.wait_for(ready)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("the policy of {iface} was not programmed within {} s", POLICY_WAIT.as_secs()),
+            )),
+        }
     }
 
     /// The result of an earlier ADD of this very attachment, if it is whole (its endpoint

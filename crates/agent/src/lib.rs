@@ -121,7 +121,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         };
         model.with_bgp(bgp::Runner::new(Some(secrets), Some(keys)));
     }
-    for prefix in [cache::RESOURCES_PREFIX, cache::BLOCKS_PREFIX] {
+    let programmed = model.programmed();
+    for prefix in cache::FOLLOWED {
         tokio::spawn(sync::follow(config.store.clone(), prefix, shared.clone()));
     }
     let kernel = gingham_kernel::route_and_link_events().ok();
@@ -148,6 +149,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         host,
         metrics.clone(),
         locals,
+        programmed,
     );
     service.load_pending(pending_dels_path(&config.socket));
     let service = Arc::new(service);

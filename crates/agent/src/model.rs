@@ -28,7 +28,7 @@ use ipnet::IpNet;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{Notify, watch};
 
-use crate::cache::{BLOCKS_PREFIX, Cache, Change, RESOURCES_PREFIX};
+use crate::cache::{Cache, Change};
 use crate::metrics::Metrics;
 use crate::sync::Shared;
 
@@ -50,11 +50,16 @@ pub struct LocalEndpoint {
 
 pub type Locals = Arc<Vec<LocalEndpoint>>;
 
+/// Local workload interfaces whose policy is in the kernel, with the addresses it was built
+/// for (CNI ADD returns once its interface is here with its new addresses).
+pub type Programmed = Arc<std::collections::BTreeMap<String, Vec<IpNet>>>;
+
 /// The managers that route: present unless the agent runs `--endpoints-only`.
 pub struct Network {
     pub routes: RouteManager,
     pub vxlan: VxlanManager,
     pub nat: NatManager,
+    pub policy: gingham_dataplane::policy::PolicyManager,
     pub nl: Netlink,
     pub underlay_mtu: u32,
 }
@@ -75,7 +80,8 @@ impl Network {
         routes.set_device(Dev::Underlay, Some(underlay_index));
         Network {
             vxlan: VxlanManager::new(nl.clone(), underlay, node_ip),
-            nat: NatManager::new(nft),
+            nat: NatManager::new(nft.clone()),
+            policy: gingham_dataplane::policy::PolicyManager::new(nft, Default::default()),
             routes,
             nl,
             underlay_mtu,
@@ -107,6 +113,11 @@ pub struct Model {
     /// burst and leaves the allocator's free space behind).
     trimmer: gingham_kernel::memory::HeapTrimmer,
     learned_changes: usize,
+    /// Network policy: the engine (fed every local endpoint, and every other one once any
+    /// policy-kind resource exists) and what is programmed, for CNI ADD to wait on.
+    policy: gingham_policy::Engine,
+    policy_remote: bool,
+    programmed: watch::Sender<Programmed>,
 }
 
 fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
@@ -161,6 +172,7 @@ impl Model {
         sweep: Arc<Notify>,
     ) -> (Model, watch::Receiver<Locals>, Arc<Shared>) {
         let (locals, rx) = watch::channel(Arc::new(Vec::new()));
+        let (programmed, _) = watch::channel(Arc::default());
         let shared = Shared::new(Cache::new(node));
         let m = Model {
             node: node.into(),
@@ -179,6 +191,9 @@ impl Model {
             bgp: None,
             trimmer: gingham_kernel::memory::HeapTrimmer::new(TRIM_AFTER_ROUTES),
             learned_changes: 0,
+            policy: gingham_policy::Engine::default(),
+            policy_remote: false,
+            programmed,
         };
         (m, rx, shared)
     }
@@ -216,6 +231,90 @@ impl Model {
             self.process().await;
             self.trimmer.changed(std::mem::take(&mut self.learned_changes));
         }
+    }
+
+    /// What CNI ADD waits on (None when this agent programs no policy: `--endpoints-only`).
+    pub fn programmed(&self) -> Option<watch::Receiver<Programmed>> {
+        self.net.as_ref().map(|_| self.programmed.subscribe())
+    }
+
+    /// One endpoint into the policy engine (others' only once policy exists at all).
+    fn feed_endpoint(&mut self, cache: &Cache, h: crate::cache::EndpointKey) {
+        use gingham_policy::index::{ItemData, NamedPort};
+        let key = format!("wep/{:016x}{:016x}", h[0], h[1]);
+        match cache.endpoints.get(&h) {
+            Some(e) if e.local.is_some() || self.policy_remote => {
+                let data = ItemData {
+                    labels: cache
+                        .labels(e)
+                        .iter()
+                        .map(|(k, v)| (cache.name(*k).into(), cache.name(*v).into()))
+                        .collect(),
+                    profiles: cache.profiles(e).iter().map(|p| cache.name(*p).into()).collect(),
+                    nets: e.ips.to_vec(),
+                    ports: cache
+                        .ports(e)
+                        .iter()
+                        .map(|(n, proto, port)| NamedPort {
+                            name: cache.name(*n).into(),
+                            protocol: *proto,
+                            port: *port,
+                        })
+                        .collect(),
+                };
+                let local_interface = e.local.as_ref().and_then(|l| l.interface.clone());
+                self.policy.set_item(&key, Some(gingham_policy::Item { data, local_interface }));
+            }
+            Some(_) => {}
+            None => self.policy.set_item(&key, None),
+        }
+    }
+
+    fn policy_object(&mut self, cache: &Cache, key: &str) {
+        if !self.policy_remote {
+            // The first policy-kind resource: from now on every endpoint is selectable.
+            self.policy_remote = true;
+            let all: Vec<crate::cache::EndpointKey> = cache.endpoints.keys().copied().collect();
+            for h in all {
+                self.feed_endpoint(cache, h);
+            }
+        }
+        match cache.policy_objects.get(key) {
+            Some(o) => {
+                if let Err(e) = gingham_policy::load::put(&mut self.policy, o) {
+                    self.metrics.record_error(format!("policy: {e} (not enforced until fixed)"));
+                }
+            }
+            None => {
+                if let Some((kind, ns, name)) = crate::cache::policy_key_parts(key) {
+                    gingham_policy::load::remove(&mut self.policy, kind, ns, name);
+                }
+            }
+        }
+    }
+
+    /// Program what the policy engine changed; publish what is in place.
+    async fn apply_policy(&mut self, errors: &mut Vec<String>) {
+        let Some(net) = self.net.as_mut() else { return };
+        let dirty = self.policy.take_dirty();
+        if net.policy.is_built() && dirty == Default::default() {
+            return;
+        }
+        if let Err(e) = net.policy.apply(&self.policy, &dirty).await {
+            errors.push(format!("policy: {e}"));
+        }
+        let mut programmed = std::collections::BTreeMap::new();
+        let mut policed = Vec::new();
+        for iface in net.policy.programmed() {
+            if let Some(plan) = self.policy.plan(iface) {
+                programmed.insert(iface.clone(), plan.ips.clone());
+                if !plan.ingress.is_empty() || !plan.egress.is_empty() {
+                    policed.extend(plan.ips.iter().copied());
+                }
+            }
+        }
+        net.nat.set_policed(policed);
+        self.programmed.send_replace(Arc::new(programmed));
     }
 
     /// Speak BGP (before `run`).
@@ -320,7 +419,7 @@ impl Model {
             }
             let changes = std::mem::take(&mut p.changes);
             had_changes = !changes.is_empty();
-            ready_now = !self.in_sync && p.synced.contains(RESOURCES_PREFIX) && p.synced.contains(BLOCKS_PREFIX);
+            ready_now = !self.in_sync && crate::cache::FOLLOWED.iter().all(|f| p.synced.contains(f));
             let push = self.in_sync;
             let mut locals_changed = false;
             let mut vtep_changed = false;
@@ -361,7 +460,14 @@ impl Model {
                         }
                         continue;
                     }
+                    Change::PolicyObject(key) => {
+                        self.policy_object(&p.cache, &key);
+                        self.dirty = true;
+                        continue;
+                    }
                     Change::Endpoint(h) => {
+                        self.feed_endpoint(&p.cache, h);
+                        self.dirty |= self.net.is_some();
                         let local = p.cache.endpoints.get(&h).and_then(|e| Some((e, e.local.as_ref()?)));
                         let key = match local {
                             Some((_, l)) => Some(l.key.clone()),
@@ -524,6 +630,12 @@ impl Model {
         if let Err(e) = self.workloads.apply().await {
             errors.push(format!("workloads: {e}"));
         }
+        self.apply_policy(&mut errors).await;
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.nat.apply().await {
+                errors.push(format!("NAT: {e}"));
+            }
+        }
         self.report(errors);
     }
 
@@ -547,6 +659,21 @@ impl Model {
         }
         if let Err(e) = self.workloads.resync().await {
             errors.push(format!("workloads: {e}"));
+        }
+        if let Some(net) = self.net.as_mut() {
+            // The table removed behind our back: rebuilt whole (changes inside it are not yet
+            // noticed; see the policy issue's notes).
+            match net.policy.nft().has_table(&gingham_dataplane::policy::table()).await {
+                Ok(false) => net.policy.invalidate(),
+                Ok(true) => {}
+                Err(e) => errors.push(format!("policy: {e}")),
+            }
+        }
+        self.apply_policy(&mut errors).await;
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.nat.apply().await {
+                errors.push(format!("NAT: {e}"));
+            }
         }
         self.report(errors);
     }

@@ -702,3 +702,49 @@ fn restart_agent(lab: &mut Lab, state: &Value) {
         .unwrap();
     lab.extra_pids.push(child.id());
 }
+
+/// Policy before the first packet: a pod created into a namespace whose policy denies
+/// everything never reaches anything and is never reached; a pod without policy gets its very
+/// first packet through the moment its ADD returns; removing the policy opens the pod up.
+#[test]
+fn policy_before_the_first_packet() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let file = lab.dir.path().join("deny.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: locked\n  labels:\n    team: x\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-all\n  namespace: locked\n\
+         spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
+    )
+    .unwrap();
+    lab.gingham(&["apply", "-f", file.to_str().unwrap()]);
+    let other = lab.pod_ip("default/pod-2-1");
+    let exec = |pod: &str, args: &[&str]| {
+        lab.cmd(&["lab", "exec", pod, "--"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let ping = |pod: &str, ip: &str| exec(pod, &["ping", "-c", "1", "-W", "1", ip]);
+
+    lab.ok(&["lab", "pod", "add", "node-1", "locked/p"]);
+    let locked = lab.pod_ip("locked/p");
+    assert!(!ping("locked/p", &other), "a denied pod reaches nothing");
+    assert!(!ping("default/pod-2-1", &locked), "a denied pod is reached by nothing");
+    assert!(!ping("locked/p", "10.99.0.12"), "not even the other node");
+
+    lab.ok(&["lab", "pod", "add", "node-1", "default/fresh"]);
+    assert!(ping("default/fresh", &other), "the first packet after ADD gets through");
+    let table = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("node-1"), "nft", "list", "table", "inet", "gingham"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("chain po-locked_knp.default.deny-all"), "{table}");
+
+    lab.gingham(&["delete", "-f", file.to_str().unwrap()]);
+    wait_for("the pod opens up once its policy is gone", Duration::from_secs(5), || ping("locked/p", &other));
+}

@@ -77,6 +77,9 @@ pub struct VxlanPeer {
 pub struct NatSets {
     pub masquerade_from: Vec<IpNet>,
     pub all_pools: Vec<IpNet>,
+    /// Local workload addresses policy needs connection state for (exempt from `notrack`;
+    /// set by the policy side, not by this calculation).
+    pub policed: Vec<IpNet>,
 }
 
 /// What one update changes in the desired dataplane.
@@ -236,6 +239,7 @@ impl RouteCalc {
         let nat = NatSets {
             masquerade_from: self.pools.values().filter(|p| p.nat_outgoing).map(|p| p.cidr).collect(),
             all_pools: self.pools.values().map(|p| p.cidr).collect(),
+            policed: Vec::new(),
         };
         if nat != self.nat {
             self.nat = nat.clone();

@@ -3,7 +3,8 @@
 //! from connection tracking (only this table's nat hook turns conntrack on in the node; traffic
 //! that is never translated skips it — measured +14% pod-to-pod over VXLAN). A pool change is a
 //! set-element change; the table is built whole only the first time and after drift, and never
-//! flushed while traffic flows.
+//! flushed while traffic flows. Pod-to-pod traffic of workloads that have policy stays tracked
+//! (set `policed`): their rules accept replies by connection state.
 
 use gingham_kernel::nft::*;
 use ipnet::IpNet;
@@ -15,6 +16,7 @@ use crate::vxlan::VXLAN_PORT;
 pub const NFT_TABLE: &str = "gingham";
 const MASQ: &str = "masquerade-from";
 const POOLS: &str = "all-pools";
+const POLICED: &str = "policed";
 
 fn table() -> Table {
     Table::new(Family::Ip, NFT_TABLE)
@@ -33,7 +35,8 @@ fn full(sets: &NatSets) -> Vec<Op> {
     let set = |name: &str| Set { name: name.into(), kind: SetType::Ipv4Addr, interval: true };
     let in_set = |addr, set: &str, negate| Match::AddrInSet { addr, v6: false, set: set.into(), negate };
     let mut ops = vec![Op::AddTable(t.clone())];
-    for (name, elems) in [(MASQ, v4(&sets.masquerade_from)), (POOLS, v4(&sets.all_pools))] {
+    for (name, elems) in [(MASQ, v4(&sets.masquerade_from)), (POOLS, v4(&sets.all_pools)), (POLICED, v4(&sets.policed))]
+    {
         ops.push(Op::AddSet(t.clone(), set(name)));
         ops.push(Op::FlushSet(t.clone(), name.into()));
         ops.push(Op::AddElements(t.clone(), name.into(), elems));
@@ -65,6 +68,8 @@ fn untracked() -> Vec<Rule> {
             vec![
                 Match::AddrInSet { addr: Addr::Source, v6: false, set: POOLS.into(), negate: false },
                 Match::AddrInSet { addr: Addr::Destination, v6: false, set: POOLS.into(), negate: false },
+                Match::AddrInSet { addr: Addr::Source, v6: false, set: POLICED.into(), negate: true },
+                Match::AddrInSet { addr: Addr::Destination, v6: false, set: POLICED.into(), negate: true },
             ],
             vec![Statement::Notrack],
         ),
@@ -87,7 +92,13 @@ impl NatManager {
     }
 
     pub fn set(&mut self, sets: NatSets) {
-        self.want = sets;
+        self.want = NatSets { policed: std::mem::take(&mut self.want.policed), ..sets };
+    }
+
+    /// The local workload addresses that must stay tracked (they have policy).
+    pub fn set_policed(&mut self, mut policed: Vec<IpNet>) {
+        policed.sort();
+        self.want.policed = policed;
     }
 
     /// Whether the table is wanted at all (some pool masquerades).
@@ -108,6 +119,7 @@ impl NatManager {
                 for (name, was, now) in [
                     (MASQ, v4(&old.masquerade_from), v4(&self.want.masquerade_from)),
                     (POOLS, v4(&old.all_pools), v4(&self.want.all_pools)),
+                    (POLICED, v4(&old.policed), v4(&self.want.policed)),
                 ] {
                     let gone: Vec<Element> = was.iter().filter(|e| !now.contains(e)).cloned().collect();
                     let new: Vec<Element> = now.iter().filter(|e| !was.contains(e)).cloned().collect();
