@@ -439,6 +439,23 @@ impl EndpointService {
         let mut labels = ep.labels.clone();
         labels.insert("projectcalico.org/namespace".into(), id.namespace.clone());
         labels.insert("projectcalico.org/orchestrator".into(), id.orchestrator.into());
+        let mut profiles = vec![id.profile.clone()];
+        if let Some(sa) = &ep.service_account {
+            labels.insert("projectcalico.org/serviceaccount".into(), sa.clone());
+            profiles.push(format!("ksa.{}.{sa}", id.namespace));
+        }
+        let ports: Vec<gingham_api::policy::EndpointPort> = ep
+            .named_ports
+            .iter()
+            .filter_map(|p| {
+                Some(gingham_api::policy::EndpointPort {
+                    name: p.name.clone(),
+                    protocol: serde_json::from_value(serde_json::Value::String(p.protocol.clone())).ok()?,
+                    port: p.port.into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
         let spec = WorkloadEndpointSpec {
             orchestrator: Some(id.orchestrator.into()),
             workload: Some(id.workload.clone()),
@@ -453,7 +470,9 @@ impl EndpointService {
                     .map(|n| IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n).to_string())
                     .collect(),
             ),
-            profiles: Some(vec![id.profile.clone()]),
+            profiles: Some(profiles),
+            service_account_name: ep.service_account.clone(),
+            ports: (!ports.is_empty()).then_some(ports),
             interface_name: Some(id.host_veth.clone()),
             mac: mac.map(|m| format_mac(Some(m))),
             ..Default::default()

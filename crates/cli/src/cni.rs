@@ -61,6 +61,8 @@ fn run(
         interface_prefix: conf.interface_prefix.clone(),
         ipam: conf.ipam.clone(),
         requested_ips,
+        named_ports: conf.named_ports().map_err(fail)?,
+        service_account: conf.service_account(),
     };
     // The pod's namespace is opened here, in the runtime's mount namespace, and handed to the
     // agent open: the path may mean nothing where the agent runs.

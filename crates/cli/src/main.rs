@@ -184,8 +184,24 @@ enum LabCommand {
         /// over eBGP, as a top-of-rack switch.
         #[arg(long)]
         tor: bool,
+        /// The Kubernetes e2e network-policy model: namespaces x, y, z (labels ns=<n>,
+        /// kubernetes.io/metadata.name=<n>), pods a, b, c in each (label pod=<p>, named ports
+        /// serve-80-tcp, serve-81-tcp, serve-80-udp, serve-81-udp) at 172.20.<1|2|3>.<1|2|3>,
+        /// instead of the default pods.
+        #[arg(long)]
+        netpol_model: bool,
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Probe every pair of the --netpol-model pods on one port (1 s timeout each, in parallel):
+    /// 9 lines `<source> <cells>`, `.` reached, `X` not, `-` the pod itself. Exits 0 whatever
+    /// the matrix.
+    Probe {
+        /// TCP or UDP (UDP counts as reached when the echo returns).
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        #[arg(long)]
+        port: u16,
     },
     /// Remove every namespace, device, process and file the lab made.
     Down,
@@ -217,6 +233,9 @@ enum PodCommand {
         /// k=v,k2=v2
         #[arg(long, default_value = "")]
         labels: String,
+        /// The pod's service account (label projectcalico.org/serviceaccount, profile ksa.<ns>.<sa>).
+        #[arg(long)]
+        service_account: Option<String>,
     },
     Del {
         pod: String,
@@ -512,7 +531,8 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
     use gingham_lab as l;
     let exe = std::env::current_exe()?;
     match command {
-        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, quiet } => {
+        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, netpol_model, quiet } => {
+            let pods_per_node = if netpol_model { 0 } else { pods_per_node };
             let etcd = match datastore.as_str() {
                 "embedded" => false,
                 "etcd" => true,
@@ -527,6 +547,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 quiet,
                 bgp_topology: bgp_topology.as_deref().map(l::BgpTopology::parse).transpose()?,
                 tor,
+                netpol_model,
             };
             if !quiet {
                 eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());
@@ -575,7 +596,16 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
             println!("export GINGHAM_LAB_DIR={}", dir.display());
             Ok(())
         }
-        LabCommand::Pod { command: PodCommand::Add { node, pod, labels } } => {
+        LabCommand::Probe { protocol, port } => {
+            let udp = match protocol.to_ascii_uppercase().as_str() {
+                "TCP" => false,
+                "UDP" => true,
+                other => anyhow::bail!("--protocol {other}: TCP or UDP"),
+            };
+            print!("{}", l::probe(&l::State::load(dir)?, udp, port)?);
+            Ok(())
+        }
+        LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account } } => {
             let mut state = l::State::load(dir)?;
             let labels = labels
                 .split(',')
@@ -586,7 +616,8 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                         .ok_or_else(|| anyhow::anyhow!("--labels {kv}: write k=v"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let p = l::pod_add(&mut state, &exe, &node, &pod, &labels).await?;
+            let extras = l::PodExtras { service_account, ..Default::default() };
+            let p = l::pod_add(&mut state, &exe, &node, &pod, &labels, &extras).await?;
             println!("pod {} on {}: {}", p.name, p.node, p.ips.join(", "));
             Ok(())
         }

@@ -45,6 +45,20 @@ pub struct Endpoint {
     /// Specific addresses asked for (CNI_ARGS `IP=`, runtimeConfig `ips`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requested_ips: Vec<IpAddr>,
+    /// Named ports (runtimeConfig `namedPorts`: what Kubernetes gives as container ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
+    /// The pod's service account (runtimeConfig `serviceAccount`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    /// TCP, UDP or SCTP.
+    pub protocol: String,
+    pub port: u16,
 }
 
 impl Endpoint {

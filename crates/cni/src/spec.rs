@@ -271,6 +271,21 @@ impl NetConf {
             .collect()
     }
 
+    /// Named ports passed without Kubernetes: runtimeConfig.namedPorts `[{name, protocol, port}]`.
+    pub fn named_ports(&self) -> Result<Vec<crate::proto::NamedPort>, CniError> {
+        match self.runtime_config.as_ref().and_then(|r| r.get("namedPorts")) {
+            None => Ok(Vec::new()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                CniError::new(code::INVALID_CONFIG, format!("runtimeConfig.namedPorts: {e}"))
+            }),
+        }
+    }
+
+    /// The service account passed without Kubernetes: runtimeConfig.serviceAccount.
+    pub fn service_account(&self) -> Option<String> {
+        self.runtime_config.as_ref()?.get("serviceAccount")?.as_str().filter(|s| !s.is_empty()).map(str::to_string)
+    }
+
     /// Labels passed without Kubernetes: runtimeConfig.labels or args.labels (string map).
     pub fn labels(&self) -> BTreeMap<String, String> {
         let from = |v: Option<&Value>| -> BTreeMap<String, String> {

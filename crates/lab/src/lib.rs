@@ -234,6 +234,46 @@ pub struct UpOptions {
     pub bgp_topology: Option<BgpTopology>,
     /// An FRR "top-of-rack" router on the underlay that every node peers with over eBGP.
     pub tor: bool,
+    /// The Kubernetes e2e network-policy model instead of the default pods: namespaces x, y, z
+    /// with pods a, b, c each ([`NETPOL_PODS`]).
+    pub netpol_model: bool,
+}
+
+/// What a pod gets besides its labels: fixed addresses, named ports, a service account.
+#[derive(Clone, Debug, Default)]
+pub struct PodExtras {
+    pub ips: Vec<String>,
+    /// (name, protocol, port)
+    pub named_ports: Vec<(String, String, u16)>,
+    pub service_account: Option<String>,
+}
+
+/// The e2e model's pods in probe order, with their addresses and nodes (most pairs cross nodes).
+pub const NETPOL_PODS: [(&str, &str, usize); 9] = [
+    ("x/a", "172.20.1.1", 1),
+    ("x/b", "172.20.1.2", 2),
+    ("x/c", "172.20.1.3", 3),
+    ("y/a", "172.20.2.1", 2),
+    ("y/b", "172.20.2.2", 3),
+    ("y/c", "172.20.2.3", 1),
+    ("z/a", "172.20.3.1", 3),
+    ("z/b", "172.20.3.2", 1),
+    ("z/c", "172.20.3.3", 2),
+];
+
+fn netpol_resources(encap: Encap) -> String {
+    let (ipip, vxlan) = encap.pool_modes();
+    let mut y = format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: netpol-model\nspec:\n  cidr: 172.20.0.0/16\n  \
+         blockSize: 24\n  ipipMode: {ipip}\n  vxlanMode: {vxlan}\n  natOutgoing: false\n  nodeSelector: '!all()'\n"
+    );
+    for n in ["x", "y", "z"] {
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: '{n}'\n  labels:\n    ns: '{n}'\n    \
+             kubernetes.io/metadata.name: '{n}'\n"
+        ));
+    }
+    y
 }
 
 /// The two route-reflector setups of ../shared/examples/seeds (bgppeer-rr-mode1.yaml,
@@ -483,11 +523,28 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
     for n in &state.nodes {
         wait_ready(n, dir)?;
     }
+    if o.netpol_model {
+        if o.nodes < 3 {
+            return Err(msg("--netpol-model needs 3 nodes"));
+        }
+        apply(&connect(&state).await?, &netpol_resources(o.encap)).await?;
+        for (pod, ip, node) in NETPOL_PODS {
+            progress(o.quiet, &format!("pod {pod} ({ip}) on node-{node} (CNI ADD)"));
+            let name = pod.split_once('/').map_or(pod, |(_, p)| p);
+            let labels = BTreeMap::from([("pod".to_string(), name.to_string())]);
+            let named_ports = [80u16, 81]
+                .iter()
+                .flat_map(|p| ["tcp", "udp"].map(|proto| (format!("serve-{p}-{proto}"), proto.to_uppercase(), *p)))
+                .collect();
+            let extras = PodExtras { ips: vec![ip.into()], named_ports, service_account: None };
+            pod_add(&mut state, exe, &format!("node-{node}"), pod, &labels, &extras).await?;
+        }
+    }
     for n in state.nodes.clone() {
         for j in 1..=o.pods_per_node {
             let pod = format!("default/pod-{}-{j}", n.name.trim_start_matches("node-"));
             progress(o.quiet, &format!("pod {pod} on {} (CNI ADD)", n.name));
-            pod_add(&mut state, exe, &n.name, &pod, &BTreeMap::new()).await?;
+            pod_add(&mut state, exe, &n.name, &pod, &BTreeMap::new(), &PodExtras::default()).await?;
         }
     }
     progress(o.quiet, "waiting for every node's routes");
@@ -674,6 +731,7 @@ fn plugin(
     cmd: &str,
     pod: &PodState,
     labels: &BTreeMap<String, String>,
+    extras: &PodExtras,
 ) -> Result<serde_json::Value> {
     let (ns, name) = pod.name.split_once('/').unwrap_or(("default", &pod.name));
     // The node's installed conflist, first plugin, as a runtime hands it over.
@@ -683,7 +741,12 @@ fn plugin(
     let mut conf = list["plugins"][0].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
     conf["name"] = list["name"].clone();
-    conf["runtimeConfig"] = json!({ "labels": labels });
+    let ports: Vec<serde_json::Value> =
+        extras.named_ports.iter().map(|(n, p, port)| json!({"name": n, "protocol": p, "port": port})).collect();
+    conf["runtimeConfig"] = json!({ "labels": labels, "ips": extras.ips, "namedPorts": ports });
+    if let Some(sa) = &extras.service_account {
+        conf["runtimeConfig"]["serviceAccount"] = json!(sa);
+    }
     let mut c = in_ns_command(&node.netns, exe)?;
     c.env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", &pod.container_id)
@@ -721,6 +784,7 @@ pub async fn pod_add(
     node: &str,
     pod: &str,
     labels: &BTreeMap<String, String>,
+    extras: &PodExtras,
 ) -> Result<PodState> {
     if !pod.contains('/') {
         return Err(msg(format!("pod {pod:?}: write NAMESPACE/NAME")));
@@ -743,7 +807,7 @@ pub async fn pod_add(
         container_id: format!("lab-{}", pod.replace('/', "-")),
         ips: vec![],
     };
-    let result = plugin(state, exe, &n, "ADD", &p, labels)?;
+    let result = plugin(state, exe, &n, "ADD", &p, labels, extras)?;
     p.ips = result["ips"]
         .as_array()
         .into_iter()
@@ -765,7 +829,7 @@ pub fn pod_del(state: &mut State, exe: &Path, pod: &str) -> Result<()> {
         .find(|n| n.name == p.node)
         .cloned()
         .ok_or_else(|| msg(format!("node {} is gone", p.node)))?;
-    plugin(state, exe, &n, "DEL", &p, &BTreeMap::new())?;
+    plugin(state, exe, &n, "DEL", &p, &BTreeMap::new(), &PodExtras::default())?;
     netns::delete(&p.netns)?;
     state.namespaces.retain(|n| *n != p.netns);
     state.pods.retain(|x| x.name != pod);
@@ -931,6 +995,84 @@ pub fn check(state: &State) -> Result<Vec<(String, String, Cell)>> {
         let _ = a.join();
     }
     Ok(results)
+}
+
+/// The e2e probe: every model pod to every other on one port, in parallel, 1 s each; 9 lines
+/// `<source> <9 cells>` (`.` reached, `X` not, `-` itself). Listeners (TCP accept, UDP echo)
+/// run in every pod for the probe's duration.
+pub fn probe(state: &State, udp: bool, port: u16) -> Result<String> {
+    let mut pods: Vec<(&str, String)> = Vec::new();
+    for (name, _, _) in NETPOL_PODS {
+        pods.push((name, state.pod(name)?.netns.clone()));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut servers = Vec::new();
+    for (_, ns) in &pods {
+        let stop = stop.clone();
+        if udp {
+            let sock = in_netns(&ns_path(ns), move || std::net::UdpSocket::bind(("0.0.0.0", port)))??;
+            sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+            servers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            }));
+        } else {
+            let l = in_netns(&ns_path(ns), move || TcpListener::bind(("0.0.0.0", port)))??;
+            l.set_nonblocking(true)?;
+            servers.push(std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if l.accept().is_err() {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }));
+        }
+    }
+    let mut jobs = Vec::new();
+    for (i, (_, src_ns)) in pods.iter().enumerate() {
+        for (j, (dst, _)) in pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let _ = dst;
+            let ip: Ipv4Addr = NETPOL_PODS[j].1.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let ns = src_ns.clone();
+            jobs.push(std::thread::spawn(move || {
+                let to = SocketAddr::new(IpAddr::V4(ip), port);
+                let ok = in_netns(&ns_path(&ns), move || {
+                    if udp {
+                        let Ok(s) = std::net::UdpSocket::bind(("0.0.0.0", 0)) else { return false };
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut buf = [0u8; 8];
+                        s.send_to(b"probe", to).is_ok() && s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == b"probe")
+                    } else {
+                        TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()
+                    }
+                })
+                .unwrap_or(false);
+                (i, j, ok)
+            }));
+        }
+    }
+    let mut grid = [['-'; 9]; 9];
+    for j in jobs {
+        if let Ok((a, b, ok)) = j.join() {
+            grid[a][b] = if ok { '.' } else { 'X' };
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in servers {
+        let _ = s.join();
+    }
+    let mut out = String::new();
+    for (i, (name, _)) in pods.iter().enumerate() {
+        out.push_str(&format!("{name} {}\n", grid[i].iter().collect::<String>()));
+    }
+    Ok(out)
 }
 
 /// The check matrix as a table: rows are sources, columns destinations.
