@@ -237,19 +237,11 @@ pub enum Change {
     BgpPeer(String),
     BgpFilter(String),
     /// A policy-kind resource (policies, profiles, namespaces, network sets), by datastore key.
+    /// Its revision is part of its value, so a rewrite with the same content still counts.
     PolicyObject(String),
 }
 
-/// The kinds the policy engine takes whole from the datastore.
-pub const POLICY_KINDS: [Kind; 7] = [
-    Kind::NetworkPolicy,
-    Kind::GlobalNetworkPolicy,
-    Kind::Profile,
-    Kind::NetworkSet,
-    Kind::GlobalNetworkSet,
-    Kind::KubernetesNetworkPolicy,
-    Kind::Namespace,
-];
+pub use gingham_policy::load::KINDS as POLICY_KINDS;
 
 /// Prefixes outside projectcalico.org the agent follows too (Kubernetes kinds).
 pub const KNP_PREFIX: &str = "/calico/resources/v3/networking.k8s.io/networkpolicies/";
@@ -362,7 +354,7 @@ pub struct Cache {
     pub bgp_peers: BTreeMap<String, BGPPeerSpec>,
     pub bgp_filters: BTreeMap<String, BGPFilterSpec>,
     /// Policy-kind resources as stored, by key (few next to endpoints; compiled by the engine).
-    pub policy_objects: BTreeMap<String, gingham_api::Object>,
+    pub policy_objects: BTreeMap<String, (i64, gingham_api::Object)>,
     port_sets: Lists<(Id, u8, u16)>,
     /// Keys whose stored value did not decode, with the error (logged once).
     pub bad: HashMap<String, String>,
@@ -495,8 +487,9 @@ impl Cache {
             }),
             Item::PolicyObject => {
                 serde_json::from_slice::<gingham_api::Object>(&kv.value).map_err(|e| e.to_string()).map(|o| {
-                    (self.policy_objects.get(&kv.key) != Some(&o)).then(|| {
-                        self.policy_objects.insert(kv.key.clone(), o);
+                    let v = (kv.mod_revision, o);
+                    (self.policy_objects.get(&kv.key) != Some(&v)).then(|| {
+                        self.policy_objects.insert(kv.key.clone(), v);
                         Change::PolicyObject(kv.key.clone())
                     })
                 })

@@ -51,6 +51,13 @@ pub fn render_metrics(m: &Metrics) -> String {
         "gauge",
         m.routes_programmed.load(Ordering::Relaxed),
     );
+    g(
+        &mut s,
+        "gingham_policy_digest",
+        "Digest of the policy resources (keys and revisions) this node enforces.",
+        "gauge",
+        m.policy_digest.load(Ordering::Relaxed),
+    );
     g(&mut s, "gingham_endpoints", "Workload endpoints on this node.", "gauge", m.endpoints.load(Ordering::Relaxed));
     g(
         &mut s,

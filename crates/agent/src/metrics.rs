@@ -11,6 +11,8 @@ pub struct Metrics {
     pub sync_errors: AtomicU64,
     pub datastore_errors: AtomicU64,
     pub routes_programmed: AtomicU64,
+    /// `gingham_policy::load::digest` of the policy resources programmed here.
+    pub policy_digest: AtomicU64,
     pub endpoints: AtomicU64,
     /// Sync latency histogram: counts per bucket (upper bounds in ms below), and the sum in µs.
     pub sync_buckets: [AtomicU64; 8],

@@ -118,6 +118,8 @@ pub struct Model {
     policy: gingham_policy::Engine,
     policy_remote: bool,
     programmed: watch::Sender<Programmed>,
+    /// The digest of the policy resources the engine holds, published once programmed.
+    policy_digest: u64,
 }
 
 fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
@@ -194,6 +196,7 @@ impl Model {
             policy: gingham_policy::Engine::default(),
             policy_remote: false,
             programmed,
+            policy_digest: gingham_policy::load::digest([]),
         };
         (m, rx, shared)
     }
@@ -279,7 +282,7 @@ impl Model {
                 self.feed_endpoint(cache, h);
             }
         }
-        match cache.policy_objects.get(key) {
+        match cache.policy_objects.get(key).map(|(_, o)| o) {
             Some(o) => {
                 if let Err(e) = gingham_policy::load::put(&mut self.policy, o) {
                     self.metrics.record_error(format!("policy: {e} (not enforced until fixed)"));
@@ -298,10 +301,12 @@ impl Model {
         let Some(net) = self.net.as_mut() else { return };
         let dirty = self.policy.take_dirty();
         if net.policy.is_built() && dirty == Default::default() {
+            self.metrics.policy_digest.store(self.policy_digest, Ordering::Relaxed);
             return;
         }
-        if let Err(e) = net.policy.apply(&self.policy, &dirty).await {
-            errors.push(format!("policy: {e}"));
+        match net.policy.apply(&self.policy, &dirty).await {
+            Ok(()) => self.metrics.policy_digest.store(self.policy_digest, Ordering::Relaxed),
+            Err(e) => errors.push(format!("policy: {e}")),
         }
         let mut programmed = std::collections::BTreeMap::new();
         let mut policed = Vec::new();
@@ -462,6 +467,9 @@ impl Model {
                     }
                     Change::PolicyObject(key) => {
                         self.policy_object(&p.cache, &key);
+                        self.policy_digest = gingham_policy::load::digest(
+                            p.cache.policy_objects.iter().map(|(k, (r, _))| (k.as_str(), *r)),
+                        );
                         self.dirty = true;
                         continue;
                     }

@@ -396,7 +396,12 @@ fn typed<S: Spec>(object: &Value) -> Result<Object, Vec<FieldError>> {
         metadata.namespace = Some("default".into());
     }
     let mut spec = serde_json::to_value(&spec).map_err(|e| vec![FieldError::new("spec", e.to_string())])?;
-    strip_empty(&mut spec);
+    if k == Kind::KubernetesNetworkPolicy {
+        // `{}` means something here: `namespaceSelector: {}` is every namespace.
+        strip_nulls(&mut spec);
+    } else {
+        strip_empty(&mut spec);
+    }
     Ok(Object { api_version: k.api_version().into(), kind: k.kind_name().into(), metadata, spec, status })
 }
 
@@ -423,6 +428,17 @@ pub fn check_update(old: &Object, new: &Object) -> Vec<FieldError> {
 }
 
 /// Drop nulls and empty lists/maps, as Go's `omitempty` does in Calico's output.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.values_mut().for_each(strip_nulls);
+            map.retain(|_, c| !c.is_null());
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
 pub fn strip_empty(v: &mut Value) {
     match v {
         Value::Object(map) => {

@@ -602,7 +602,9 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 "UDP" => true,
                 other => anyhow::bail!("--protocol {other}: TCP or UDP"),
             };
-            print!("{}", l::probe(&l::State::load(dir)?, udp, port)?);
+            let state = l::State::load(dir)?;
+            l::wait_policy(&state, std::time::Duration::from_secs(10)).await?;
+            print!("{}", l::probe(&state, udp, port)?);
             Ok(())
         }
         LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account } } => {

@@ -275,9 +275,8 @@ impl NetConf {
     pub fn named_ports(&self) -> Result<Vec<crate::proto::NamedPort>, CniError> {
         match self.runtime_config.as_ref().and_then(|r| r.get("namedPorts")) {
             None => Ok(Vec::new()),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                CniError::new(code::INVALID_CONFIG, format!("runtimeConfig.namedPorts: {e}"))
-            }),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("runtimeConfig.namedPorts: {e}"))),
         }
     }
 

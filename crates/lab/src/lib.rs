@@ -997,6 +997,44 @@ pub fn check(state: &State) -> Result<Vec<(String, String, Cell)>> {
     Ok(results)
 }
 
+/// Wait until every node's agent enforces the policy resources the datastore holds now (its
+/// published digest of their keys and revisions matches the store's).
+pub async fn wait_policy(state: &State, timeout: Duration) -> Result<()> {
+    let store = connect(state).await?;
+    let mut items = Vec::new();
+    for k in gingham_policy::load::KINDS {
+        let l = store.list(&k.prefix(None)).await.map_err(|e| msg(e.to_string()))?;
+        items.extend(l.items.into_iter().map(|kv| (kv.key, kv.mod_revision)));
+    }
+    let want = gingham_policy::load::digest(items.iter().map(|(k, r)| (k.as_str(), *r)));
+    let line = format!("gingham_policy_digest {want}\n");
+    let deadline = Instant::now() + timeout;
+    for n in &state.nodes {
+        loop {
+            let metrics = in_netns(&ns_path(&n.netns), || {
+                let Ok(mut s) =
+                    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 9099)), Duration::from_millis(200))
+                else {
+                    return String::new();
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = std::io::Read::read_to_string(&mut s, &mut body);
+                body
+            })?;
+            if metrics.contains(&line) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(msg(format!("{} does not enforce the stored policy yet (digest {want})", n.name)));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The e2e probe: every model pod to every other on one port, in parallel, 1 s each; 9 lines
 /// `<source> <9 cells>` (`.` reached, `X` not, `-` itself). Listeners (TCP accept, UDP echo)
 /// run in every pod for the probe's duration.
@@ -1048,7 +1086,8 @@ pub fn probe(state: &State, udp: bool, port: u16) -> Result<String> {
                         let Ok(s) = std::net::UdpSocket::bind(("0.0.0.0", 0)) else { return false };
                         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
                         let mut buf = [0u8; 8];
-                        s.send_to(b"probe", to).is_ok() && s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == b"probe")
+                        s.send_to(b"probe", to).is_ok()
+                            && s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == b"probe")
                     } else {
                         TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()
                     }

@@ -23,6 +23,17 @@ pub fn policy_key(kind: Kind, namespace: Option<&str>, name: &str) -> Option<Str
     }
 }
 
+/// The kinds the engine takes whole from the datastore.
+pub const KINDS: [Kind; 7] = [
+    Kind::NetworkPolicy,
+    Kind::GlobalNetworkPolicy,
+    Kind::Profile,
+    Kind::NetworkSet,
+    Kind::GlobalNetworkSet,
+    Kind::KubernetesNetworkPolicy,
+    Kind::Namespace,
+];
+
 /// Whether the engine cares about this kind (workload endpoints go through their own path).
 pub fn handles(kind: Kind) -> bool {
     matches!(
@@ -109,4 +120,20 @@ pub fn remove(engine: &mut Engine, kind: Kind, namespace: Option<&str>, name: &s
         Kind::NetworkSet | Kind::GlobalNetworkSet => engine.set_item(&set_item_key(kind, namespace, name), None),
         _ => {}
     }
+}
+
+/// A digest of the policy-kind resources as stored (key and revision of each): the agent
+/// publishes the one it has programmed, so a tool can wait until every node enforces what the
+/// datastore holds. FNV-1a over the sorted pairs, 52 bits (exact as a metric's float).
+pub fn digest<'a>(items: impl IntoIterator<Item = (&'a str, i64)>) -> u64 {
+    let mut v: Vec<(&str, i64)> = items.into_iter().collect();
+    v.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, r) in v {
+        for b in k.bytes().chain([0]).chain(r.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h & ((1 << 52) - 1)
 }
