@@ -3,6 +3,7 @@
 mod cni;
 mod ipam;
 mod output;
+mod policy;
 mod resources;
 mod status;
 
@@ -139,6 +140,11 @@ enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+    /// Network policy as the agents compile it: trace a packet, show an endpoint's rules.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The node agent.
     Node {
         #[command(subcommand)]
@@ -240,6 +246,23 @@ enum PodCommand {
     Del {
         pod: String,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Which policies and rules a packet from SRC to DST meets on each side, and the verdict.
+    /// SRC and DST: NAMESPACE/POD (or endpoint name) or an address.
+    Trace {
+        src: String,
+        dst: String,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+    },
+    /// An endpoint's policies per direction in evaluation order, its profiles, and (on its own
+    /// node) the programmed rules with packet counters.
+    Show { endpoint: String },
 }
 
 #[derive(Subcommand)]
@@ -393,6 +416,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate(f) => resources::validate(&f),
+        Command::Policy { command } => {
+            let store = ds.open_existing().await?;
+            match command {
+                PolicyCommand::Trace { src, dst, port, protocol } => {
+                    policy::trace_cmd(store.datastore(), &src, &dst, port, &protocol).await
+                }
+                PolicyCommand::Show { endpoint } => policy::show_cmd(store.datastore(), &endpoint).await,
+            }
+        }
         Command::Ipam { command } => {
             let store = match command {
                 IpamCommand::Release { .. } => ds.open().await?,

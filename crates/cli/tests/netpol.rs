@@ -251,6 +251,32 @@ fn e2e_model_matches_every_truth_table() {
         }
         lab.ok(&["delete", "-f", f]);
     }
+    // The same model answers "why": trace and show agree with the packets.
+    let file = lab.dir.path().join("trace.yaml");
+    std::fs::write(&file, cases()[4].yaml).unwrap();
+    lab.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let allowed = lab.ok(&["policy", "trace", "y/b", "x/a", "--port", "80"]);
+    assert!(allowed.contains("policy x/knp.default.and") && allowed.ends_with("verdict: Allow\n"), "{allowed}");
+    let denied = lab.ok(&["policy", "trace", "y/a", "x/a", "--port", "80"]);
+    assert!(denied.contains("end of tier default: Deny") && denied.ends_with("verdict: Deny\n"), "{denied}");
+    assert!(
+        lab.ok(&["lab", "probe", "--port", "80"]).starts_with(&truth(|s, d| d != ("x", "a") || s == ("y", "b"))[..14])
+    );
+    let node1 = format!("{}-node-1", lab.prefix);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node1, G, "policy", "show", "x/a"])
+        .envs(lab.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        show.contains("ingress: tier default: x/knp.default.and") && show.contains("chain pi-x_knp.default.and"),
+        "{show}"
+    );
+    let dropped =
+        show.lines().find(|l| l.contains("== 0x00000000 counter packets") && l.contains("drop")).unwrap_or_default();
+    assert!(!dropped.contains("packets 0 "), "the end-of-tier drop counted the probe's denied packets: {show}");
+    lab.ok(&["delete", "-f", file.to_str().unwrap()]);
     let after = lab.ok(&["lab", "probe", "--port", "80"]);
     assert_eq!(after, truth(all), "every policy removed: open again\n{after}");
     assert!(failures.is_empty(), "{} cases differ:\n{}", failures.len(), failures.join("\n"));

@@ -113,17 +113,17 @@ fn run_rules(
             continue;
         }
         match r.action {
-            Action::Log => steps.push(format!("  {what} rule {i}: Log (continues)")),
+            Action::Log => steps.push(format!("{what}rule {i}: Log (continues)")),
             Action::Allow => {
-                steps.push(format!("  {what} rule {i}: Allow"));
+                steps.push(format!("{what}rule {i}: Allow"));
                 return Some(Outcome::Decided(Verdict::Allow));
             }
             Action::Deny => {
-                steps.push(format!("  {what} rule {i}: Deny"));
+                steps.push(format!("{what}rule {i}: Deny"));
                 return Some(Outcome::Decided(Verdict::Deny));
             }
             Action::Pass => {
-                steps.push(format!("  {what} rule {i}: Pass"));
+                steps.push(format!("{what}rule {i}: Pass"));
                 return Some(Outcome::Pass);
             }
         }
