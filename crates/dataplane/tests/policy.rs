@@ -210,3 +210,94 @@ async fn policy_decides_real_connections() {
     assert!(reaches(&a.ns, b.ip, 80));
     m.remove().await.unwrap();
 }
+
+/// A denied flow stays denied while 100 policy changes land (each rewrites a policy chain of
+/// the same endpoint and moves set elements): not one packet gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_window_while_policies_change() {
+    let node = ns("rnode");
+    run(&node, &["ip", "link", "set", "lo", "up"]);
+    run(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run(&node, &["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    run(&node, &["ip", "link", "set", "up0", "up"]);
+    run(&node, &["ip", "link", "set", "up1", "up"]);
+    run(&node, &["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    run(&node, &["ip", "route", "add", "default", "via", "192.0.2.2", "dev", "up0"]);
+    let (a, b) = (pod(&node, "ra", "10.71.0.1"), pod(&node, "rb", "10.71.0.2"));
+    let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft, PolicyConfig::default());
+    let mut e = Engine::default();
+    e.set_item("wep/x/a", Some(endpoint("x", &[("pod", "a")], a.ip, &a.iface)));
+    e.set_item("wep/x/b", Some(endpoint("x", &[("pod", "b")], b.ip, &b.iface)));
+    let allow_c = |port: u16| {
+        knp(
+            &format!(
+                r#"{{"podSelector":{{"matchLabels":{{"pod":"b"}}}},"ingress":[{{"from":[{{"podSelector":{{"matchLabels":{{"pod":"c{port}"}}}}}}],"ports":[{{"port":{port},"protocol":"UDP"}}]}}]}}"#
+            ),
+            "x",
+        )
+    };
+    e.set_policy("x/knp.default.allow-c", Some(allow_c(80)));
+    program(&mut m, &mut e).await;
+
+    // b counts what arrives on UDP 80; a sends to it every millisecond.
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (g, s) = (got.clone(), stop.clone());
+    let ip_b = b.ip;
+    let receiver = inside(&b.ns, move || {
+        let sock = std::net::UdpSocket::bind((ip_b, 80)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 16];
+        while !s.load(Ordering::Relaxed) {
+            if sock.recv(&mut buf).is_ok() {
+                g.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let (s, sent) = (stop.clone(), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let sent2 = sent.clone();
+    let sender = inside(&a.ns, move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        while !s.load(Ordering::Relaxed) {
+            if sock.send_to(b"x", (ip_b, 80)).is_ok() {
+                sent2.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    while sent.load(Ordering::Relaxed) < 10 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for i in 0..100u16 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Each change rewrites b's policy chain (another port, another selector set) and moves an
+        // unrelated endpoint in and out of a set.
+        e.set_policy("x/knp.default.allow-c", Some(allow_c(1000 + i)));
+        let labels = [("pod", if i % 2 == 0 { "c1000" } else { "other" })];
+        e.set_item("wep/x/c", Some(endpoint("x", &labels, "10.71.0.9", "calinowhere")));
+        program(&mut m, &mut e).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    receiver.join().unwrap();
+    assert!(sent.load(Ordering::Relaxed) > 100, "the flow ran during the changes");
+    assert_eq!(got.load(Ordering::Relaxed), 0, "a denied flow got packets through while policy changed");
+    // And the policy really was the only thing in the way.
+    e.set_policy("x/knp.default.allow-c", None);
+    program(&mut m, &mut e).await;
+    let ip_b = b.ip;
+    let open = inside(&b.ns, move || {
+        let sock = std::net::UdpSocket::bind((ip_b, 80)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock
+    })
+    .join()
+    .unwrap();
+    inside(&a.ns, move || std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap().send_to(b"x", (ip_b, 80)).unwrap())
+        .join()
+        .unwrap();
+    let mut buf = [0u8; 4];
+    assert!(open.recv(&mut buf).is_ok(), "without the policy the packet arrives");
+    m.remove().await.unwrap();
+}
