@@ -82,6 +82,24 @@ fn reaches(from: &Ns, ip: &str, port: u16) -> bool {
     inside(from, move || TcpStream::connect_timeout(&addr, Duration::from_millis(400)).is_ok()).join().unwrap()
 }
 
+/// A node namespace: forwarding on, and a default route (proxy ARP answers for 169.254.1.1
+/// only when the node has a route to it, as hosts do).
+fn node(name: &str) -> Ns {
+    let node = ns(name);
+    for cmd in [
+        "ip link set lo up",
+        "sysctl -qw net.ipv4.ip_forward=1",
+        "ip link add up0 type veth peer name up1",
+        "ip link set up0 up",
+        "ip link set up1 up",
+        "ip addr add 192.0.2.1/24 dev up0",
+        "ip route add default via 192.0.2.2 dev up0",
+    ] {
+        run(&node, &cmd.split(' ').collect::<Vec<_>>());
+    }
+    node
+}
+
 struct Pod {
     ns: Ns,
     ip: &'static str,
@@ -130,15 +148,7 @@ async fn program(m: &mut PolicyManager, e: &mut Engine) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_decides_real_connections() {
-    let node = ns("node");
-    run(&node, &["ip", "link", "set", "lo", "up"]);
-    run(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    // Proxy ARP answers for 169.254.1.1 only when the node has a route to it (as hosts do).
-    run(&node, &["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    run(&node, &["ip", "link", "set", "up0", "up"]);
-    run(&node, &["ip", "link", "set", "up1", "up"]);
-    run(&node, &["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    run(&node, &["ip", "route", "add", "default", "via", "192.0.2.2", "dev", "up0"]);
+    let node = node("node");
     let (a, b, c) = (pod(&node, "a", "10.70.0.1"), pod(&node, "b", "10.70.0.2"), pod(&node, "c", "10.70.0.3"));
     let _servers: Vec<Server> = [&a, &b, &c].iter().map(|p| serve(&p.ns, p.ip)).collect();
     let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
@@ -215,14 +225,7 @@ async fn policy_decides_real_connections() {
 /// the same endpoint and moves set elements): not one packet gets through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_window_while_policies_change() {
-    let node = ns("rnode");
-    run(&node, &["ip", "link", "set", "lo", "up"]);
-    run(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    run(&node, &["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    run(&node, &["ip", "link", "set", "up0", "up"]);
-    run(&node, &["ip", "link", "set", "up1", "up"]);
-    run(&node, &["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    run(&node, &["ip", "route", "add", "default", "via", "192.0.2.2", "dev", "up0"]);
+    let node = node("rnode");
     let (a, b) = (pod(&node, "ra", "10.71.0.1"), pod(&node, "rb", "10.71.0.2"));
     let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
     let mut m = PolicyManager::new(nft, PolicyConfig::default());

@@ -274,31 +274,28 @@ impl Engine {
     }
 
     fn unuse_policy(&mut self, p: &str) {
-        if let Some((n, held)) = self.policy_users.get_mut(p) {
-            *n -= 1;
-            if *n == 0 {
-                let held = std::mem::take(held);
-                self.policy_users.remove(p);
-                for id in held {
-                    self.index.release_set(&id);
-                }
-                self.dirty.policies.insert(p.into());
-            }
+        if Self::unuse(&mut self.policy_users, &mut self.index, p) {
+            self.dirty.policies.insert(p.into());
         }
     }
 
     fn unuse_profile(&mut self, p: &str) {
-        if let Some((n, held)) = self.profile_users.get_mut(p) {
-            *n -= 1;
-            if *n == 0 {
-                let held = std::mem::take(held);
-                self.profile_users.remove(p);
-                for id in held {
-                    self.index.release_set(&id);
-                }
-                self.dirty.profiles.insert(p.into());
-            }
+        if Self::unuse(&mut self.profile_users, &mut self.index, p) {
+            self.dirty.profiles.insert(p.into());
         }
+    }
+
+    /// One user fewer; the last one releases the sets held (true: no longer active).
+    fn unuse(users: &mut HashMap<String, (usize, Vec<String>)>, index: &mut Index, name: &str) -> bool {
+        let Some((n, _)) = users.get_mut(name) else { return false };
+        *n -= 1;
+        if *n > 0 {
+            return false;
+        }
+        for id in users.remove(name).map(|(_, held)| held).unwrap_or_default() {
+            index.release_set(&id);
+        }
+        true
     }
 
     fn tier_key(&self, name: &str) -> (f64, String) {
