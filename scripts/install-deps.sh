@@ -15,6 +15,7 @@ declare -A NEED=(
   [ip]=iproute2             # network namespaces for the kernel and CNI tests
   [ping]=iputils-ping       # pod connectivity checks
   [iptables]=iptables       # used by the portmap plugin in the chaining test
+  [ipset]=ipset             # the policy benchmark's Felix-style reference (iptables-restore with ipsets)
   [nft]=nftables            # NAT outgoing
   [iperf3]=iperf3           # the datapath benchmark
   [/usr/lib/cni/portmap]=containernetworking-plugins  # chained after gingham in tests; ptp + host-local for the CNI benchmark

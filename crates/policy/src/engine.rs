@@ -75,6 +75,9 @@ pub struct Engine {
     policy_users: HashMap<PolicyKey, (usize, Vec<String>)>,
     profile_users: HashMap<String, (usize, Vec<String>)>,
     plans: HashMap<String, EndpointPlan>,
+    /// Local endpoints whose policies changed, replanned once at `settle` (a full sync of
+    /// thousands of policies replans each endpoint once, not once per policy).
+    pending: HashMap<ItemKey, BTreeSet<PolicyKey>>,
     dirty: Dirty,
 }
 
@@ -138,7 +141,15 @@ impl Engine {
         self.plans.iter()
     }
 
+    /// Replan the endpoints whose policies changed since the last call.
+    pub fn settle(&mut self) {
+        for (k, now) in std::mem::take(&mut self.pending) {
+            self.replan_with(&k, now);
+        }
+    }
+
     pub fn take_dirty(&mut self) -> Dirty {
+        self.settle();
         let mut d = std::mem::take(&mut self.dirty);
         d.sets = self.index.take_dirty();
         d
@@ -226,9 +237,24 @@ impl Engine {
             _ => false,
         };
         if !selector_same {
+            // Only this policy's selector is evaluated, once per local endpoint; endpoints it
+            // neither selected nor selects are untouched.
             let locals: Vec<ItemKey> = self.locals.keys().cloned().collect();
             for k in locals {
-                self.replan(&k);
+                let Some(labels) = self.index.labels(&k) else { continue };
+                let selects = self.policies.get(key).is_some_and(|p| Index::matches(&p.selector, labels));
+                let had = self.pending.get(&k).or(self.applying.get(&k)).is_some_and(|s| s.contains(key));
+                if !had && !selects {
+                    continue;
+                }
+                let applying = &self.applying;
+                let now =
+                    self.pending.entry(k.clone()).or_insert_with(|| applying.get(&k).cloned().unwrap_or_default());
+                if selects {
+                    now.insert(key.into());
+                } else {
+                    now.remove(key);
+                }
             }
         }
     }
@@ -262,6 +288,7 @@ impl Engine {
 
     fn unplan(&mut self, key: &str, iface: &str) {
         self.locals.remove(key);
+        self.pending.remove(key);
         for p in self.applying.remove(key).unwrap_or_default() {
             self.unuse_policy(&p);
         }
@@ -298,13 +325,12 @@ impl Engine {
         true
     }
 
-    fn tier_key(&self, name: &str) -> (f64, String) {
-        let order = match self.tiers.get(name) {
+    fn tier_order(&self, name: &str) -> f64 {
+        match self.tiers.get(name) {
             Some(t) => t.order.unwrap_or(f64::INFINITY),
             None if name == "default" => DEFAULT_TIER_ORDER,
             None => f64::INFINITY,
-        };
-        (order, name.to_string())
+        }
     }
 
     /// The policies that select these labels (any endpoint, local or not).
@@ -315,15 +341,17 @@ impl Engine {
     /// Policies in evaluation order, grouped by tier, per direction (ingress, egress): tier
     /// (order, name), then policy order (none = last), then name.
     pub fn tiers_for(&self, keys: &BTreeSet<PolicyKey>) -> (Vec<TierPlan>, Vec<TierPlan>) {
-        let mut ordered: Vec<(&PolicyKey, &Policy)> =
-            keys.iter().filter_map(|k| Some((k, self.policies.get(k)?))).collect();
-        ordered.sort_by(|(ka, a), (kb, b)| {
-            let (ta, tb) = (self.tier_key(&a.tier), self.tier_key(&b.tier));
-            ta.0.total_cmp(&tb.0)
-                .then_with(|| ta.1.cmp(&tb.1))
-                .then_with(|| a.order.unwrap_or(f64::INFINITY).total_cmp(&b.order.unwrap_or(f64::INFINITY)))
-                .then_with(|| ka.cmp(kb))
+        let mut ordered: Vec<(f64, &str, f64, &PolicyKey, &Policy)> = keys
+            .iter()
+            .filter_map(|k| {
+                let p = self.policies.get(k)?;
+                Some((self.tier_order(&p.tier), p.tier.as_str(), p.order.unwrap_or(f64::INFINITY), k, p))
+            })
+            .collect();
+        ordered.sort_by(|a, b| {
+            a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)).then_with(|| a.2.total_cmp(&b.2)).then_with(|| a.3.cmp(b.3))
         });
+        let ordered: Vec<(&PolicyKey, &Policy)> = ordered.into_iter().map(|(_, _, _, k, p)| (k, p)).collect();
         let tiers = |ingress: bool| {
             let mut out: Vec<TierPlan> = Vec::new();
             for (k, p) in &ordered {
@@ -346,10 +374,16 @@ impl Engine {
 
     /// Recompute one local endpoint's plan; activate and deactivate what it starts or stops using.
     fn replan(&mut self, key: &str) {
-        let Some(iface) = self.locals.get(key).cloned() else { return };
+        self.pending.remove(key);
         let Some(labels) = self.index.labels(key).cloned() else { return };
-        let data = self.index.item(key).cloned().unwrap_or_default();
         let now = self.selecting(&labels);
+        self.replan_with(key, now);
+    }
+
+    /// Replan a local endpoint given the policies that select it.
+    fn replan_with(&mut self, key: &str, now: BTreeSet<PolicyKey>) {
+        let Some(iface) = self.locals.get(key).cloned() else { return };
+        let data = self.index.item(key).cloned().unwrap_or_default();
         let before = self.applying.insert(key.into(), now.clone()).unwrap_or_default();
         for p in now.difference(&before) {
             let entry = self.policy_users.entry(p.clone()).or_insert((0, Vec::new()));
@@ -433,6 +467,7 @@ mod tests {
             )),
         );
         e.set_policy("b/p", Some(np(r#"{"selector":"all()"}"#, "b")));
+        e.settle();
         let plan = e.plan("cali1").unwrap();
         assert_eq!(plan.ingress[0].policies, vec!["a/p1".to_string(), "a/p2".to_string()], "order, then name");
         assert_eq!(plan.egress[0].policies, vec!["a/p1".to_string(), "a/p0".to_string()]);
@@ -463,6 +498,7 @@ mod tests {
         p.order = Some(500.0);
         e.set_policy("a/security.first", Some(p));
         e.set_tier("security", Some(Tier { order: Some(100.0), pass_at_end: false }));
+        e.settle();
         let plan = e.plan("cali1").unwrap();
         assert_eq!(plan.ingress.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["security", "default"]);
     }
