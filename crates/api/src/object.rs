@@ -35,6 +35,8 @@ pub enum Kind {
     KubernetesNetworkPolicy,
     /// v1 Namespace (name + labels), so namespace selectors work without Kubernetes.
     Namespace,
+    /// A policy tier.
+    Tier,
 }
 
 struct KindInfo {
@@ -53,7 +55,7 @@ struct KindInfo {
 const CALICO: &str = "projectcalico.org";
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::IPPool,
         Kind::IPAMConfiguration,
         Kind::BGPConfiguration,
@@ -71,6 +73,7 @@ impl Kind {
         Kind::ClusterInformation,
         Kind::KubernetesNetworkPolicy,
         Kind::Namespace,
+        Kind::Tier,
     ];
 
     fn info(self) -> KindInfo {
@@ -136,6 +139,7 @@ impl Kind {
                 &["globalnetworkset", "globalnetworksets", "gns", "globalnetset", "globalnetsets"],
             ),
             Kind::Profile => calico("Profile", "profiles", false, &["profile", "profiles", "pro", "pros"]),
+            Kind::Tier => calico("Tier", "tiers", false, &["tier", "tiers"]),
             Kind::FelixConfiguration => calico(
                 "FelixConfiguration",
                 "felixconfigurations",
@@ -253,6 +257,7 @@ impl Kind {
             Kind::Profile => typed::<policy::ProfileSpec>(object),
             Kind::KubernetesNetworkPolicy => typed::<k8s::K8sNetworkPolicySpec>(object),
             Kind::Namespace => typed::<k8s::NamespaceSpec>(object),
+            Kind::Tier => typed::<policy::TierSpec>(object),
         }
     }
 }

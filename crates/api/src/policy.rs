@@ -458,3 +458,23 @@ impl Spec for HostEndpointSpec {
         check_endpoint_ports(self.ports.as_deref().unwrap_or_default(), e);
     }
 }
+
+/// A policy tier: tiers are evaluated by order (then name); `defaultAction` is what the end of
+/// the tier does to a packet none of its policies decided (Deny, or Pass to the next tier).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierSpec {
+    pub order: Option<f64>,
+    pub default_action: Option<Action>,
+}
+
+impl Spec for TierSpec {
+    fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
+        if self.order.is_some_and(|o| !o.is_finite()) {
+            e.push(FieldError::new("spec.order", "must be a finite number"));
+        }
+        if let Some(a) = self.default_action.filter(|a| !matches!(a, Action::Deny | Action::Pass)) {
+            e.push(FieldError::new("spec.defaultAction", format!("{a} is not Deny or Pass")));
+        }
+    }
+}

@@ -219,6 +219,16 @@ fn cases() -> Vec<Case> {
             probes: vec![("TCP", 80, truth(|s, d| d.1 != "c" || s.0 != "x")), ("TCP", 81, truth(|_, d| d.1 != "c"))],
         },
         Case {
+            name: "Tier: an earlier tier's Allow is final, its defaultAction Pass falls through to the default tier",
+            yaml: leak(format!(
+                "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: security}}\nspec: {{order: 100, defaultAction: Pass}}\n---\n\
+                 apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: security.allow-a}}\nspec:\n  tier: security\n  \
+                 order: 1000\n  selector: projectcalico.org/namespace == 'z'\n  ingress:\n  - action: Allow\n    source: {{selector: pod == 'a'}}\n---\n{}",
+                knp("z", "deny", "  podSelector: {}\n")
+            )),
+            probes: vec![("TCP", 80, truth(|s, d| d.0 != "z" || s.1 == "a"))],
+        },
+        Case {
             name: "Calico NetworkPolicy with notSelector and notNets",
             yaml: "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: not, namespace: z}\nspec:\n  selector: pod == 'b'\n  ingress:\n  \
                    - action: Allow\n    source: {notSelector: pod == 'c', notNets: [172.20.1.1/32]}\n",

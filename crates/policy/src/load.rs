@@ -24,7 +24,7 @@ pub fn policy_key(kind: Kind, namespace: Option<&str>, name: &str) -> Option<Str
 }
 
 /// The kinds the engine takes whole from the datastore.
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind::NetworkPolicy,
     Kind::GlobalNetworkPolicy,
     Kind::Profile,
@@ -32,6 +32,7 @@ pub const KINDS: [Kind; 7] = [
     Kind::GlobalNetworkSet,
     Kind::KubernetesNetworkPolicy,
     Kind::Namespace,
+    Kind::Tier,
 ];
 
 /// Whether the engine cares about this kind (workload endpoints go through their own path).
@@ -45,6 +46,7 @@ pub fn handles(kind: Kind) -> bool {
             | Kind::Namespace
             | Kind::NetworkSet
             | Kind::GlobalNetworkSet
+            | Kind::Tier
     )
 }
 
@@ -82,6 +84,11 @@ pub fn put(engine: &mut Engine, obj: &Object) -> Result<(), String> {
                 engine.set_profile(name, Some(rules::profile(&spec)?));
             }
             Kind::Namespace => engine.set_namespace(name, Some(&obj.metadata.labels)),
+            Kind::Tier => {
+                let spec: gingham_api::policy::TierSpec = obj.spec_as().map_err(|e| e.to_string())?;
+                let pass_at_end = spec.default_action == Some(gingham_api::policy::Action::Pass);
+                engine.set_tier(name, Some(crate::engine::Tier { order: spec.order, pass_at_end }));
+            }
             Kind::NetworkSet | Kind::GlobalNetworkSet => {
                 let spec: NetworkSetSpec = obj.spec_as().map_err(|e| e.to_string())?;
                 let mut labels = obj.metadata.labels.clone();
@@ -117,6 +124,7 @@ pub fn remove(engine: &mut Engine, kind: Kind, namespace: Option<&str>, name: &s
         }
         Kind::Profile => engine.set_profile(name, None),
         Kind::Namespace => engine.set_namespace(name, None),
+        Kind::Tier => engine.set_tier(name, None),
         Kind::NetworkSet | Kind::GlobalNetworkSet => engine.set_item(&set_item_key(kind, namespace, name), None),
         _ => {}
     }
