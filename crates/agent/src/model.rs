@@ -241,8 +241,9 @@ impl Model {
         self.net.as_ref().map(|_| self.programmed.subscribe())
     }
 
-    /// One endpoint into the policy engine (others' only once policy exists at all).
-    fn feed_endpoint(&mut self, cache: &Cache, h: crate::cache::EndpointKey) {
+    /// One endpoint into the policy engine (others' only once policy exists at all); whether
+    /// the engine took it.
+    fn feed_endpoint(&mut self, cache: &Cache, h: crate::cache::EndpointKey) -> bool {
         use gingham_policy::index::{ItemData, NamedPort};
         let key = format!("wep/{:016x}{:016x}", h[0], h[1]);
         match cache.endpoints.get(&h) {
@@ -267,9 +268,14 @@ impl Model {
                 };
                 let local_interface = e.local.as_ref().and_then(|l| l.interface.clone());
                 self.policy.set_item(&key, Some(gingham_policy::Item { data, local_interface }));
+                true
             }
-            Some(_) => {}
-            None => self.policy.set_item(&key, None),
+            Some(_) => false,
+            None if self.policy.index().item(&key).is_some() => {
+                self.policy.set_item(&key, None);
+                true
+            }
+            None => false,
         }
     }
 
@@ -474,8 +480,10 @@ impl Model {
                         continue;
                     }
                     Change::Endpoint(h) => {
-                        self.feed_endpoint(&p.cache, h);
-                        self.dirty |= self.net.is_some();
+                        // Another node's pod costs nothing here unless policy may select it.
+                        if self.feed_endpoint(&p.cache, h) {
+                            self.dirty |= self.net.is_some();
+                        }
                         let local = p.cache.endpoints.get(&h).and_then(|e| Some((e, e.local.as_ref()?)));
                         let key = match local {
                             Some((_, l)) => Some(l.key.clone()),
