@@ -171,6 +171,7 @@ fn main() {
             m.apply(&e, &d).await.unwrap();
             (sync, t.elapsed(), calc)
         });
+        drop(m);
         drop(g);
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
         println!(
