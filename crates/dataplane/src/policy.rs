@@ -389,8 +389,7 @@ impl PolicyManager {
                     (s, set_elements(s, members, v6))
                 });
                 match (want, self.sets.get(&name)) {
-                    (Some((s, want)), Some(have)) => {
-                        let _ = s;
+                    (Some((_, want)), Some(have)) => {
                         let gone: Vec<Element> = have.difference(&want).cloned().collect();
                         let new: Vec<Element> = want.difference(have).cloned().collect();
                         ops.push(Op::DeleteElements(t.clone(), name.clone(), gone));

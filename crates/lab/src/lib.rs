@@ -1072,11 +1072,10 @@ pub fn probe(state: &State, udp: bool, port: u16) -> Result<String> {
     }
     let mut jobs = Vec::new();
     for (i, (_, src_ns)) in pods.iter().enumerate() {
-        for (j, (dst, _)) in pods.iter().enumerate() {
+        for j in 0..pods.len() {
             if i == j {
                 continue;
             }
-            let _ = dst;
             let ip: Ipv4Addr = NETPOL_PODS[j].1.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
             let ns = src_ns.clone();
             jobs.push(std::thread::spawn(move || {
