@@ -58,6 +58,20 @@ pub fn render_metrics(m: &Metrics) -> String {
         "gauge",
         m.policy_digest.load(Ordering::Relaxed),
     );
+    g(
+        &mut s,
+        "gingham_policy_errors",
+        "Policy resources that do not compile here (each enforced closed until fixed).",
+        "gauge",
+        m.policy_errors.load(Ordering::Relaxed),
+    );
+    g(
+        &mut s,
+        "gingham_policy_repairs_total",
+        "Times the policy table was found changed by someone else and restored.",
+        "counter",
+        m.policy_repairs.load(Ordering::Relaxed),
+    );
     g(&mut s, "gingham_endpoints", "Workload endpoints on this node.", "gauge", m.endpoints.load(Ordering::Relaxed));
     g(
         &mut s,

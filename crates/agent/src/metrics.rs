@@ -13,6 +13,10 @@ pub struct Metrics {
     pub routes_programmed: AtomicU64,
     /// `gingham_policy::load::digest` of the policy resources programmed here.
     pub policy_digest: AtomicU64,
+    /// Policy resources (and FelixConfiguration) that did not compile here.
+    pub policy_errors: AtomicU64,
+    /// Times the policy table was found changed by someone else and restored.
+    pub policy_repairs: AtomicU64,
     pub endpoints: AtomicU64,
     /// Sync latency histogram: counts per bucket (upper bounds in ms below), and the sum in µs.
     pub sync_buckets: [AtomicU64; 8],

@@ -23,6 +23,7 @@ use gingham_dataplane::nat::NatManager;
 use gingham_dataplane::routes::{BGP_PROTO, CALC_PROTO, Dev, RouteManager, Source, Target};
 use gingham_dataplane::vxlan::{VXLAN_DEVICE, Vtep, VxlanManager};
 use gingham_dataplane::workloads::{WORKLOAD_PROTO, Workload, WorkloadManager};
+use gingham_api::Kind;
 use gingham_kernel::{KernelEvent, Netlink};
 use ipnet::IpNet;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -34,6 +35,9 @@ use crate::sync::Shared;
 
 /// Full re-application of the desired state from memory (drift the kernel did not report).
 pub const RESYNC: Duration = Duration::from_secs(5);
+/// How often the policy table is checked for changes made by others (one netlink query when
+/// nobody touched nftables): a table changed by hand is back within a second.
+pub const POLICY_DRIFT_CHECK: Duration = Duration::from_millis(300);
 
 /// One of this node's endpoints, as the orphan sweep and GC need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +121,8 @@ pub struct Model {
     /// policy-kind resource exists) and what is programmed, for CNI ADD to wait on.
     policy: gingham_policy::Engine,
     policy_remote: bool,
+    /// Policy resources that did not compile (enforced closed), by key, with the error.
+    policy_errors: std::collections::BTreeMap<String, String>,
     programmed: watch::Sender<Programmed>,
     /// The digest of the policy resources the engine holds, published once programmed.
     policy_digest: u64,
@@ -193,8 +199,9 @@ impl Model {
             bgp: None,
             trimmer: gingham_kernel::memory::HeapTrimmer::new(TRIM_AFTER_ROUTES),
             learned_changes: 0,
-            policy: gingham_policy::Engine::default(),
+            policy: gingham_policy::Engine::for_node(node),
             policy_remote: false,
+            policy_errors: Default::default(),
             programmed,
             policy_digest: gingham_policy::load::digest([]),
         };
@@ -204,6 +211,8 @@ impl Model {
     pub async fn run(mut self, mut kernel: Option<UnboundedReceiver<KernelEvent>>) {
         let mut backstop = tokio::time::interval(RESYNC);
         backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drift = tokio::time::interval(POLICY_DRIFT_CHECK);
+        drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shared = self.shared.clone();
         loop {
             let kernel_event = async {
@@ -228,6 +237,11 @@ impl Model {
                 _ = backstop.tick() => {
                     if self.in_sync {
                         self.resync().await;
+                    }
+                }
+                _ = drift.tick() => {
+                    if self.in_sync {
+                        self.policy_drift().await;
                     }
                 }
             }
@@ -280,6 +294,13 @@ impl Model {
     }
 
     fn policy_object(&mut self, cache: &Cache, key: &str) {
+        let parts = crate::cache::policy_key_parts(key);
+        if let Some((Kind::FelixConfiguration, _, name)) = parts {
+            if name == "default" || name.strip_prefix("node.") == Some(self.node.as_str()) {
+                self.felix_config(cache);
+            }
+            return;
+        }
         if !self.policy_remote {
             // The first policy-kind resource: from now on every endpoint is selectable.
             self.policy_remote = true;
@@ -289,17 +310,53 @@ impl Model {
             }
         }
         match cache.policy_objects.get(key).map(|(_, o)| o) {
-            Some(o) => {
-                if let Err(e) = gingham_policy::load::put(&mut self.policy, o) {
-                    self.metrics.record_error(format!("policy: {e} (not enforced until fixed)"));
+            Some(o) => match gingham_policy::load::put(&mut self.policy, o) {
+                Ok(()) => {
+                    self.policy_errors.remove(key);
                 }
-            }
+                Err(e) => {
+                    self.metrics.record_error(format!("policy: {e} (enforced closed until fixed)"));
+                    self.policy_errors.insert(key.into(), e);
+                }
+            },
             None => {
-                if let Some((kind, ns, name)) = crate::cache::policy_key_parts(key) {
+                self.policy_errors.remove(key);
+                if let Some((kind, ns, name)) = parts {
                     gingham_policy::load::remove(&mut self.policy, kind, ns, name);
                 }
             }
         }
+        self.metrics.policy_errors.store(self.policy_errors.len() as u64, Ordering::Relaxed);
+    }
+
+    /// FelixConfiguration `default` and `node.<this node>`: failsafe ports, endpoint-to-host
+    /// action, interface prefix. A bad one keeps what is programmed, and says so.
+    fn felix_config(&mut self, cache: &Cache) {
+        let Some(net) = self.net.as_mut() else { return };
+        let spec = |name: &str| -> Result<Option<gingham_api::network::FelixConfigurationSpec>, String> {
+            let key = format!("{}{name}", Kind::FelixConfiguration.prefix(None));
+            match cache.policy_objects.get(&key) {
+                Some((_, o)) => o.spec_as().map(Some).map_err(|e| format!("FelixConfiguration {name}: {e}")),
+                None => Ok(None),
+            }
+        };
+        let mine = format!("node.{}", self.node);
+        let config = spec("default").and_then(|d| {
+            let n = spec(&mine)?;
+            gingham_dataplane::policy::PolicyConfig::from_felix(d.as_ref(), n.as_ref())
+                .map_err(|e| format!("FelixConfiguration default/{mine}: {e}"))
+        });
+        match config {
+            Ok(c) => {
+                self.policy_errors.remove("felixconfiguration");
+                net.policy.set_config(c);
+            }
+            Err(e) => {
+                self.metrics.record_error(format!("policy: {e} (keeping the previous configuration)"));
+                self.policy_errors.insert("felixconfiguration".into(), e);
+            }
+        }
+        self.metrics.policy_errors.store(self.policy_errors.len() as u64, Ordering::Relaxed);
     }
 
     /// Program what the policy engine changed; publish what is in place.
@@ -319,7 +376,8 @@ impl Model {
         for iface in net.policy.programmed() {
             if let Some(plan) = self.policy.plan(iface) {
                 programmed.insert(iface.clone(), plan.ips.clone());
-                if !plan.ingress.is_empty() || !plan.egress.is_empty() {
+                // Host endpoints' addresses are the host's: the pod fast path never sees them.
+                if !plan.is_host_endpoint() && (!plan.ingress.is_empty() || !plan.egress.is_empty()) {
                     policed.extend(plan.ips.iter().copied());
                 }
             }
@@ -676,21 +734,29 @@ impl Model {
         if let Err(e) = self.workloads.resync().await {
             errors.push(format!("workloads: {e}"));
         }
-        if let Some(net) = self.net.as_mut() {
-            // The table removed behind our back: rebuilt whole (changes inside it are not yet
-            // noticed; see the policy issue's notes).
-            match net.policy.nft().has_table(&gingham_dataplane::policy::table()).await {
-                Ok(false) => net.policy.invalidate(),
-                Ok(true) => {}
-                Err(e) => errors.push(format!("policy: {e}")),
-            }
-        }
         self.apply_policy(&mut errors).await;
         if let Some(net) = self.net.as_mut() {
             if let Err(e) = net.nat.apply().await {
                 errors.push(format!("NAT: {e}"));
             }
         }
+        self.report(errors);
+    }
+
+    /// The policy table changed by someone else (by hand, another tool): put ours back whole,
+    /// in one transaction.
+    async fn policy_drift(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        let mut errors = Vec::new();
+        match net.policy.check_drift().await {
+            Ok(false) => return,
+            Ok(true) => {
+                self.metrics.policy_repairs.fetch_add(1, Ordering::Relaxed);
+                eprintln!("gingham node agent: the policy table was changed by someone else; restoring it");
+            }
+            Err(e) => errors.push(format!("policy: {e}")),
+        }
+        self.apply_policy(&mut errors).await;
         self.report(errors);
     }
 

@@ -235,6 +235,12 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
                 }
             },
         };
+        // A policy the agents could not compile would be enforced closed: refuse it here.
+        if gingham_policy::load::handles(kind) {
+            if let Err(e) = gingham_policy::load::check(o) {
+                problems.push(format!("{}: document {}: {e}", doc.source, doc.index));
+            }
+        }
         let current = store.get(kind, o.namespace(), o.name()).await.map_err(store_err)?;
         match (mode, &current) {
             (Mode::Create { skip_exists: true }, Some(_)) => continue,

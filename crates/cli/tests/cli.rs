@@ -226,6 +226,8 @@ fn bad_input_names_file_document_resource_and_field() {
         ),
         ("noname.yaml", "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {labels: {a: b}}\nspec: {nets: [10.0.0.0/8]}\n".into(), "noname.yaml: document 1: GlobalNetworkSet <no name>: metadata.name: a name is required"),
         ("proto.yaml", "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  egress:\n  - action: Allow\n    protocol: 300\n".into(), "spec.egress[0].protocol: protocol 300 is outside 1..255"),
+        // Valid resource, but no agent would enforce it as written: refused before writing.
+        ("untracked.yaml", "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: raw}\nspec:\n  doNotTrack: true\n  applyOnForward: true\n  ingress: [{action: Allow}]\n".into(), "untracked.yaml: document 1: GlobalNetworkPolicy raw: spec.doNotTrack/preDNAT: untracked and pre-DNAT policies are not supported yet"),
         ("asn.yaml", "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: p}\nspec: {peerIP: 10.0.0.1, asNumber: 99999999999}\n".into(), "BGPPeer p: spec.asNumber: 99999999999 is not a valid AS number"),
     ];
     for (file, text, want) in cases {

@@ -748,3 +748,78 @@ fn policy_before_the_first_packet() {
     lab.gingham(&["delete", "-f", file.to_str().unwrap()]);
     wait_for("the pod opens up once its policy is gone", Duration::from_secs(5), || ping("locked/p", &other));
 }
+
+/// The policy table is the agent's: changed by hand, it is put back (and the time it took is
+/// printed); across an agent restart a denied pod stays denied, and what changed in the store
+/// meanwhile is reconciled; FelixConfiguration's defaultEndpointToHostAction and failsafe
+/// ports reach the rules.
+#[test]
+fn policy_survives_hand_edits_and_restarts_and_follows_felix_configuration() {
+    let mut lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let file = lab.dir.path().join("deny.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: locked\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-all\n  namespace: locked\n\
+         spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
+    )
+    .unwrap();
+    lab.gingham(&["apply", "-f", file.to_str().unwrap()]);
+    lab.ok(&["lab", "pod", "add", "node-1", "locked/p"]);
+    let other = lab.pod_ip("default/pod-2-1");
+    let ping = |lab: &Lab, pod: &str, ip: &str| {
+        lab.cmd(&["lab", "exec", pod, "--", "ping", "-c", "1", "-W", "1", ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let nft = |lab: &Lab, args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &lab.ns("node-1"), "nft"]).args(args).output().unwrap();
+        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!ping(&lab, "locked/p", &other));
+
+    // By hand: the forward chain flushed. The agent notices and restores it.
+    let forward = nft(&lab, &["list", "chain", "inet", "gingham", "forward"]);
+    assert!(forward.contains("@from-wl"), "{forward}");
+    nft(&lab, &["flush", "chain", "inet", "gingham", "forward"]);
+    let took = wait_for("the flushed chain to be restored", Duration::from_secs(5), || {
+        nft(&lab, &["list", "chain", "inet", "gingham", "forward"]).contains("@from-wl")
+    });
+    println!("policy table changed by hand: restored after {took:?}");
+    assert!(!ping(&lab, "locked/p", &other), "denied again");
+
+    // The agent dies: the rules stay. The policy is deleted meanwhile; the agent that comes
+    // back opens the pod (reconciled from the store, not from a flushed table).
+    let state = kill_agent(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ping(&lab, "locked/p", &other), "still denied while the agent is down");
+    let knp = lab.dir.path().join("knp.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&knp, text.split("---\n").nth(1).unwrap()).unwrap();
+    lab.gingham(&["delete", "-f", knp.to_str().unwrap()]);
+    assert!(!ping(&lab, "locked/p", &other), "nobody to program it yet");
+    restart_agent(&mut lab, &state);
+    wait_for("the restarted agent to open the pod", Duration::from_secs(10), || ping(&lab, "locked/p", &other));
+
+    // FelixConfiguration: workloads may not reach their own host, except on a failsafe port.
+    let own_host = "10.99.0.11";
+    assert!(ping(&lab, "default/pod-1-1", own_host), "Accept is the default");
+    let felix = lab.dir.path().join("felix.yaml");
+    std::fs::write(
+        &felix,
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata:\n  name: default\n\
+         spec:\n  defaultEndpointToHostAction: Drop\n",
+    )
+    .unwrap();
+    lab.gingham(&["apply", "-f", felix.to_str().unwrap()]);
+    wait_for("endpoint-to-host Drop to apply", Duration::from_secs(5), || !ping(&lab, "default/pod-1-1", own_host));
+    assert!(ping(&lab, "default/pod-1-1", &other), "only traffic to the host is dropped");
+    let input = nft(&lab, &["list", "chain", "inet", "gingham", "input"]);
+    assert!(input.contains("tcp dport 22 counter"), "failsafe ports: {input}");
+    lab.gingham(&["delete", "-f", felix.to_str().unwrap()]);
+    wait_for("the default action to come back", Duration::from_secs(5), || ping(&lab, "default/pod-1-1", own_host));
+}

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use gingham_api::network::FelixConfigurationSpec;
 use gingham_kernel::nft::*;
 use gingham_policy::engine::{Dirty, EndpointPlan, Engine, TierPlan};
 use gingham_policy::index::{Member, SetSpec};
@@ -29,6 +30,11 @@ use crate::DataplaneError;
 pub const TABLE: &str = "gingham";
 pub const FROM_WL: &str = "from-wl";
 pub const TO_WL: &str = "to-wl";
+/// Host endpoints by interface: traffic arriving at the host on it, and leaving it.
+pub const FROM_HEP: &str = "from-hep";
+pub const TO_HEP: &str = "to-hep";
+/// A host endpoint on every interface (`interfaceName: "*"`).
+const ALL_INTERFACES: &str = "*";
 /// Felix's mark bits (within its default mask 0xffff0000).
 pub const MARK_ACCEPT: u32 = 0x1_0000;
 pub const MARK_PASS: u32 = 0x2_0000;
@@ -53,16 +59,110 @@ pub enum EndpointToHost {
     Accept,
 }
 
-#[derive(Clone, Debug)]
+/// A port the host always allows (Felix's failsafe ports): inbound, traffic to it; outbound,
+/// traffic from it to that port. `net` restricts the other side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failsafe {
+    pub protocol: u8,
+    pub port: u16,
+    pub net: Option<IpNet>,
+}
+
+fn failsafe(list: &[(u8, u16)]) -> Vec<Failsafe> {
+    list.iter().map(|&(protocol, port)| Failsafe { protocol, port, net: None }).collect()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyConfig {
     pub interface_prefix: String,
     pub endpoint_to_host: EndpointToHost,
+    pub failsafe_inbound: Vec<Failsafe>,
+    pub failsafe_outbound: Vec<Failsafe>,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { interface_prefix: "cali".into(), endpoint_to_host: EndpointToHost::Accept }
+        // Calico's defaults: SSH, DHCP, BGP, etcd, Typha, the API server, and Calico's 6666/6667.
+        let common = [(6, 179), (6, 2379), (6, 2380), (6, 5473), (6, 6443), (6, 6666), (6, 6667)];
+        PolicyConfig {
+            interface_prefix: "cali".into(),
+            endpoint_to_host: EndpointToHost::Accept,
+            failsafe_inbound: failsafe(&[[(6, 22), (17, 68)].as_slice(), &common].concat()),
+            failsafe_outbound: failsafe(&[[(17, 53), (17, 67)].as_slice(), &common].concat()),
+        }
     }
+}
+
+impl PolicyConfig {
+    /// The configuration FelixConfiguration `default` and this node's `node.<name>` give (the
+    /// node's fields win); an error names the field.
+    pub fn from_felix(
+        default: Option<&FelixConfigurationSpec>,
+        node: Option<&FelixConfigurationSpec>,
+    ) -> Result<PolicyConfig, String> {
+        let mut c = PolicyConfig::default();
+        let pick = |f: fn(&FelixConfigurationSpec) -> Option<String>| node.and_then(f).or_else(|| default.and_then(f));
+        if let Some(p) = pick(|s| s.interface_prefix.clone()) {
+            // Felix takes a comma-separated list; the first prefix is the workloads'.
+            let first = p.split(',').next().unwrap_or_default().trim().to_string();
+            if first.is_empty() || !first.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+                return Err(format!("spec.interfacePrefix: {p:?} is not an interface name prefix"));
+            }
+            c.interface_prefix = first;
+        }
+        if let Some(a) = pick(|s| s.default_endpoint_to_host_action.clone()) {
+            c.endpoint_to_host = match a.as_str() {
+                "Drop" => EndpointToHost::Drop,
+                "Return" => EndpointToHost::Return,
+                "Accept" => EndpointToHost::Accept,
+                _ => return Err(format!("spec.defaultEndpointToHostAction: {a:?} is not Drop, Return or Accept")),
+            };
+        }
+        for (field, get, out) in [
+            (
+                "failsafeInboundHostPorts",
+                (|s: &FelixConfigurationSpec| s.failsafe_inbound_host_ports.clone()) as fn(&_) -> _,
+                &mut c.failsafe_inbound,
+            ),
+            ("failsafeOutboundHostPorts", |s| s.failsafe_outbound_host_ports.clone(), &mut c.failsafe_outbound),
+        ] {
+            let Some(list) = node.and_then(get).or_else(|| default.and_then(get)) else { continue };
+            out.clear();
+            for (i, p) in list.iter().enumerate() {
+                let path = format!("spec.{field}[{i}]");
+                let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+                    "tcp" => 6,
+                    "udp" => 17,
+                    "sctp" => 132,
+                    other => return Err(format!("{path}.protocol: {other:?} is not tcp, udp or sctp")),
+                };
+                let port = u16::try_from(p.port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{path}.port: {} is not a port", p.port))?;
+                let net = match p.net.as_deref().filter(|n| !n.is_empty()) {
+                    Some(n) => Some(n.parse::<IpNet>().map_err(|_| format!("{path}.net: {n:?} is not a CIDR"))?),
+                    None => None,
+                };
+                out.push(Failsafe { protocol, port, net });
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A digest of a table listing without its counters' values (traffic changes those).
+fn listing_digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        w.hash(&mut h);
+        if w == "packets" || w == "bytes" {
+            words.next();
+        }
+    }
+    h.finish()
 }
 
 /// A name safe for nftables, readable, and unique (a hash when anything had to change).
@@ -87,6 +187,21 @@ pub fn profile_chain(name: &str, ingress: bool) -> String {
 
 pub fn endpoint_chain(iface: &str, ingress: bool) -> String {
     safe(if ingress { "tw-" } else { "fw-" }, iface)
+}
+
+/// A host endpoint's chains: from it into the host (its ingress), from the host out through it.
+pub fn host_endpoint_chain(iface: &str, ingress: bool) -> String {
+    safe(if ingress { "fh-" } else { "th-" }, iface)
+}
+
+/// The map and chain of an endpoint's direction.
+fn endpoint_map_chain(iface: &str, host: bool, ingress: bool) -> (&'static str, String) {
+    match (host, ingress) {
+        (false, true) => (TO_WL, endpoint_chain(iface, true)),
+        (false, false) => (FROM_WL, endpoint_chain(iface, false)),
+        (true, true) => (FROM_HEP, host_endpoint_chain(iface, true)),
+        (true, false) => (TO_HEP, host_endpoint_chain(iface, false)),
+    }
 }
 
 /// nft set names of a set ID, per family.
@@ -252,7 +367,7 @@ fn mark(bits: u32, set: bool) -> Match {
 /// An endpoint's chain for one direction: tiers, then profiles, then drop.
 fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
     let mut out = vec![Rule::new(vec![], vec![Statement::MarkClear(MARKS)])];
-    if !ingress {
+    if !ingress && !plan.is_host_endpoint() {
         // Anti-spoofing: a workload sends only from its own addresses.
         for v6 in [false, true] {
             let own = family_nets(&plan.ips, v6);
@@ -287,11 +402,17 @@ pub struct PolicyManager {
     nft: Nft,
     config: PolicyConfig,
     built: bool,
+    /// Whether the base chains send every host interface to an all-interfaces host endpoint.
+    all_interfaces: bool,
     sets: BTreeMap<String, BTreeSet<Element>>,
     chains: BTreeSet<String>,
-    endpoints: BTreeSet<String>,
+    /// Programmed endpoints by interface: whether each is a host endpoint.
+    endpoints: BTreeMap<String, bool>,
     /// Interfaces whose policy is programmed, for CNI ADD to wait on.
     programmed: BTreeSet<String>,
+    /// A digest of the table as listed (counters aside) once our last change was in; None
+    /// until the next drift check takes it.
+    snapshot: Option<u64>,
 }
 
 impl PolicyManager {
@@ -300,10 +421,12 @@ impl PolicyManager {
             nft,
             config,
             built: false,
+            all_interfaces: false,
             sets: BTreeMap::new(),
             chains: BTreeSet::new(),
-            endpoints: BTreeSet::new(),
+            endpoints: BTreeMap::new(),
             programmed: BTreeSet::new(),
+            snapshot: None,
         }
     }
 
@@ -315,6 +438,54 @@ impl PolicyManager {
         &self.programmed
     }
 
+    /// Config changes (FelixConfiguration) rebuild the base chains at the next apply.
+    pub fn set_config(&mut self, config: PolicyConfig) {
+        if config != self.config {
+            self.config = config;
+            self.built = false;
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    fn failsafe_rules(list: &[Failsafe], inbound: bool) -> Vec<Rule> {
+        let peer = if inbound { Addr::Source } else { Addr::Destination };
+        list.iter()
+            .map(|f| {
+                let mut m = vec![
+                    Match::L4Proto { proto: f.protocol, negate: false },
+                    Match::Ports { addr: Addr::Destination, ranges: vec![(f.port, f.port)], negate: false },
+                ];
+                if let Some(n) = f.net {
+                    m.push(Match::AddrIn { addr: peer, v6: n.addr().is_ipv6(), nets: vec![n.trunc()], negate: false });
+                }
+                Rule::new(m, vec![Statement::Counter, Statement::Accept])
+            })
+            .collect()
+    }
+
+    /// The host endpoint part of the input (`inbound`) or output chain: loopback and conntrack
+    /// first, then failsafe ports, then the interface's host endpoint chain (or the
+    /// all-interfaces one). Interfaces without a host endpoint are left alone.
+    fn host_rules(&self, inbound: bool) -> Vec<Rule> {
+        let (lo, map) = if inbound { (Match::Iifname("lo".into()), FROM_HEP) } else { (Match::Oifname("lo".into()), TO_HEP) };
+        let mut rules = vec![
+            Rule::new(vec![lo], vec![Statement::Accept]),
+            Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
+        ];
+        let list = if inbound { &self.config.failsafe_inbound } else { &self.config.failsafe_outbound };
+        rules.extend(Self::failsafe_rules(list, inbound));
+        rules.push(Rule::new(vec![], vec![Statement::IfnameVmap { input: inbound, map: map.into() }]));
+        rules.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Accept]));
+        if self.all_interfaces {
+            rules.push(Rule::new(vec![], vec![Statement::Jump(host_endpoint_chain(ALL_INTERFACES, inbound))]));
+            rules.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Accept]));
+        }
+        rules
+    }
+
     fn base(&self) -> Vec<Op> {
         let t = table();
         let px = &self.config.interface_prefix;
@@ -322,11 +493,16 @@ impl PolicyManager {
         let base = |hook| {
             Some(BaseChain { kind: ChainType::Filter, hook, priority: PRIORITY_FILTER, accept_by_default: true })
         };
-        let mut ops = vec![
-            Op::AddTable(t.clone()),
-            Op::AddIfnameVmap(t.clone(), FROM_WL.into()),
-            Op::AddIfnameVmap(t.clone(), TO_WL.into()),
-        ];
+        let mut ops = vec![Op::AddTable(t.clone())];
+        for m in [FROM_WL, TO_WL, FROM_HEP, TO_HEP] {
+            ops.push(Op::AddIfnameVmap(t.clone(), m.into()));
+        }
+        if self.all_interfaces {
+            // Made here because the base chains jump to them; filled as endpoints.
+            for ingress in [true, false] {
+                ops.push(Op::AddChain(t.clone(), host_endpoint_chain(ALL_INTERFACES, ingress), None));
+            }
+        }
         let forward = vec![
             Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
             Rule::new(vec![i.clone(), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
@@ -337,7 +513,7 @@ impl PolicyManager {
             Rule::new(vec![i.clone(), mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
             Rule::new(vec![], vec![Statement::MarkClear(MARKS)]),
             Rule::new(vec![], vec![Statement::IfnameVmap { input: false, map: TO_WL.into() }]),
-            Rule::new(vec![o, mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
+            Rule::new(vec![o.clone(), mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
         ];
         let mut input = vec![
             Rule::new(vec![i.clone(), Match::CtEstablished], vec![Statement::Accept]),
@@ -347,12 +523,19 @@ impl PolicyManager {
             Rule::new(vec![i.clone()], vec![Statement::IfnameVmap { input: true, map: FROM_WL.into() }]),
             Rule::new(vec![i.clone(), mark(MARK_ACCEPT, false)], vec![Statement::Counter, Statement::Drop]),
         ];
-        match self.config.endpoint_to_host {
-            EndpointToHost::Accept => input.push(Rule::new(vec![i], vec![Statement::Accept])),
-            EndpointToHost::Drop => input.push(Rule::new(vec![i], vec![Statement::Counter, Statement::Drop])),
-            EndpointToHost::Return => {}
-        }
-        for (name, hook, rules) in [("forward", Hook::Forward, forward), ("input", Hook::Input, input)] {
+        // Workload traffic ends here either way: host endpoint policy is not for it.
+        input.push(match self.config.endpoint_to_host {
+            EndpointToHost::Accept => Rule::new(vec![i], vec![Statement::Accept]),
+            EndpointToHost::Drop => Rule::new(vec![i], vec![Statement::Counter, Statement::Drop]),
+            EndpointToHost::Return => Rule::new(vec![i], vec![Statement::Return]),
+        });
+        input.extend(self.host_rules(true));
+        // The host's own traffic to its workloads is not policed (kubelet probes need it).
+        let mut output = vec![Rule::new(vec![o], vec![Statement::Accept])];
+        output.extend(self.host_rules(false));
+        for (name, hook, rules) in
+            [("forward", Hook::Forward, forward), ("input", Hook::Input, input), ("output", Hook::Output, output)]
+        {
             ops.push(Op::AddChain(t.clone(), name.into(), base(hook)));
             ops.push(Op::FlushChain(t.clone(), name.into()));
             ops.extend(rules.into_iter().map(|r| Op::AddRule(t.clone(), name.into(), r)));
@@ -363,10 +546,12 @@ impl PolicyManager {
     /// Bring the kernel to the engine's picture for what `dirty` names (everything, the first
     /// time or after a failure), in one transaction.
     pub async fn apply(&mut self, engine: &Engine, dirty: &Dirty) -> Result<(), DataplaneError> {
-        let full = !self.built;
+        let all_interfaces = engine.plan(ALL_INTERFACES).is_some_and(EndpointPlan::is_host_endpoint);
+        let full = !self.built || all_interfaces != self.all_interfaces;
         let mut dirty = dirty.clone();
         let mut ops = Vec::new();
         if full {
+            self.all_interfaces = all_interfaces;
             ops.push(Op::DeleteTable(table()));
             ops.extend(self.base());
             self.sets.clear();
@@ -437,9 +622,16 @@ impl PolicyManager {
         let mut endpoint_later = Vec::new();
         for iface in &dirty.endpoints {
             let plan = engine.plan(iface);
-            for (ingress, map) in [(true, TO_WL), (false, FROM_WL)] {
-                let name = endpoint_chain(iface, ingress);
-                let elem = vec![Element::IfJump(iface.clone(), name.clone())];
+            let was = self.endpoints.get(iface).copied();
+            let host = plan.map_or(was.unwrap_or(false), EndpointPlan::is_host_endpoint);
+            if was.is_some_and(|h| h != host) {
+                // Workload became host endpoint or back (an interface renamed): a new endpoint.
+                return self.rebuild(engine).await;
+            }
+            for ingress in [true, false] {
+                let (map, name) = endpoint_map_chain(iface, host, ingress);
+                // The all-interfaces host endpoint is reached from the base chains, not a map.
+                let elem = (iface != ALL_INTERFACES || !host).then(|| vec![Element::IfJump(iface.clone(), name.clone())]);
                 match plan {
                     Some(plan) => {
                         ops.push(Op::AddChain(t.clone(), name.clone(), None));
@@ -447,12 +639,14 @@ impl PolicyManager {
                         ops.extend(
                             endpoint_rules(plan, ingress).into_iter().map(|r| Op::AddRule(t.clone(), name.clone(), r)),
                         );
-                        if !self.endpoints.contains(iface) {
+                        if let (None, Some(elem)) = (was, elem) {
                             ops.push(Op::AddElements(t.clone(), map.into(), elem));
                         }
                     }
-                    None if self.endpoints.contains(iface) => {
-                        ops.push(Op::DeleteElements(t.clone(), map.into(), elem));
+                    None if was.is_some() => {
+                        if let Some(elem) = elem {
+                            ops.push(Op::DeleteElements(t.clone(), map.into(), elem));
+                        }
                         ops.push(Op::FlushChain(t.clone(), name.clone()));
                         endpoint_later.push(Op::DeleteChain(t.clone(), name));
                     }
@@ -460,7 +654,7 @@ impl PolicyManager {
                 }
             }
             match plan {
-                Some(_) => self.endpoints.insert(iface.clone()),
+                Some(_) => self.endpoints.insert(iface.clone(), host),
                 None => self.endpoints.remove(iface),
             };
         }
@@ -472,13 +666,50 @@ impl PolicyManager {
             return Err(e.into());
         }
         self.built = true;
-        self.programmed = self.endpoints.clone();
+        if !ops.is_empty() {
+            self.snapshot = None;
+        }
+        self.programmed = self.endpoints.keys().cloned().collect();
         Ok(())
+    }
+
+    /// Whether our table was changed behind our back (then it is rebuilt at the next apply).
+    /// Cheap when nobody else touched nftables: one generation query. After someone did, the
+    /// table is listed and compared with what it was after our last change; a change of ours
+    /// not yet listed when someone else's lands counts as drift (a rebuild too many, never
+    /// one too few).
+    pub async fn check_drift(&mut self) -> Result<bool, DataplaneError> {
+        if !self.built {
+            return Ok(false);
+        }
+        // Unable to tell (no generation): compare the listing every time.
+        let others = self.nft.changed_by_others().await.unwrap_or(true);
+        if !others && self.snapshot.is_some() {
+            return Ok(false);
+        }
+        let now = self.nft.list_table(&table()).await?.map(|t| listing_digest(&t));
+        let drifted = match (now, self.snapshot) {
+            (None, _) => true,
+            (Some(n), Some(s)) => others && n != s,
+            (Some(_), None) => others,
+        };
+        if drifted {
+            self.invalidate();
+        } else {
+            self.snapshot = now;
+        }
+        Ok(drifted)
+    }
+
+    async fn rebuild(&mut self, engine: &Engine) -> Result<(), DataplaneError> {
+        self.built = false;
+        Box::pin(self.apply(engine, &Dirty::default())).await
     }
 
     /// Rebuild from scratch at the next apply (the table was changed by hand, or is unknown).
     pub fn invalidate(&mut self) {
         self.built = false;
+        self.snapshot = None;
     }
 
     pub fn is_built(&self) -> bool {

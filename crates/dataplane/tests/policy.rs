@@ -57,8 +57,12 @@ impl Drop for Server {
 }
 
 fn serve(ns: &Ns, ip: &str) -> Server {
+    serve_on(ns, ip, &[80, 81])
+}
+
+fn serve_on(ns: &Ns, ip: &str, ports: &[u16]) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
-    for port in [80u16, 81] {
+    for &port in ports {
         let (stop, addr) = (stop.clone(), SocketAddr::new(ip.parse().unwrap(), port));
         let ready = inside(ns, move || {
             let l = TcpListener::bind(addr).unwrap();
@@ -302,5 +306,140 @@ async fn no_window_while_policies_change() {
         .unwrap();
     let mut buf = [0u8; 4];
     assert!(open.recv(&mut buf).is_ok(), "without the policy the packet arrives");
+    m.remove().await.unwrap();
+}
+
+/// Host endpoints guard the host's own traffic on their interface: nothing but failsafe ports
+/// until policy allows, in both directions; FelixConfiguration moves the failsafe ports and
+/// decides workload-to-host traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_endpoints_and_failsafe_ports() {
+    let node = node("hnode");
+    let peer = ns("hpeer");
+    let iface = format!("hep{}", std::process::id() % 100000);
+    run(&node, &["ip", "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &peer.1.to_string_lossy()]);
+    run(&node, &["ip", "addr", "add", "198.51.100.1/24", "dev", &iface]);
+    run(&node, &["ip", "link", "set", &iface, "up"]);
+    run(&peer, &["ip", "link", "set", "lo", "up"]);
+    run(&peer, &["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"]);
+    run(&peer, &["ip", "link", "set", "eth0", "up"]);
+    run(&peer, &["ip", "route", "add", "10.72.0.0/16", "via", "198.51.100.1"]);
+    let w = pod(&node, "hw", "10.72.0.1");
+    let _host = serve_on(&node, "0.0.0.0", &[22, 8080, 9090]);
+    let _remote = serve_on(&peer, "198.51.100.2", &[179, 8080]);
+    let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft.clone(), PolicyConfig::default());
+    let mut e = Engine::for_node("hnode");
+    e.set_item("wep/x/hw", Some(endpoint("x", &[("pod", "hw")], w.ip, &w.iface)));
+    program(&mut m, &mut e).await;
+    assert!(reaches(&peer, "198.51.100.1", 9090) && reaches(&node, "198.51.100.2", 8080), "no host endpoint yet");
+
+    // The host endpoint alone: no policy, no profile — only failsafe ports, in and out.
+    let hep = Item {
+        data: ItemData {
+            labels: [("role".to_string(), "node".to_string())].into(),
+            profiles: vec![],
+            nets: vec!["198.51.100.1/32".parse().unwrap()],
+            ports: vec![],
+        },
+        local_interface: Some(iface.clone()),
+    };
+    e.set_item("hep/hnode-eth", Some(hep));
+    program(&mut m, &mut e).await;
+    assert!(!reaches(&peer, "198.51.100.1", 8080), "a host endpoint with no policy denies");
+    assert!(reaches(&peer, "198.51.100.1", 22), "inbound failsafe tcp:22");
+    assert!(!reaches(&node, "198.51.100.2", 8080), "outbound denied too");
+    assert!(reaches(&node, "198.51.100.2", 179), "outbound failsafe tcp:179");
+    assert!(reaches(&w.ns, "198.51.100.1", 8080), "workload to host is not host endpoint traffic");
+
+    // Ingress allowed on 8080 by a global policy; egress still has nothing.
+    let gnp: gingham_api::policy::GlobalNetworkPolicySpec = serde_json::from_str(
+        r#"{"selector":"role == 'node'","types":["Ingress"],"ingress":[
+            {"action":"Allow","protocol":"TCP","destination":{"ports":[8080]}}]}"#,
+    )
+    .unwrap();
+    e.set_policy("host-8080", Some(rules::global_network_policy(&gnp).unwrap()));
+    program(&mut m, &mut e).await;
+    assert!(reaches(&peer, "198.51.100.1", 8080), "allowed by the host endpoint's policy");
+    assert!(!reaches(&peer, "198.51.100.1", 9090), "other ports stay denied");
+    assert!(!reaches(&node, "198.51.100.2", 8080), "egress has no policy");
+
+    // FelixConfiguration: failsafe inbound is now tcp:9090 only; workloads may not reach the host.
+    let felix: gingham_api::network::FelixConfigurationSpec = serde_json::from_str(
+        r#"{"failsafeInboundHostPorts":[{"protocol":"TCP","port":9090}],"defaultEndpointToHostAction":"Drop"}"#,
+    )
+    .unwrap();
+    m.set_config(PolicyConfig::from_felix(Some(&felix), None).unwrap());
+    program(&mut m, &mut e).await;
+    assert!(reaches(&peer, "198.51.100.1", 9090), "the configured failsafe port");
+    assert!(!reaches(&peer, "198.51.100.1", 22), "tcp:22 is no longer failsafe");
+    assert!(!reaches(&w.ns, "198.51.100.1", 8080), "defaultEndpointToHostAction Drop");
+    assert!(reaches(&w.ns, "198.51.100.2", 8080), "forwarded workload traffic is not to the host");
+    let bad: gingham_api::network::FelixConfigurationSpec =
+        serde_json::from_str(r#"{"failsafeOutboundHostPorts":[{"protocol":"icmp","port":1}]}"#).unwrap();
+    let err = PolicyConfig::from_felix(Some(&felix), Some(&bad)).unwrap_err();
+    assert!(err.contains("spec.failsafeOutboundHostPorts[0].protocol"), "{err}");
+
+    // An all-interfaces host endpoint takes the peer's interface too once the named one goes.
+    e.set_item("hep/hnode-eth", None);
+    let all = Item {
+        data: ItemData { labels: [("role".to_string(), "node".to_string())].into(), ..Default::default() },
+        local_interface: Some("*".into()),
+    };
+    e.set_item("hep/hnode-all", Some(all));
+    program(&mut m, &mut e).await;
+    assert!(reaches(&peer, "198.51.100.1", 8080) && !reaches(&peer, "198.51.100.1", 22));
+    e.set_item("hep/hnode-all", None);
+    program(&mut m, &mut e).await;
+    assert!(reaches(&peer, "198.51.100.1", 22) && reaches(&node, "198.51.100.2", 8080), "no host endpoint left");
+    m.remove().await.unwrap();
+}
+
+/// A table changed by someone else is noticed (and only then): another table's change, traffic
+/// moving counters and our own changes are not drift; a flushed chain is, and the next apply
+/// restores it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_changed_by_hand_is_noticed_and_restored() {
+    let node = node("drift");
+    let (a, b) = (pod(&node, "da", "10.70.3.1"), pod(&node, "db", "10.70.3.2"));
+    let _servers: Vec<Server> = [&a, &b].iter().map(|p| serve(&p.ns, p.ip)).collect();
+    let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft.clone(), PolicyConfig::default());
+    let mut e = Engine::default();
+    e.set_namespace("x", Some(&[("ns".to_string(), "x".to_string())].into()));
+    e.set_item("wep/x/a", Some(endpoint("x", &[("pod", "a")], a.ip, &a.iface)));
+    e.set_item("wep/x/b", Some(endpoint("x", &[("pod", "b")], b.ip, &b.iface)));
+    e.set_policy("x/knp.default.deny", Some(knp(r#"{"podSelector":{"matchLabels":{"pod":"b"}}}"#, "x")));
+    program(&mut m, &mut e).await;
+    assert!(!m.check_drift().await.unwrap(), "our own transaction is not drift");
+    assert!(!reaches(&a.ns, b.ip, 80));
+    let before = nft.list_table(&gingham_dataplane::policy::table()).await.unwrap().unwrap();
+
+    // Someone else's table, and counters moved by traffic: not ours to repair.
+    run(&node, &["nft", "add", "table", "inet", "someone-else"]);
+    assert!(reaches(&b.ns, a.ip, 80));
+    assert!(!m.check_drift().await.unwrap(), "another table's change is not drift");
+    assert!(!m.check_drift().await.unwrap(), "nothing changed since");
+    e.set_item("wep/x/a", Some(endpoint("x", &[("pod", "a"), ("v", "2")], a.ip, &a.iface)));
+    program(&mut m, &mut e).await;
+    assert!(!m.check_drift().await.unwrap(), "a change of ours is not drift");
+
+    // By hand: the forward chain flushed opens b to everyone, until restored.
+    run(&node, &["nft", "flush", "chain", "inet", "gingham", "forward"]);
+    assert!(reaches(&a.ns, b.ip, 80), "the flush really opened the path");
+    assert!(m.check_drift().await.unwrap(), "a flushed chain of ours is drift");
+    assert!(!m.is_built());
+    program(&mut m, &mut e).await;
+    assert!(!reaches(&a.ns, b.ip, 80), "restored");
+    let after = nft.list_table(&gingham_dataplane::policy::table()).await.unwrap().unwrap();
+    let strip = |t: &str| t.lines().filter(|l| !l.contains("packets")).map(str::to_string).collect::<Vec<_>>();
+    let forward = |t: &str| strip(t).into_iter().skip_while(|l| !l.contains("chain forward")).take(12).collect::<Vec<_>>();
+    assert_eq!(forward(&after), forward(&before));
+    // A deleted table too.
+    run(&node, &["nft", "delete", "table", "inet", "gingham"]);
+    assert!(m.check_drift().await.unwrap(), "a deleted table is drift");
+    program(&mut m, &mut e).await;
+    assert!(!m.check_drift().await.unwrap());
+    run(&node, &["nft", "delete", "table", "inet", "someone-else"]);
     m.remove().await.unwrap();
 }

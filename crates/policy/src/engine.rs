@@ -79,6 +79,18 @@ pub struct Engine {
     /// thousands of policies replans each endpoint once, not once per policy).
     pending: HashMap<ItemKey, BTreeSet<PolicyKey>>,
     dirty: Dirty,
+    /// This node's name: its host endpoints are local.
+    node: String,
+}
+
+/// Item keys of host endpoints start with this.
+pub const HOST_ENDPOINT_PREFIX: &str = "hep/";
+
+impl EndpointPlan {
+    /// A host endpoint's plan (its chains guard the host's own traffic, not a workload's).
+    pub fn is_host_endpoint(&self) -> bool {
+        self.key.starts_with(HOST_ENDPOINT_PREFIX)
+    }
 }
 
 /// The sets a rule's matches need.
@@ -102,6 +114,15 @@ fn rules_sets<'a>(rules: impl Iterator<Item = &'a Rule>) -> Vec<SetSpec> {
 }
 
 impl Engine {
+    /// The engine of node `node` (whose host endpoints it enforces).
+    pub fn for_node(node: &str) -> Engine {
+        Engine { node: node.into(), ..Default::default() }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn index(&self) -> &Index {
         &self.index
     }

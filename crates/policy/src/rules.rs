@@ -288,18 +288,27 @@ fn rules(list: &Option<Vec<api::Rule>>, namespace: Option<&str>, path: &str) -> 
     list.iter().flatten().enumerate().map(|(i, r)| rule(r, namespace, &format!("{path}[{i}]"))).collect()
 }
 
+/// The directions a policy covers: its types as stored; if absent (another writer), Calico's
+/// defaulting from the rules present.
+fn policy_types(
+    types: &Option<Vec<api::PolicyType>>,
+    ingress: &Option<Vec<api::Rule>>,
+    egress: &Option<Vec<api::Rule>>,
+) -> (bool, bool) {
+    let has = |l: &Option<Vec<api::Rule>>| l.as_ref().is_some_and(|r| !r.is_empty());
+    match types.as_ref().filter(|t| !t.is_empty()) {
+        Some(t) => (t.contains(&api::PolicyType::Ingress), t.contains(&api::PolicyType::Egress)),
+        None => (has(ingress) || !has(egress), has(egress)),
+    }
+}
+
 fn directions(
     types: &Option<Vec<api::PolicyType>>,
     ingress: &Option<Vec<api::Rule>>,
     egress: &Option<Vec<api::Rule>>,
     namespace: Option<&str>,
 ) -> Result<(Option<Vec<Rule>>, Option<Vec<Rule>>), String> {
-    // Types as stored; if absent (another writer), Calico's defaulting from the rules present.
-    let has = |l: &Option<Vec<api::Rule>>| l.as_ref().is_some_and(|r| !r.is_empty());
-    let (i, e) = match types.as_ref().filter(|t| !t.is_empty()) {
-        Some(t) => (t.contains(&api::PolicyType::Ingress), t.contains(&api::PolicyType::Egress)),
-        None => (has(ingress) || !has(egress), has(egress)),
-    };
+    let (i, e) = policy_types(types, ingress, egress);
     Ok((
         if i { Some(rules(ingress, namespace, "spec.ingress")?) } else { None },
         if e { Some(rules(egress, namespace, "spec.egress")?) } else { None },
@@ -310,21 +319,23 @@ fn tier(t: &Option<String>) -> String {
     t.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| "default".into())
 }
 
-/// A namespaced NetworkPolicy: its selector is restricted to its own namespace.
-pub fn network_policy(spec: &NetworkPolicySpec, namespace: &str) -> Result<Policy, String> {
+fn network_policy_selector(spec: &NetworkPolicySpec, namespace: &str) -> Result<Selector, String> {
     let mut parts = vec![parse_sel(spec.selector.as_deref().unwrap_or("all()"), "spec.selector")?];
     if let Some(s) = &spec.service_account_selector {
         parts.push(prefixed(&parse_sel(s, "spec.serviceAccountSelector")?, SERVICE_ACCOUNT_PREFIX));
     }
     parts.push(Selector::Eq(NAMESPACE_LABEL.into(), namespace.into()));
-    let (ingress, egress) = directions(&spec.types, &spec.ingress, &spec.egress, Some(namespace))?;
-    Ok(Policy { tier: tier(&spec.tier), order: spec.order, selector: and(parts), ingress, egress })
+    Ok(and(parts))
 }
 
-pub fn global_network_policy(spec: &GlobalNetworkPolicySpec) -> Result<Policy, String> {
-    if spec.do_not_track == Some(true) || spec.pre_dnat == Some(true) {
-        return Err("spec.doNotTrack/preDNAT: untracked and pre-DNAT policies are not supported yet".into());
-    }
+/// A namespaced NetworkPolicy: its selector is restricted to its own namespace.
+pub fn network_policy(spec: &NetworkPolicySpec, namespace: &str) -> Result<Policy, String> {
+    let selector = network_policy_selector(spec, namespace)?;
+    let (ingress, egress) = directions(&spec.types, &spec.ingress, &spec.egress, Some(namespace))?;
+    Ok(Policy { tier: tier(&spec.tier), order: spec.order, selector, ingress, egress })
+}
+
+fn global_network_policy_selector(spec: &GlobalNetworkPolicySpec) -> Result<Selector, String> {
     let mut parts = vec![parse_sel(spec.selector.as_deref().unwrap_or("all()"), "spec.selector")?];
     if let Some(s) = &spec.namespace_selector {
         parts.push(namespace_selector(s, "spec.namespaceSelector")?);
@@ -332,8 +343,47 @@ pub fn global_network_policy(spec: &GlobalNetworkPolicySpec) -> Result<Policy, S
     if let Some(s) = &spec.service_account_selector {
         parts.push(prefixed(&parse_sel(s, "spec.serviceAccountSelector")?, SERVICE_ACCOUNT_PREFIX));
     }
+    Ok(and(parts))
+}
+
+pub fn global_network_policy(spec: &GlobalNetworkPolicySpec) -> Result<Policy, String> {
+    if spec.do_not_track == Some(true) || spec.pre_dnat == Some(true) {
+        return Err("spec.doNotTrack/preDNAT: untracked and pre-DNAT policies are not supported yet".into());
+    }
+    let selector = global_network_policy_selector(spec)?;
     let (ingress, egress) = directions(&spec.types, &spec.ingress, &spec.egress, None)?;
-    Ok(Policy { tier: tier(&spec.tier), order: spec.order, selector: and(parts), ingress, egress })
+    Ok(Policy { tier: tier(&spec.tier), order: spec.order, selector, ingress, egress })
+}
+
+/// What a policy that does not compile is enforced as: its selector and directions with no
+/// rules, so what it selects is denied there rather than opened because one rule was bad.
+/// None when even the selector is unreadable (then nothing can say what it would select).
+fn closed(
+    selector: Result<Selector, String>,
+    tier_name: &Option<String>,
+    order: Option<f64>,
+    types: &Option<Vec<api::PolicyType>>,
+    ingress: &Option<Vec<api::Rule>>,
+    egress: &Option<Vec<api::Rule>>,
+) -> Option<Policy> {
+    let (i, e) = policy_types(types, ingress, egress);
+    Some(Policy {
+        tier: tier(tier_name),
+        order,
+        selector: selector.ok()?,
+        ingress: i.then(Vec::new),
+        egress: e.then(Vec::new),
+    })
+}
+
+pub fn closed_network_policy(spec: &NetworkPolicySpec, namespace: &str) -> Option<Policy> {
+    let sel = network_policy_selector(spec, namespace);
+    closed(sel, &spec.tier, spec.order, &spec.types, &spec.ingress, &spec.egress)
+}
+
+pub fn closed_global_network_policy(spec: &GlobalNetworkPolicySpec) -> Option<Policy> {
+    let sel = global_network_policy_selector(spec);
+    closed(sel, &spec.tier, spec.order, &spec.types, &spec.ingress, &spec.egress)
 }
 
 pub fn profile(spec: &ProfileSpec) -> Result<Profile, String> {
