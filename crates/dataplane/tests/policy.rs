@@ -443,3 +443,59 @@ async fn a_table_changed_by_hand_is_noticed_and_restored() {
     run(&node, &["nft", "delete", "table", "inet", "someone-else"]);
     m.remove().await.unwrap();
 }
+
+/// Beside kube-proxy: a Service's DNAT (an nftables nat rule as kube-proxy's nftables mode
+/// writes) happens before policy, so the backend's policy sees the client pod and the backend
+/// pod, never the service address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_applies_to_service_traffic_after_dnat() {
+    let node = node("svc");
+    let (a, b, c) = (pod(&node, "sa", "10.70.4.1"), pod(&node, "sb", "10.70.4.2"), pod(&node, "sc", "10.70.4.3"));
+    let _servers: Vec<Server> = [&b].iter().map(|p| serve(&p.ns, p.ip)).collect();
+    // The Service 10.96.0.10:80 → b:80 (and :81 → b:81), as kube-proxy's nftables mode does.
+    let kp = "table ip kube-proxy-test {\n chain nat-prerouting {\n  type nat hook prerouting priority dstnat;\n  \
+              ip daddr 10.96.0.10 tcp dport 80 dnat to 10.70.4.2:80\n  ip daddr 10.96.0.10 tcp dport 81 dnat to 10.70.4.2:81\n }\n}\n";
+    let rules = std::env::temp_dir().join(format!("gingham-kp-{}.nft", std::process::id()));
+    std::fs::write(&rules, kp).unwrap();
+    run(&node, &["nft", "-f", rules.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&rules);
+    let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft.clone(), PolicyConfig::default());
+    let mut e = Engine::default();
+    e.set_namespace("x", Some(&[("ns".to_string(), "x".to_string())].into()));
+    for (key, p, label) in [("wep/x/a", &a, "a"), ("wep/x/b", &b, "b"), ("wep/x/c", &c, "c")] {
+        e.set_item(key, Some(endpoint("x", &[("pod", label)], p.ip, &p.iface)));
+    }
+    program(&mut m, &mut e).await;
+    assert!(reaches(&a.ns, "10.96.0.10", 80), "the service works without policy");
+    assert!(reaches(&c.ns, "10.96.0.10", 80));
+
+    // The backend admits pod a on port 80 only; and a rule naming the service address
+    // matches nothing (policy sees the backend's address).
+    e.set_policy(
+        "x/knp.default.backend",
+        Some(knp(
+            r#"{"podSelector":{"matchLabels":{"pod":"b"}},"ingress":[
+                {"from":[{"podSelector":{"matchLabels":{"pod":"a"}}}],"ports":[{"port":80}]},
+                {"from":[{"ipBlock":{"cidr":"10.70.4.3/32"}}],"ports":[{"port":81}]}]}"#,
+            "x",
+        )),
+    );
+    program(&mut m, &mut e).await;
+    assert!(reaches(&a.ns, "10.96.0.10", 80), "a → service → b:80 is allowed");
+    assert!(!reaches(&a.ns, "10.96.0.10", 81), "port 81 is not allowed for a");
+    assert!(!reaches(&c.ns, "10.96.0.10", 80), "c is not allowed on 80 through the service");
+    assert!(reaches(&c.ns, "10.96.0.10", 81), "c's own address is what the backend's policy sees");
+    assert!(!reaches(&c.ns, b.ip, 80), "and directly, the same");
+
+    // Egress: a may talk only to the service's address → denied (its egress sees b's address).
+    let gnp: gingham_api::policy::GlobalNetworkPolicySpec = serde_json::from_str(
+        r#"{"selector":"pod == 'a'","types":["Egress"],"egress":[{"action":"Allow","destination":{"nets":["10.96.0.10/32"]}}]}"#,
+    )
+    .unwrap();
+    e.set_policy("a-to-service-address", Some(rules::global_network_policy(&gnp).unwrap()));
+    program(&mut m, &mut e).await;
+    assert!(!reaches(&a.ns, "10.96.0.10", 80), "egress policy sees the backend address, not the service's");
+    m.remove().await.unwrap();
+    run(&node, &["nft", "delete", "table", "ip", "kube-proxy-test"]);
+}
