@@ -242,6 +242,9 @@ enum PodCommand {
         /// The pod's service account (label projectcalico.org/serviceaccount, profile ksa.<ns>.<sa>).
         #[arg(long)]
         service_account: Option<String>,
+        /// A fixed address (it must lie in a pool), as Calico's `ipAddrs` annotation.
+        #[arg(long)]
+        ip: Vec<String>,
     },
     Del {
         pod: String,
@@ -639,7 +642,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
             print!("{}", l::probe(&state, udp, port)?);
             Ok(())
         }
-        LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account } } => {
+        LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account, ip } } => {
             let mut state = l::State::load(dir)?;
             let labels = labels
                 .split(',')
@@ -650,7 +653,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                         .ok_or_else(|| anyhow::anyhow!("--labels {kv}: write k=v"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let extras = l::PodExtras { service_account, ..Default::default() };
+            let extras = l::PodExtras { service_account, ips: ip, ..Default::default() };
             let p = l::pod_add(&mut state, &exe, &node, &pod, &labels, &extras).await?;
             println!("pod {} on {}: {}", p.name, p.node, p.ips.join(", "));
             Ok(())

@@ -291,3 +291,151 @@ fn e2e_model_matches_every_truth_table() {
     assert_eq!(after, truth(all), "every policy removed: open again\n{after}");
     assert!(failures.is_empty(), "{} cases differ:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// Whether `from` (a lab pod) reaches `to_ip:port` of pod `to` by TCP (accepted) or UDP (the
+/// echo returns), with a listener in `to` only for this probe.
+fn reaches(lab: &Lab, from: &str, to: &str, to_ip: &str, proto: &str, port: u16) -> bool {
+    use std::os::fd::AsFd;
+    let netns = |pod: &str| {
+        std::fs::File::open(format!("/var/run/netns/{}-pod-{}", lab.prefix, pod.replace('/', "-"))).unwrap()
+    };
+    let inside = |f: std::fs::File, job: Box<dyn FnOnce() -> bool + Send>| {
+        std::thread::spawn(move || {
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            job()
+        })
+    };
+    let addr: std::net::SocketAddr = format!("{to_ip}:{port}").parse().unwrap();
+    let timeout = std::time::Duration::from_secs(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let tcp = proto == "TCP";
+    let server = inside(
+        netns(to),
+        Box::new(move || {
+            if tcp {
+                let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+                l.set_nonblocking(true).unwrap();
+                ready_tx.send(()).unwrap();
+                let end = std::time::Instant::now() + timeout * 2;
+                while std::time::Instant::now() < end {
+                    if l.accept().is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            } else {
+                let s = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+                s.set_read_timeout(Some(timeout * 2)).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut buf = [0u8; 16];
+                if let Ok((n, peer)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], peer);
+                    return true;
+                }
+            }
+            false
+        }),
+    );
+    ready_rx.recv().unwrap();
+    let client = inside(
+        netns(from),
+        Box::new(move || {
+            if tcp {
+                std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
+            } else {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(timeout)).unwrap();
+                let _ = s.send_to(b"probe", addr);
+                let mut buf = [0u8; 16];
+                s.recv_from(&mut buf).is_ok()
+            }
+        }),
+    );
+    let reached = client.join().unwrap();
+    let _ = server.join();
+    reached
+}
+
+/// Both seed policies, unchanged, on pods with the seed's labels; and Calico's serviceAccounts
+/// match, on lab pods given a service account.
+#[test]
+fn seed_policies_and_service_accounts_by_real_packets() {
+    let lab = lab();
+    let setup = lab.dir.path().join("seed-setup.yaml");
+    std::fs::write(
+        &setup,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: my-namespace, labels: {name: my-namespace}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: elsewhere, labels: {name: elsewhere}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: restricted-namespace}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: seed-external}\n\
+         spec: {cidr: 10.0.0.0/24, nodeSelector: '!all()', natOutgoing: false}\n",
+    )
+    .unwrap();
+    lab.ok(&["apply", "-f", setup.to_str().unwrap()]);
+    for (node, pod, labels, extra) in [
+        ("node-1", "my-namespace/api", "app=api", vec![]),
+        ("node-2", "my-namespace/web", "app=web", vec![]),
+        ("node-3", "my-namespace/other", "app=other", vec![]),
+        ("node-2", "my-namespace/robot", "app=other", vec!["--service-account", "probe-sa"]),
+        ("node-3", "elsewhere/web", "app=web", vec!["--service-account", "probe-sa"]),
+        ("node-1", "restricted-namespace/r", "app=r", vec![]),
+        ("node-2", "default/external", "app=ext", vec!["--ip", "10.0.0.5"]),
+    ] {
+        let mut args = vec!["lab", "pod", "add", node, pod, "--labels", labels];
+        args.extend(extra);
+        lab.ok(&args);
+    }
+    let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seeds");
+    for f in ["networkpolicy-allow-web-to-api.yaml", "networkpolicy-limit-external-access.yaml"] {
+        lab.ok(&["apply", "-f", &format!("{seeds}/{f}")]);
+    }
+    let sa = lab.dir.path().join("sa.yaml");
+    std::fs::write(
+        &sa,
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: robots-on-81, namespace: my-namespace}\n\
+         spec:\n  order: 10\n  selector: app == 'api'\n  ingress:\n  - action: Allow\n    protocol: TCP\n    \
+         source: {serviceAccounts: {names: [probe-sa]}}\n    destination: {ports: [81]}\n",
+    )
+    .unwrap();
+    lab.ok(&["apply", "-f", sa.to_str().unwrap()]);
+    // The probe waits until every agent enforces what is stored.
+    lab.ok(&["lab", "probe", "--port", "80"]);
+    let ip = |pod: &str| {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(lab.dir.path().join("state.json")).unwrap()).unwrap();
+        let p = state["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).cloned().unwrap();
+        p["ips"][0].as_str().unwrap().to_string()
+    };
+    let (api, web, external) = (ip("my-namespace/api"), ip("my-namespace/web"), ip("default/external"));
+    assert_eq!(external, "10.0.0.5");
+    let r = ip("restricted-namespace/r");
+    let want: Vec<(&str, &str, &str, &str, u16, bool)> = vec![
+        // allow-web-to-api: app=web of a namespace labelled name=my-namespace, TCP 80 only.
+        ("my-namespace/web", "my-namespace/api", &api, "TCP", 80, true),
+        ("my-namespace/web", "my-namespace/api", &api, "TCP", 81, false),
+        ("my-namespace/other", "my-namespace/api", &api, "TCP", 80, false),
+        ("elsewhere/web", "my-namespace/api", &api, "TCP", 80, false),
+        ("x/a", "my-namespace/api", &api, "TCP", 80, false),
+        ("my-namespace/api", "my-namespace/web", &web, "TCP", 80, true),
+        // serviceAccounts (Calico policy, order 10): the namespace's probe-sa pod on 81; a pod
+        // of that name elsewhere is not in this namespace's serviceAccounts match.
+        ("my-namespace/robot", "my-namespace/api", &api, "TCP", 81, true),
+        ("my-namespace/robot", "my-namespace/api", &api, "TCP", 80, false),
+        ("elsewhere/web", "my-namespace/api", &api, "TCP", 81, false),
+        // limit-external-access: TCP 80 and UDP 53 to 10.0.0.0/24, nothing else out.
+        ("restricted-namespace/r", "default/external", &external, "TCP", 80, true),
+        ("restricted-namespace/r", "default/external", &external, "UDP", 53, true),
+        ("restricted-namespace/r", "default/external", &external, "TCP", 81, false),
+        ("restricted-namespace/r", "default/external", &external, "UDP", 80, false),
+        ("restricted-namespace/r", "my-namespace/web", &web, "TCP", 80, false),
+        ("default/external", "restricted-namespace/r", &r, "TCP", 80, true),
+    ];
+    let mut wrong = Vec::new();
+    for (from, to, to_ip, proto, port, expect) in want {
+        let got = reaches(&lab, from, to, to_ip, proto, port);
+        if got != expect {
+            wrong.push(format!("{from} → {to} {proto} {port}: expected {expect}, got {got}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
