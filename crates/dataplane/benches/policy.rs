@@ -1,10 +1,12 @@
 //! Policy programming, gingham beside a Felix-style iptables ruleset measured in the same run:
 //! 1,000 local endpoints and 100 / 1,000 / 5,000 policies (each selecting the endpoints of one
-//! app in one namespace, allowing another app on one port) — the full sync, then one label
-//! change. gingham: the engine's calculation plus one nftables transaction. Felix-style: the
-//! ipsets (`ipset restore`) and chains (`iptables-restore`: per policy `cali-pi-*`, per endpoint
-//! `cali-tw-*`, a dispatch chain) this bench generates; the label change is one `ipset add` and
-//! `del`. Everything in a namespace the bench creates and removes.
+//! app in one namespace, allowing another app on one port) — the full sync, one local label
+//! change (set memberships and the endpoint's own chain), one pod elsewhere joining a set.
+//! gingham: the engine's calculation plus one transaction. Felix-style: the ipsets (`ipset
+//! restore`) and chains (`iptables-restore`: per policy `cali-pi-*`, per endpoint `cali-tw-*`,
+//! a dispatch chain) this bench generates; the label change is an `ipset` del/add and the
+//! endpoint's chain rewritten, the pod elsewhere one `ipset add`. Everything in a namespace the
+//! bench creates and removes.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -69,6 +71,26 @@ fn run(ns: &str, program: &str, args: &[&str], input: &str) -> Duration {
     t.elapsed()
 }
 
+/// Endpoint `i`'s Felix-style chain when it is of app `app` (its rules, after a flush).
+fn felix_endpoint(i: usize, app: usize, policies: usize, declare: bool) -> String {
+    let ns = i % NAMESPACES;
+    let c = format!("cali-tw-calib{i:010}");
+    // Declaring the chain flushes it (iptables-restore --noflush, as Felix writes it).
+    let mut t = if declare { format!(":{c} - [0:0]\n") } else { String::new() };
+    let _ = write!(
+        t,
+        "-A {c} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A {c} -j MARK --set-xmark 0x0/0x30000\n"
+    );
+    for j in (0..policies).filter(|j| j % APPS == app && j % NAMESPACES == ns) {
+        let _ = writeln!(
+            t,
+            "-A {c} -m mark --mark 0x0/0x20000 -j cali-pi-p{j}\n-A {c} -m mark --mark 0x10000/0x10000 -j RETURN"
+        );
+    }
+    let _ = writeln!(t, "-A {c} -j DROP");
+    t
+}
+
 /// The Felix-style ruleset for the same model: ipsets, then chains.
 fn felix(policies: usize) -> (String, String) {
     let mut sets = String::new();
@@ -95,20 +117,8 @@ fn felix(policies: usize) -> (String, String) {
         );
     }
     for i in 0..ENDPOINTS {
-        let ns = i % NAMESPACES;
-        let c = format!("cali-tw-calib{i:010}");
-        let _ = writeln!(
-            t,
-            "-A {c} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A {c} -j MARK --set-xmark 0x0/0x30000"
-        );
-        for j in (0..policies).filter(|j| j % APPS == i % APPS && j % NAMESPACES == ns) {
-            let _ = writeln!(
-                t,
-                "-A {c} -m mark --mark 0x0/0x20000 -j cali-pi-p{j}\n-A {c} -m mark --mark 0x10000/0x10000 -j RETURN"
-            );
-        }
-        let _ = writeln!(t, "-A {c} -j DROP");
-        let _ = writeln!(t, "-A cali-to-wl-dispatch -o calib{i:010} -g {c}");
+        t.push_str(&felix_endpoint(i, i % APPS, policies, false));
+        let _ = writeln!(t, "-A cali-to-wl-dispatch -o calib{i:010} -g cali-tw-calib{i:010}");
     }
     t.push_str("-A cali-to-wl-dispatch -j DROP\nCOMMIT\n");
     (sets, t)
@@ -121,15 +131,18 @@ fn main() {
         ENDPOINTS / APPS / NAMESPACES * NAMESPACES / NAMESPACES
     );
     println!(
-        "{:>9} {:>16} {:>16} {:>7} {:>16} {:>16} {:>7} {:>12}",
+        "{:>9} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>11}",
         "policies",
         "gingham sync",
-        "Felix-style sync",
+        "Felix sync",
         "ratio",
         "gingham label",
-        "Felix-style label",
+        "Felix label",
         "ratio",
-        "of it: calc"
+        "gingham pod",
+        "Felix pod",
+        "ratio",
+        "sync: calc"
     );
     for n in [100usize, 1000, 5000] {
         // Felix-style, in its own namespace.
@@ -138,8 +151,12 @@ fn main() {
         let (sets, rules) = felix(n);
         let felix_sync =
             run(&f.0, "ipset", &["restore"], &sets) + run(&f.0, "iptables-restore", &["--noflush"], &rules);
+        // A local endpoint's label: its set memberships and its chain.
         let felix_label =
-            run(&f.0, "ipset", &["restore"], "del cali40s-app-0 10.60.0.0\nadd cali40s-app-1 10.60.0.0\n");
+            run(&f.0, "ipset", &["restore"], "del cali40s-app-0 10.60.0.0\nadd cali40s-app-1 10.60.0.0\n")
+                + run(&f.0, "iptables-restore", &["--noflush"], &format!("*filter\n{}COMMIT\n", felix_endpoint(0, 1, n, true)));
+        // A pod elsewhere: one set member.
+        let felix_remote = run(&f.0, "ipset", &["restore"], "add cali40s-app-1 10.61.0.0\n");
         drop(f);
 
         // gingham.
@@ -147,7 +164,7 @@ fn main() {
         let path = gingham_kernel::netns::add(&g.0).unwrap();
         let nft = Nft::in_namespace_file(&std::fs::File::open(&path).unwrap()).unwrap();
         let mut m = PolicyManager::new(nft, PolicyConfig::default());
-        let (sync, label, calc) = rt.block_on(async {
+        let (sync, label, remote, calc) = rt.block_on(async {
             let t = Instant::now();
             let mut e = Engine::default();
             for i in 0..ENDPOINTS {
@@ -169,23 +186,35 @@ fn main() {
             e.set_item("wep/0", Some(endpoint(0, 1)));
             let d = e.take_dirty();
             m.apply(&e, &d).await.unwrap();
-            (sync, t.elapsed(), calc)
+            let label = t.elapsed();
+            // A pod elsewhere starts: only set members change.
+            let t = Instant::now();
+            let mut remote = endpoint(ENDPOINTS, 1);
+            remote.local_interface = None;
+            e.set_item("wep/remote", Some(remote));
+            let d = e.take_dirty();
+            m.apply(&e, &d).await.unwrap();
+            (sync, label, t.elapsed(), calc)
         });
         drop(m);
         drop(g);
-        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+        let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
         println!(
-            "{n:>9} {:>16} {:>16} {:>6.2}x {:>16} {:>16} {:>6.2}x {:>12}",
+            "{n:>9} {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>11}",
             ms(sync),
             ms(felix_sync),
             sync.as_secs_f64() / felix_sync.as_secs_f64(),
             ms(label),
             ms(felix_label),
             label.as_secs_f64() / felix_label.as_secs_f64(),
+            ms(remote),
+            ms(felix_remote),
+            remote.as_secs_f64() / felix_remote.as_secs_f64(),
             ms(calc)
         );
     }
     println!(
-        "(gingham: calculation + one nftables transaction; Felix-style: ipset restore + iptables-restore, process start included as Felix pays it)"
+        "(label: a local endpoint changes app — its set memberships and its own chain; pod: an endpoint on another node joins a set.\n \
+         gingham: calculation + one transaction; Felix-style: ipset restore + iptables-restore, process start included as Felix pays it)"
     );
 }

@@ -151,6 +151,29 @@ impl PolicyConfig {
     }
 }
 
+/// The transaction as set element changes alone, when that is all it is (selector sets are
+/// interval sets; named-port sets are not).
+fn element_changes(ops: &[Op]) -> Option<Vec<SetElements>> {
+    let mut out = Vec::new();
+    for op in ops {
+        let (t, set, elements, add) = match op {
+            Op::AddElements(t, s, e) => (t, s, e, true),
+            Op::DeleteElements(t, s, e) => (t, s, e, false),
+            _ => return None,
+        };
+        if elements.is_empty() {
+            continue;
+        }
+        let interval = match elements[0] {
+            Element::Net(_) => true,
+            Element::ProtoPort(..) => false,
+            _ => return None,
+        };
+        out.push(SetElements { table: t.clone(), set: set.clone(), interval, add, elements: elements.clone() });
+    }
+    Some(out)
+}
+
 /// A digest of a table listing without its counters' values (traffic changes those).
 fn listing_digest(text: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -660,7 +683,12 @@ impl PolicyManager {
         }
         ops.extend(endpoint_later);
         ops.extend(later);
-        if let Err(e) = self.nft.apply(&ops).await {
+        let result = match element_changes(&ops) {
+            // Only set members changed (a label change, a pod elsewhere): straight to netlink.
+            Some(changes) if !full => self.nft.apply_elements(changes).await,
+            _ => self.nft.apply(&ops).await,
+        };
+        if let Err(e) = result {
             self.built = false;
             self.programmed.clear();
             return Err(e.into());

@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 
 use ipnet::IpNet;
 
+use crate::nft_wire::Wire;
+pub use crate::nft_wire::SetElements;
 use crate::{KernelError, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -617,122 +619,47 @@ type Reply<T> = tokio::sync::oneshot::Sender<std::result::Result<T, String>>;
 enum Request {
     /// Commands, whether they change the ruleset (a transaction) or only read it.
     Run(String, bool, Reply<String>),
+    /// Set element changes only, over netlink directly.
+    Elements(Vec<SetElements>, Reply<()>),
     /// Whether anyone else committed a transaction here since the last ask.
     ChangedByOthers(Reply<bool>),
-}
-
-// --- the ruleset generation ---------------------------------------------------------------------
-
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_GETGEN: u16 = 16;
-const NFT_MSG_NEWGEN: u16 = 15;
-const NFTA_GEN_ID: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-
-/// The namespace's nftables generation (NFT_MSG_GETGEN): every committed transaction, by
-/// anyone, bumps it; one netlink round trip to read.
-struct Generation {
-    fd: std::os::fd::OwnedFd,
-    seq: u32,
-}
-
-impl Generation {
-    fn open() -> std::result::Result<Generation, String> {
-        use nix::sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, setsockopt, sockopt};
-        let fd = nix::sys::socket::socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|e| format!("netfilter netlink socket: {e}"))?;
-        use std::os::fd::AsRawFd;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(|e| format!("netfilter netlink bind: {e}"))?;
-        // Never wait on the kernel for long.
-        setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(1, 0))
-            .map_err(|e| format!("netfilter netlink timeout: {e}"))?;
-        Ok(Generation { fd, seq: 0 })
-    }
-
-    fn get(&mut self) -> std::result::Result<u32, String> {
-        use nix::sys::socket::{MsgFlags, recv, send};
-        use std::os::fd::AsRawFd;
-        self.seq = self.seq.wrapping_add(1);
-        let mut msg = Vec::with_capacity(20);
-        msg.extend(20u32.to_ne_bytes());
-        msg.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-        msg.extend(1u16.to_ne_bytes()); // NLM_F_REQUEST
-        msg.extend(self.seq.to_ne_bytes());
-        msg.extend(0u32.to_ne_bytes());
-        msg.extend([0u8, 0, 0, 0]); // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
-        send(self.fd.as_raw_fd(), &msg, MsgFlags::empty()).map_err(|e| format!("NFT_MSG_GETGEN: {e}"))?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| format!("NFT_MSG_GETGEN: {e}"))?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let u32_at = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-                let u16_at = |i: usize| u16::from_ne_bytes([buf[i], buf[i + 1]]);
-                let len = u32_at(at) as usize;
-                if len < 16 || at + len > n {
-                    return Err("NFT_MSG_GETGEN: a malformed reply".into());
-                }
-                let (kind, seq) = (u16_at(at + 4), u32_at(at + 8));
-                if seq == self.seq {
-                    if kind == NLMSG_ERROR {
-                        let code = if len >= 20 { i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default()) } else { 0 };
-                        return Err(format!("NFT_MSG_GETGEN: error {code}"));
-                    }
-                    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-                        // Attributes follow the 4-byte nfgenmsg.
-                        let mut a = at + 20;
-                        while a + 4 <= at + len {
-                            let (alen, atype) = (u16_at(a) as usize, u16_at(a + 2) & 0x3fff);
-                            if alen < 4 || a + alen > at + len {
-                                break;
-                            }
-                            if atype == NFTA_GEN_ID && alen >= 8 {
-                                return Ok(u32::from_be_bytes([buf[a + 4], buf[a + 5], buf[a + 6], buf[a + 7]]));
-                            }
-                            a += (alen + 3) & !3;
-                        }
-                        return Err("NFT_MSG_GETGEN: no generation in the reply".into());
-                    }
-                }
-                at += (len + 3) & !3;
-            }
-        }
-    }
 }
 
 /// What the worker knows of the generation: the one our last transaction left, and whether
 /// someone else's commit was seen in between.
 #[derive(Default)]
 struct Ownership {
-    generation: Option<Generation>,
+    wire: Option<Wire>,
     ours: Option<u32>,
     others: bool,
 }
 
 impl Ownership {
-    fn current(&mut self) -> std::result::Result<u32, String> {
-        if self.generation.is_none() {
-            self.generation = Some(Generation::open()?);
+    fn wire(&mut self) -> std::result::Result<&mut Wire, String> {
+        if self.wire.is_none() {
+            self.wire = Some(Wire::open()?);
         }
-        let r = self.generation.as_mut().map(Generation::get).unwrap_or_else(|| Err("no generation socket".into()));
+        self.wire.as_mut().ok_or_else(|| "no nftables netlink socket".to_string())
+    }
+
+    fn current(&mut self) -> std::result::Result<u32, String> {
+        let r = self.wire()?.generation();
         if r.is_err() {
-            self.generation = None;
+            self.wire = None;
         }
         r
     }
 
-    /// Run one transaction, noting commits by others before and during it.
-    fn transaction(&mut self, ctx: &mut Ctx, cmds: &str) -> std::result::Result<String, String> {
+    /// Commit one transaction, noting commits by others before and during it.
+    fn transaction<T>(
+        &mut self,
+        commit: impl FnOnce(&mut Ownership) -> std::result::Result<T, String>,
+    ) -> std::result::Result<T, String> {
         let before = self.current().ok();
         if let (Some(b), Some(o)) = (before, self.ours) {
             self.others |= b != o;
         }
-        let r = ctx.run(cmds);
+        let r = commit(self);
         match (before, self.current().ok()) {
             (Some(b), Some(a)) => {
                 // Our commit adds one (none when it changed nothing); more is someone else's.
@@ -795,7 +722,12 @@ impl Nft {
                 while let Ok(request) = rx.recv() {
                     match request {
                         Request::Run(cmds, false, reply) => drop(reply.send(ctx.run(&cmds))),
-                        Request::Run(cmds, true, reply) => drop(reply.send(ownership.transaction(&mut ctx, &cmds))),
+                        Request::Run(cmds, true, reply) => {
+                            drop(reply.send(ownership.transaction(|_| ctx.run(&cmds))))
+                        }
+                        Request::Elements(changes, reply) => {
+                            drop(reply.send(ownership.transaction(|o| o.wire()?.elements(&changes))))
+                        }
                         Request::ChangedByOthers(reply) => drop(reply.send(ownership.changed_by_others())),
                     }
                 }
@@ -831,6 +763,20 @@ impl Nft {
             .await
             .map(|_| ())
             .map_err(|e| KernelError::Nft(format!("{e}\nin:\n{text}")))
+    }
+
+    /// Set element changes as one transaction, over netlink directly (no table fetch first:
+    /// a few elements cost one round trip whatever the table's size). Elements this path does
+    /// not speak (see `nft_wire::speaks`) are refused, not half-applied.
+    pub async fn apply_elements(&self, changes: Vec<SetElements>) -> Result<()> {
+        for c in &changes {
+            check_name(&c.table.name)?;
+            check_name(&c.set)?;
+        }
+        if !crate::nft_wire::speaks(&changes) {
+            return Err(KernelError::Nft("set elements this path cannot encode".into()));
+        }
+        self.ask(|r| Request::Elements(changes, r)).await.map_err(KernelError::Nft)
     }
 
     /// The table as nft lists it, or None if it does not exist.

@@ -259,3 +259,101 @@ async fn route_changes_in_bulk_answer_each_change() {
     let gone = n.change_routes(&[RouteOp::Delete(&routes[0]), RouteOp::Delete(&routes[700])]).await;
     assert!(matches!(gone[..], [Ok(true), Ok(false)]), "{gone:?}");
 }
+
+/// Set elements over netlink directly land as libnftables would write them: the same elements
+/// sent both ways to two sets of one type list identically; a failing change is all-or-nothing;
+/// and a commit by someone else is told apart from ours.
+#[tokio::test]
+async fn set_elements_over_netlink_match_libnftables() {
+    use gingham_kernel::nft::*;
+    let ns = Ns::new("wire");
+    let nft = Nft::in_namespace_file(&open_netns(&ns.path()).unwrap()).unwrap();
+    let t = Table::new(Family::Inet, "gkwire");
+    let mut ops = vec![Op::AddTable(t.clone())];
+    for name in ["text4", "wire4"] {
+        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv4Addr, interval: true }));
+    }
+    for name in ["text6", "wire6"] {
+        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv6Addr, interval: true }));
+    }
+    for name in ["textpp", "wirepp"] {
+        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv4ProtoPort, interval: false }));
+    }
+    nft.apply(&ops).await.unwrap();
+    assert!(!nft.changed_by_others().await.unwrap(), "our own transaction");
+    let net = |s: &str| Element::Net(s.parse().unwrap());
+    let v4 = vec![net("10.0.0.1/32"), net("10.0.0.2/31"), net("10.1.0.0/16"), net("255.255.255.0/24")];
+    let v6 = vec![net("fd00::1/128"), net("fd00:1::/64")];
+    let pp = vec![
+        Element::ProtoPort("10.0.0.1".parse().unwrap(), 6, 8080),
+        Element::ProtoPort("10.0.0.2".parse().unwrap(), 17, 53),
+    ];
+    let change = |set: &str, interval: bool, add: bool, elements: Vec<Element>| SetElements {
+        table: t.clone(),
+        set: set.into(),
+        interval,
+        add,
+        elements,
+    };
+    nft.apply(&[
+        Op::AddElements(t.clone(), "text4".into(), v4.clone()),
+        Op::AddElements(t.clone(), "text6".into(), v6.clone()),
+        Op::AddElements(t.clone(), "textpp".into(), pp.clone()),
+    ])
+    .await
+    .unwrap();
+    nft.apply_elements(vec![
+        change("wire4", true, true, v4.clone()),
+        change("wire6", true, true, v6.clone()),
+        change("wirepp", false, true, pp.clone()),
+    ])
+    .await
+    .unwrap();
+    let elements = |listing: &str, set: &str| -> String {
+        let from = listing.find(&format!("set {set} {{")).unwrap();
+        let body = &listing[from..];
+        let body = &body[..body.find('}').unwrap()];
+        body.lines().filter(|l| !l.contains("set ")).map(str::trim).collect::<Vec<_>>().join(" ")
+    };
+    let listing = nft.list_table(&t).await.unwrap().unwrap();
+    for (a, b) in [("text4", "wire4"), ("text6", "wire6"), ("textpp", "wirepp")] {
+        assert_eq!(elements(&listing, a), elements(&listing, b), "{a} vs {b}:\n{listing}");
+        assert!(elements(&listing, b).contains("elements"), "{listing}");
+    }
+    assert!(!nft.changed_by_others().await.unwrap(), "element batches are ours too");
+
+    // Deleting over the wire: exactly those elements go.
+    nft.apply_elements(vec![change("wire4", true, false, vec![net("10.0.0.2/31"), net("255.255.255.0/24")])])
+        .await
+        .unwrap();
+    nft.apply(&[Op::DeleteElements(t.clone(), "text4".into(), vec![net("10.0.0.2/31"), net("255.255.255.0/24")])])
+        .await
+        .unwrap();
+    let listing = nft.list_table(&t).await.unwrap().unwrap();
+    assert_eq!(elements(&listing, "text4"), elements(&listing, "wire4"), "{listing}");
+    assert!(!elements(&listing, "wire4").contains("10.0.0.2"), "{listing}");
+
+    // All or nothing: a batch whose second change fails (deleting what is not there) leaves
+    // its first undone, and the socket is fine afterwards.
+    let err = nft
+        .apply_elements(vec![
+            change("wire4", true, true, vec![net("10.9.0.0/16")]),
+            change("wire6", true, false, vec![net("fd09::/64")]),
+        ])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("set elements"), "{err}");
+    assert!(!nft.list_table(&t).await.unwrap().unwrap().contains("10.9.0.0/16"), "the first change did not land");
+    nft.apply_elements(vec![change("wire4", true, true, vec![net("10.9.0.0/16")])]).await.unwrap();
+    assert!(nft.list_table(&t).await.unwrap().unwrap().contains("10.9.0.0/16"));
+
+    // Someone else's commit is told apart.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "add", "table", "inet", "someone-else"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(nft.changed_by_others().await.unwrap(), "a commit by another process");
+    assert!(!nft.changed_by_others().await.unwrap(), "and only once");
+    nft.apply(&[Op::DeleteTable(t.clone())]).await.unwrap();
+}
