@@ -3,7 +3,7 @@
 # README come from here. As root (the benchmarks build namespaces). Fails loudly: a benchmark that
 # errs or overruns its limit is named at the end and the exit status is 1.
 #   scripts/bench.sh              # all
-#   scripts/bench.sh cni ipam     # some: store ipam cni datapath scale nft bgp-feed bgp-claim bgp-rr policy first-packet
+#   scripts/bench.sh cni ipam     # some: store ipam cni datapath scale nft bgp-feed bgp-claim bgp-rr policy first-packet policy-datapath
 # The scale benchmark compares with the agent of commit e5049a0 (before the watch-fed cache),
 # built once into target/old-e5049a0 (a few minutes the first time).
 set -uo pipefail
@@ -11,13 +11,14 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh || exit 1
 cargo build --release --benches --locked -q || exit 1
 
-declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200 [scale]=2400 [nft]=300 [bgp-feed]=600 [bgp-claim]=300 [bgp-rr]=600 [policy]=600 [first-packet]=300)
+declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200 [scale]=2400 [nft]=300 [bgp-feed]=600 [bgp-claim]=300 [bgp-rr]=600 [policy]=600 [first-packet]=300 [policy-datapath]=900)
 declare -A ARGS=([store]="-p gingham-store" [ipam]="-p gingham-ipam" [cni]="-p gingham --bench cni"
                  [datapath]="-p gingham --bench datapath" [scale]="-p gingham --bench scale"
                  [nft]="-p gingham-kernel --bench nft" [bgp-feed]="-p gingham-bgp --bench feed"
                  [bgp-claim]="-p gingham --bench bgp_claim" [bgp-rr]="-p gingham-bgp --bench reflector"
-                 [policy]="-p gingham-dataplane --bench policy" [first-packet]="-p gingham --bench first_packet")
-ORDER=(store ipam cni datapath scale nft bgp-feed bgp-claim bgp-rr policy first-packet)
+                 [policy]="-p gingham-dataplane --bench policy" [first-packet]="-p gingham --bench first_packet"
+                 [policy-datapath]="-p gingham --bench policy_datapath")
+ORDER=(store ipam cni datapath scale nft bgp-feed bgp-claim bgp-rr policy first-packet policy-datapath)
 
 # The agent before the watch-fed cache, for the scale benchmark's comparison.
 old_agent() {

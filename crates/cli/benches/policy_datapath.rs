@@ -1,0 +1,214 @@
+//! What policy costs on the wire: pod-to-pod across two lab nodes (native routing), iperf3 TCP
+//! throughput and the 64-byte UDP packet rate, with no policy at all (pods keep the untracked
+//! fast path), with one small policy on the measured pods (tracked: what giving up `notrack`
+//! costs), and with 10,000 rules programmed besides (100 policies of 100 rules each, on other
+//! pods of the same nodes: in the kernel, but not on the measured path — verdict maps send each
+//! packet straight to its own endpoint's chain). Every column is measured in the same run; the
+//! ratio is to the no-policy row. `cargo bench -p gingham --bench policy_datapath`;
+//! GINGHAM_BENCH_RUNS (3) and GINGHAM_BENCH_SECS (3).
+
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const G: &str = env!("CARGO_BIN_EXE_gingham");
+
+struct Lab {
+    dir: tempfile::TempDir,
+    prefix: String,
+    env: Vec<(String, String)>,
+}
+
+impl Lab {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(G);
+        c.args(args).env("GINGHAM_LAB_DIR", self.dir.path()).env("GINGHAM_LAB_PREFIX", &self.prefix);
+        c.envs(self.env.iter().cloned());
+        c
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().expect("gingham runs");
+        assert!(out.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn pod_ns(&self, pod: &str) -> String {
+        format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
+    }
+    fn ip(&self, pod: &str) -> String {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).expect("lab state"))
+                .expect("lab state is JSON");
+        s["pods"].as_array().and_then(|p| p.iter().find(|p| p["name"] == pod)).expect("pod")["ips"][0]
+            .as_str()
+            .expect("pod address")
+            .to_string()
+    }
+    /// Apply `yaml` and wait until every agent enforces it.
+    fn apply(&self, name: &str, yaml: &str) {
+        let f = self.dir.path().join(name);
+        std::fs::write(&f, yaml).expect("write policy file");
+        self.ok(&["apply", "-f", f.to_str().unwrap_or_default()]);
+        self.wait();
+    }
+    fn wait(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let state = gingham_lab::State::load(self.dir.path()).expect("lab state");
+        rt.block_on(gingham_lab::wait_policy(&state, Duration::from_secs(120))).expect("agents enforce the policies");
+    }
+    /// Rules in node `n`'s policy table.
+    fn rules(&self, n: &str) -> usize {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{n}", self.prefix), "nft", "list", "table", "inet", "gingham"])
+            .output()
+            .expect("nft");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut in_chain = false;
+        let mut count = 0;
+        for l in text.lines().map(str::trim) {
+            if l.starts_with("chain ") {
+                in_chain = true;
+            } else if l == "}" {
+                in_chain = false;
+            } else if in_chain && !l.is_empty() && !l.starts_with("type ") {
+                count += 1;
+            }
+        }
+        count
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["lab", "down"]).output();
+    }
+}
+
+/// iperf3 from pod namespace `src` to `ip` served in `dst`: TCP Gbit/s, or with `udp` the
+/// 64-byte datagrams per second that arrived.
+fn iperf(src: &str, dst: &str, ip: &str, secs: u32, udp: bool) -> f64 {
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", "5302"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 server"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let secs_s = secs.to_string();
+    let mut args = vec!["netns", "exec", src, "iperf3", "-c", ip, "-p", "5302", "-t", &secs_s, "-J"];
+    args.extend(["--connect-timeout", "3000"]);
+    if udp {
+        args.extend(["-u", "-b", "0", "-l", "64"]);
+    }
+    let out = Command::new("ip").args(&args).output().expect("iperf3 client");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let fail = || -> ! {
+        eprintln!("iperf3 {src} → {ip}: {}", String::from_utf8_lossy(&out.stdout));
+        std::process::exit(1)
+    };
+    if udp {
+        let sum = &v["end"]["sum"];
+        let (packets, lost, seconds) = (sum["packets"].as_f64(), sum["lost_packets"].as_f64(), sum["seconds"].as_f64());
+        match (packets, lost, seconds) {
+            (Some(p), Some(l), Some(s)) if s > 0.0 => (p - l) / s,
+            _ => fail(),
+        }
+    } else {
+        v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or_else(|| fail()) / 1e9
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+const SMALL: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: measured}\n\
+    spec:\n  order: 1\n  selector: projectcalico.org/namespace == 'default'\n  types: [Ingress, Egress]\n  \
+    ingress:\n  - action: Allow\n    source: {selector: projectcalico.org/namespace == 'default'}\n  \
+    egress:\n  - action: Allow\n    destination: {selector: projectcalico.org/namespace == 'default'}\n";
+
+/// 100 policies × 100 rules on the `others` pods.
+fn bulk() -> String {
+    let mut y = String::new();
+    for i in 0..100 {
+        let _ = write!(
+            y,
+            "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: bulk-{i}}}\n\
+             spec:\n  order: {}\n  selector: app == 'other'\n  types: [Ingress]\n  ingress:\n",
+            10 + i
+        );
+        for j in 0..100 {
+            let _ = write!(
+                y,
+                "  - action: Allow\n    protocol: TCP\n    source: {{nets: [10.200.{i}.{j}/32]}}\n    destination: {{ports: [{}]}}\n",
+                1000 + j
+            );
+        }
+    }
+    y
+}
+
+fn main() {
+    let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let mut lab = Lab {
+        dir: tempfile::tempdir().expect("tempdir"),
+        prefix: format!("gpd{}", std::process::id() % 10_000),
+        env: vec![],
+    };
+    lab.ok(&["lab", "up", "--quiet", "--nodes", "2", "--pods-per-node", "1", "--encap", "none"]);
+    lab.env = lab
+        .ok(&["lab", "env"])
+        .lines()
+        .filter_map(|l| l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.into(), v.into())))
+        .collect();
+    // natOutgoing off: pod-to-pod only, as the datapath bench's like-for-like rows.
+    lab.ok(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"natOutgoing":false}}"#]);
+    for n in ["node-1", "node-2"] {
+        lab.ok(&["lab", "pod", "add", n, &format!("others/o-{n}"), "--labels", "app=other"]);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let (src, dst) = (lab.pod_ns("default/pod-1-1"), lab.pod_ns("default/pod-2-1"));
+    let ip = lab.ip("default/pod-2-1");
+    let measure = |rows: &mut Vec<(String, usize, f64, f64)>, name: &str, lab: &Lab| {
+        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            tcp.push(iperf(&src, &dst, &ip, secs, false));
+            udp.push(iperf(&src, &dst, &ip, secs, true));
+        }
+        rows.push((name.to_string(), lab.rules("node-2"), median(tcp), median(udp)));
+    };
+    let mut rows = Vec::new();
+    measure(&mut rows, "no policy (untracked fast path)", &lab);
+    lab.apply("small.yaml", SMALL);
+    measure(&mut rows, "one policy on the measured pods", &lab);
+    lab.apply("bulk.yaml", &bulk());
+    measure(&mut rows, "+ 10,000 rules on other pods", &lab);
+
+    println!(
+        "Policy datapath: iperf3 pod-1-1 → pod-2-1 across nodes (native), 1 stream, {secs} s, median of {runs}; load average {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "{:<34} {:>12} {:>10} {:>8} {:>14} {:>8}",
+        "policy", "rules (node-2)", "TCP Gb/s", "ratio", "64 B UDP pps", "ratio"
+    );
+    let (base_tcp, base_udp) = (rows[0].2, rows[0].3);
+    for (name, rules, tcp, udp) in &rows {
+        println!(
+            "{name:<34} {rules:>12} {tcp:>10.2} {:>7.2}x {udp:>14.0} {:>7.2}x",
+            tcp / base_tcp,
+            udp / base_udp
+        );
+    }
+    println!("(goal: ≥ 0.9× the no-rules packet rate with 10,000 rules programmed)");
+}
