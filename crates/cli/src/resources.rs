@@ -357,6 +357,9 @@ async fn delete_all(
             } else {
                 println!("{}", success("deleted", &deleted.iter().collect::<Vec<_>>()));
             }
+            if kinds.contains(&Kind::IPPool) {
+                release_pool_blocks(store).await?;
+            }
             Ok(())
         }
         Err(e) => {
@@ -372,6 +375,33 @@ async fn delete_all(
             )
         }
     }
+}
+
+/// A deleted pool's blocks lose their affinities (Calico's ReleasePoolAffinities): empty ones
+/// go now, the rest once their last address is released.
+async fn release_pool_blocks(store: &ResourceStore) -> anyhow::Result<()> {
+    let client = gingham_ipam::IpamClient::new(store.datastore().clone());
+    let released = client
+        .release_blocks_outside_pools()
+        .await
+        .map_err(|e| anyhow::anyhow!("the pool is deleted, but releasing its blocks failed: {e} (run the delete again, or `gingham ipam check`)"))?;
+    let (gone, kept): (Vec<_>, Vec<_>) = released.iter().partition(|(_, deleted)| *deleted);
+    if !released.is_empty() {
+        println!(
+            "Released the deleted pool's blocks: {} removed{}",
+            gone.len(),
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} still in use ({}) go when their addresses are released",
+                    kept.len(),
+                    kept.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ")
+                )
+            }
+        );
+    }
+    Ok(())
 }
 
 pub async fn delete_named(

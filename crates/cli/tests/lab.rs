@@ -823,3 +823,100 @@ fn policy_survives_hand_edits_and_restarts_and_follows_felix_configuration() {
     lab.gingham(&["delete", "-f", felix.to_str().unwrap()]);
     wait_for("the default action to come back", Duration::from_secs(5), || ping(&lab, "default/pod-1-1", own_host));
 }
+
+/// Seed 003 §5.2, changing a pool's block size, step by step on a 3-node VXLAN lab: every
+/// address ends in a /25 block, no block is left outside a pool, `ipam check` is clean and the
+/// pods reach each other.
+fn block_size_procedure(args: &[&str]) {
+    let lab = Lab::up(args);
+    let write = |name: &str, text: &str| {
+        let f = lab.dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f.to_str().unwrap().to_string()
+    };
+    let pool = |name: &str, cidr: &str, block: Option<u8>| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  cidr: {cidr}\n{}  vxlanMode: Always\n  natOutgoing: true\n",
+            block.map(|b| format!("  blockSize: {b}\n")).unwrap_or_default()
+        )
+    };
+    let tunnels = |lab: &Lab| -> Vec<String> {
+        lab.gingham(&["get", "node", "-o", "yaml"])
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("ipv4VXLANTunnelAddr: "))
+            .map(|a| a.trim_matches('"').to_string())
+            .collect()
+    };
+    let blocks = |lab: &Lab| -> Vec<String> {
+        lab.gingham(&["ipam", "show", "--show-blocks"])
+            .lines()
+            .filter(|l| l.starts_with("| Block"))
+            .filter_map(|l| l.split('|').nth(2).map(|c| c.trim().to_string()))
+            .collect()
+    };
+    let recreate_pods = |lab: &Lab| {
+        for n in 1..=3 {
+            lab.ok(&["lab", "pod", "del", &format!("default/pod-{n}-1")]);
+            lab.ok(&["lab", "pod", "add", &format!("node-{n}"), &format!("default/pod-{n}-1")]);
+        }
+    };
+    let eventually = |what: &str, f: &dyn Fn() -> bool| {
+        wait_for(what, Duration::from_secs(10), f);
+    };
+
+    // 1. A temporary pool; 2. the default pool disabled: the tunnel addresses move.
+    lab.gingham(&["apply", "-f", &write("temporary.yaml", &pool("temporary-pool", "10.0.0.0/16", None))]);
+    lab.gingham(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"disabled":true}}"#]);
+    eventually("tunnel addresses to leave the disabled pool", &|| {
+        let t = tunnels(&lab);
+        t.len() == 3 && t.iter().all(|a| a.starts_with("10.0."))
+    });
+    // 3. The pods recreated (into the temporary pool); 4. the default pool deleted: its
+    // blocks, now empty, go with it.
+    recreate_pods(&lab);
+    lab.gingham(&["delete", "ippool", "default-ipv4-ippool"]);
+    let left = blocks(&lab);
+    assert!(left.iter().all(|b| b.starts_with("10.0.")), "the deleted pool's blocks are gone: {left:?}");
+    // 5. Recreated with blockSize 25; 6. the temporary pool disabled; 7. the pods recreated.
+    lab.gingham(&["apply", "-f", &write("resized.yaml", &pool("default-ipv4-ippool", "172.20.0.0/16", Some(25)))]);
+    lab.gingham(&["patch", "ippool", "temporary-pool", "-p", r#"{"spec":{"disabled":true}}"#]);
+    eventually("tunnel addresses to move into the resized pool", &|| {
+        let t = tunnels(&lab);
+        t.len() == 3 && t.iter().all(|a| a.starts_with("172.20."))
+    });
+    recreate_pods(&lab);
+    // 8. The temporary pool deleted.
+    lab.gingham(&["delete", "ippool", "temporary-pool"]);
+
+    let blocks = blocks(&lab);
+    assert_eq!(blocks.len(), 3, "one block per node: {blocks:?}");
+    assert!(blocks.iter().all(|b| b.starts_with("172.20.") && b.ends_with("/25")), "{blocks:?}");
+    let in_blocks = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        blocks.iter().any(|b| b.parse::<ipnet::IpNet>().unwrap().contains(&ip))
+    };
+    for n in 1..=3 {
+        let ip = lab.pod_ip(&format!("default/pod-{n}-1"));
+        assert!(in_blocks(&ip), "pod-{n}-1 {ip} is in a /25 block of the new pool: {blocks:?}");
+    }
+    for t in tunnels(&lab) {
+        assert!(in_blocks(&t), "tunnel address {t} in a /25 block: {blocks:?}");
+    }
+    let check = lab.gingham(&["ipam", "check"]);
+    assert!(check.contains("found 0 problems"), "{check}");
+    // Right away: a tunnel address that moved must not have cost any node its routes.
+    let out = lab.cmd(&["lab", "check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let routes: Vec<String> = (1..=3).map(|n| lab.routes(&format!("node-{n}"))).collect();
+    assert!(out.contains("all 6 pod pairs: ping ok, tcp ok"), "{out}\n{}", routes.join("\n"));
+}
+
+#[test]
+fn block_size_change_as_the_seed_describes() {
+    block_size_procedure(&["--nodes", "3", "--pods-per-node", "1", "--encap", "vxlan"]);
+}
+
+#[test]
+fn block_size_change_as_the_seed_describes_on_etcd() {
+    block_size_procedure(&["--nodes", "3", "--pods-per-node", "1", "--encap", "vxlan", "--datastore", "etcd"]);
+}

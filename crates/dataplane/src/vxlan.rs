@@ -115,11 +115,13 @@ impl VxlanManager {
             nl.ensure_vxlan(VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, self.node_ip, underlay.index, v.mac, v.mtu).await?;
         let vtep = IpNet::from(IpAddr::V4(v.addr));
         let addrs = nl.addresses(index).await?;
-        for stale in addrs.iter().filter(|a| a.addr().is_ipv4() && **a != vtep) {
-            nl.delete_address(index, *stale).await?;
-        }
+        // The new address first: a device left without an IPv4 address has every route
+        // through it flushed by the kernel, without a notification.
         if !addrs.contains(&vtep) {
             nl.add_address(index, vtep).await?;
+        }
+        for stale in addrs.iter().filter(|a| a.addr().is_ipv4() && **a != vtep) {
+            nl.delete_address(index, *stale).await?;
         }
         Ok(index)
     }

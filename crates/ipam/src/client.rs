@@ -59,6 +59,8 @@ struct BlockChange<T> {
     out: T,
     /// Change in the number of addresses each handle holds in this block.
     handles: BTreeMap<String, isize>,
+    /// Other writes that belong to the same transaction.
+    also: Vec<TxnOp>,
 }
 
 /// IPAM settings in force (the IPAMConfiguration `default`, or Calico's defaults).
@@ -280,6 +282,7 @@ impl IpamClient {
                     condition: Condition::At(rev),
                 }
             }];
+            ops.extend(c.also.iter().cloned());
             let mut new_handles = Vec::new();
             for (h, delta) in &c.handles {
                 // A handle we have not seen is assumed new when it gains addresses (no read);
@@ -313,7 +316,7 @@ impl IpamClient {
                     }
                     drop(blocks);
                     let mut handles = lock(&self.handles);
-                    for ((h, rec), r) in new_handles.into_iter().zip(revs.iter().skip(1)) {
+                    for ((h, rec), r) in new_handles.into_iter().zip(revs.iter().skip(1 + c.also.len())) {
                         if rec.is_empty() {
                             handles.remove(&h);
                         } else {
@@ -356,7 +359,7 @@ impl IpamClient {
                     .iter()
                     .map(|o| IpNet::new(b.ip(*o), b.cidr.prefix_len()).unwrap_or(b.cidr))
                     .collect::<Vec<_>>();
-                Ok(Some(BlockChange { handles: [(req.handle.clone(), ips.len() as isize)].into(), out: ips }))
+                Ok(Some(BlockChange { handles: [(req.handle.clone(), ips.len() as isize)].into(), out: ips, also: vec![] }))
             })
             .await?;
         Ok(got.unwrap_or_default())
@@ -647,6 +650,7 @@ impl IpamClient {
                     Ok(Some(BlockChange {
                         out: IpNet::new(ip, b.cidr.prefix_len()).unwrap_or(b.cidr),
                         handles: [(handle.to_string(), 1)].into(),
+                        also: vec![],
                     }))
                 })
                 .await?;
@@ -715,7 +719,11 @@ impl IpamClient {
                     }
                     let ips: Vec<IpAddr> = ords.iter().map(|o| b.ip(*o)).collect();
                     b.release(&ords);
-                    Ok(Some(BlockChange { handles: [(handle.to_string(), -(ips.len() as isize))].into(), out: ips }))
+                    Ok(Some(BlockChange {
+                        handles: [(handle.to_string(), -(ips.len() as isize))].into(),
+                        out: ips,
+                        also: vec![],
+                    }))
                 })
                 .await?;
             released.extend(ips.unwrap_or_default());
@@ -801,7 +809,7 @@ impl IpamClient {
                             *handles.entry(h).or_default() -= 1;
                         }
                     }
-                    Ok(Some(BlockChange { out: report, handles }))
+                    Ok(Some(BlockChange { out: report, handles, also: vec![] }))
                 })
                 .await?;
             out.extend(result.unwrap_or_else(|| ips.iter().map(|ip| (*ip, false)).collect()));
@@ -833,6 +841,56 @@ impl IpamClient {
             }
         }
         Err(IpamError::Contention { key: block_key(&cidr) })
+    }
+
+    /// Calico's ReleasePoolAffinities for every block no IPPool contains any more (its pool was
+    /// deleted): an empty block goes at once with its affinity; one still holding addresses
+    /// loses its affinity and goes when its last address is released. Affinity records of
+    /// such blocks without a block go too. Idempotent: a crash half-way is finished by the
+    /// next call. Returns the blocks (cidr, deleted now).
+    pub async fn release_blocks_outside_pools(&self) -> Result<Vec<(IpNet, bool)>, IpamError> {
+        let pools = self.pools().await?;
+        let inside = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
+        let mut out = Vec::new();
+        let mut blocks = std::collections::BTreeSet::new();
+        for v4 in [true, false] {
+            for (b, _) in self.all_blocks(v4).await? {
+                blocks.insert(b.cidr);
+                if inside(&b.cidr) || b.affinity.is_none() {
+                    continue;
+                }
+                let cidr = b.cidr;
+                let deleted = self
+                    .update_block(cidr, |b| {
+                        let Some(node) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(str::to_string)
+                        else {
+                            return Ok(None);
+                        };
+                        b.affinity = None;
+                        let aff = TxnOp::Delete { key: affinity_key(&node, &cidr), condition: Condition::Any };
+                        Ok(Some(BlockChange { out: (node, b.is_empty()), handles: BTreeMap::new(), also: vec![aff] }))
+                    })
+                    .await?;
+                if let Some((node, empty)) = deleted {
+                    lock(&self.affinities).remove(&(node, cidr.addr().is_ipv4()));
+                    out.push((cidr, empty));
+                }
+            }
+        }
+        // Affinities naming a block that does not exist, outside every pool.
+        for kv in self.ds.list(&all_affinities_prefix()).await?.items {
+            if let Some((node, cidr)) = parse_affinity_key(&kv.key) {
+                if !inside(&cidr) && !blocks.contains(&cidr) {
+                    match self.ds.delete(&kv.key, Some(kv.mod_revision)).await {
+                        Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    lock(&self.affinities).remove(&(node, cidr.addr().is_ipv4()));
+                    out.push((cidr, true));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Who holds `ip`: (handle, secondary attributes), or None if it is free.
