@@ -340,6 +340,55 @@ async fn dual_stack_and_no_auto_blocks(ds: Arc<dyn Datastore>) {
     assert!(ipam.affine_blocks("n1", true).await.unwrap().contains(&got.v4[0].trunc()));
 }
 
+/// A deleted pool's blocks (Calico's ReleasePoolAffinities): the empty one goes with its
+/// affinity, the used one loses its affinity and goes with its last address; a stray affinity
+/// record outside every pool goes too; pools still there are untouched; running it again
+/// changes nothing; and a new pool over the same range claims fresh blocks of its own size.
+async fn deleted_pools_release_their_blocks(ds: Arc<dyn Datastore>) {
+    apply(&ds, &pool("old", "172.30.0.0/16", "  blockSize: 26")).await;
+    apply(&ds, &pool("other", "172.31.0.0/16", "  blockSize: 26")).await;
+    let ipam = IpamClient::new(ds.clone());
+    let used = ipam.auto_assign(&req("n1", "pod-a", 1)).await.unwrap().v4[0].addr();
+    let mut empty_req = req("n2", "pod-b", 1);
+    empty_req.pools_v4 = vec!["old".into()];
+    ipam.auto_assign(&empty_req).await.unwrap();
+    ipam.release_by_handle("pod-b").await.unwrap();
+    let mut kept_req = req("n3", "pod-c", 1);
+    kept_req.pools_v4 = vec!["other".into()];
+    let kept = ipam.auto_assign(&kept_req).await.unwrap().v4[0].trunc();
+    // Another writer left an affinity with no block, in the old pool's range.
+    ds.create("/calico/ipam/v2/host/n4/ipv4/block/172.30.9.0-26", br#"{"state":"confirmed","deleted":false}"#)
+        .await
+        .unwrap();
+    let blocks = |v: Vec<String>| v.into_iter().filter(|k| k.contains("/assignment/")).collect::<Vec<_>>();
+    assert_eq!(blocks(keys(&ds).await).len(), 3);
+
+    let rs = ResourceStore::new(ds.clone());
+    rs.delete(gingham_api::Kind::IPPool, None, "old", None).await.unwrap();
+    let released = ipam.release_blocks_outside_pools().await.unwrap();
+    let used_block = ipnet::IpNet::new(used, 26).unwrap().trunc();
+    assert!(released.contains(&(used_block, false)), "{released:?}");
+    assert_eq!(released.iter().filter(|(_, deleted)| *deleted).count(), 2, "empty block and stray affinity: {released:?}");
+    let after = keys(&ds).await;
+    assert_eq!(blocks(after.clone()).len(), 2, "the used block stays, unaffine, with the other pool's: {after:?}");
+    assert!(!after.iter().any(|k| k.contains("/host/n1/") || k.contains("/host/n2/") || k.contains("/host/n4/")), "{after:?}");
+    assert!(after.iter().any(|k| k.contains("/host/n3/")), "the other pool keeps its affinity: {after:?}");
+    let b = block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{}", used_block.to_string().replace('/', "-"))).await;
+    assert_eq!(b.affinity, None);
+    assert_eq!(ipam.holder(used).await.unwrap().map(|(h, _)| h), Some("pod-a".to_string()), "the pod keeps its address");
+    assert!(ipam.release_blocks_outside_pools().await.unwrap().is_empty(), "idempotent");
+    assert!(ipam.affine_blocks("n3", true).await.unwrap().contains(&kept));
+
+    // Its last address released: the block goes.
+    assert_eq!(ipam.release_by_handle("pod-a").await.unwrap(), vec![used]);
+    assert_eq!(blocks(keys(&ds).await).len(), 1, "{:?}", keys(&ds).await);
+
+    // Recreated with /25 blocks: fresh blocks of that size.
+    apply(&ds, &pool("old", "172.30.0.0/16", "  blockSize: 25")).await;
+    let got = ipam.auto_assign(&req("n1", "pod-d", 1)).await.unwrap().v4[0];
+    assert_eq!(ipam.affine_blocks("n1", true).await.unwrap(), vec![ipnet::IpNet::new(got.addr(), 25).unwrap().trunc()]);
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -355,7 +404,8 @@ both!(
     explicit_addresses_and_guards,
     selectors_and_reclaim,
     tunnel_addresses,
-    check_finds_problems
+    check_finds_problems,
+    deleted_pools_release_their_blocks
 );
 
 // --- several processes at once -------------------------------------------------------------
