@@ -813,3 +813,52 @@ pub struct ClusterInformationSpec {
 impl Spec for ClusterInformationSpec {
     fn validate(&self, _meta: &ObjectMeta, _e: &mut Errors) {}
 }
+
+/// Calico's KubeControllersConfiguration (`default`): what `gingham controllers run` reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeControllersConfigurationSpec {
+    pub log_severity_screen: Option<String>,
+    pub health_checks: Option<String>,
+    pub etcd_v3_compaction_period: Option<String>,
+    pub prometheus_metrics_port: Option<i64>,
+    pub debug_profile_port: Option<i64>,
+    pub controllers: Option<ControllersConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControllersConfig {
+    pub node: Option<NodeControllerConfig>,
+    pub policy: Option<serde_json::Value>,
+    pub workload_endpoint: Option<serde_json::Value>,
+    pub service_account: Option<serde_json::Value>,
+    pub namespace: Option<serde_json::Value>,
+    pub load_balancer: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeControllerConfig {
+    pub reconciler_period: Option<String>,
+    pub sync_labels: Option<String>,
+    pub host_endpoint: Option<serde_json::Value>,
+    /// How long an allocation must look leaked before it is released (Calico: 15m; "0"
+    /// turns the IPAM garbage collection off).
+    pub leak_grace_period: Option<String>,
+}
+
+impl Spec for KubeControllersConfigurationSpec {
+    fn validate(&self, meta: &ObjectMeta, e: &mut Errors) {
+        if meta.name != "default" {
+            e.push(FieldError::new("metadata.name", format!("{:?}: KubeControllersConfiguration is named \"default\"", meta.name)));
+        }
+        if let Some(n) = self.controllers.as_ref().and_then(|c| c.node.as_ref()) {
+            for (v, f) in [(&n.reconciler_period, "reconcilerPeriod"), (&n.leak_grace_period, "leakGracePeriod")] {
+                if let Some(d) = v {
+                    check_duration(d, &format!("spec.controllers.node.{f}"), e);
+                }
+            }
+        }
+    }
+}

@@ -37,6 +37,8 @@ pub enum Kind {
     Namespace,
     /// A policy tier.
     Tier,
+    /// The cluster controllers' settings (`gingham controllers run`).
+    KubeControllersConfiguration,
 }
 
 struct KindInfo {
@@ -55,7 +57,7 @@ struct KindInfo {
 const CALICO: &str = "projectcalico.org";
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::IPPool,
         Kind::IPAMConfiguration,
         Kind::BGPConfiguration,
@@ -74,6 +76,7 @@ impl Kind {
         Kind::KubernetesNetworkPolicy,
         Kind::Namespace,
         Kind::Tier,
+        Kind::KubeControllersConfiguration,
     ];
 
     fn info(self) -> KindInfo {
@@ -140,6 +143,12 @@ impl Kind {
             ),
             Kind::Profile => calico("Profile", "profiles", false, &["profile", "profiles", "pro", "pros"]),
             Kind::Tier => calico("Tier", "tiers", false, &["tier", "tiers"]),
+            Kind::KubeControllersConfiguration => calico(
+                "KubeControllersConfiguration",
+                "kubecontrollersconfigurations",
+                false,
+                &["kubecontrollersconfiguration", "kubecontrollersconfigurations", "kcc"],
+            ),
             Kind::FelixConfiguration => calico(
                 "FelixConfiguration",
                 "felixconfigurations",
@@ -258,6 +267,7 @@ impl Kind {
             Kind::KubernetesNetworkPolicy => typed::<k8s::K8sNetworkPolicySpec>(object),
             Kind::Namespace => typed::<k8s::NamespaceSpec>(object),
             Kind::Tier => typed::<policy::TierSpec>(object),
+            Kind::KubeControllersConfiguration => typed::<network::KubeControllersConfigurationSpec>(object),
         }
     }
 }

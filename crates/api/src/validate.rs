@@ -189,6 +189,35 @@ pub fn check_duration(v: &str, path: &str, errors: &mut Errors) {
     }
 }
 
+/// A Go-style duration (`15m`, `1m30s`, `500ms`, `0`) as a Duration.
+pub fn parse_duration(v: &str) -> Option<std::time::Duration> {
+    if v == "0" {
+        return Some(std::time::Duration::ZERO);
+    }
+    let mut rest = v;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let unit_end = rest[digits..].find(|c: char| c.is_ascii_digit()).map_or(rest.len(), |i| digits + i);
+        let n: f64 = rest[..digits].parse().ok()?;
+        let scale = match &rest[digits..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    std::time::Duration::try_from_secs_f64(total).ok()
+}
+
 pub fn check_port_number(p: i64, path: &str, errors: &mut Errors) {
     if !(1..=65535).contains(&p) {
         errors.push(FieldError::new(path, format!("port {p} is outside 1..65535")));
@@ -221,6 +250,16 @@ mod tests {
         assert!(parse_asn(&IntOrString::Int(-1)).is_err());
         assert!(parse_asn(&IntOrString::Int(4294967296)).is_err());
         assert!(parse_asn(&IntOrString::Str("x".into())).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15m"), Some(std::time::Duration::from_secs(900)));
+        assert_eq!(parse_duration("1m30s"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Some(std::time::Duration::ZERO));
+        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration(""), None);
     }
 
     #[test]

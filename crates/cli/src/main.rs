@@ -1,6 +1,7 @@
 //! `gingham`: the calicoctl-style command line.
 
 mod cni;
+mod controllers;
 mod ipam;
 mod output;
 mod policy;
@@ -150,6 +151,11 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// The cluster controllers (calico-kube-controllers for gingham's datastores).
+    Controllers {
+        #[command(subcommand)]
+        command: ControllersCommand,
+    },
     /// CNI plugin installation.
     Cni {
         #[command(subcommand)]
@@ -227,6 +233,36 @@ enum LabCommand {
         pod: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ControllersCommand {
+    /// Run them: node cleanup, IPAM garbage collection, empty-block reclaim. Several instances
+    /// may run; one leads (a lease in the datastore), the others stand by.
+    Run {
+        /// This instance's name in the lease (default: hostname-pid).
+        #[arg(long)]
+        identity: Option<String>,
+        /// How long the lease lasts unrenewed before a standby takes over.
+        #[arg(long, default_value = "15s", value_parser = controllers::parse_duration)]
+        lease: std::time::Duration,
+        /// Between passes (default: KubeControllersConfiguration's reconcilerPeriod, else 60s).
+        #[arg(long, value_parser = controllers::parse_duration)]
+        period: Option<std::time::Duration>,
+        /// How long an allocation must look leaked before it is released ("0": no GC;
+        /// default: leakGracePeriod, else 15m).
+        #[arg(long, value_parser = controllers::parse_duration)]
+        leak_grace_period: Option<std::time::Duration>,
+        /// How long a block must stay empty before it is reclaimed (default 15m).
+        #[arg(long, value_parser = controllers::parse_duration)]
+        block_grace_period: Option<std::time::Duration>,
+        /// Report what would be released; release nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One pass, then exit (when leading).
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -427,6 +463,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 PolicyCommand::Show { endpoint } => policy::show_cmd(store.datastore(), &endpoint).await,
             }
+        }
+        Command::Controllers {
+            command: ControllersCommand::Run { identity, lease, period, leak_grace_period, block_grace_period, dry_run, once },
+        } => {
+            let store = ds.open_existing().await?;
+            let o = controllers::Options {
+                identity,
+                lease,
+                period,
+                leak_grace: leak_grace_period,
+                block_grace: block_grace_period,
+                dry_run,
+                once,
+            };
+            controllers::run(store, o).await
         }
         Command::Ipam { command } => {
             let store = match command {

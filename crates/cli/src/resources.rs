@@ -360,6 +360,26 @@ async fn delete_all(
             if kinds.contains(&Kind::IPPool) {
                 release_pool_blocks(store).await?;
             }
+            // As calicoctl: a deleted node's endpoints, addresses and blocks go with it.
+            for op in &ops {
+                if let BatchOp::Delete { kind: Kind::Node, name, .. } = op {
+                    let client = gingham_ipam::IpamClient::new(store.datastore().clone());
+                    let c = gingham_controllers::cleanup_node(&client, name).await.map_err(|e| {
+                        anyhow::anyhow!("node {name} is deleted, but removing its traces failed: {e} (`gingham controllers run` finishes it, or `gingham ipam check` shows what is left)")
+                    })?;
+                    println!(
+                        "Removed node {name}'s traces: {} endpoints, {} address handles, {} blocks{}",
+                        c.endpoints,
+                        c.handles.len(),
+                        c.blocks_deleted.len(),
+                        if c.blocks_kept.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({} more hold other nodes' addresses: kept without an owner until they empty)", c.blocks_kept.len())
+                        }
+                    );
+                }
+            }
             Ok(())
         }
         Err(e) => {

@@ -859,21 +859,8 @@ impl IpamClient {
                 if inside(&b.cidr) || b.affinity.is_none() {
                     continue;
                 }
-                let cidr = b.cidr;
-                let deleted = self
-                    .update_block(cidr, |b| {
-                        let Some(node) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(str::to_string)
-                        else {
-                            return Ok(None);
-                        };
-                        b.affinity = None;
-                        let aff = TxnOp::Delete { key: affinity_key(&node, &cidr), condition: Condition::Any };
-                        Ok(Some(BlockChange { out: (node, b.is_empty()), handles: BTreeMap::new(), also: vec![aff] }))
-                    })
-                    .await?;
-                if let Some((node, empty)) = deleted {
-                    lock(&self.affinities).remove(&(node, cidr.addr().is_ipv4()));
-                    out.push((cidr, empty));
+                if let Some(empty) = self.unaffine_block(b.cidr).await? {
+                    out.push((b.cidr, empty));
                 }
             }
         }
@@ -891,6 +878,64 @@ impl IpamClient {
             }
         }
         Ok(out)
+    }
+
+    /// Take a block from its node whatever it holds (Calico's releaseAffinity without
+    /// requireEmpty): empty, it is deleted with its affinity; otherwise it stays without an
+    /// owner, its addresses with their holders, and goes when the last is released. Returns
+    /// whether it was deleted, or None if it had no owner.
+    pub async fn unaffine_block(&self, cidr: IpNet) -> Result<Option<bool>, IpamError> {
+        let r = self
+            .update_block(cidr, |b| {
+                let Some(node) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(str::to_string) else {
+                    return Ok(None);
+                };
+                b.affinity = None;
+                let aff = TxnOp::Delete { key: affinity_key(&node, &cidr), condition: Condition::Any };
+                Ok(Some(BlockChange { out: (node, b.is_empty()), handles: BTreeMap::new(), also: vec![aff] }))
+            })
+            .await?;
+        Ok(r.map(|(node, empty)| {
+            lock(&self.affinities).remove(&(node, cidr.addr().is_ipv4()));
+            empty
+        }))
+    }
+
+    /// Every node that has an affinity record (for finding nodes that are gone).
+    pub async fn affinity_nodes(&self) -> Result<Vec<String>, IpamError> {
+        let mut nodes: Vec<String> = self
+            .ds
+            .list(&all_affinities_prefix())
+            .await?
+            .items
+            .iter()
+            .filter_map(|kv| parse_affinity_key(&kv.key).map(|(n, _)| n))
+            .collect();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    /// Drop every affinity `node` holds: blocks as `unaffine_block` does, records without a
+    /// block deleted. Returns how many records went.
+    pub async fn release_affinities_of(&self, node: &str) -> Result<usize, IpamError> {
+        let mut n = 0;
+        for v4 in [true, false] {
+            for kv in self.ds.list(&node_affinities_prefix(node, v4)).await?.items {
+                let Some((_, cidr)) = parse_affinity_key(&kv.key) else { continue };
+                let block = self.block(cidr, true).await?;
+                if block.as_ref().is_some_and(|(b, _)| b.is_affine_to(node)) {
+                    self.unaffine_block(cidr).await?;
+                } else {
+                    match self.ds.delete(&kv.key, Some(kv.mod_revision)).await {
+                        Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                n += 1;
+            }
+            lock(&self.affinities).remove(&(node.to_string(), v4));
+        }
+        Ok(n)
     }
 
     /// Who holds `ip`: (handle, secondary attributes), or None if it is free.
