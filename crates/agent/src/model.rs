@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use gingham_api::Kind;
 use gingham_dataplane::calc::{
     BlockInfo, DesiredRoute, Diff, NodeInfo, PoolInfo, RouteCalc, Via, parse_mac, pod_mtu, vxlan_mac,
 };
@@ -23,7 +24,6 @@ use gingham_dataplane::nat::NatManager;
 use gingham_dataplane::routes::{BGP_PROTO, CALC_PROTO, Dev, RouteManager, Source, Target};
 use gingham_dataplane::vxlan::{VXLAN_DEVICE, Vtep, VxlanManager};
 use gingham_dataplane::workloads::{WORKLOAD_PROTO, Workload, WorkloadManager};
-use gingham_api::Kind;
 use gingham_kernel::{KernelEvent, Netlink};
 use ipnet::IpNet;
 use tokio::sync::mpsc::UnboundedReceiver;

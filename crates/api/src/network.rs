@@ -851,7 +851,10 @@ pub struct NodeControllerConfig {
 impl Spec for KubeControllersConfigurationSpec {
     fn validate(&self, meta: &ObjectMeta, e: &mut Errors) {
         if meta.name != "default" {
-            e.push(FieldError::new("metadata.name", format!("{:?}: KubeControllersConfiguration is named \"default\"", meta.name)));
+            e.push(FieldError::new(
+                "metadata.name",
+                format!("{:?}: KubeControllersConfiguration is named \"default\"", meta.name),
+            ));
         }
         if let Some(n) = self.controllers.as_ref().and_then(|c| c.node.as_ref()) {
             for (v, f) in [(&n.reconciler_period, "reconcilerPeriod"), (&n.leak_grace_period, "leakGracePeriod")] {

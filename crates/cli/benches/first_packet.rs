@@ -79,10 +79,7 @@ fn policies() -> String {
 
 fn main() {
     let pods: usize = std::env::var("GINGHAM_BENCH_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let lab = Lab {
-        dir: tempfile::tempdir().expect("tempdir"),
-        prefix: format!("gfp{}", std::process::id() % 10_000),
-    };
+    let lab = Lab { dir: tempfile::tempdir().expect("tempdir"), prefix: format!("gfp{}", std::process::id() % 10_000) };
     lab.ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "0", "--quiet"]);
     let env: Vec<(String, String)> = lab
         .ok(&["lab", "env"])

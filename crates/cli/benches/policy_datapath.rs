@@ -204,11 +204,7 @@ fn main() {
     );
     let (base_tcp, base_udp) = (rows[0].2, rows[0].3);
     for (name, rules, tcp, udp) in &rows {
-        println!(
-            "{name:<34} {rules:>12} {tcp:>10.2} {:>7.2}x {udp:>14.0} {:>7.2}x",
-            tcp / base_tcp,
-            udp / base_udp
-        );
+        println!("{name:<34} {rules:>12} {tcp:>10.2} {:>7.2}x {udp:>14.0} {:>7.2}x", tcp / base_tcp, udp / base_udp);
     }
     println!("(goal: ≥ 0.9× the no-rules packet rate with 10,000 rules programmed)");
 }

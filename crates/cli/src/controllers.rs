@@ -63,7 +63,10 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
         match lease.try_hold(ds.as_ref()).await {
             Ok(held) => {
                 if held != leading {
-                    println!("controllers {identity}: {}", if held { "leading" } else { "standing by (another instance leads)" });
+                    println!(
+                        "controllers {identity}: {}",
+                        if held { "leading" } else { "standing by (another instance leads)" }
+                    );
                 }
                 leading = held;
             }
@@ -80,7 +83,10 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                 Ok(r) => {
                     let verb = if s.dry_run { "would release" } else { "released" };
                     for n in &r.nodes_cleaned {
-                        println!("node {n} is gone: {} its endpoints, addresses and blocks", if s.dry_run { "would remove" } else { "removed" });
+                        println!(
+                            "node {n} is gone: {} its endpoints, addresses and blocks",
+                            if s.dry_run { "would remove" } else { "removed" }
+                        );
                     }
                     for (h, ips) in &r.released_handles {
                         let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
@@ -89,13 +95,15 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                     for b in &r.reclaimed_blocks {
                         println!("block reclaim: {verb} empty block {b}");
                     }
-                    println!(
-                        "pass: {} leak candidates, {} handles {verb}, {} blocks, {} nodes",
-                        r.leak_candidates,
-                        r.released_handles.len(),
-                        r.reclaimed_blocks.len(),
-                        r.nodes_cleaned.len()
-                    );
+                    if r != Default::default() {
+                        println!(
+                            "pass: {} leak candidates, {} handles {verb}, {} blocks, {} nodes",
+                            r.leak_candidates,
+                            r.released_handles.len(),
+                            r.reclaimed_blocks.len(),
+                            r.nodes_cleaned.len()
+                        );
+                    }
                 }
                 Err(e) => eprintln!("controllers {identity}: pass failed: {e} (retrying next period)"),
             }

@@ -465,7 +465,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Controllers {
-            command: ControllersCommand::Run { identity, lease, period, leak_grace_period, block_grace_period, dry_run, once },
+            command:
+                ControllersCommand::Run { identity, lease, period, leak_grace_period, block_grace_period, dry_run, once },
         } => {
             let store = ds.open_existing().await?;
             let o = controllers::Options {

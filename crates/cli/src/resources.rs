@@ -375,7 +375,10 @@ async fn delete_all(
                         if c.blocks_kept.is_empty() {
                             String::new()
                         } else {
-                            format!(" ({} more hold other nodes' addresses: kept without an owner until they empty)", c.blocks_kept.len())
+                            format!(
+                                " ({} more hold other nodes' addresses: kept without an owner until they empty)",
+                                c.blocks_kept.len()
+                            )
                         }
                     );
                 }
@@ -401,10 +404,11 @@ async fn delete_all(
 /// go now, the rest once their last address is released.
 async fn release_pool_blocks(store: &ResourceStore) -> anyhow::Result<()> {
     let client = gingham_ipam::IpamClient::new(store.datastore().clone());
-    let released = client
-        .release_blocks_outside_pools()
-        .await
-        .map_err(|e| anyhow::anyhow!("the pool is deleted, but releasing its blocks failed: {e} (run the delete again, or `gingham ipam check`)"))?;
+    let released = client.release_blocks_outside_pools().await.map_err(|e| {
+        anyhow::anyhow!(
+            "the pool is deleted, but releasing its blocks failed: {e} (run the delete again, or `gingham ipam check`)"
+        )
+    })?;
     let (gone, kept): (Vec<_>, Vec<_>) = released.iter().partition(|(_, deleted)| *deleted);
     if !released.is_empty() {
         println!(

@@ -47,7 +47,10 @@ impl Default for Settings {
 
 impl Settings {
     /// The KubeControllersConfiguration `default`'s node controller fields over these.
-    pub fn with_config(mut self, spec: &gingham_api::network::KubeControllersConfigurationSpec) -> Result<Self, String> {
+    pub fn with_config(
+        mut self,
+        spec: &gingham_api::network::KubeControllersConfigurationSpec,
+    ) -> Result<Self, String> {
         let Some(n) = spec.controllers.as_ref().and_then(|c| c.node.as_ref()) else { return Ok(self) };
         if let Some(v) = &n.leak_grace_period {
             let d = gingham_api::validate::parse_duration(v)
@@ -197,11 +200,8 @@ impl Controllers {
                 *per_node.entry(o.as_str()).or_default() += 1;
             }
         }
-        let empty: Vec<(IpNet, &str)> = snap
-            .blocks
-            .iter()
-            .filter_map(|(c, (o, used))| Some((*c, o.as_deref()?)).filter(|_| *used == 0))
-            .collect();
+        let empty: Vec<(IpNet, &str)> =
+            snap.blocks.iter().filter_map(|(c, (o, used))| Some((*c, o.as_deref()?)).filter(|_| *used == 0)).collect();
         self.empty_since.retain(|c, _| empty.iter().any(|(e, _)| e == c));
         for (cidr, owner) in empty {
             let since = *self.empty_since.entry(cidr).or_insert(now);

@@ -49,7 +49,8 @@ async fn setup(ds: &Arc<dyn Datastore>) {
     )
     .await;
     for n in ["n1", "n2"] {
-        apply(ds, &format!("apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {n}}}\nspec: {{}}\n")).await;
+        apply(ds, &format!("apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {n}}}\nspec: {{}}\n"))
+            .await;
     }
 }
 
@@ -117,8 +118,12 @@ async fn node_deleted_with_live_pods(ds: Arc<dyn Datastore>) {
         IpAddr::V4(v) => IpAddr::V4((u32::from(v) + 10).into()),
         _ => unreachable!(),
     };
-    let attrs = [("node".to_string(), "n2".to_string()), ("pod".to_string(), "b".to_string()), ("namespace".to_string(), "default".to_string())]
-        .into();
+    let attrs = [
+        ("node".to_string(), "n2".to_string()),
+        ("pod".to_string(), "b".to_string()),
+        ("namespace".to_string(), "default".to_string()),
+    ]
+    .into();
     ipam.assign_ip(borrowed, "k8s-pod-network.c-b", &attrs, "n2", false).await.unwrap();
     endpoint(&ds, "n2", "b", borrowed).await;
     let c = pod(&ds, &ipam, "n2", "c", true).await;
@@ -130,9 +135,19 @@ async fn node_deleted_with_live_pods(ds: Arc<dyn Datastore>) {
     assert_eq!(r.nodes_cleaned, vec!["n1".to_string()]);
     assert_eq!(held(&ipam, a).await, None, "n1's pod address released");
     assert_eq!(held(&ipam, tunnel).await, None, "n1's tunnel address released");
-    assert!(rs.list(Kind::WorkloadEndpoint, Some("default")).await.unwrap().iter().all(|w| !w.metadata.name.starts_with("n1-")));
+    assert!(
+        rs.list(Kind::WorkloadEndpoint, Some("default"))
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| !w.metadata.name.starts_with("n1-"))
+    );
     assert!(keys(&ds, "/calico/ipam/v2/host/n1/").await.is_empty(), "no affinity left");
-    assert_eq!(held(&ipam, borrowed).await.as_deref(), Some("k8s-pod-network.c-b"), "n2's borrowed address is its pod's");
+    assert_eq!(
+        held(&ipam, borrowed).await.as_deref(),
+        Some("k8s-pod-network.c-b"),
+        "n2's borrowed address is its pod's"
+    );
     assert_eq!(held(&ipam, c).await.as_deref(), Some("k8s-pod-network.c-c"));
     let check = gingham_ipam::check::check(&ipam).await.unwrap();
     assert!(check.problems.iter().all(|p| !p.contains("n1")), "{:?}", check.problems);
@@ -237,4 +252,9 @@ macro_rules! both {
     };
 }
 
-both!(node_deleted_with_live_pods, leak_gc_with_a_grace_period, empty_blocks_are_reclaimed_but_one_stays, two_controllers_race_for_the_lease);
+both!(
+    node_deleted_with_live_pods,
+    leak_gc_with_a_grace_period,
+    empty_blocks_are_reclaimed_but_one_stays,
+    two_controllers_race_for_the_lease
+);

@@ -154,7 +154,12 @@ fn main() {
         // A local endpoint's label: its set memberships and its chain.
         let felix_label =
             run(&f.0, "ipset", &["restore"], "del cali40s-app-0 10.60.0.0\nadd cali40s-app-1 10.60.0.0\n")
-                + run(&f.0, "iptables-restore", &["--noflush"], &format!("*filter\n{}COMMIT\n", felix_endpoint(0, 1, n, true)));
+                + run(
+                    &f.0,
+                    "iptables-restore",
+                    &["--noflush"],
+                    &format!("*filter\n{}COMMIT\n", felix_endpoint(0, 1, n, true)),
+                );
         // A pod elsewhere: one set member.
         let felix_remote = run(&f.0, "ipset", &["restore"], "add cali40s-app-1 10.61.0.0\n");
         drop(f);

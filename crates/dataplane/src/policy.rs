@@ -493,7 +493,8 @@ impl PolicyManager {
     /// first, then failsafe ports, then the interface's host endpoint chain (or the
     /// all-interfaces one). Interfaces without a host endpoint are left alone.
     fn host_rules(&self, inbound: bool) -> Vec<Rule> {
-        let (lo, map) = if inbound { (Match::Iifname("lo".into()), FROM_HEP) } else { (Match::Oifname("lo".into()), TO_HEP) };
+        let (lo, map) =
+            if inbound { (Match::Iifname("lo".into()), FROM_HEP) } else { (Match::Oifname("lo".into()), TO_HEP) };
         let mut rules = vec![
             Rule::new(vec![lo], vec![Statement::Accept]),
             Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
@@ -654,7 +655,8 @@ impl PolicyManager {
             for ingress in [true, false] {
                 let (map, name) = endpoint_map_chain(iface, host, ingress);
                 // The all-interfaces host endpoint is reached from the base chains, not a map.
-                let elem = (iface != ALL_INTERFACES || !host).then(|| vec![Element::IfJump(iface.clone(), name.clone())]);
+                let elem =
+                    (iface != ALL_INTERFACES || !host).then(|| vec![Element::IfJump(iface.clone(), name.clone())]);
                 match plan {
                     Some(plan) => {
                         ops.push(Op::AddChain(t.clone(), name.clone(), None));

@@ -317,7 +317,10 @@ async fn host_endpoints_and_failsafe_ports() {
     let node = node("hnode");
     let peer = ns("hpeer");
     let iface = format!("hep{}", std::process::id() % 100000);
-    run(&node, &["ip", "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &peer.1.to_string_lossy()]);
+    run(
+        &node,
+        &["ip", "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &peer.1.to_string_lossy()],
+    );
     run(&node, &["ip", "addr", "add", "198.51.100.1/24", "dev", &iface]);
     run(&node, &["ip", "link", "set", &iface, "up"]);
     run(&peer, &["ip", "link", "set", "lo", "up"]);
@@ -433,7 +436,8 @@ async fn a_table_changed_by_hand_is_noticed_and_restored() {
     assert!(!reaches(&a.ns, b.ip, 80), "restored");
     let after = nft.list_table(&gingham_dataplane::policy::table()).await.unwrap().unwrap();
     let strip = |t: &str| t.lines().filter(|l| !l.contains("packets")).map(str::to_string).collect::<Vec<_>>();
-    let forward = |t: &str| strip(t).into_iter().skip_while(|l| !l.contains("chain forward")).take(12).collect::<Vec<_>>();
+    let forward =
+        |t: &str| strip(t).into_iter().skip_while(|l| !l.contains("chain forward")).take(12).collect::<Vec<_>>();
     assert_eq!(forward(&after), forward(&before));
     // A deleted table too.
     run(&node, &["nft", "delete", "table", "inet", "gingham"]);

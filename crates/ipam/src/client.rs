@@ -359,7 +359,11 @@ impl IpamClient {
                     .iter()
                     .map(|o| IpNet::new(b.ip(*o), b.cidr.prefix_len()).unwrap_or(b.cidr))
                     .collect::<Vec<_>>();
-                Ok(Some(BlockChange { handles: [(req.handle.clone(), ips.len() as isize)].into(), out: ips, also: vec![] }))
+                Ok(Some(BlockChange {
+                    handles: [(req.handle.clone(), ips.len() as isize)].into(),
+                    out: ips,
+                    also: vec![],
+                }))
             })
             .await?;
         Ok(got.unwrap_or_default())

@@ -368,14 +368,26 @@ async fn deleted_pools_release_their_blocks(ds: Arc<dyn Datastore>) {
     let released = ipam.release_blocks_outside_pools().await.unwrap();
     let used_block = ipnet::IpNet::new(used, 26).unwrap().trunc();
     assert!(released.contains(&(used_block, false)), "{released:?}");
-    assert_eq!(released.iter().filter(|(_, deleted)| *deleted).count(), 2, "empty block and stray affinity: {released:?}");
+    assert_eq!(
+        released.iter().filter(|(_, deleted)| *deleted).count(),
+        2,
+        "empty block and stray affinity: {released:?}"
+    );
     let after = keys(&ds).await;
     assert_eq!(blocks(after.clone()).len(), 2, "the used block stays, unaffine, with the other pool's: {after:?}");
-    assert!(!after.iter().any(|k| k.contains("/host/n1/") || k.contains("/host/n2/") || k.contains("/host/n4/")), "{after:?}");
+    assert!(
+        !after.iter().any(|k| k.contains("/host/n1/") || k.contains("/host/n2/") || k.contains("/host/n4/")),
+        "{after:?}"
+    );
     assert!(after.iter().any(|k| k.contains("/host/n3/")), "the other pool keeps its affinity: {after:?}");
-    let b = block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{}", used_block.to_string().replace('/', "-"))).await;
+    let b = block(&ds, &format!("/calico/ipam/v2/assignment/ipv4/block/{}", used_block.to_string().replace('/', "-")))
+        .await;
     assert_eq!(b.affinity, None);
-    assert_eq!(ipam.holder(used).await.unwrap().map(|(h, _)| h), Some("pod-a".to_string()), "the pod keeps its address");
+    assert_eq!(
+        ipam.holder(used).await.unwrap().map(|(h, _)| h),
+        Some("pod-a".to_string()),
+        "the pod keeps its address"
+    );
     assert!(ipam.release_blocks_outside_pools().await.unwrap().is_empty(), "idempotent");
     assert!(ipam.affine_blocks("n3", true).await.unwrap().contains(&kept));
 

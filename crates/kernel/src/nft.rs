@@ -17,8 +17,8 @@ use std::sync::OnceLock;
 
 use ipnet::IpNet;
 
-use crate::nft_wire::Wire;
 pub use crate::nft_wire::SetElements;
+use crate::nft_wire::Wire;
 use crate::{KernelError, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -722,9 +722,7 @@ impl Nft {
                 while let Ok(request) = rx.recv() {
                     match request {
                         Request::Run(cmds, false, reply) => drop(reply.send(ctx.run(&cmds))),
-                        Request::Run(cmds, true, reply) => {
-                            drop(reply.send(ownership.transaction(|_| ctx.run(&cmds))))
-                        }
+                        Request::Run(cmds, true, reply) => drop(reply.send(ownership.transaction(|_| ctx.run(&cmds)))),
                         Request::Elements(changes, reply) => {
                             drop(reply.send(ownership.transaction(|o| o.wire()?.elements(&changes))))
                         }

@@ -129,7 +129,9 @@ pub fn speaks(changes: &[SetElements]) -> bool {
 
 impl Wire {
     pub(crate) fn open() -> Result<Wire, String> {
-        use nix::sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, setsockopt, sockopt};
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, setsockopt, sockopt,
+        };
         let fd = nix::sys::socket::socket(
             AddressFamily::Netlink,
             SockType::Raw,

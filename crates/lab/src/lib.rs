@@ -96,6 +96,9 @@ pub struct State {
     /// FRR drops to user frr, who must reach it).
     #[serde(default)]
     pub tor_pids: Vec<i32>,
+    /// `gingham controllers run`, in this (the host's) namespace.
+    #[serde(default)]
+    pub controllers_pid: Option<i32>,
     #[serde(default)]
     pub tor_dir: Option<PathBuf>,
     pub namespaces: Vec<String>,
@@ -390,6 +393,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         env: BTreeMap::new(),
         etcd_pid: None,
         tor_pids: vec![],
+        controllers_pid: None,
         tor_dir: None,
         namespaces: vec![],
         prefix: o.prefix.clone(),
@@ -523,6 +527,18 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
     for n in &state.nodes {
         wait_ready(n, dir)?;
     }
+    // The cluster controllers, as a cluster runs calico-kube-controllers.
+    let log = state.new_log("controllers.log")?;
+    let child = std::process::Command::new(exe)
+        .args(["controllers", "run", "--period", "10s"])
+        .envs(&state.env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    state.controllers_pid = Some(child.id() as i32);
+    state.save()?;
     if o.netpol_model {
         if o.nodes < 3 {
             return Err(msg("--netpol-model needs 3 nodes"));
@@ -858,6 +874,7 @@ pub fn down(dir: &Path) -> Result<()> {
         .filter_map(|n| n.agent_pid)
         .chain(state.etcd_pid)
         .chain(state.tor_pids.iter().copied())
+        .chain(state.controllers_pid)
         .filter(|p| is_lab_process(*p))
         .collect();
     for pid in &pids {
