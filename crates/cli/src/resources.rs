@@ -308,6 +308,12 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
     }
     let done: Vec<&Object> = todo.iter().map(|d| &d.object).collect();
     println!("{}", success(mode.past(), &done));
+    if todo.iter().any(|d| d.object.kind() == Some(Kind::IPAMConfiguration)) {
+        let client = gingham_ipam::IpamClient::new(store.datastore().clone());
+        client.mirror_config().await.map_err(|e| {
+            anyhow::anyhow!("IPAMConfiguration written, but mirroring it to {} failed: {e}", gingham_ipam::client::CONFIG_KEY)
+        })?;
+    }
     Ok(())
 }
 
@@ -591,6 +597,12 @@ pub async fn patch(store: &ResourceStore, kind: &str, name: &str, ns: Option<&st
     }
     write_back(store, kind, &expected, value).await?;
     println!("Successfully patched 1 '{}' resource", kind.kind_name());
+    if kind == Kind::IPAMConfiguration {
+        gingham_ipam::IpamClient::new(store.datastore().clone())
+            .mirror_config()
+            .await
+            .map_err(|e| anyhow::anyhow!("IPAMConfiguration patched, but mirroring it failed: {e}"))?;
+    }
     Ok(())
 }
 

@@ -141,6 +141,10 @@ impl Controllers {
     /// One pass of every controller.
     pub async fn pass(&mut self, ipam: &IpamClient, s: &Settings) -> Result<PassReport, IpamError> {
         let mut report = PassReport::default();
+        // IPAMConfiguration written by anyone: mirrored where Calico's IPAM reads it.
+        if !s.dry_run {
+            ipam.mirror_config().await?;
+        }
         let snap = Snapshot::read(ipam).await?;
 
         // Node controller: owners and allocators that no longer exist.

@@ -71,6 +71,37 @@ pub struct Settings {
     pub max_blocks_per_host: u32,
 }
 
+/// Where Calico's IPAM reads its configuration (reference: IPAMConfig).
+pub const CONFIG_KEY: &str = "/calico/ipam/v2/config";
+
+/// Calico's IPAMConfig as stored there (its field names, as Calico writes them).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct V2Config {
+    strict_affinity: bool,
+    auto_allocate_blocks: bool,
+    #[serde(rename = "maxBlocksPerHost", default)]
+    max_blocks_per_host: i64,
+}
+
+impl V2Config {
+    fn from_spec(s: &IPAMConfigSpec) -> V2Config {
+        V2Config {
+            strict_affinity: s.strict_affinity.unwrap_or(false),
+            auto_allocate_blocks: s.auto_allocate_blocks.unwrap_or(true),
+            max_blocks_per_host: s.max_blocks_per_host.unwrap_or(0),
+        }
+    }
+
+    fn into_spec(self) -> IPAMConfigSpec {
+        IPAMConfigSpec {
+            strict_affinity: Some(self.strict_affinity),
+            auto_allocate_blocks: Some(self.auto_allocate_blocks),
+            max_blocks_per_host: Some(self.max_blocks_per_host),
+            ..Default::default()
+        }
+    }
+}
+
 pub struct IpamClient {
     ds: Arc<dyn Datastore>,
     resources: ResourceStore,
@@ -171,16 +202,48 @@ impl IpamClient {
         Ok(pools)
     }
 
+    /// The settings: the IPAMConfiguration `default` (the source of truth), else what a Calico
+    /// tool left at `/calico/ipam/v2/config`, else Calico's defaults.
     pub async fn settings(&self) -> Result<Settings, IpamError> {
         let spec: IPAMConfigSpec = match self.resources.get(Kind::IPAMConfiguration, None, "default").await? {
             Some(o) => o.spec_as().unwrap_or_default(),
-            None => IPAMConfigSpec::default(),
+            None => match self.ds.get(CONFIG_KEY).await? {
+                Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
+                None => IPAMConfigSpec::default(),
+            },
         };
         Ok(Settings {
             strict_affinity: spec.strict_affinity.unwrap_or(false),
             auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
             max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
         })
+    }
+
+    /// Mirror the IPAMConfiguration `default` to `/calico/ipam/v2/config`, where Calico's IPAM
+    /// reads it, so a store shared with Calico's tools agrees. Whether it wrote.
+    pub async fn mirror_config(&self) -> Result<bool, IpamError> {
+        let Some(obj) = self.resources.get(Kind::IPAMConfiguration, None, "default").await? else {
+            return Ok(false);
+        };
+        let spec: IPAMConfigSpec = obj.spec_as().map_err(|e| IpamError::Corrupt {
+            key: Kind::IPAMConfiguration.key(None, "default"),
+            message: e.to_string(),
+        })?;
+        let want = V2Config::from_spec(&spec);
+        let current = self.ds.get(CONFIG_KEY).await?;
+        if let Some(kv) = &current {
+            if serde_json::from_slice::<V2Config>(&kv.value).ok().as_ref() == Some(&want) {
+                return Ok(false);
+            }
+        }
+        let value = serde_json::to_vec(&want).unwrap_or_default();
+        let condition = current.map_or(Condition::Absent, |kv| Condition::At(kv.mod_revision));
+        match self.ds.txn(&[TxnOp::Put { key: CONFIG_KEY.into(), value, condition }]).await {
+            Ok(_) => Ok(true),
+            // Someone else wrote meanwhile: the next call compares again.
+            Err(e) if is_condition_failure(&e).is_some() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>, IpamError> {

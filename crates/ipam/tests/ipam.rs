@@ -401,6 +401,25 @@ async fn deleted_pools_release_their_blocks(ds: Arc<dyn Datastore>) {
     assert_eq!(ipam.affine_blocks("n1", true).await.unwrap(), vec![ipnet::IpNet::new(got.addr(), 25).unwrap().trunc()]);
 }
 
+/// IPAMConfiguration: the v3 resource is the truth, mirrored to Calico's `/calico/ipam/v2/config`
+/// (its field names); without a v3 resource, what a Calico tool wrote there is honoured.
+async fn ipam_configuration_is_mirrored(ds: Arc<dyn Datastore>) {
+    let ipam = IpamClient::new(ds.clone());
+    assert!(!ipam.mirror_config().await.unwrap(), "nothing to mirror");
+    // A Calico tool's config alone.
+    ds.create("/calico/ipam/v2/config", br#"{"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":4}"#)
+        .await
+        .unwrap();
+    let s = ipam.settings().await.unwrap();
+    assert!(s.strict_affinity && s.max_blocks_per_host == 4, "{s:?}");
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: false, maxBlocksPerHost: 0}\n").await;
+    assert!(!ipam.settings().await.unwrap().strict_affinity, "v3 wins");
+    assert!(ipam.mirror_config().await.unwrap());
+    let v: serde_json::Value = serde_json::from_slice(&ds.get("/calico/ipam/v2/config").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(v, serde_json::json!({"strict_affinity": false, "auto_allocate_blocks": true, "maxBlocksPerHost": 0}));
+    assert!(!ipam.mirror_config().await.unwrap(), "unchanged: no write");
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -417,7 +436,8 @@ both!(
     selectors_and_reclaim,
     tunnel_addresses,
     check_finds_problems,
-    deleted_pools_release_their_blocks
+    deleted_pools_release_their_blocks,
+    ipam_configuration_is_mirrored
 );
 
 // --- several processes at once -------------------------------------------------------------
