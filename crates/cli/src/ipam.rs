@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use anyhow::bail;
-use gingham_ipam::check::{check, usage};
+use gingham_ipam::check::{Leak, check, usage};
 use gingham_ipam::{IpamClient, ReleaseGuard};
 
 /// Go's `%.5g` for a count: plain up to 99999, then `1.0486e+06` style.
@@ -104,8 +104,36 @@ pub async fn show(ipam: &IpamClient, show_blocks: bool, ip: Option<IpAddr>, show
     Ok(())
 }
 
-pub async fn run_check(ipam: &IpamClient) -> anyhow::Result<()> {
+/// What `ipam check -o` writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    version: String,
+    #[serde(rename = "clusterGUID")]
+    cluster_guid: Option<String>,
+    #[serde(rename = "leakedIPs")]
+    leaked_ips: Vec<Leak>,
+    problems: Vec<String>,
+}
+
+async fn cluster_guid(ipam: &IpamClient) -> anyhow::Result<Option<String>> {
+    let ci = ipam.resources().get(gingham_api::Kind::ClusterInformation, None, "default").await?;
+    Ok(ci.and_then(|o| o.spec.get("clusterGUID").and_then(|v| v.as_str()).map(str::to_string)))
+}
+
+pub async fn run_check(ipam: &IpamClient, output: Option<&std::path::Path>) -> anyhow::Result<()> {
     let report = check(ipam).await?;
+    if let Some(path) = output {
+        let r = Report {
+            version: format!("gingham {}", env!("CARGO_PKG_VERSION")),
+            cluster_guid: cluster_guid(ipam).await?,
+            leaked_ips: report.leaked.clone(),
+            problems: report.problems.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&r)?;
+        gingham_files::write_atomic(path, &text, 0o644)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write the report: {e}", path.display()))?;
+    }
     for line in &report.progress {
         println!("{line}");
     }
@@ -131,6 +159,39 @@ pub async fn release(ipam: &IpamClient, ip: IpAddr) -> anyhow::Result<()> {
     } else {
         bail!("IP {ip} is not assigned: nothing to release")
     }
+}
+
+/// Release what a report found leaked — each address only if it is still leaked now by the
+/// same allocation (so an address in use again, or reallocated, since the report is kept).
+pub async fn release_from_report(ipam: &IpamClient, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let report: Report = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not a report of `gingham ipam check -o`: {e}", path.display()))?;
+    let here = cluster_guid(ipam).await?;
+    if let (Some(theirs), Some(ours)) = (&report.cluster_guid, &here) {
+        if theirs != ours {
+            bail!("{}: the report is of cluster {theirs}, this datastore is cluster {ours}: nothing released", path.display());
+        }
+    }
+    let now = check(ipam).await?.leaked;
+    let (mut released, mut kept) = (0, Vec::new());
+    for leak in &report.leaked_ips {
+        if !now.contains(leak) {
+            kept.push(format!("{} (in use or reallocated since the report)", leak.ip));
+            continue;
+        }
+        let guard = ReleaseGuard { handle: Some(leak.handle.clone()), sequence_number: leak.sequence_number };
+        match ipam.release_ips(&[leak.ip], &guard).await {
+            Ok(r) if r.iter().any(|(_, done)| *done) => released += 1,
+            Ok(_) => kept.push(format!("{} (already free)", leak.ip)),
+            Err(e) => kept.push(format!("{} ({e})", leak.ip)),
+        }
+    }
+    println!("Released {released} of the report's {} leaked addresses.", report.leaked_ips.len());
+    for k in &kept {
+        println!("  kept {k}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

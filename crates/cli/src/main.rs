@@ -384,11 +384,19 @@ enum IpamCommand {
         show_configuration: bool,
     },
     /// Find leaked addresses, endpoints without allocations, stale handles and affinities.
-    Check,
-    /// Release one address regardless of who holds it.
+    Check {
+        /// Also write the findings as JSON (for `ipam release --from-report`).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// Release one address regardless of who holds it, or the leaked addresses of a report.
     Release {
+        #[arg(long, required_unless_present = "from_report", conflicts_with = "from_report")]
+        ip: Option<std::net::IpAddr>,
+        /// A report of `ipam check -o`: each leaked address is released only if it is still
+        /// leaked now, by the same allocation (handle and sequence number).
         #[arg(long)]
-        ip: std::net::IpAddr,
+        from_report: Option<PathBuf>,
     },
 }
 
@@ -490,8 +498,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Show { show_blocks, ip, show_configuration } => {
                     ipam::show(&client, show_blocks, ip, show_configuration).await
                 }
-                IpamCommand::Check => ipam::run_check(&client).await,
-                IpamCommand::Release { ip } => ipam::release(&client, ip).await,
+                IpamCommand::Check { output } => ipam::run_check(&client, output.as_deref()).await,
+                IpamCommand::Release { ip: Some(ip), .. } => ipam::release(&client, ip).await,
+                IpamCommand::Release { from_report: Some(f), .. } => ipam::release_from_report(&client, &f).await,
+                IpamCommand::Release { .. } => anyhow::bail!("give --ip or --from-report"),
             }
         }
         Command::Node { command: NodeCommand::Status { health, routes, detail } } => {

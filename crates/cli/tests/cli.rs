@@ -466,6 +466,46 @@ fn ipam_show_check_release() {
         String::from_utf8(env.run(&["ipam", "check"]).stdout).unwrap().ends_with("Check complete; found 4 problems.\n")
     );
     assert!(env.ok(&["ipam", "show"]).contains("|     4 (0%) | 65532 (100%) |"));
+
+    // A report of the 4 leaks; one address is then taken by an endpoint, one released and
+    // reallocated (same handle, new sequence number): release --from-report frees exactly the
+    // other 2.
+    let report = dir.path().join("report.json");
+    assert_eq!(env.run(&["ipam", "check", "-o", report.to_str().unwrap()]).status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["leakedIPs"].as_array().unwrap().len(), 4, "{json}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&report).unwrap().permissions().mode() & 0o777, 0o644);
+    let (used, again) = (ips[1].addr(), ips[2].addr());
+    let wep = write(
+        dir.path(),
+        "wep.yaml",
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: n1-k8s-web--1-eth0, namespace: default}}\n\
+             spec: {{node: n1, orchestrator: k8s, pod: web-1, endpoint: eth0, interfaceName: cali1, ipNetworks: ['{used}/32']}}\n"
+        ),
+    );
+    env.ok(&["apply", "-f", &wep]);
+    rt.block_on(async {
+        let ds = std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap());
+        let ipam = gingham_ipam::IpamClient::new(ds);
+        ipam.release_ips(&[again], &Default::default()).await.unwrap();
+        let attrs = [("node".to_string(), "n1".to_string())].into();
+        ipam.assign_ip(again, "k8s-pod-network.c1", &attrs, "n1", false).await.unwrap();
+    });
+    let out = env.ok(&["ipam", "release", "--from-report", report.to_str().unwrap()]);
+    assert!(out.starts_with("Released 2 of the report's 4 leaked addresses."), "{out}");
+    assert!(out.contains(&format!("kept {used} (in use")) && out.contains(&format!("kept {again} (in use or reallocated")), "{out}");
+    assert!(env.ok(&["ipam", "show", &format!("--ip={used}")]).contains("is in use"));
+    assert!(env.ok(&["ipam", "show", &format!("--ip={again}")]).contains("is in use"));
+    assert!(env.ok(&["ipam", "show"]).contains("|     2 (0%) |"));
+    // Another cluster's report is refused.
+    let ci = write(dir.path(), "ci.yaml", "apiVersion: projectcalico.org/v3\nkind: ClusterInformation\nmetadata: {name: default}\nspec: {clusterGUID: aaaa}\n");
+    env.ok(&["apply", "-f", &ci]);
+    let mut other = json.clone();
+    other["clusterGUID"] = "bbbb".into();
+    std::fs::write(&report, other.to_string()).unwrap();
+    assert!(env.fails(&["ipam", "release", "--from-report", report.to_str().unwrap()]).contains("the report is of cluster bbbb"));
 }
 
 fn pool(name: &str, cidr: &str) -> String {

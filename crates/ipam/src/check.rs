@@ -74,6 +74,21 @@ pub async fn usage(client: &IpamClient) -> Result<Vec<PoolUsage>, IpamError> {
 pub struct CheckReport {
     pub progress: Vec<String>,
     pub problems: Vec<String>,
+    /// Addresses allocated that nothing uses, as `ipam release --from-report` takes them.
+    pub leaked: Vec<Leak>,
+}
+
+/// One leaked address: enough to release exactly that allocation later, and nothing reused.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Leak {
+    pub ip: IpAddr,
+    pub block: IpNet,
+    pub handle: String,
+    /// The allocation's sequence number: a later allocation of the address has another.
+    pub sequence_number: Option<u64>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Compare IPAM's records with each other and with the nodes and endpoints that use them.
@@ -185,6 +200,13 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
             if !users.contains_key(&ip) {
                 leaked += 1;
                 let sec = attr.secondary.clone().unwrap_or_default();
+                r.leaked.push(Leak {
+                    ip,
+                    block: b.cidr,
+                    handle: handle.clone(),
+                    sequence_number: b.sequence_number_for_allocation.get(&ord.to_string()).copied(),
+                    attributes: sec.clone(),
+                });
                 let owner = match (sec.get("namespace"), sec.get("pod")) {
                     (Some(ns), Some(pod)) => format!(", pod {ns}/{pod}"),
                     _ => sec.get("node").map(|n| format!(", node {n}")).unwrap_or_default(),
