@@ -194,6 +194,63 @@ pub async fn release_from_report(ipam: &IpamClient, path: &std::path::Path) -> a
     Ok(())
 }
 
+/// Split a pool into `n` (a power of two) pools `split-<name>-<i>` with its settings, in one
+/// transaction: the old pool goes and the new ones appear together, so no allocation ever
+/// sees neither or both. Existing blocks and addresses stay where they are, inside the new
+/// pools.
+pub async fn split(ipam: &IpamClient, n: u32, name: Option<&str>, cidr: Option<ipnet::IpNet>) -> anyhow::Result<()> {
+    use gingham_api::Kind;
+    use gingham_store::resources::{BatchOp, WriteMode};
+    if !n.is_power_of_two() || !(2..=64).contains(&n) {
+        bail!("ipam split {n}: the number of pools must be a power of two from 2 to 64");
+    }
+    let res = ipam.resources();
+    let pools = res.list(Kind::IPPool, None).await?;
+    let old = pools
+        .iter()
+        .find(|p| match (name, cidr) {
+            (Some(nm), _) => p.metadata.name == nm,
+            (None, Some(c)) => p.spec.get("cidr").and_then(|v| v.as_str()).and_then(|v| v.parse::<ipnet::IpNet>().ok()) == Some(c),
+            (None, None) => false,
+        })
+        .ok_or_else(|| match (name, cidr) {
+            (Some(nm), _) => anyhow::anyhow!("no IPPool named {nm}"),
+            (None, Some(c)) => anyhow::anyhow!("no IPPool with CIDR {c}"),
+            (None, None) => anyhow::anyhow!("give --name or --cidr"),
+        })?
+        .clone();
+    let old_cidr: ipnet::IpNet = old.spec["cidr"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("IPPool {}: spec.cidr is not readable", old.metadata.name))?;
+    let bits = n.trailing_zeros() as u8;
+    let new_len = old_cidr.prefix_len() + bits;
+    let block = old.spec["blockSize"].as_u64().unwrap_or(if old_cidr.addr().is_ipv4() { 26 } else { 122 }) as u8;
+    if new_len > block {
+        bail!(
+            "IPPool {} ({old_cidr}, blockSize {block}) cannot be split into {n}: each part (/{new_len}) would be smaller than one block",
+            old.metadata.name
+        );
+    }
+    let parts: Vec<ipnet::IpNet> = old_cidr.subnets(new_len).map_err(|e| anyhow::anyhow!("{e}"))?.collect();
+    let mut ops = vec![BatchOp::Delete { kind: Kind::IPPool, namespace: None, name: old.metadata.name.clone() }];
+    let mut created = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let mut o = old.clone();
+        o.metadata = gingham_api::ObjectMeta { name: format!("split-{}-{i}", old.metadata.name), ..Default::default() };
+        o.metadata.labels = old.metadata.labels.clone();
+        o.spec["cidr"] = serde_json::Value::String(part.to_string());
+        created.push((o.metadata.name.clone(), *part));
+        ops.push(BatchOp::Write(o, WriteMode::Create));
+    }
+    res.write_batch(&ops).await.map_err(|e| anyhow::anyhow!("splitting IPPool {}: {} (nothing was changed)", old.metadata.name, e.error))?;
+    println!("IP Pool {} was successfully split into {n} smaller pools.", old.metadata.name);
+    for (nm, c) in created {
+        println!("Created {nm} with CIDR {c}.");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -398,6 +398,14 @@ enum IpamCommand {
         #[arg(long)]
         from_report: Option<PathBuf>,
     },
+    /// Split a pool into N (a power of two) smaller pools with its settings.
+    Split {
+        n: u32,
+        #[arg(long, required_unless_present = "cidr")]
+        name: Option<String>,
+        #[arg(long)]
+        cidr: Option<ipnet::IpNet>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -502,6 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Release { ip: Some(ip), .. } => ipam::release(&client, ip).await,
                 IpamCommand::Release { from_report: Some(f), .. } => ipam::release_from_report(&client, &f).await,
                 IpamCommand::Release { .. } => anyhow::bail!("give --ip or --from-report"),
+                IpamCommand::Split { n, name, cidr } => ipam::split(&client, n, name.as_deref(), cidr).await,
             }
         }
         Command::Node { command: NodeCommand::Status { health, routes, detail } } => {

@@ -562,6 +562,34 @@ fn multi_document_writes_are_all_or_nothing() {
 
 /// Overlapping pools are refused, as Calico does; re-applying a pool is not an overlap.
 #[test]
+fn ipam_split_replaces_a_pool_with_smaller_ones_in_one_step() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "p.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: big, labels: {team: a}}\n\
+         spec: {cidr: 10.70.0.0/16, blockSize: 26, vxlanMode: Always, natOutgoing: true}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: small}\nspec: {cidr: 10.71.0.0/24, blockSize: 26}\n",
+    );
+    env.ok(&["apply", "-f", &f]);
+    assert!(env.fails(&["ipam", "split", "3", "--name", "big"]).contains("power of two"));
+    assert!(env.fails(&["ipam", "split", "8", "--name", "small"]).contains("smaller than one block"));
+    assert!(env.fails(&["ipam", "split", "2", "--name", "nope"]).contains("no IPPool named nope"));
+    let out = env.ok(&["ipam", "split", "4", "--cidr", "10.70.0.0/16"]);
+    assert_eq!(
+        out,
+        "IP Pool big was successfully split into 4 smaller pools.\nCreated split-big-0 with CIDR 10.70.0.0/18.\n\
+         Created split-big-1 with CIDR 10.70.64.0/18.\nCreated split-big-2 with CIDR 10.70.128.0/18.\n\
+         Created split-big-3 with CIDR 10.70.192.0/18.\n"
+    );
+    let pools = env.ok(&["get", "ippool", "-o", "yaml"]);
+    assert!(!pools.contains("name: big\n"), "{pools}");
+    assert_eq!(pools.matches("vxlanMode: Always").count(), 4, "settings kept: {pools}");
+    assert_eq!(pools.matches("team: a").count(), 4, "labels kept: {pools}");
+}
+
+#[test]
 fn overlapping_pools_are_refused() {
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
