@@ -814,6 +814,38 @@ impl Spec for ClusterInformationSpec {
     fn validate(&self, _meta: &ObjectMeta, _e: &mut Errors) {}
 }
 
+/// Addresses (and ranges) IPAM never hands out by itself; an address asked for explicitly
+/// (the `ipAddrs` annotation) may still be one of them, as in Calico.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IPReservationSpec {
+    #[serde(rename = "reservedCIDRs")]
+    pub reserved_cidrs: Option<Vec<String>>,
+}
+
+impl Spec for IPReservationSpec {
+    fn validate(&self, _meta: &ObjectMeta, e: &mut Errors) {
+        for (i, c) in self.reserved_cidrs.iter().flatten().enumerate() {
+            // A single address is a /32 or /128.
+            if c.parse::<std::net::IpAddr>().is_err() {
+                check_cidr(c, &format!("spec.reservedCIDRs[{i}]"), e);
+            }
+        }
+    }
+}
+
+impl IPReservationSpec {
+    /// The reserved networks (single addresses as host prefixes); unreadable entries skipped
+    /// (validation refuses them on the way in).
+    pub fn nets(&self) -> Vec<ipnet::IpNet> {
+        self.reserved_cidrs
+            .iter()
+            .flatten()
+            .filter_map(|c| c.parse::<ipnet::IpNet>().ok().or_else(|| c.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)))
+            .collect()
+    }
+}
+
 /// Calico's KubeControllersConfiguration (`default`): what `gingham controllers run` reads.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -39,6 +39,8 @@ pub enum Kind {
     Tier,
     /// The cluster controllers' settings (`gingham controllers run`).
     KubeControllersConfiguration,
+    /// Addresses IPAM never hands out on its own.
+    IPReservation,
 }
 
 struct KindInfo {
@@ -57,7 +59,7 @@ struct KindInfo {
 const CALICO: &str = "projectcalico.org";
 
 impl Kind {
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 20] = [
         Kind::IPPool,
         Kind::IPAMConfiguration,
         Kind::BGPConfiguration,
@@ -77,6 +79,7 @@ impl Kind {
         Kind::Namespace,
         Kind::Tier,
         Kind::KubeControllersConfiguration,
+        Kind::IPReservation,
     ];
 
     fn info(self) -> KindInfo {
@@ -143,6 +146,7 @@ impl Kind {
             ),
             Kind::Profile => calico("Profile", "profiles", false, &["profile", "profiles", "pro", "pros"]),
             Kind::Tier => calico("Tier", "tiers", false, &["tier", "tiers"]),
+            Kind::IPReservation => calico("IPReservation", "ipreservations", false, &["ipreservation", "ipreservations"]),
             Kind::KubeControllersConfiguration => calico(
                 "KubeControllersConfiguration",
                 "kubecontrollersconfigurations",
@@ -268,6 +272,7 @@ impl Kind {
             Kind::Namespace => typed::<k8s::NamespaceSpec>(object),
             Kind::Tier => typed::<policy::TierSpec>(object),
             Kind::KubeControllersConfiguration => typed::<network::KubeControllersConfigurationSpec>(object),
+            Kind::IPReservation => typed::<network::IPReservationSpec>(object),
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct IpamClient {
     node_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The pools as last parsed, with the revisions they were parsed at.
     pool_cache: Mutex<Option<(Vec<(String, Revision)>, Vec<Pool>)>>,
+    /// The IPReservations' networks as last parsed, with their revisions.
+    reservation_cache: Mutex<Option<(Vec<(String, Revision)>, Vec<IpNet>)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
     affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
     /// How long another node's empty block must have been claimed before this node may take it.
@@ -162,6 +164,7 @@ impl IpamClient {
             node_locks: Mutex::default(),
             affinities: Mutex::default(),
             pool_cache: Mutex::default(),
+            reservation_cache: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
     }
@@ -200,6 +203,28 @@ impl IpamClient {
             .collect();
         *lock(&self.pool_cache) = Some((revisions, pools.clone()));
         Ok(pools)
+    }
+
+    /// Every IPReservation's networks: never handed out by auto-assignment. Read on every
+    /// call, parsed again only when one changed.
+    pub async fn reservations(&self) -> Result<Vec<IpNet>, IpamError> {
+        let listing = self.ds.list(&Kind::IPReservation.prefix(None)).await?;
+        let revisions: Vec<(String, Revision)> =
+            listing.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
+        if let Some((seen, nets)) = lock(&self.reservation_cache).as_ref() {
+            if *seen == revisions {
+                return Ok(nets.clone());
+            }
+        }
+        let nets: Vec<IpNet> = listing
+            .items
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<gingham_api::Object>(&kv.value).ok())
+            .filter_map(|o| o.spec_as::<gingham_api::network::IPReservationSpec>().ok())
+            .flat_map(|s| s.nets())
+            .collect();
+        *lock(&self.reservation_cache) = Some((revisions, nets.clone()));
+        Ok(nets)
     }
 
     /// The settings: the IPAMConfiguration `default` (the source of truth), else what a Calico
@@ -407,6 +432,7 @@ impl IpamClient {
         cidr: IpNet,
         want: usize,
         req: &AutoAssign,
+        reserved: &[IpNet],
         eligible: impl Fn(&AllocationBlock) -> bool,
     ) -> Result<Vec<IpNet>, IpamError> {
         let got = self
@@ -414,7 +440,7 @@ impl IpamClient {
                 if !eligible(b) || b.free() == 0 {
                     return Ok(None);
                 }
-                let ords = b.allocate(want, &req.handle, &req.attrs, |_| false);
+                let ords = b.allocate(want, &req.handle, &req.attrs, |ip| reserved.iter().any(|n| n.contains(&ip)));
                 if ords.is_empty() {
                     return Ok(None);
                 }
@@ -570,6 +596,8 @@ impl IpamClient {
         let use_ = if req.tunnel { Use::Tunnel } else { Use::Workload };
         let pools = select(pools_all, v4, requested, &req.node, labels, req.namespace_labels.as_ref(), use_)?;
         let in_pools = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
+        let reserved: Vec<IpNet> =
+            self.reservations().await?.into_iter().filter(|n| n.addr().is_ipv4() == v4).collect();
         let mut got = Vec::new();
         let cache_key = (req.node.clone(), v4);
         let cached = lock(&self.affinities).get(&cache_key).cloned();
@@ -590,7 +618,7 @@ impl IpamClient {
                     continue;
                 }
                 let node = req.node.clone();
-                got.extend(self.take_from(*cidr, want - got.len(), req, move |b| b.is_affine_to(&node)).await?);
+                got.extend(self.take_from(*cidr, want - got.len(), req, &reserved, move |b| b.is_affine_to(&node)).await?);
                 if got.len() == want {
                     return Ok(got);
                 }
@@ -609,7 +637,7 @@ impl IpamClient {
             affine.push(cidr);
             lock(&self.affinities).insert(cache_key.clone(), affine.clone());
             let node = req.node.clone();
-            got.extend(self.take_from(cidr, want - got.len(), req, move |b| b.is_affine_to(&node)).await?);
+            got.extend(self.take_from(cidr, want - got.len(), req, &reserved, move |b| b.is_affine_to(&node)).await?);
         }
         if got.len() < want && !settings.strict_affinity {
             // Borrow from other nodes' blocks (no affinity is claimed).
@@ -617,7 +645,7 @@ impl IpamClient {
                 if b.free() == 0 || b.is_affine_to(&req.node) || !in_pools(&b.cidr) {
                     continue;
                 }
-                got.extend(self.take_from(b.cidr, want - got.len(), req, |_| true).await?);
+                got.extend(self.take_from(b.cidr, want - got.len(), req, &reserved, |_| true).await?);
                 if got.len() == want {
                     return Ok(got);
                 }

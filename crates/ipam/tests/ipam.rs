@@ -420,6 +420,41 @@ async fn ipam_configuration_is_mirrored(ds: Arc<dyn Datastore>) {
     assert!(!ipam.mirror_config().await.unwrap(), "unchanged: no write");
 }
 
+/// IPReservation: reserved addresses are never auto-assigned (not even by borrowing), while an
+/// address asked for explicitly may be one, as in Calico; a reservation change is seen at once.
+async fn reserved_addresses_are_not_handed_out(ds: Arc<dyn Datastore>) {
+    apply(&ds, &pool("default-ipv4-ippool", "172.30.0.0/24", "  blockSize: 26")).await;
+    apply(
+        &ds,
+        "apiVersion: projectcalico.org/v3\nkind: IPReservation\nmetadata: {name: r}\n\
+         spec: {reservedCIDRs: [172.30.0.0/28, 172.30.0.64/27, 172.30.0.200, 172.30.0.128/26]}\n",
+    )
+    .await;
+    let ipam = IpamClient::new(ds.clone());
+    let reserved: Vec<ipnet::IpNet> =
+        ["172.30.0.0/28", "172.30.0.64/27", "172.30.0.200/32", "172.30.0.128/26"].iter().map(|c| c.parse().unwrap()).collect();
+    let mut got = Vec::new();
+    for i in 0..5 {
+        got.extend(ipam.auto_assign(&req("n1", &format!("h{i}"), 20)).await.unwrap().v4);
+    }
+    // 256 - 16 - 32 - 64 - 1 = 143 addresses are free to hand out.
+    let more = match ipam.auto_assign(&req("n1", "more", 100)).await {
+        Err(IpamError::Exhausted { got, .. }) => got,
+        other => panic!("the pool runs out: {other:?}"),
+    };
+    assert!(got.iter().all(|n| !reserved.iter().any(|r| r.contains(&n.addr()))), "{got:?}");
+    assert_eq!(got.len() + more, 143, "every unreserved address, and no other");
+    let other = ipam.auto_assign(&req("n2", "borrower", 200)).await;
+    let borrowed = match other {
+        Ok(a) => a.v4,
+        Err(_) => vec![],
+    };
+    assert!(borrowed.iter().all(|n| !reserved.iter().any(|r| r.contains(&n.addr()))), "borrowing skips them too");
+    // Explicitly: allowed.
+    let attrs = [("node".to_string(), "n1".to_string())].into();
+    ipam.assign_ip("172.30.0.3".parse().unwrap(), "explicit", &attrs, "n1", false).await.unwrap();
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -437,7 +472,8 @@ both!(
     tunnel_addresses,
     check_finds_problems,
     deleted_pools_release_their_blocks,
-    ipam_configuration_is_mirrored
+    ipam_configuration_is_mirrored,
+    reserved_addresses_are_not_handed_out
 );
 
 // --- several processes at once -------------------------------------------------------------
