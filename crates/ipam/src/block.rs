@@ -40,6 +40,11 @@ pub struct AllocationBlock {
     /// Legacy; upgraded to `affinity` on read.
     #[serde(rename = "hostAffinity", default, skip_serializing_if = "Option::is_none")]
     pub host_affinity: Option<String>,
+    /// When each ordinal was last released (Unix seconds), for ipCooldownSeconds: it is not
+    /// handed out again before the cooldown has passed. Entries older than the longest
+    /// cooldown are dropped.
+    #[serde(rename = "releasedAt", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub released_at: BTreeMap<String, u64>,
 }
 
 /// One released address: its ordinal and the handle that held it.
@@ -47,6 +52,20 @@ pub struct AllocationBlock {
 pub struct Released {
     pub ordinal: u32,
     pub handle: Option<String>,
+}
+
+/// Calico caps ipCooldownSeconds at 1200.
+pub const MAX_COOLDOWN_SECS: u64 = 1200;
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+impl AllocationBlock {
+    /// Whether `ord` was released less than `cooldown` seconds before `now`.
+    pub fn cooling(&self, ord: u32, cooldown: u64, now: u64) -> bool {
+        cooldown > 0 && self.released_at.get(&ord.to_string()).is_some_and(|t| now.saturating_sub(*t) < cooldown)
+    }
 }
 
 pub fn host_affinity(node: &str) -> String {
@@ -70,6 +89,7 @@ impl AllocationBlock {
             sequence_number: seq,
             sequence_number_for_allocation: BTreeMap::new(),
             host_affinity: None,
+            released_at: BTreeMap::new(),
         }
     }
 
@@ -205,6 +225,7 @@ impl AllocationBlock {
 
     /// Free the given ordinals (those allocated); freed ordinals go to the back of the free list.
     pub fn release(&mut self, ordinals: &[u32]) -> Vec<Released> {
+        let now = unix_now();
         let mut out = Vec::new();
         for &ord in ordinals {
             let Some(slot) = self.allocations.get_mut(ord as usize) else {
@@ -214,7 +235,9 @@ impl AllocationBlock {
             out.push(Released { ordinal: ord, handle: self.attributes.get(idx).and_then(|a| a.handle_id.clone()) });
             self.unallocated.push(ord);
             self.sequence_number_for_allocation.remove(&ord.to_string());
+            self.released_at.insert(ord.to_string(), now);
         }
+        self.released_at.retain(|_, t| now.saturating_sub(*t) <= MAX_COOLDOWN_SECS);
         if !out.is_empty() {
             self.sequence_number += 1;
             self.compact_attributes();

@@ -69,6 +69,14 @@ pub struct Settings {
     pub strict_affinity: bool,
     pub auto_allocate_blocks: bool,
     pub max_blocks_per_host: u32,
+    /// ipCooldownSeconds: a released address waits this long before it is handed out again.
+    pub ip_cooldown_secs: u64,
+}
+
+/// Addresses auto-assignment passes over: reserved ones, and ones still cooling down.
+struct Skip {
+    reserved: Vec<IpNet>,
+    cooldown_secs: u64,
 }
 
 /// Where Calico's IPAM reads its configuration (reference: IPAMConfig).
@@ -241,6 +249,7 @@ impl IpamClient {
             strict_affinity: spec.strict_affinity.unwrap_or(false),
             auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
             max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
+            ip_cooldown_secs: spec.ip_cooldown_seconds.unwrap_or(0).clamp(0, crate::block::MAX_COOLDOWN_SECS as i64) as u64,
         })
     }
 
@@ -432,7 +441,7 @@ impl IpamClient {
         cidr: IpNet,
         want: usize,
         req: &AutoAssign,
-        reserved: &[IpNet],
+        skip: &Skip,
         eligible: impl Fn(&AllocationBlock) -> bool,
     ) -> Result<Vec<IpNet>, IpamError> {
         let got = self
@@ -440,7 +449,13 @@ impl IpamClient {
                 if !eligible(b) || b.free() == 0 {
                     return Ok(None);
                 }
-                let ords = b.allocate(want, &req.handle, &req.attrs, |ip| reserved.iter().any(|n| n.contains(&ip)));
+                let now = crate::block::unix_now();
+                let cooling: std::collections::BTreeSet<IpAddr> = (skip.cooldown_secs > 0)
+                    .then(|| b.unallocated.iter().filter(|o| b.cooling(**o, skip.cooldown_secs, now)).map(|o| b.ip(*o)).collect())
+                    .unwrap_or_default();
+                let ords = b.allocate(want, &req.handle, &req.attrs, |ip| {
+                    skip.reserved.iter().any(|n| n.contains(&ip)) || cooling.contains(&ip)
+                });
                 if ords.is_empty() {
                     return Ok(None);
                 }
@@ -596,8 +611,10 @@ impl IpamClient {
         let use_ = if req.tunnel { Use::Tunnel } else { Use::Workload };
         let pools = select(pools_all, v4, requested, &req.node, labels, req.namespace_labels.as_ref(), use_)?;
         let in_pools = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
-        let reserved: Vec<IpNet> =
-            self.reservations().await?.into_iter().filter(|n| n.addr().is_ipv4() == v4).collect();
+        let skip = Skip {
+            reserved: self.reservations().await?.into_iter().filter(|n| n.addr().is_ipv4() == v4).collect(),
+            cooldown_secs: settings.ip_cooldown_secs,
+        };
         let mut got = Vec::new();
         let cache_key = (req.node.clone(), v4);
         let cached = lock(&self.affinities).get(&cache_key).cloned();
@@ -618,7 +635,7 @@ impl IpamClient {
                     continue;
                 }
                 let node = req.node.clone();
-                got.extend(self.take_from(*cidr, want - got.len(), req, &reserved, move |b| b.is_affine_to(&node)).await?);
+                got.extend(self.take_from(*cidr, want - got.len(), req, &skip, move |b| b.is_affine_to(&node)).await?);
                 if got.len() == want {
                     return Ok(got);
                 }
@@ -637,7 +654,7 @@ impl IpamClient {
             affine.push(cidr);
             lock(&self.affinities).insert(cache_key.clone(), affine.clone());
             let node = req.node.clone();
-            got.extend(self.take_from(cidr, want - got.len(), req, &reserved, move |b| b.is_affine_to(&node)).await?);
+            got.extend(self.take_from(cidr, want - got.len(), req, &skip, move |b| b.is_affine_to(&node)).await?);
         }
         if got.len() < want && !settings.strict_affinity {
             // Borrow from other nodes' blocks (no affinity is claimed).
@@ -645,7 +662,7 @@ impl IpamClient {
                 if b.free() == 0 || b.is_affine_to(&req.node) || !in_pools(&b.cidr) {
                     continue;
                 }
-                got.extend(self.take_from(b.cidr, want - got.len(), req, &reserved, |_| true).await?);
+                got.extend(self.take_from(b.cidr, want - got.len(), req, &skip, |_| true).await?);
                 if got.len() == want {
                     return Ok(got);
                 }

@@ -455,6 +455,25 @@ async fn reserved_addresses_are_not_handed_out(ds: Arc<dyn Datastore>) {
     ipam.assign_ip("172.30.0.3".parse().unwrap(), "explicit", &attrs, "n1", false).await.unwrap();
 }
 
+/// ipCooldownSeconds: a released address is not handed out again before its cooldown (here a
+/// /30 block with one address cooling: the next pod gets another block's address); without a
+/// cooldown the freed address is the next one out, as before.
+async fn released_addresses_cool_down(ds: Arc<dyn Datastore>) {
+    apply(&ds, &pool("default-ipv4-ippool", "172.30.0.0/29", "  blockSize: 30")).await;
+    let ipam = IpamClient::new(ds.clone());
+    let first = ipam.auto_assign(&req("n1", "a", 4)).await.unwrap().v4;
+    ipam.release_by_handle("a").await.unwrap();
+    // No cooldown: the block's freed addresses come back at once.
+    let again = ipam.auto_assign(&req("n1", "b", 1)).await.unwrap().v4[0];
+    assert!(first.contains(&again), "{again} is one of {first:?}");
+    ipam.release_by_handle("b").await.unwrap();
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {ipCooldownSeconds: 60}\n").await;
+    let c = ipam.auto_assign(&req("n1", "c", 1)).await.unwrap().v4[0];
+    assert!(!first.iter().any(|n| n.addr() == c.addr()), "{c} was released moments ago: not reused");
+    let blocks = keys(&ds).await.into_iter().filter(|k| k.contains("/block/") && k.contains("assignment")).count();
+    assert_eq!(blocks, 2, "a second block was claimed instead");
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -473,7 +492,8 @@ both!(
     check_finds_problems,
     deleted_pools_release_their_blocks,
     ipam_configuration_is_mirrored,
-    reserved_addresses_are_not_handed_out
+    reserved_addresses_are_not_handed_out,
+    released_addresses_cool_down
 );
 
 // --- several processes at once -------------------------------------------------------------
