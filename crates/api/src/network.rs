@@ -841,7 +841,9 @@ impl IPReservationSpec {
         self.reserved_cidrs
             .iter()
             .flatten()
-            .filter_map(|c| c.parse::<ipnet::IpNet>().ok().or_else(|| c.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)))
+            .filter_map(|c| {
+                c.parse::<ipnet::IpNet>().ok().or_else(|| c.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+            })
             .collect()
     }
 }

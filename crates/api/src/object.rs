@@ -146,7 +146,9 @@ impl Kind {
             ),
             Kind::Profile => calico("Profile", "profiles", false, &["profile", "profiles", "pro", "pros"]),
             Kind::Tier => calico("Tier", "tiers", false, &["tier", "tiers"]),
-            Kind::IPReservation => calico("IPReservation", "ipreservations", false, &["ipreservation", "ipreservations"]),
+            Kind::IPReservation => {
+                calico("IPReservation", "ipreservations", false, &["ipreservation", "ipreservations"])
+            }
             Kind::KubeControllersConfiguration => calico(
                 "KubeControllersConfiguration",
                 "kubecontrollersconfigurations",

@@ -170,7 +170,10 @@ pub async fn release_from_report(ipam: &IpamClient, path: &std::path::Path) -> a
     let here = cluster_guid(ipam).await?;
     if let (Some(theirs), Some(ours)) = (&report.cluster_guid, &here) {
         if theirs != ours {
-            bail!("{}: the report is of cluster {theirs}, this datastore is cluster {ours}: nothing released", path.display());
+            bail!(
+                "{}: the report is of cluster {theirs}, this datastore is cluster {ours}: nothing released",
+                path.display()
+            );
         }
     }
     let now = check(ipam).await?.leaked;
@@ -210,7 +213,9 @@ pub async fn split(ipam: &IpamClient, n: u32, name: Option<&str>, cidr: Option<i
         .iter()
         .find(|p| match (name, cidr) {
             (Some(nm), _) => p.metadata.name == nm,
-            (None, Some(c)) => p.spec.get("cidr").and_then(|v| v.as_str()).and_then(|v| v.parse::<ipnet::IpNet>().ok()) == Some(c),
+            (None, Some(c)) => {
+                p.spec.get("cidr").and_then(|v| v.as_str()).and_then(|v| v.parse::<ipnet::IpNet>().ok()) == Some(c)
+            }
             (None, None) => false,
         })
         .ok_or_else(|| match (name, cidr) {
@@ -243,10 +248,36 @@ pub async fn split(ipam: &IpamClient, n: u32, name: Option<&str>, cidr: Option<i
         created.push((o.metadata.name.clone(), *part));
         ops.push(BatchOp::Write(o, WriteMode::Create));
     }
-    res.write_batch(&ops).await.map_err(|e| anyhow::anyhow!("splitting IPPool {}: {} (nothing was changed)", old.metadata.name, e.error))?;
+    res.write_batch(&ops)
+        .await
+        .map_err(|e| anyhow::anyhow!("splitting IPPool {}: {} (nothing was changed)", old.metadata.name, e.error))?;
     println!("IP Pool {} was successfully split into {n} smaller pools.", old.metadata.name);
     for (nm, c) in created {
         println!("Created {nm} with CIDR {c}.");
+    }
+    Ok(())
+}
+
+pub async fn upgrade(ipam: &IpamClient, data_dir: &std::path::Path, network: &str, node: &str) -> anyhow::Result<()> {
+    let r = ipam.upgrade_from_host_local(data_dir, network, node).await?;
+    for (ip, h) in &r.imported {
+        println!("imported {ip} (handle {h})");
+    }
+    for (ip, h) in &r.already {
+        println!("already imported {ip} (handle {h})");
+    }
+    for (what, why) in &r.failed {
+        println!("not imported {what}: {why}");
+    }
+    println!(
+        "host-local upgrade of {}: {} imported, {} already imported, {} not imported",
+        data_dir.join(network).display(),
+        r.imported.len(),
+        r.already.len(),
+        r.failed.len()
+    );
+    if !r.failed.is_empty() {
+        bail!("{} host-local addresses were not imported", r.failed.len());
     }
     Ok(())
 }

@@ -398,6 +398,18 @@ enum IpamCommand {
         #[arg(long)]
         from_report: Option<PathBuf>,
     },
+    /// Import the addresses the host-local IPAM plugin (Flannel's) handed out on this node,
+    /// so its running pods keep them (Calico's `calico-ipam -upgrade`).
+    Upgrade {
+        /// The CNI network name: host-local keeps it under <data-dir>/<network>.
+        #[arg(long, default_value = "k8s-pod-network")]
+        network: String,
+        #[arg(long, default_value = "/var/lib/cni/networks")]
+        data_dir: PathBuf,
+        /// This node's name (as the agent's --nodename).
+        #[arg(long)]
+        nodename: String,
+    },
     /// Split a pool into N (a power of two) smaller pools with its settings.
     Split {
         n: u32,
@@ -511,6 +523,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 IpamCommand::Release { from_report: Some(f), .. } => ipam::release_from_report(&client, &f).await,
                 IpamCommand::Release { .. } => anyhow::bail!("give --ip or --from-report"),
                 IpamCommand::Split { n, name, cidr } => ipam::split(&client, n, name.as_deref(), cidr).await,
+                IpamCommand::Upgrade { network, data_dir, nodename } => {
+                    ipam::upgrade(&client, &data_dir, &network, &nodename).await
+                }
             }
         }
         Command::Node { command: NodeCommand::Status { health, routes, detail } } => {

@@ -311,7 +311,10 @@ pub async fn apply(store: &ResourceStore, f: &FileArgs, mode: Mode) -> anyhow::R
     if todo.iter().any(|d| d.object.kind() == Some(Kind::IPAMConfiguration)) {
         let client = gingham_ipam::IpamClient::new(store.datastore().clone());
         client.mirror_config().await.map_err(|e| {
-            anyhow::anyhow!("IPAMConfiguration written, but mirroring it to {} failed: {e}", gingham_ipam::client::CONFIG_KEY)
+            anyhow::anyhow!(
+                "IPAMConfiguration written, but mirroring it to {} failed: {e}",
+                gingham_ipam::client::CONFIG_KEY
+            )
         })?;
     }
     Ok(())

@@ -495,17 +495,27 @@ fn ipam_show_check_release() {
     });
     let out = env.ok(&["ipam", "release", "--from-report", report.to_str().unwrap()]);
     assert!(out.starts_with("Released 2 of the report's 4 leaked addresses."), "{out}");
-    assert!(out.contains(&format!("kept {used} (in use")) && out.contains(&format!("kept {again} (in use or reallocated")), "{out}");
+    assert!(
+        out.contains(&format!("kept {used} (in use")) && out.contains(&format!("kept {again} (in use or reallocated")),
+        "{out}"
+    );
     assert!(env.ok(&["ipam", "show", &format!("--ip={used}")]).contains("is in use"));
     assert!(env.ok(&["ipam", "show", &format!("--ip={again}")]).contains("is in use"));
     assert!(env.ok(&["ipam", "show"]).contains("|     2 (0%) |"));
     // Another cluster's report is refused.
-    let ci = write(dir.path(), "ci.yaml", "apiVersion: projectcalico.org/v3\nkind: ClusterInformation\nmetadata: {name: default}\nspec: {clusterGUID: aaaa}\n");
+    let ci = write(
+        dir.path(),
+        "ci.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: ClusterInformation\nmetadata: {name: default}\nspec: {clusterGUID: aaaa}\n",
+    );
     env.ok(&["apply", "-f", &ci]);
     let mut other = json.clone();
     other["clusterGUID"] = "bbbb".into();
     std::fs::write(&report, other.to_string()).unwrap();
-    assert!(env.fails(&["ipam", "release", "--from-report", report.to_str().unwrap()]).contains("the report is of cluster bbbb"));
+    assert!(
+        env.fails(&["ipam", "release", "--from-report", report.to_str().unwrap()])
+            .contains("the report is of cluster bbbb")
+    );
 }
 
 fn pool(name: &str, cidr: &str) -> String {

@@ -376,3 +376,78 @@ fn ipam_plugin_under_ptp_and_undo_and_stale_del() {
     assert_eq!(lab.cni("CHECK", "new-cid", &new_ns, "same", &check).0, 0);
     assert!(lab.gingham(&["ipam", "check"]).ends_with("found 0 problems.\n"));
 }
+
+/// Migration from host-local (Flannel's IPAM), as seed 004's `calico-ipam -upgrade`: addresses
+/// the distribution's host-local handed out become allocations under the CNI handles (the one
+/// in another node's block borrowed there), a second run changes nothing, and a DEL through
+/// gingham-ipam releases exactly its container's address.
+#[test]
+fn host_local_addresses_are_imported_and_released_by_del() {
+    let lab = Lab::new();
+    let data = lab.dir.path().join("host-local");
+    // node-2 owns the block 10.65.9.64/26 already.
+    lab.gingham_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node-2}\nspec: {}\n"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ds = std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(lab.store()).unwrap());
+        let attrs = [("node".to_string(), "node-2".to_string())].into();
+        gingham_ipam::IpamClient::new(ds)
+            .assign_ip("10.65.9.100".parse().unwrap(), "node-2-pod", &attrs, "node-2", false)
+            .await
+            .unwrap();
+    });
+    // host-local hands out .62, .63 and .64 to three containers.
+    let conf = json!({ "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "host-local",
+        "ipam": { "type": "host-local", "dataDir": data, "ranges": [[{ "subnet": "10.65.9.0/24", "rangeStart": "10.65.9.62" }]] } });
+    let mut ips = Vec::new();
+    for cid in ["hl-a", "hl-b", "hl-c"] {
+        let ns = lab.pod_ns(cid);
+        let (code, r) = lab.plugin("/usr/lib/cni/host-local", "ADD", cid, &ns, cid, &conf, &[]);
+        assert_eq!(code, 0, "host-local: {r}");
+        ips.push(addr_of(&r, 0));
+    }
+    assert_eq!(ips, ["10.65.9.62", "10.65.9.63", "10.65.9.64"]);
+    let data_s = data.to_str().unwrap();
+    let out = lab.gingham(&["ipam", "upgrade", "--data-dir", data_s, "--nodename", "node-1"]);
+    assert!(out.ends_with(": 3 imported, 0 already imported, 0 not imported\n"), "{out}");
+    for (ip, cid) in ips.iter().zip(["hl-a", "hl-b", "hl-c"]) {
+        assert!(
+            lab.gingham(&["ipam", "show", &format!("--ip={ip}")])
+                .contains(&format!("Handle ID: k8s-pod-network.{cid}"))
+        );
+    }
+    let blocks = lab.gingham(&["ipam", "show", "--show-blocks"]);
+    assert!(
+        blocks.contains("| 10.65.9.64/26 |        64 |     2 (3%) |"),
+        "the borrowed one joins node-2's block: {blocks}"
+    );
+    let again = lab.gingham(&["ipam", "upgrade", "--data-dir", data_s, "--nodename", "node-1"]);
+    assert!(again.ends_with(": 0 imported, 3 already imported, 0 not imported\n"), "{again}");
+    // DEL through gingham-ipam (the same network and container): only hl-b's address goes.
+    let bin = lab.dir.path().join("bin");
+    lab.gingham(&[
+        "cni",
+        "install",
+        "--bin-dir",
+        bin.to_str().unwrap(),
+        "--conf-dir",
+        lab.dir.path().join("net.d").to_str().unwrap(),
+    ]);
+    let ns = lab.pod_ns("hl-b-del");
+    let (code, r) =
+        lab.plugin(bin.join("gingham-ipam").to_str().unwrap(), "DEL", "hl-b", &ns, "hl-b", &lab.conf("1.0.0"), &[]);
+    assert_eq!(code, 0, "{r}");
+    assert!(lab.gingham(&["ipam", "show", "--ip=10.65.9.63"]).contains("is not assigned"));
+    assert!(lab.gingham(&["ipam", "show", "--ip=10.65.9.62"]).contains("is in use"));
+    assert!(lab.gingham(&["ipam", "show", "--ip=10.65.9.64"]).contains("is in use"));
+    // A record held by someone else is reported, and the command fails.
+    std::fs::write(data.join("k8s-pod-network/10.65.9.100"), "intruder\neth0").unwrap();
+    let out = lab.run_gingham(&["ipam", "upgrade", "--data-dir", data_s, "--nodename", "node-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not imported 10.65.9.100: already held by handle node-2-pod")
+    );
+}

@@ -249,7 +249,8 @@ impl IpamClient {
             strict_affinity: spec.strict_affinity.unwrap_or(false),
             auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
             max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
-            ip_cooldown_secs: spec.ip_cooldown_seconds.unwrap_or(0).clamp(0, crate::block::MAX_COOLDOWN_SECS as i64) as u64,
+            ip_cooldown_secs: spec.ip_cooldown_seconds.unwrap_or(0).clamp(0, crate::block::MAX_COOLDOWN_SECS as i64)
+                as u64,
         })
     }
 
@@ -451,7 +452,13 @@ impl IpamClient {
                 }
                 let now = crate::block::unix_now();
                 let cooling: std::collections::BTreeSet<IpAddr> = (skip.cooldown_secs > 0)
-                    .then(|| b.unallocated.iter().filter(|o| b.cooling(**o, skip.cooldown_secs, now)).map(|o| b.ip(*o)).collect())
+                    .then(|| {
+                        b.unallocated
+                            .iter()
+                            .filter(|o| b.cooling(**o, skip.cooldown_secs, now))
+                            .map(|o| b.ip(*o))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let ords = b.allocate(want, &req.handle, &req.attrs, |ip| {
                     skip.reserved.iter().any(|n| n.contains(&ip)) || cooling.contains(&ip)

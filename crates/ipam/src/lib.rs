@@ -13,6 +13,7 @@ pub mod client;
 pub mod model;
 pub mod pools;
 pub mod tunnel;
+pub mod upgrade;
 
 pub use client::{Assigned, AutoAssign, IpamClient, ReleaseGuard};
 

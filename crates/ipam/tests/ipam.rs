@@ -407,15 +407,19 @@ async fn ipam_configuration_is_mirrored(ds: Arc<dyn Datastore>) {
     let ipam = IpamClient::new(ds.clone());
     assert!(!ipam.mirror_config().await.unwrap(), "nothing to mirror");
     // A Calico tool's config alone.
-    ds.create("/calico/ipam/v2/config", br#"{"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":4}"#)
-        .await
-        .unwrap();
+    ds.create(
+        "/calico/ipam/v2/config",
+        br#"{"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":4}"#,
+    )
+    .await
+    .unwrap();
     let s = ipam.settings().await.unwrap();
     assert!(s.strict_affinity && s.max_blocks_per_host == 4, "{s:?}");
     apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: false, maxBlocksPerHost: 0}\n").await;
     assert!(!ipam.settings().await.unwrap().strict_affinity, "v3 wins");
     assert!(ipam.mirror_config().await.unwrap());
-    let v: serde_json::Value = serde_json::from_slice(&ds.get("/calico/ipam/v2/config").await.unwrap().unwrap().value).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&ds.get("/calico/ipam/v2/config").await.unwrap().unwrap().value).unwrap();
     assert_eq!(v, serde_json::json!({"strict_affinity": false, "auto_allocate_blocks": true, "maxBlocksPerHost": 0}));
     assert!(!ipam.mirror_config().await.unwrap(), "unchanged: no write");
 }
@@ -431,8 +435,10 @@ async fn reserved_addresses_are_not_handed_out(ds: Arc<dyn Datastore>) {
     )
     .await;
     let ipam = IpamClient::new(ds.clone());
-    let reserved: Vec<ipnet::IpNet> =
-        ["172.30.0.0/28", "172.30.0.64/27", "172.30.0.200/32", "172.30.0.128/26"].iter().map(|c| c.parse().unwrap()).collect();
+    let reserved: Vec<ipnet::IpNet> = ["172.30.0.0/28", "172.30.0.64/27", "172.30.0.200/32", "172.30.0.128/26"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
     let mut got = Vec::new();
     for i in 0..5 {
         got.extend(ipam.auto_assign(&req("n1", &format!("h{i}"), 20)).await.unwrap().v4);
