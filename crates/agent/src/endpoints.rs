@@ -212,9 +212,14 @@ impl EndpointService {
     }
 
     /// Addresses for this attachment: the requested ones exactly, or auto-assigned.
-    async fn assign(&self, ep: &Endpoint, id: &Identity) -> Result<gingham_ipam::Assigned, CniError> {
+    /// `ipam_only`: for another plugin's interface (no endpoint will record the addresses).
+    async fn assign(&self, ep: &Endpoint, id: &Identity, ipam_only: bool) -> Result<gingham_ipam::Assigned, CniError> {
         let ns_labels = self.namespace_labels(&id.namespace).await;
-        let req = self.assign_request(ep, id, ns_labels);
+        let mut req = self.assign_request(ep, id, ns_labels);
+        if ipam_only {
+            let (k, v) = gingham_ipam::model::NO_ENDPOINT_ATTR;
+            req.attrs.insert(k.into(), v.into());
+        }
         if ep.requested_ips.is_empty() {
             return self.ipam.auto_assign(&req).await.map_err(|e| internal("IP address assignment failed", e));
         }
@@ -231,7 +236,7 @@ impl EndpointService {
             .release_by_handle(&ep.handle())
             .await
             .map_err(|e| internal("releasing an earlier attempt's addresses failed", e))?;
-        let got = self.assign(ep, &id).await?;
+        let got = self.assign(ep, &id, true).await?;
         // Main plugins such as ptp put the gateway on their host end: give them Calico's
         // link-local gateway so every pod sees the same one.
         let gateway = |n: &IpNet| {
@@ -301,7 +306,7 @@ impl EndpointService {
         undo: &mut Undo,
     ) -> Result<CniResult, CniError> {
         undo.ipam = true;
-        let got = self.assign(ep, id).await?;
+        let got = self.assign(ep, id, false).await?;
         let published = self.metrics.pod_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let mtu = match (ep.mtu, published) {
             (0, 0) => 1500,

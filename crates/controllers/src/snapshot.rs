@@ -8,6 +8,7 @@ use gingham_api::Kind;
 use gingham_api::policy::WorkloadEndpointSpec;
 use gingham_ipam::IpamClient;
 use gingham_ipam::IpamError;
+use gingham_ipam::model::NO_ENDPOINT_ATTR;
 use ipnet::IpNet;
 
 /// One allocated address.
@@ -20,6 +21,8 @@ pub struct Allocation {
     pub node: Option<String>,
     pub namespace: Option<String>,
     pub pod: Option<String>,
+    /// Held for another CNI plugin, or imported: no endpoint will ever record it.
+    pub no_endpoint: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -81,6 +84,7 @@ impl Snapshot {
                         node: sec.get("node").cloned(),
                         namespace: sec.get("namespace").cloned(),
                         pod: sec.get("pod").cloned(),
+                        no_endpoint: sec.get(NO_ENDPOINT_ATTR.0).map(String::as_str) == Some(NO_ENDPOINT_ATTR.1),
                     });
                 }
             }
@@ -93,6 +97,10 @@ impl Snapshot {
     pub fn in_use(&self, a: &Allocation) -> bool {
         if let Some(node) = tunnel_node(&a.handle) {
             return self.nodes.contains(node);
+        }
+        // Nothing to judge it by: only its node's deletion releases it.
+        if a.no_endpoint {
+            return true;
         }
         if self.endpoint_ips.contains(&a.ip) {
             return true;

@@ -174,6 +174,10 @@ async fn leak_gc_with_a_grace_period(ds: Arc<dyn Datastore>) {
     let live = pod(&ds, &ipam, "n1", "live", true).await;
     let leaked = pod(&ds, &ipam, "n1", "leaked", false).await;
     let in_flight = pod(&ds, &ipam, "n2", "inflight", false).await;
+    // Held for another plugin (gingham-ipam under ptp): no endpoint will ever record it.
+    let mut other_plugin = AutoAssign { num_v4: 1, handle: "ptpnet.x".into(), node: "n2".into(), ..Default::default() };
+    other_plugin.attrs = [("node".to_string(), "n2".to_string()), ("endpoint".to_string(), "none".to_string())].into();
+    let ipam_only = ipam.auto_assign(&other_plugin).await.unwrap().v4[0].addr();
     let mut ctl = Controllers::default();
 
     let dry = Settings { dry_run: true, leak_grace: Some(Duration::ZERO), ..fast() };
@@ -191,6 +195,7 @@ async fn leak_gc_with_a_grace_period(ds: Arc<dyn Datastore>) {
     assert_eq!(held(&ipam, leaked).await, None);
     assert!(held(&ipam, in_flight).await.is_some(), "the endpoint written within the grace period keeps it");
     assert!(held(&ipam, live).await.is_some());
+    assert!(held(&ipam, ipam_only).await.is_some(), "another plugin's address is never judged by endpoints");
     // GC off.
     let _ = pod(&ds, &ipam, "n1", "leaked2", false).await;
     let off = Settings { leak_grace: None, ..fast() };

@@ -173,6 +173,7 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     let mut allocated: BTreeSet<IpAddr> = BTreeSet::new();
     r.progress.push("Scanning for IPs that are allocated but not actually in use...".into());
     let mut leaked = 0;
+    let mut ipam_only = 0;
     for b in &blocks {
         r.progress.push(format!(" IPAM block {} affinity={}:", b.cidr, b.affinity.as_deref().unwrap_or("<none>")));
         if let Err(e) = b.check() {
@@ -197,9 +198,13 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
             allocated.insert(ip);
             let handle = attr.handle_id.clone().unwrap_or_default();
             *held.entry(handle.clone()).or_default().entry(b.cidr.to_string()).or_default() += 1;
-            if !users.contains_key(&ip) {
+            let sec = attr.secondary.clone().unwrap_or_default();
+            let no_endpoint =
+                sec.get(crate::model::NO_ENDPOINT_ATTR.0).map(String::as_str) == Some(crate::model::NO_ENDPOINT_ATTR.1);
+            if no_endpoint {
+                ipam_only += 1;
+            } else if !users.contains_key(&ip) {
                 leaked += 1;
-                let sec = attr.secondary.clone().unwrap_or_default();
                 r.leaked.push(Leak {
                     ip,
                     block: b.cidr,
@@ -216,6 +221,11 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
         }
     }
     r.progress.push(format!("Found {leaked} IPs that are allocated in IPAM but not actually in use."));
+    if ipam_only > 0 {
+        r.progress.push(format!(
+            "({ipam_only} IPs are held for another CNI plugin or imported from host-local: no endpoint records them)"
+        ));
+    }
     r.progress.push("Scanning for IPs that are in use by a workload or node but not allocated in IPAM...".into());
     let mut unallocated = 0;
     for (ip, who) in &users {

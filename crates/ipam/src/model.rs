@@ -149,4 +149,9 @@ mod tests {
 /// Set on a WorkloadEndpoint by its node's agent when the endpoint's host interface disappeared
 /// without a CNI DEL: the time it was first seen gone (RFC 3339). The agent releases the
 /// endpoint after its grace period; until then `ipam check` reports it.
+/// The allocation attribute (key, value) of addresses no workload endpoint will ever record
+/// (gingham-ipam under another plugin, addresses imported from host-local): the leak GC and
+/// `ipam check` cannot judge them by endpoints, and leave them be.
+pub const NO_ENDPOINT_ATTR: (&str, &str) = ("endpoint", "none");
+
 pub const INTERFACE_GONE_ANNOTATION: &str = "gingham.dev/interface-gone-since";
