@@ -17,6 +17,72 @@ pub struct Options {
     pub block_grace: Option<Duration>,
     pub dry_run: bool,
     pub once: bool,
+    /// Serve /metrics (Prometheus text) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// What /metrics reports.
+#[derive(Default)]
+struct Counters {
+    leading: bool,
+    candidates: usize,
+    released: u64,
+    would_release: usize,
+    reclaimed: u64,
+    nodes_cleaned: u64,
+    pass_errors: u64,
+}
+
+impl Counters {
+    fn render(&self) -> String {
+        let mut s = String::new();
+        for (name, help, kind, v) in [
+            ("gingham_controllers_leading", "Whether this instance holds the lease.", "gauge", u64::from(self.leading)),
+            (
+                "gingham_ipam_gc_candidates",
+                "Handles that look leaked now (waiting for the grace period).",
+                "gauge",
+                self.candidates as u64,
+            ),
+            ("gingham_ipam_gc_released_total", "Leaked handles released.", "counter", self.released),
+            (
+                "gingham_ipam_gc_would_release",
+                "Handles a dry run would release in its last pass.",
+                "gauge",
+                self.would_release as u64,
+            ),
+            ("gingham_ipam_blocks_reclaimed_total", "Empty blocks released.", "counter", self.reclaimed),
+            ("gingham_nodes_cleaned_total", "Deleted nodes whose traces were removed.", "counter", self.nodes_cleaned),
+            ("gingham_controllers_pass_errors_total", "Passes that failed.", "counter", self.pass_errors),
+        ] {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        s
+    }
+}
+
+/// A minimal HTTP server for /metrics, on its own thread.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    counters: std::sync::Arc<std::sync::Mutex<Counters>>,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+    println!("metrics on http://{}/metrics", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let body = counters.lock().map(|c| c.render()).unwrap_or_default();
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(())
 }
 
 fn duration(v: &str) -> anyhow::Result<Duration> {
@@ -55,18 +121,29 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
     let mut lease = Lease::new(&identity, o.lease);
     let mut controllers = Controllers::default();
     let mut watch = ds.watch(&Kind::Node.prefix(None), ds.revision().await? + 1).await.ok();
+    let counters = std::sync::Arc::new(std::sync::Mutex::new(Counters::default()));
+    if let Some(addr) = o.metrics_listen {
+        serve_metrics(addr, counters.clone())?;
+    }
+    let count = |f: &dyn Fn(&mut Counters)| {
+        if let Ok(mut c) = counters.lock() {
+            f(&mut c);
+        }
+    };
     let mut leading = false;
+    let mut said: Option<bool> = None;
     let mut last_pass: Option<std::time::Instant> = None;
     let mut woken = false;
     loop {
         let s = settings(&store, &o).await?;
         match lease.try_hold(ds.as_ref()).await {
             Ok(held) => {
-                if held != leading {
+                if said != Some(held) {
                     println!(
                         "controllers {identity}: {}",
                         if held { "leading" } else { "standing by (another instance leads)" }
                     );
+                    said = Some(held);
                 }
                 leading = held;
             }
@@ -75,12 +152,23 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                 leading = false;
             }
         }
+        count(&|c| c.leading = leading);
         let due = woken || last_pass.is_none_or(|t| t.elapsed() >= s.period);
         if leading && due {
             last_pass = Some(std::time::Instant::now());
             woken = false;
             match controllers.pass(&ipam, &s).await {
                 Ok(r) => {
+                    count(&|c| {
+                        c.candidates = r.leak_candidates;
+                        if s.dry_run {
+                            c.would_release = r.released_handles.len();
+                        } else {
+                            c.released += r.released_handles.len() as u64;
+                            c.reclaimed += r.reclaimed_blocks.len() as u64;
+                            c.nodes_cleaned += r.nodes_cleaned.len() as u64;
+                        }
+                    });
                     let verb = if s.dry_run { "would release" } else { "released" };
                     for n in &r.nodes_cleaned {
                         println!(
@@ -105,7 +193,10 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                         );
                     }
                 }
-                Err(e) => eprintln!("controllers {identity}: pass failed: {e} (retrying next period)"),
+                Err(e) => {
+                    count(&|c| c.pass_errors += 1);
+                    eprintln!("controllers {identity}: pass failed: {e} (retrying next period)")
+                }
             }
         }
         if o.once {

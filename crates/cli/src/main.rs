@@ -263,6 +263,9 @@ enum ControllersCommand {
         /// One pass, then exit (when leading).
         #[arg(long)]
         once: bool,
+        /// Serve Prometheus metrics (leading, leak candidates, releases) at this address.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -494,7 +497,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Controllers {
             command:
-                ControllersCommand::Run { identity, lease, period, leak_grace_period, block_grace_period, dry_run, once },
+                ControllersCommand::Run {
+                    identity,
+                    lease,
+                    period,
+                    leak_grace_period,
+                    block_grace_period,
+                    dry_run,
+                    once,
+                    metrics_listen,
+                },
         } => {
             let store = ds.open_existing().await?;
             let o = controllers::Options {
@@ -505,6 +517,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 block_grace: block_grace_period,
                 dry_run,
                 once,
+                metrics_listen,
             };
             controllers::run(store, o).await
         }

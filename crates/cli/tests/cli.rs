@@ -701,3 +701,62 @@ fn large_batches_fit_etcds_transaction_limit() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Successfully applied 300 'GlobalNetworkSet' resource(s)\n");
     assert_eq!(env.ok(&["get", "globalnetworkset"]).lines().filter(|l| l.starts_with("set-")).count(), 300);
 }
+
+/// Two `gingham controllers run` processes on one store: exactly one leads (and says so in
+/// its metrics); killed, its standby takes over once the lease runs out.
+#[test]
+fn two_controller_processes_one_leads_the_other_takes_over() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "p.yaml", &pool("p", "10.80.0.0/16"));
+    env.ok(&["apply", "-f", &f]);
+    struct Proc(std::process::Child, PathBuf);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = |name: &str, metrics: bool| {
+        let log = dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let mut args = vec!["controllers", "run", "--identity", name, "--lease", "2s", "--period", "500ms"];
+        if metrics {
+            args.extend(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        let child = env.cmd(&args).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+        Proc(child, log)
+    };
+    let read = |p: &Proc| std::fs::read_to_string(&p.1).unwrap_or_default();
+    let (a, b) = (start("a", true), start("b", false));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let state = |p: &Proc| {
+        let t = read(p);
+        (t.contains(": leading"), t.contains("standing by"))
+    };
+    while !(state(&a).0 || state(&a).1) || !(state(&b).0 || state(&b).1) {
+        assert!(std::time::Instant::now() < deadline, "a: {}\nb: {}", read(&a), read(&b));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(state(&a).0 ^ state(&b).0, "exactly one leads:\na: {}\nb: {}", read(&a), read(&b));
+    // a's metrics say what it is.
+    let url = read(&a)
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on http://").map(|u| u.trim_end_matches("/metrics").to_string()))
+        .unwrap();
+    let mut s = std::net::TcpStream::connect(url.as_str()).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let want = format!("gingham_controllers_leading {}", u8::from(state(&a).0));
+    assert!(body.contains(&want) && body.contains("gingham_ipam_gc_candidates 0"), "{body}");
+    // The leader dies (no clean release): the other leads within a lease or two.
+    let (leader, standby) = if state(&a).0 { (a, b) } else { (b, a) };
+    drop(leader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while !read(&standby).contains(": leading") {
+        assert!(std::time::Instant::now() < deadline, "no takeover: {}", read(&standby));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
