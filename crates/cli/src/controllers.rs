@@ -183,6 +183,9 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                     for b in &r.reclaimed_blocks {
                         println!("block reclaim: {verb} empty block {b}");
                     }
+                    for b in &r.pool_blocks_released {
+                        println!("pool gone: released block {b}");
+                    }
                     if r != Default::default() {
                         println!(
                             "pass: {} leak candidates, {} handles {verb}, {} blocks, {} nodes",

@@ -75,6 +75,8 @@ pub struct PassReport {
     pub leak_candidates: usize,
     pub released_handles: Vec<(String, Vec<IpAddr>)>,
     pub reclaimed_blocks: Vec<IpNet>,
+    /// Blocks of deleted pools released (deleted, or left without an owner until empty).
+    pub pool_blocks_released: Vec<IpNet>,
 }
 
 /// What is left of a node after `cleanup_node`.
@@ -170,6 +172,13 @@ impl Controllers {
             report.nodes_cleaned.push(n.clone());
         }
         let snap = if gone.is_empty() || s.dry_run { snap } else { Snapshot::read(ipam).await? };
+
+        // Pools deleted by any writer: their blocks lose their owners (ReleasePoolAffinities).
+        if !s.dry_run {
+            for (cidr, _) in ipam.release_blocks_outside_pools().await? {
+                report.pool_blocks_released.push(cidr);
+            }
+        }
 
         // IPAM GC.
         let now = Instant::now();

@@ -196,6 +196,12 @@ async fn leak_gc_with_a_grace_period(ds: Arc<dyn Datastore>) {
     assert!(held(&ipam, in_flight).await.is_some(), "the endpoint written within the grace period keeps it");
     assert!(held(&ipam, live).await.is_some());
     assert!(held(&ipam, ipam_only).await.is_some(), "another plugin's address is never judged by endpoints");
+    // A pool deleted behind the CLI's back (another writer): the next pass releases its blocks.
+    ResourceStore::new(ds.clone()).delete(Kind::IPPool, None, "p", None).await.unwrap();
+    let r = ctl.pass(&ipam, &Settings { leak_grace: None, ..fast() }).await.unwrap();
+    assert!(!r.pool_blocks_released.is_empty(), "{r:?}");
+    assert!(keys(&ds, "/calico/ipam/v2/host/").await.is_empty(), "no block keeps an owner outside every pool");
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 172.30.0.0/16, blockSize: 26}\n").await;
     // GC off.
     let _ = pod(&ds, &ipam, "n1", "leaked2", false).await;
     let off = Settings { leak_grace: None, ..fast() };
