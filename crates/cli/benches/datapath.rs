@@ -4,7 +4,10 @@
 //! `cargo bench -p gingham --bench datapath`; GINGHAM_BENCH_RUNS (3) and GINGHAM_BENCH_SECS (3).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+#[path = "common/iperf.rs"]
+mod iperf;
 use std::time::Duration;
 
 const G: &str = env!("CARGO_BIN_EXE_gingham");
@@ -25,49 +28,6 @@ fn sh(args: &[&str], env: &[(&str, &str)]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// One iperf3 TCP measurement from netns `src` to `dst_ip` served in netns `dst`, in Gbit/s.
-fn iperf(src: &str, dst: &str, dst_ip: &str, secs: u32) -> f64 {
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(
-        Command::new("ip")
-            .args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", "5301"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            src,
-            "iperf3",
-            "-c",
-            dst_ip,
-            "-p",
-            "5301",
-            "-t",
-            &secs.to_string(),
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3 {src} → {dst_ip}: {}", String::from_utf8_lossy(&out.stdout)))
-        / 1e9
 }
 
 struct GinghamLab {
@@ -151,7 +111,7 @@ fn main() {
             {
                 let _lab = HandLab::up(mode);
                 let (dst, ip) = if same { ("pod1-2", "172.20.1.2") } else { ("pod2-1", "172.20.2.1") };
-                hand.push(iperf("pod1-1", dst, ip, secs));
+                hand.push(iperf::iperf("pod1-1", dst, ip, secs, 5301, false));
             }
             for (nat, out) in [(false, &mut ging), (true, &mut ging_nat)] {
                 let lab = GinghamLab::up(encap, nat);
@@ -160,7 +120,7 @@ fn main() {
                 } else {
                     ("gb-pod-default-pod-2-1", "default/pod-2-1")
                 };
-                out.push(iperf("gb-pod-default-pod-1-1", dst, &lab.ip(pod), secs));
+                out.push(iperf::iperf("gb-pod-default-pod-1-1", dst, &lab.ip(pod), secs, 5301, false));
             }
         }
         rows.push((name, median(hand), median(ging), median(ging_nat)));

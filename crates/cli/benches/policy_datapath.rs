@@ -8,7 +8,11 @@
 //! GINGHAM_BENCH_RUNS (3) and GINGHAM_BENCH_SECS (3).
 
 use std::fmt::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+#[path = "common/iperf.rs"]
+mod iperf;
+use iperf::iperf;
 use std::time::Duration;
 
 const G: &str = env!("CARGO_BIN_EXE_gingham");
@@ -83,49 +87,6 @@ impl Drop for Lab {
     }
 }
 
-/// iperf3 from pod namespace `src` to `ip` served in `dst`: TCP Gbit/s, or with `udp` the
-/// 64-byte datagrams per second that arrived.
-fn iperf(src: &str, dst: &str, ip: &str, secs: u32, udp: bool) -> f64 {
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(
-        Command::new("ip")
-            .args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", "5302"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 server"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let secs_s = secs.to_string();
-    let mut args = vec!["netns", "exec", src, "iperf3", "-c", ip, "-p", "5302", "-t", &secs_s, "-J"];
-    args.extend(["--connect-timeout", "3000"]);
-    if udp {
-        args.extend(["-u", "-b", "0", "-l", "64"]);
-    }
-    let out = Command::new("ip").args(&args).output().expect("iperf3 client");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let fail = || -> ! {
-        eprintln!("iperf3 {src} → {ip}: {}", String::from_utf8_lossy(&out.stdout));
-        std::process::exit(1)
-    };
-    if udp {
-        let sum = &v["end"]["sum"];
-        let (packets, lost, seconds) = (sum["packets"].as_f64(), sum["lost_packets"].as_f64(), sum["seconds"].as_f64());
-        match (packets, lost, seconds) {
-            (Some(p), Some(l), Some(s)) if s > 0.0 => (p - l) / s,
-            _ => fail(),
-        }
-    } else {
-        v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or_else(|| fail()) / 1e9
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -182,8 +143,8 @@ fn main() {
     let measure = |rows: &mut Vec<(String, usize, f64, f64)>, name: &str, lab: &Lab| {
         let (mut tcp, mut udp) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            tcp.push(iperf(&src, &dst, &ip, secs, false));
-            udp.push(iperf(&src, &dst, &ip, secs, true));
+            tcp.push(iperf(&src, &dst, &ip, secs, 5302, false));
+            udp.push(iperf(&src, &dst, &ip, secs, 5302, true));
         }
         rows.push((name.to_string(), lab.rules("node-2"), median(tcp), median(udp)));
     };

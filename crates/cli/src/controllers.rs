@@ -130,13 +130,12 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
             f(&mut c);
         }
     };
-    let mut leading = false;
     let mut said: Option<bool> = None;
     let mut last_pass: Option<std::time::Instant> = None;
     let mut woken = false;
     loop {
         let s = settings(&store, &o).await?;
-        match lease.try_hold(ds.as_ref()).await {
+        let leading = match lease.try_hold(ds.as_ref()).await {
             Ok(held) => {
                 if said != Some(held) {
                     println!(
@@ -145,13 +144,13 @@ pub async fn run(store: ResourceStore, o: Options) -> anyhow::Result<()> {
                     );
                     said = Some(held);
                 }
-                leading = held;
+                held
             }
             Err(e) => {
                 eprintln!("controllers {identity}: the lease: {e}");
-                leading = false;
+                false
             }
-        }
+        };
         count(&|c| c.leading = leading);
         let due = woken || last_pass.is_none_or(|t| t.elapsed() >= s.period);
         if leading && due {

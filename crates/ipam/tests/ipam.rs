@@ -7,39 +7,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gingham_api::parse_documents;
 use gingham_ipam::block::AllocationBlock;
 use gingham_ipam::model::IpamHandle;
 use gingham_ipam::tunnel::TunnelKind;
 use gingham_ipam::{AutoAssign, IpamClient, IpamError, ReleaseGuard};
 use gingham_store::embedded::EmbeddedStore;
-use gingham_store::testing::{CountingStore, EtcdServer};
+use gingham_store::testing::{Backend, CountingStore, EtcdServer, apply_yaml, open_backend};
 use gingham_store::{Datastore, ResourceStore};
 
-#[allow(dead_code)] // held for Drop
-enum Backend {
-    Embedded(tempfile::TempDir),
-    Etcd(EtcdServer),
-}
-
 async fn open(kind: &str) -> (Arc<dyn Datastore>, Backend) {
-    if kind == "embedded" {
-        let dir = tempfile::tempdir().unwrap();
-        let s = EmbeddedStore::open(dir.path().join("s.db")).unwrap();
-        (Arc::new(s), Backend::Embedded(dir))
-    } else {
-        let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
-        let server = EtcdServer::start_in(base).expect("etcd-server must be installed");
-        let s = server.connect().await.unwrap();
-        (Arc::new(s), Backend::Etcd(server))
-    }
+    open_backend(kind).await
 }
 
 async fn apply(ds: &Arc<dyn Datastore>, yaml: &str) {
-    let rs = ResourceStore::new(ds.clone());
-    for d in parse_documents("test", yaml).unwrap() {
-        rs.apply(d.object).await.unwrap();
-    }
+    apply_yaml(ds, yaml).await
 }
 
 fn pool(name: &str, cidr: &str, extra: &str) -> String {

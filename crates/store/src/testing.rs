@@ -11,6 +11,36 @@ use std::time::{Duration, Instant};
 use crate::etcd::{EtcdConfig, EtcdStore};
 use crate::{Datastore, KeyValue, Listing, Result, Revision, TxnOp, Watch};
 
+/// What keeps a test's backend alive (dropped: the store's files or the etcd server go).
+#[allow(dead_code)] // held for Drop
+pub enum Backend {
+    Embedded(tempfile::TempDir),
+    Etcd(EtcdServer),
+}
+
+/// A fresh datastore of `kind` ("embedded" or "etcd": a real etcd server, its data on tmpfs
+/// when there is one), for tests that run on both backends.
+pub async fn open_backend(kind: &str) -> (Arc<dyn Datastore>, Backend) {
+    if kind == "embedded" {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let s = crate::embedded::EmbeddedStore::open(dir.path().join("s.db")).expect("a new embedded store");
+        (Arc::new(s), Backend::Embedded(dir))
+    } else {
+        let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
+        let server = EtcdServer::start_in(base).expect("etcd-server must be installed");
+        let s = server.connect().await.expect("the test etcd answers");
+        (Arc::new(s), Backend::Etcd(server))
+    }
+}
+
+/// Apply every document of `yaml` (a test fixture) as `gingham apply` would.
+pub async fn apply_yaml(ds: &Arc<dyn Datastore>, yaml: &str) {
+    let rs = crate::ResourceStore::new(ds.clone());
+    for d in gingham_api::parse_documents("test", yaml).expect("the fixture parses") {
+        rs.apply(d.object).await.expect("the fixture applies");
+    }
+}
+
 /// A Datastore that counts the reads and writes passing through it (for tests and benchmarks
 /// that claim "one write per allocation").
 pub struct CountingStore {
