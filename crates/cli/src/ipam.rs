@@ -244,7 +244,10 @@ pub async fn split(ipam: &IpamClient, n: u32, name: Option<&str>, cidr: Option<i
         let mut o = old.clone();
         o.metadata = gingham_api::ObjectMeta { name: format!("split-{}-{i}", old.metadata.name), ..Default::default() };
         o.metadata.labels = old.metadata.labels.clone();
-        o.spec["cidr"] = serde_json::Value::String(part.to_string());
+        let Some(spec) = o.spec.as_object_mut() else {
+            bail!("IPPool {}: its stored spec is not an object", old.metadata.name);
+        };
+        spec.insert("cidr".into(), serde_json::Value::String(part.to_string()));
         created.push((o.metadata.name.clone(), *part));
         ops.push(BatchOp::Write(o, WriteMode::Create));
     }
