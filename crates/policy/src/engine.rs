@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ipnet::IpNet;
 
 use crate::index::{Index, ItemData, SetSpec};
+use crate::labels::{ByLabel, Selectors};
 use crate::rules::{Policy, Port, Profile, Rule};
 
 pub use crate::index::{ItemKey, Member, NamedPort};
@@ -81,6 +82,11 @@ pub struct Engine {
     dirty: Dirty,
     /// This node's name: its host endpoints are local.
     node: String,
+    /// Local endpoints by label, and policies by a label their selector requires: a policy
+    /// change meets only the endpoints it may select, a label change only the policies that
+    /// may select it.
+    local_labels: ByLabel<ItemKey>,
+    policy_selectors: Selectors<PolicyKey>,
 }
 
 /// Item keys of host endpoints start with this.
@@ -257,11 +263,28 @@ impl Engine {
             (None, None) => true,
             _ => false,
         };
+        self.policy_selectors.set(&key.to_string(), self.policies.get(key).map(|p| &p.selector));
         if !selector_same {
-            // Only this policy's selector is evaluated, once per local endpoint; endpoints it
-            // neither selected nor selects are untouched.
-            let locals: Vec<ItemKey> = self.locals.keys().cloned().collect();
+            // Only this policy's selector is evaluated, against the local endpoints it may have
+            // selected before or may select now (those with a label each selector requires).
+            let may = |sel: Option<&gingham_api::Selector>| match sel {
+                None => Some(Vec::new()),
+                Some(s) => self.local_labels.candidates(s),
+            };
+            let locals: Vec<ItemKey> =
+                match (may(old.as_ref().map(|p| &p.selector)), may(self.policies.get(key).map(|p| &p.selector))) {
+                    (Some(mut a), Some(b)) => {
+                        a.extend(b);
+                        a.sort();
+                        a.dedup();
+                        a
+                    }
+                    _ => self.locals.keys().cloned().collect(),
+                };
             for k in locals {
+                if !self.locals.contains_key(&k) {
+                    continue;
+                }
                 let Some(labels) = self.index.labels(&k) else { continue };
                 let selects = self.policies.get(key).is_some_and(|p| Index::matches(&p.selector, labels));
                 let had = self.pending.get(&k).or(self.applying.get(&k)).is_some_and(|s| s.contains(key));
@@ -309,6 +332,7 @@ impl Engine {
 
     fn unplan(&mut self, key: &str, iface: &str) {
         self.locals.remove(key);
+        self.local_labels.set(&key.to_string(), None);
         self.pending.remove(key);
         for p in self.applying.remove(key).unwrap_or_default() {
             self.unuse_policy(&p);
@@ -356,7 +380,12 @@ impl Engine {
 
     /// The policies that select these labels (any endpoint, local or not).
     pub fn selecting(&self, labels: &BTreeMap<String, String>) -> BTreeSet<PolicyKey> {
-        self.policies.iter().filter(|(_, p)| Index::matches(&p.selector, labels)).map(|(k, _)| k.clone()).collect()
+        self.policy_selectors
+            .candidates(labels)
+            .into_iter()
+            .filter(|k| self.policies.get(*k).is_some_and(|p| Index::matches(&p.selector, labels)))
+            .cloned()
+            .collect()
     }
 
     /// Policies in evaluation order, grouped by tier, per direction (ingress, egress): tier
@@ -397,6 +426,7 @@ impl Engine {
     fn replan(&mut self, key: &str) {
         self.pending.remove(key);
         let Some(labels) = self.index.labels(key).cloned() else { return };
+        self.local_labels.set(&key.to_string(), Some(&labels));
         let now = self.selecting(&labels);
         self.replan_with(key, now);
     }

@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod index;
 pub mod knp;
+pub mod labels;
 pub mod load;
 pub mod rules;
 pub mod trace;
