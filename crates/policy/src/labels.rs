@@ -86,7 +86,7 @@ impl<K: Eq + Hash + Clone> ByLabel<K> {
             required
                 .iter()
                 .find(|r| bucket(r).map_or(0, HashSet::len) == smallest)
-                .and_then(|r| bucket(r))
+                .and_then(bucket)
                 .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default(),
         )
