@@ -73,6 +73,26 @@ pub struct Settings {
     pub ip_cooldown_secs: u64,
 }
 
+/// IPPools, IPReservations and IPAMConfiguration all live under this prefix.
+const IP_RESOURCES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/ip";
+
+#[derive(Clone, Debug, Default)]
+struct IpConfig {
+    pools: Vec<Pool>,
+    reserved: Vec<IpNet>,
+    /// None until filled: the IPAMConfiguration, else Calico's config key.
+    config: Option<IPAMConfigSpec>,
+}
+
+fn settings_of(spec: &IPAMConfigSpec) -> Settings {
+    Settings {
+        strict_affinity: spec.strict_affinity.unwrap_or(false),
+        auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
+        max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
+        ip_cooldown_secs: spec.ip_cooldown_seconds.unwrap_or(0).clamp(0, crate::block::MAX_COOLDOWN_SECS as i64) as u64,
+    }
+}
+
 /// Addresses auto-assignment passes over: reserved ones, and ones still cooling down.
 struct Skip {
     reserved: Vec<IpNet>,
@@ -116,10 +136,10 @@ pub struct IpamClient {
     blocks: Mutex<HashMap<IpNet, (AllocationBlock, Revision)>>,
     handles: Mutex<HashMap<String, (IpamHandle, Revision)>>,
     node_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The pools as last parsed, with the revisions they were parsed at.
-    pool_cache: Mutex<Option<(Vec<(String, Revision)>, Vec<Pool>)>>,
-    /// The IPReservations' networks as last parsed, with their revisions.
-    reservation_cache: Mutex<Option<(Vec<(String, Revision)>, Vec<IpNet>)>>,
+    /// Pools, reservations and IPAMConfiguration as last parsed, with their revisions.
+    config_cache: Mutex<Option<(Vec<(String, Revision)>, IpConfig)>>,
+    /// Calico's own config key as last read, and when.
+    calico_config_cache: Mutex<Option<(std::time::Instant, IPAMConfigSpec)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
     affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
     /// How long another node's empty block must have been claimed before this node may take it.
@@ -171,8 +191,8 @@ impl IpamClient {
             handles: Mutex::default(),
             node_locks: Mutex::default(),
             affinities: Mutex::default(),
-            pool_cache: Mutex::default(),
-            reservation_cache: Mutex::default(),
+            config_cache: Mutex::default(),
+            calico_config_cache: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
     }
@@ -191,67 +211,72 @@ impl IpamClient {
         lock(&self.node_locks).entry(node.to_string()).or_default().clone()
     }
 
-    /// The IPPools, read on every call but parsed again only when one changed.
-    pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
-        let listing = self.ds.list(&Kind::IPPool.prefix(None)).await?;
+    /// What every assignment needs — the IPPools, the IPReservations and the IPAMConfiguration —
+    /// read in one listing (their keys share the prefix `…/projectcalico.org/ip`), parsed
+    /// again only when one of them changed.
+    async fn ip_config(&self) -> Result<IpConfig, IpamError> {
+        let listing = self.ds.list(IP_RESOURCES_PREFIX).await?;
         let revisions: Vec<(String, Revision)> =
             listing.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
-        if let Some((seen, pools)) = lock(&self.pool_cache).as_ref() {
-            if *seen == revisions {
-                return Ok(pools.clone());
+        let cached = lock(&self.config_cache).as_ref().filter(|(seen, _)| *seen == revisions).map(|(_, c)| c.clone());
+        let mut config = match cached {
+            Some(c) => c,
+            None => {
+                let (pools_prefix, reservations_prefix) = (Kind::IPPool.prefix(None), Kind::IPReservation.prefix(None));
+                let config_key = Kind::IPAMConfiguration.key(None, "default");
+                let mut c = IpConfig::default();
+                for kv in &listing.items {
+                    let Ok(obj) = serde_json::from_slice::<gingham_api::Object>(&kv.value) else { continue };
+                    if kv.key.starts_with(&pools_prefix) {
+                        c.pools.extend(obj.spec_as::<IPPoolSpec>().ok().and_then(|s| Pool::from_spec(obj.name(), s)));
+                    } else if kv.key.starts_with(&reservations_prefix) {
+                        if let Ok(r) = obj.spec_as::<gingham_api::network::IPReservationSpec>() {
+                            c.reserved.extend(r.nets());
+                        }
+                    } else if kv.key == config_key {
+                        c.config = Some(obj.spec_as().unwrap_or_default());
+                    }
+                }
+                *lock(&self.config_cache) = Some((revisions, c.clone()));
+                c
             }
+        };
+        if config.config.is_none() {
+            config.config = Some(self.calico_config().await?);
         }
-        let pools: Vec<Pool> = listing
-            .items
-            .iter()
-            .filter_map(|kv| {
-                let obj: gingham_api::Object = serde_json::from_slice(&kv.value).ok()?;
-                Pool::from_spec(obj.name(), obj.spec_as::<IPPoolSpec>().ok()?)
-            })
-            .collect();
-        *lock(&self.pool_cache) = Some((revisions, pools.clone()));
-        Ok(pools)
+        Ok(config)
     }
 
-    /// Every IPReservation's networks: never handed out by auto-assignment. Read on every
-    /// call, parsed again only when one changed.
-    pub async fn reservations(&self) -> Result<Vec<IpNet>, IpamError> {
-        let listing = self.ds.list(&Kind::IPReservation.prefix(None)).await?;
-        let revisions: Vec<(String, Revision)> =
-            listing.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
-        if let Some((seen, nets)) = lock(&self.reservation_cache).as_ref() {
-            if *seen == revisions {
-                return Ok(nets.clone());
+    /// Calico's `/calico/ipam/v2/config`, for when no IPAMConfiguration exists (re-read at most
+    /// every 10 s: it is only a fallback).
+    async fn calico_config(&self) -> Result<IPAMConfigSpec, IpamError> {
+        if let Some((at, spec)) = lock(&self.calico_config_cache).as_ref() {
+            if at.elapsed() < Duration::from_secs(10) {
+                return Ok(spec.clone());
             }
         }
-        let nets: Vec<IpNet> = listing
-            .items
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<gingham_api::Object>(&kv.value).ok())
-            .filter_map(|o| o.spec_as::<gingham_api::network::IPReservationSpec>().ok())
-            .flat_map(|s| s.nets())
-            .collect();
-        *lock(&self.reservation_cache) = Some((revisions, nets.clone()));
-        Ok(nets)
+        let spec = match self.ds.get(CONFIG_KEY).await? {
+            Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
+            None => IPAMConfigSpec::default(),
+        };
+        *lock(&self.calico_config_cache) = Some((std::time::Instant::now(), spec.clone()));
+        Ok(spec)
+    }
+
+    /// The IPPools, read on every call but parsed again only when one changed.
+    pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
+        Ok(self.ip_config().await?.pools)
+    }
+
+    /// Every IPReservation's networks: never handed out by auto-assignment.
+    pub async fn reservations(&self) -> Result<Vec<IpNet>, IpamError> {
+        Ok(self.ip_config().await?.reserved)
     }
 
     /// The settings: the IPAMConfiguration `default` (the source of truth), else what a Calico
     /// tool left at `/calico/ipam/v2/config`, else Calico's defaults.
     pub async fn settings(&self) -> Result<Settings, IpamError> {
-        let spec: IPAMConfigSpec = match self.resources.get(Kind::IPAMConfiguration, None, "default").await? {
-            Some(o) => o.spec_as().unwrap_or_default(),
-            None => match self.ds.get(CONFIG_KEY).await? {
-                Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
-                None => IPAMConfigSpec::default(),
-            },
-        };
-        Ok(Settings {
-            strict_affinity: spec.strict_affinity.unwrap_or(false),
-            auto_allocate_blocks: spec.auto_allocate_blocks.unwrap_or(true),
-            max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0) as u32,
-            ip_cooldown_secs: spec.ip_cooldown_seconds.unwrap_or(0).clamp(0, crate::block::MAX_COOLDOWN_SECS as i64)
-                as u64,
-        })
+        Ok(settings_of(&self.ip_config().await?.config.unwrap_or_default()))
     }
 
     /// Mirror the IPAMConfiguration `default` to `/calico/ipam/v2/config`, where Calico's IPAM
@@ -608,6 +633,7 @@ impl IpamClient {
         v4: bool,
         want: usize,
         pools_all: &[Pool],
+        reserved: &[IpNet],
         settings: &Settings,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<IpNet>, IpamError> {
@@ -619,7 +645,7 @@ impl IpamClient {
         let pools = select(pools_all, v4, requested, &req.node, labels, req.namespace_labels.as_ref(), use_)?;
         let in_pools = |c: &IpNet| pools.iter().any(|p| p.cidr.contains(c));
         let skip = Skip {
-            reserved: self.reservations().await?.into_iter().filter(|n| n.addr().is_ipv4() == v4).collect(),
+            reserved: reserved.iter().filter(|n| n.addr().is_ipv4() == v4).copied().collect(),
             cooldown_secs: settings.ip_cooldown_secs,
         };
         let mut got = Vec::new();
@@ -708,11 +734,12 @@ impl IpamClient {
         }
         let node_lock = self.node_lock(&req.node);
         let _guard = node_lock.lock().await;
-        let pools = self.pools().await?;
-        let settings = self.settings().await?;
+        let c = self.ip_config().await?;
+        let (pools, reserved) = (&c.pools, &c.reserved);
+        let settings = settings_of(&c.config.clone().unwrap_or_default());
         let labels = self.node_labels(&req.node).await?;
-        let v4 = self.assign_family(req, true, req.num_v4, &pools, &settings, &labels).await?;
-        let v6 = match self.assign_family(req, false, req.num_v6, &pools, &settings, &labels).await {
+        let v4 = self.assign_family(req, true, req.num_v4, pools, reserved, &settings, &labels).await?;
+        let v6 = match self.assign_family(req, false, req.num_v6, pools, reserved, &settings, &labels).await {
             Ok(v) => v,
             Err(e) => {
                 let ips: Vec<IpAddr> = v4.iter().map(|n| n.addr()).collect();
