@@ -363,7 +363,7 @@ impl Model {
     async fn apply_policy(&mut self, errors: &mut Vec<String>) {
         let Some(net) = self.net.as_mut() else { return };
         let dirty = self.policy.take_dirty();
-        if net.policy.is_built() && dirty == Default::default() {
+        if !net.policy.has_pending() && dirty == Default::default() {
             self.metrics.policy_digest.store(self.policy_digest, Ordering::Relaxed);
             return;
         }
@@ -510,6 +510,13 @@ impl Model {
                             vtep_changed = true;
                         }
                         let info = p.cache.nodes.get(&n).map(|r| node_info(&n, r));
+                        if let Some(net) = self.net.as_mut() {
+                            let addr = info.as_ref().and_then(|i| i.ipv4).and_then(|a| match a.addr() {
+                                IpAddr::V4(v) => Some(v),
+                                IpAddr::V6(_) => None,
+                            });
+                            net.policy.set_host(&n, addr);
+                        }
                         self.calc.set_node(&n, info)
                     }
                     Change::Block(cidr) => {

@@ -920,3 +920,50 @@ fn block_size_change_as_the_seed_describes() {
 fn block_size_change_as_the_seed_describes_on_etcd() {
     block_size_procedure(&["--nodes", "3", "--pods-per-node", "1", "--encap", "vxlan", "--datastore", "etcd"]);
 }
+
+/// A HostEndpoint on a node's underlay interface, with no policy: the node accepts only
+/// Calico's failsafe ports from elsewhere — but the cluster's own VXLAN traffic still passes,
+/// so every pod pair keeps working; deleting it opens the node again.
+#[test]
+fn host_endpoint_on_the_underlay_keeps_the_pod_network() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--encap", "vxlan"]);
+    // Listeners on node-1 (its own namespace): a failsafe port and another.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for port in [22u16, 9999] {
+        let stop = stop.clone();
+        let l = in_ns(&lab.ns("node-1"), move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        l.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = l.accept();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    }
+    let reach = |port: u16| {
+        in_ns(&lab.ns("node-2"), move || {
+            TcpStream::connect_timeout(
+                &(std::net::Ipv4Addr::new(10, 99, 0, 11), port).into(),
+                Duration::from_millis(500),
+            )
+            .is_ok()
+        })
+    };
+    assert!(reach(22) && reach(9999));
+    let file = lab.dir.path().join("hep.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: node-1-eth0, labels: {role: node}}\n\
+         spec: {node: node-1, interfaceName: eth0, expectedIPs: [10.99.0.11]}\n",
+    )
+    .unwrap();
+    lab.gingham(&["apply", "-f", file.to_str().unwrap()]);
+    wait_for("the host endpoint to close node-1", Duration::from_secs(5), || !reach(9999));
+    assert!(reach(22), "failsafe port");
+    let out = lab.cmd(&["lab", "check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("all 2 pod pairs: ping ok, tcp ok"), "VXLAN between nodes passes the host endpoint: {out}");
+    lab.gingham(&["delete", "-f", file.to_str().unwrap()]);
+    wait_for("node-1 to open again", Duration::from_secs(5), || reach(9999));
+    stop.store(true, Ordering::Relaxed);
+}

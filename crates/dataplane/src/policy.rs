@@ -32,6 +32,9 @@ pub const FROM_WL: &str = "from-wl";
 pub const TO_WL: &str = "to-wl";
 /// Host endpoints by interface: traffic arriving at the host on it, and leaving it.
 pub const FROM_HEP: &str = "from-hep";
+/// The cluster's node addresses: their VXLAN and IP-in-IP traffic passes host endpoints'
+/// policy, as Felix allows it, so a host endpoint on the underlay never cuts the pod network.
+pub const CLUSTER_HOSTS: &str = "cluster-hosts4";
 pub const TO_HEP: &str = "to-hep";
 /// A host endpoint on every interface (`interfaceName: "*"`).
 const ALL_INTERFACES: &str = "*";
@@ -436,6 +439,10 @@ pub struct PolicyManager {
     /// A digest of the table as listed (counters aside) once our last change was in; None
     /// until the next drift check takes it.
     snapshot: Option<u64>,
+    /// The cluster's node addresses (by node), and those in the kernel's set.
+    hosts: BTreeMap<String, std::net::Ipv4Addr>,
+    hosts_programmed: BTreeSet<std::net::Ipv4Addr>,
+    hosts_dirty: bool,
 }
 
 impl PolicyManager {
@@ -450,6 +457,9 @@ impl PolicyManager {
             endpoints: BTreeMap::new(),
             programmed: BTreeSet::new(),
             snapshot: None,
+            hosts: BTreeMap::new(),
+            hosts_programmed: BTreeSet::new(),
+            hosts_dirty: false,
         }
     }
 
@@ -459,6 +469,20 @@ impl PolicyManager {
 
     pub fn programmed(&self) -> &BTreeSet<String> {
         &self.programmed
+    }
+
+    /// A node's address (None: gone), for the cluster-hosts set.
+    pub fn set_host(&mut self, node: &str, addr: Option<std::net::Ipv4Addr>) {
+        let before = match addr {
+            Some(a) => self.hosts.insert(node.into(), a),
+            None => self.hosts.remove(node),
+        };
+        self.hosts_dirty |= before != addr;
+    }
+
+    /// Whether something waits for the next apply besides what the engine reports.
+    pub fn has_pending(&self) -> bool {
+        !self.built || self.hosts_dirty
     }
 
     /// Config changes (FelixConfiguration) rebuild the base chains at the next apply.
@@ -499,6 +523,10 @@ impl PolicyManager {
             Rule::new(vec![lo], vec![Statement::Accept]),
             Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
         ];
+        let peer = if inbound { Addr::Source } else { Addr::Destination };
+        let hosts = Match::AddrInSet { addr: peer, v6: false, set: CLUSTER_HOSTS.into(), negate: false };
+        rules.push(Rule::new(vec![hosts.clone(), Match::UdpDport(4789)], vec![Statement::Accept]));
+        rules.push(Rule::new(vec![hosts, Match::L4Proto { proto: 4, negate: false }], vec![Statement::Accept]));
         let list = if inbound { &self.config.failsafe_inbound } else { &self.config.failsafe_outbound };
         rules.extend(Self::failsafe_rules(list, inbound));
         rules.push(Rule::new(vec![], vec![Statement::IfnameVmap { input: inbound, map: map.into() }]));
@@ -521,6 +549,7 @@ impl PolicyManager {
         for m in [FROM_WL, TO_WL, FROM_HEP, TO_HEP] {
             ops.push(Op::AddIfnameVmap(t.clone(), m.into()));
         }
+        ops.push(Op::AddSet(t.clone(), Set { name: CLUSTER_HOSTS.into(), kind: SetType::Ipv4Addr, interval: true }));
         if self.all_interfaces {
             // Made here because the base chains jump to them; filled as endpoints.
             for ingress in [true, false] {
@@ -588,6 +617,19 @@ impl PolicyManager {
         }
         let t = table();
         let mut later = Vec::new();
+        if full {
+            self.hosts_programmed.clear();
+        }
+        let hosts: BTreeSet<std::net::Ipv4Addr> = self.hosts.values().copied().collect();
+        let host = |a: &std::net::Ipv4Addr| Element::Net(IpNet::from(std::net::IpAddr::V4(*a)));
+        let gone: Vec<Element> = self.hosts_programmed.difference(&hosts).map(host).collect();
+        let new: Vec<Element> = hosts.difference(&self.hosts_programmed).map(host).collect();
+        if !gone.is_empty() {
+            ops.push(Op::DeleteElements(t.clone(), CLUSTER_HOSTS.into(), gone));
+        }
+        if !new.is_empty() {
+            ops.push(Op::AddElements(t.clone(), CLUSTER_HOSTS.into(), new));
+        }
         // Sets first (rules refer to them), deletions last.
         for id in &dirty.sets {
             let spec = engine.index().set_spec(id).cloned();
@@ -696,6 +738,8 @@ impl PolicyManager {
             return Err(e.into());
         }
         self.built = true;
+        self.hosts_programmed = hosts;
+        self.hosts_dirty = false;
         if !ops.is_empty() {
             self.snapshot = None;
         }
