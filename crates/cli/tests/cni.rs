@@ -325,15 +325,7 @@ fn ipam_mode_install_and_chaining_with_portmap_and_bandwidth() {
 fn ipam_plugin_under_ptp_and_undo_and_stale_del() {
     let lab = Lab::new();
     // gingham-ipam as the IPAM of the distribution's ptp plugin (found through CNI_PATH).
-    let bin = lab.dir.path().join("bin");
-    lab.gingham(&[
-        "cni",
-        "install",
-        "--bin-dir",
-        bin.to_str().unwrap(),
-        "--conf-dir",
-        lab.dir.path().join("net.d").to_str().unwrap(),
-    ]);
+    let bin = lab.install_cni();
     let ns = lab.pod_ns("ptp");
     let conf = json!({ "cniVersion": "1.0.0", "name": "ptpnet", "type": "ptp", "agent_socket": lab.socket(), "ipam": { "type": "gingham-ipam" } });
     let path = format!("{}:/usr/lib/cni", bin.display());
@@ -427,15 +419,7 @@ fn host_local_addresses_are_imported_and_released_by_del() {
     let again = lab.gingham(&["ipam", "upgrade", "--data-dir", data_s, "--nodename", "node-1"]);
     assert!(again.ends_with(": 0 imported, 3 already imported, 0 not imported\n"), "{again}");
     // DEL through gingham-ipam (the same network and container): only hl-b's address goes.
-    let bin = lab.dir.path().join("bin");
-    lab.gingham(&[
-        "cni",
-        "install",
-        "--bin-dir",
-        bin.to_str().unwrap(),
-        "--conf-dir",
-        lab.dir.path().join("net.d").to_str().unwrap(),
-    ]);
+    let bin = lab.install_cni();
     let ns = lab.pod_ns("hl-b-del");
     let (code, r) =
         lab.plugin(bin.join("gingham-ipam").to_str().unwrap(), "DEL", "hl-b", &ns, "hl-b", &lab.conf("1.0.0"), &[]);

@@ -136,6 +136,14 @@ impl Lab {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// `gingham cni install` into the lab's own directory; returns the binaries' directory.
+    pub fn install_cni(&self) -> PathBuf {
+        let bin = self.dir.path().join("bin");
+        let conf = self.dir.path().join("net.d");
+        self.gingham(&["cni", "install", "--bin-dir", bin.to_str().unwrap(), "--conf-dir", conf.to_str().unwrap()]);
+        bin
+    }
+
     pub fn pod_ns(&self, name: &str) -> String {
         let ns = format!("{}-{name}", self.tag);
         ok(&["ip", "netns", "add", &ns]);
