@@ -305,8 +305,10 @@ impl EndpointService {
         pod: &Netlink,
         undo: &mut Undo,
     ) -> Result<CniResult, CniError> {
+        crate::steps::mark("lock and checks");
         undo.ipam = true;
         let got = self.assign(ep, id, false).await?;
+        crate::steps::mark("IPAM");
         let published = self.metrics.pod_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let mtu = match (ep.mtu, published) {
             (0, 0) => 1500,
@@ -331,6 +333,7 @@ impl EndpointService {
             .await
             .map_err(|e| kernel("reading the pod interface failed", e))?
             .ok_or_else(|| CniError::new(code::INTERNAL, "the pod interface vanished"))?;
+        crate::steps::mark("veth");
         let has_v6 = !got.v6.is_empty();
         // Host side: proxy ARP/NDP answers for the gateway; no delay on the first packet.
         for (key, value) in gingham_dataplane::workloads::host_sysctls(&id.host_veth, has_v6) {
@@ -391,10 +394,13 @@ impl EndpointService {
                 .await
                 .map_err(|e| kernel("adding the host route failed", e))?;
         }
+        crate::steps::mark("addresses, routes, sysctls");
         undo.wep = true;
         self.write_endpoint(ep, id, &got, &pod_link.mac).await?;
+        crate::steps::mark("endpoint write");
         let ips: Vec<IpNet> = got.v4.iter().chain(&got.v6).copied().collect();
         self.policy_in_place(&id.host_veth, &ips).await?;
+        crate::steps::mark("policy in place");
         Ok(result_for(ep, id, &host_link, &pod_link, &ips))
     }
 
@@ -571,6 +577,7 @@ impl EndpointService {
             };
             Unreachable(down, internal("releasing addresses failed", e))
         })?;
+        crate::steps::mark("IPAM release");
         // The endpoint (and its veth) only if it still belongs to this container: a newer pod
         // of the same name may have replaced it.
         let wep = self
@@ -579,11 +586,13 @@ impl EndpointService {
             .await
             .map_err(|e| unreachable("reading the endpoint failed", &e))?;
         let ours = wep.as_ref().is_none_or(|w| w.spec["containerID"].as_str() == Some(ep.container_id.as_str()));
+        crate::steps::mark("endpoint read");
         if ours {
             if veth {
                 Netlink::delete_link_detached(&id.host_veth)
                     .await
                     .map_err(|e| Unreachable(false, kernel("removing the veth failed", e)))?;
+                crate::steps::mark("veth delete");
             }
             if let Some(w) = wep {
                 let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());
@@ -591,6 +600,7 @@ impl EndpointService {
                     Ok(_) | Err(gingham_store::resources::ResourceError::Store(StoreError::NotFound { .. })) => {}
                     Err(e) => return Err(unreachable("removing the endpoint failed", &e)),
                 }
+                crate::steps::mark("endpoint delete");
             }
         }
         Ok(())

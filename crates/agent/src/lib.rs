@@ -23,6 +23,7 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod socket;
+pub mod steps;
 pub mod sync;
 
 use endpoints::EndpointService;
@@ -192,8 +193,13 @@ async fn handle(svc: Arc<EndpointService>, mut stream: UnixStream) {
         Err(e) => Response {
             result: None,
             error: Some(CniError::new(code::DECODE_FAILURE, "unreadable request").details(e.to_string())),
+            steps: Vec::new(),
         },
-        Ok((msg, fds)) => dispatch(&svc, msg, fds, &stream).await,
+        Ok((msg, fds)) => {
+            let (mut resp, steps) = steps::recorded(dispatch(&svc, msg, fds, &stream)).await;
+            resp.steps = steps;
+            resp
+        }
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
@@ -210,10 +216,10 @@ fn gave_up() -> CniError {
 }
 
 async fn dispatch(svc: &EndpointService, msg: Message, fds: Vec<std::fs::File>, stream: &UnixStream) -> Response {
-    let done = |r: Result<(), CniError>| Response { result: None, error: r.err() };
+    let done = |r: Result<(), CniError>| Response { error: r.err(), ..Default::default() };
     let with = |r: Result<gingham_cni::spec::CniResult, CniError>| match r {
-        Ok(res) => Response { result: Some(res), error: None },
-        Err(e) => Response { result: None, error: Some(e) },
+        Ok(res) => Response { result: Some(res), ..Default::default() },
+        Err(e) => Response { error: Some(e), ..Default::default() },
     };
     if caller_gave_up(msg.deadline_ms, stream) {
         return done(Err(gave_up()));

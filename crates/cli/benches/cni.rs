@@ -32,8 +32,8 @@ impl Drop for Ns {
     }
 }
 
-/// Exec `exe` as a CNI plugin inside `host`; returns (elapsed, stdout).
-fn exec(exe: &Path, host: &Path, cmd: &str, cid: &str, netns: &Path, conf: &Value) -> (Duration, Value) {
+/// Exec `exe` as a CNI plugin inside `host`; returns (elapsed, stdout, stderr).
+fn exec(exe: &Path, host: &Path, cmd: &str, cid: &str, netns: &Path, conf: &Value) -> (Duration, Value, String) {
     let ns = std::fs::File::open(host).expect("host netns");
     let mut c = Command::new(exe);
     c.env_clear()
@@ -43,6 +43,8 @@ fn exec(exe: &Path, host: &Path, cmd: &str, cid: &str, netns: &Path, conf: &Valu
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", exe.parent().unwrap_or(Path::new("/")))
         .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={cid}"))
+        // gingham prints where the request's time went (others ignore it).
+        .env(gingham_cni::proto::TIMINGS_ENV, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -64,7 +66,27 @@ fn exec(exe: &Path, host: &Path, cmd: &str, cid: &str, netns: &Path, conf: &Valu
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (t, serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    (t, serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// One request's breakdown: the plugin's own time (start, config, result), the socket and
+/// queueing, and each of the agent's steps — or None when the plugin printed none.
+fn breakdown(wall: Duration, stderr: &str) -> Option<Vec<(String, Duration)>> {
+    let line = stderr.lines().find_map(|l| l.strip_prefix("gingham-cni steps "))?;
+    let v: Value = serde_json::from_str(line).ok()?;
+    let rt = Duration::from_micros(v["round_trip_us"].as_u64()?);
+    let agent: Vec<(String, Duration)> = v["agent"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| Some((s[0].as_str()?.to_string(), Duration::from_micros(s[1].as_u64()?))))
+        .collect();
+    let in_agent: Duration = agent.iter().map(|(_, d)| *d).sum();
+    let mut out = vec![
+        ("plugin start, config, result".to_string(), wall.saturating_sub(rt)),
+        ("socket round trip, queue".to_string(), rt.saturating_sub(in_agent)),
+    ];
+    out.extend(agent);
+    Some(out)
 }
 
 struct Phase {
@@ -80,11 +102,12 @@ fn phase(mut lat: Vec<Duration>, wall: Duration) -> Phase {
 }
 
 /// ADD then DEL for `pods`, sequentially (j = 1) or with `j` in flight.
-fn run(exe: &Path, host: &Path, pods: &[Ns], conf: &Value, j: usize) -> (Phase, Phase) {
+fn run(exe: &Path, host: &Path, pods: &[Ns], conf: &Value, j: usize) -> (Phase, Phase, Vec<Vec<Vec<(String, Duration)>>>) {
     let mut results = Vec::new();
+    let mut steps = Vec::new();
     for cmd in ["ADD", "DEL"] {
         let start = Instant::now();
-        let lat: Vec<Duration> = std::thread::scope(|s| {
+        let done: Vec<(Duration, String)> = std::thread::scope(|s| {
             let chunks: Vec<_> = pods.chunks(pods.len().div_ceil(j)).collect();
             let hs: Vec<_> = chunks
                 .into_iter()
@@ -98,7 +121,8 @@ fn run(exe: &Path, host: &Path, pods: &[Ns], conf: &Value, j: usize) -> (Phase, 
                                     c["prevResult"] =
                                         json!({ "cniVersion": c["cniVersion"], "interfaces": [], "ips": [] });
                                 }
-                                exec(exe, host, cmd, &p.0, &p.path(), &c).0
+                                let (t, _, err) = exec(exe, host, cmd, &p.0, &p.path(), &c);
+                                (t, err)
                             })
                             .collect::<Vec<_>>()
                     })
@@ -106,10 +130,33 @@ fn run(exe: &Path, host: &Path, pods: &[Ns], conf: &Value, j: usize) -> (Phase, 
                 .collect();
             hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
-        results.push(phase(lat, start.elapsed()));
+        let wall = start.elapsed();
+        steps.push(done.iter().filter_map(|(t, err)| breakdown(*t, err)).collect());
+        results.push(phase(done.into_iter().map(|(t, _)| t).collect(), wall));
     }
     let del = results.pop().unwrap();
-    (results.pop().unwrap(), del)
+    (results.pop().unwrap(), del, steps)
+}
+
+/// p50 / p99 of each step over the requests, in the order the steps came.
+fn print_breakdown(what: &str, requests: &[Vec<(String, Duration)>]) {
+    let mut names: Vec<String> = Vec::new();
+    for r in requests {
+        for (n, _) in r {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+    }
+    println!("{what}, {} requests: where the time goes (ms)", requests.len());
+    println!("  {:<32} {:>8} {:>8}", "step", "p50", "p99");
+    for n in names {
+        let mut v: Vec<Duration> =
+            requests.iter().filter_map(|r| r.iter().find(|(m, _)| *m == n).map(|(_, d)| *d)).collect();
+        v.sort();
+        let at = |q: usize| v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or_default();
+        println!("  {n:<32} {:>8.2} {:>8.2}", at(50).as_secs_f64() * 1e3, at(99).as_secs_f64() * 1e3);
+    }
 }
 
 fn main() {
@@ -199,7 +246,8 @@ fn main() {
         "{:<22} {:>11} {:>11} {:>9} {:>11} {:>11} {:>9} {:>14}",
         "phase", "ptp p50 ms", "ptp p99 ms", "ptp pods/s", "ging p50 ms", "ging p99 ms", "ging pods/s", "p50 ging/ptp"
     );
-    for (name, (pa, pd), (ga, gd)) in [("sequential".to_string(), ps, gs), (format!("{j}-way bursts"), pp, gp)] {
+    let steps = gs.2.clone();
+    for (name, (pa, pd, _), (ga, gd, _)) in [("sequential".to_string(), ps, gs), (format!("{j}-way bursts"), pp, gp)] {
         for (op, p, g) in [("ADD", &pa, &ga), ("DEL", &pd, &gd)] {
             println!(
                 "{:<22} {:>11} {:>11} {:>9.0} {:>11} {:>11} {:>9.0} {:>13.2}x",
@@ -214,4 +262,7 @@ fn main() {
             );
         }
     }
+    println!();
+    print_breakdown("gingham ADD, sequential", &steps[0]);
+    print_breakdown("gingham DEL, sequential", &steps[1]);
 }

@@ -114,7 +114,14 @@ pub struct Response {
     pub result: Option<CniResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<CniError>,
+    /// How long each of the agent's steps took (µs), for the CNI benchmark.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<(String, u64)>,
 }
+
+/// With this set, the plugin prints one line per request on stderr: the socket round trip and
+/// the agent's steps (`gingham-cni steps {json}`).
+pub const TIMINGS_ENV: &str = "GINGHAM_CNI_TIMINGS";
 
 /// Send one request (with the pod's network namespace, if given) to the agent and wait for its
 /// answer. The agent gets `timeout` to finish; the plugin waits a little longer.
@@ -134,6 +141,7 @@ pub fn call(
     stream.set_read_timeout(Some(timeout + DEADLINE_GRACE)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let msg = Message { deadline_ms: now_ms() + timeout.as_millis() as u64, request: req.clone() };
+    let started = std::time::Instant::now();
     let mut line = serde_json::to_vec(&msg).map_err(|e| CniError::new(code::INTERNAL, e.to_string()))?;
     line.push(b'\n');
     let fds: Vec<RawFd> = netns.iter().map(|f| f.as_raw_fd()).collect();
@@ -151,6 +159,10 @@ pub fn call(
     let resp: Response = serde_json::from_str(&answer).map_err(|e| {
         CniError::new(code::IO_FAILURE, "the gingham node agent's answer is unreadable").details(e.to_string())
     })?;
+    if std::env::var_os(TIMINGS_ENV).is_some() {
+        let t = serde_json::json!({ "round_trip_us": started.elapsed().as_micros() as u64, "agent": resp.steps });
+        eprintln!("gingham-cni steps {t}");
+    }
     match resp.error {
         Some(e) => Err(e),
         None => Ok(resp.result),
