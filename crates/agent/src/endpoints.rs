@@ -79,6 +79,30 @@ pub struct EndpointService {
     pending_dels: std::sync::Mutex<Vec<Endpoint>>,
     /// Where that queue is kept across restarts.
     pending_file: Option<std::path::PathBuf>,
+    /// Host veths renamed out of the way by a DEL, being deleted in the background (the kernel
+    /// holds an unregister for an RCU grace period), by the attachment's handle.
+    teardowns: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// Names of host veths a DEL renamed out of the way: `gdl` and 12 hex digits (only we make them;
+/// left over after a crash, the next start deletes them).
+pub const TEARDOWN_PREFIX: &str = "gdl";
+
+fn teardown_name() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    format!("{TEARDOWN_PREFIX}{:012x}", (t as u64 ^ n.rotate_left(40)) & 0xffff_ffff_ffff)
+}
+
+/// Whether a link name is one of our teardown names.
+pub fn is_teardown_name(name: &str) -> bool {
+    name.strip_prefix(TEARDOWN_PREFIX).is_some_and(|h| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn lock_teardowns<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A failed DEL step, and whether the datastore was unreachable (rather than refusing).
@@ -181,6 +205,46 @@ impl EndpointService {
             programmed,
             pending_dels: Default::default(),
             pending_file: None,
+            teardowns: Default::default(),
+        }
+    }
+
+    /// Take a host veth away from its name at once and delete it in the background: a DEL
+    /// returns without waiting for the kernel's unregister, and the next pod of the same name
+    /// finds the name free. Falls back to deleting in place when it cannot be renamed.
+    async fn tear_down(&self, handle: &str, iface: &str) -> Result<(), gingham_kernel::KernelError> {
+        let trash = teardown_name();
+        match self.host.rename_link(iface, &trash).await {
+            Ok(true) => {
+                let task = tokio::spawn(async move {
+                    if let Err(e) = Netlink::delete_link_detached(&trash).await {
+                        eprintln!("gingham node agent: deleting {trash} (a removed pod's veth): {e}");
+                    }
+                });
+                let mut t = lock_teardowns(&self.teardowns);
+                t.retain(|_, task| !task.is_finished());
+                t.insert(handle.to_string(), task);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(_) => Netlink::delete_link_detached(iface).await.map(|_| ()),
+        }
+    }
+
+    /// A teardown of this attachment still running: wait for it (an ADD into the same pod
+    /// namespace needs its interface name back).
+    async fn await_teardown(&self, handle: &str) {
+        let task = lock_teardowns(&self.teardowns).remove(handle);
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Delete what a previous run left renamed for teardown (it died before finishing).
+    pub async fn sweep_teardowns(&self) {
+        let Ok(links) = self.host.links().await else { return };
+        for l in links.into_iter().filter(|l| is_teardown_name(&l.name)) {
+            let _ = Netlink::delete_link_detached(&l.name).await;
         }
     }
 
@@ -263,6 +327,7 @@ impl EndpointService {
 
     pub async fn add(&self, ep: &Endpoint, ns_file: File) -> Result<CniResult, CniError> {
         let _serial = self.locks.lock(&ep.handle()).await;
+        self.await_teardown(&ep.handle()).await;
         let id = self.identity(ep);
         if is_own_netns(&ns_file).map_err(|e| kernel("cannot read the pod's network namespace", e))? {
             return Err(CniError::new(
@@ -589,10 +654,10 @@ impl EndpointService {
         crate::steps::mark("endpoint read");
         if ours {
             if veth {
-                Netlink::delete_link_detached(&id.host_veth)
+                self.tear_down(&ep.handle(), &id.host_veth)
                     .await
                     .map_err(|e| Unreachable(false, kernel("removing the veth failed", e)))?;
-                crate::steps::mark("veth delete");
+                crate::steps::mark("veth out of the way");
             }
             if let Some(w) = wep {
                 let rv = w.metadata.resource_version.as_deref().and_then(|r| r.parse().ok());

@@ -154,6 +154,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     );
     service.load_pending(pending_dels_path(&config.socket));
     let service = Arc::new(service);
+    let s = service.clone();
+    tokio::spawn(async move { s.sweep_teardowns().await });
     tokio::spawn(service.clone().sweep_orphans(config.orphan_grace, sweep));
     let path = config.socket.clone();
     let listener =

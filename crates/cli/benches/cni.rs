@@ -102,7 +102,13 @@ fn phase(mut lat: Vec<Duration>, wall: Duration) -> Phase {
 }
 
 /// ADD then DEL for `pods`, sequentially (j = 1) or with `j` in flight.
-fn run(exe: &Path, host: &Path, pods: &[Ns], conf: &Value, j: usize) -> (Phase, Phase, Vec<Vec<Vec<(String, Duration)>>>) {
+fn run(
+    exe: &Path,
+    host: &Path,
+    pods: &[Ns],
+    conf: &Value,
+    j: usize,
+) -> (Phase, Phase, Vec<Vec<Vec<(String, Duration)>>>) {
     let mut results = Vec::new();
     let mut steps = Vec::new();
     for cmd in ["ADD", "DEL"] {

@@ -435,3 +435,41 @@ fn host_local_addresses_are_imported_and_released_by_del() {
         String::from_utf8_lossy(&out.stdout).contains("not imported 10.65.9.100: already held by handle node-2-pod")
     );
 }
+
+/// A DEL takes the host veth out of the way at once (renamed, deleted in the background): the
+/// name is free when DEL returns, an ADD of the same pod into the same namespace right after
+/// succeeds, and what a killed agent left renamed is deleted when it starts again — only names
+/// of that exact shape.
+#[test]
+fn del_frees_the_name_at_once_and_leftovers_are_swept() {
+    let mut lab = Lab::new();
+    let ns = lab.pod_ns("td");
+    let conf = lab.conf("1.0.0");
+    let (code, r) = lab.cni("ADD", "td1", &ns, "td-pod", &conf);
+    assert_eq!(code, 0, "{r}");
+    let host = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    assert!(lab.node_links().contains(&host));
+    let (code, r) = lab.cni("DEL", "td1", &ns, "td-pod", &conf);
+    assert_eq!(code, 0, "{r}");
+    assert!(!lab.node_links().contains(&format!(" {host}@")), "the name is free when DEL returns");
+    // The same pod again, into the same namespace, at once.
+    let (code, r) = lab.cni("ADD", "td1", &ns, "td-pod", &conf);
+    assert_eq!(code, 0, "re-ADD right after DEL: {r}");
+    assert_eq!(lab.cni("DEL", "td1", &ns, "td-pod", &conf).0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while lab.node_links().contains(" gdl") {
+        assert!(std::time::Instant::now() < deadline, "background deletion did not finish: {}", lab.node_links());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Leftovers of a killed agent: ours (gdl + 12 hex digits) go at the next start; others stay.
+    lab.stop_agent();
+    ok(&["ip", "-n", &lab.node, "link", "add", "gdl0123456789ab", "type", "veth", "peer", "name", "left0"]);
+    ok(&["ip", "-n", &lab.node, "link", "add", "gdlnotours", "type", "veth", "peer", "name", "other0"]);
+    lab.start_agent();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while lab.node_links().contains("gdl0123456789ab") {
+        assert!(std::time::Instant::now() < deadline, "leftover not swept: {}", lab.node_links());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lab.node_links().contains("gdlnotours"), "a name we did not make stays");
+}

@@ -238,6 +238,17 @@ impl Netlink {
         }
     }
 
+    /// Rename a link; false if there is none of that name.
+    pub async fn rename_link(&self, name: &str, new: &str) -> Result<bool> {
+        let Some(l) = self.link(name).await? else { return Ok(false) };
+        match self.handle.link().set(LinkUnspec::new_with_index(l.index).name(new.to_string()).build()).execute().await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc_enodev()) => Ok(false),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
     /// Delete a link on a thread of its own with its own netlink socket. The kernel runs a
     /// request inside the sender's sendmsg, and unregistering a device waits for an RCU grace
     /// period (~20 ms): on a shared runtime that stalls a worker; here deletions overlap.
