@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 const G: &str = env!("CARGO_BIN_EXE_gingham");
+/// The plugin as `gingham cni install` installs it.
+const PLUGIN: &str = env!("CARGO_BIN_EXE_gingham-cni");
 
 struct Ns(String);
 impl Ns {
@@ -230,7 +232,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let g_conf = json!({ "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "gingham", "mtu": 1500, "agent_socket": socket, "ipam": { "type": "gingham-ipam" } });
-    let gingham = PathBuf::from(G);
+    let gingham = PathBuf::from(PLUGIN);
     // Warm both (first block claim, page cache), then measure back to back.
     let warm = &pods[..1];
     run(&ptp, &host.path(), warm, &ptp_conf, 1);

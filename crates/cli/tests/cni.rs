@@ -272,6 +272,9 @@ fn ipam_mode_install_and_chaining_with_portmap_and_bandwidth() {
     assert_eq!(list["plugins"][0]["ipam"]["type"], "gingham-ipam");
     let ipam_bin = bin.join("gingham-ipam");
     assert!(ipam_bin.exists() && bin.join("gingham").exists());
+    // What is installed is the plugin alone, not all of gingham.
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&bin.join("gingham")) * 4 < size(std::path::Path::new(G)), "the small plugin binary is installed");
 
     // As another plugin's IPAM: addresses only, released on DEL.
     let ns = lab.pod_ns("ipam");
