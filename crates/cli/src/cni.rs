@@ -36,7 +36,7 @@ pub fn install(conf_dir: &std::path::Path, bin_dir: &std::path::Path, conf: &Val
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use gingham_cni::proto::DEFAULT_SOCKET;
 
     #[test]
     fn conflist_shape() {
