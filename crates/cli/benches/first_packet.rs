@@ -11,38 +11,16 @@ use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "common/lab.rs"]
+mod lab;
+use lab::Lab;
+
 const G: &str = env!("CARGO_BIN_EXE_gingham");
 const PORT: u16 = 7777;
-
-/// The lab, torn down on every exit path.
-struct Lab {
-    dir: tempfile::TempDir,
-    prefix: String,
-}
-
-impl Lab {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(G);
-        c.args(args).env("GINGHAM_LAB_DIR", self.dir.path()).env("GINGHAM_LAB_PREFIX", &self.prefix);
-        c
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("gingham runs");
-        assert!(out.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["lab", "down"]).output();
-    }
-}
 
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("pod namespace");
@@ -79,21 +57,12 @@ fn policies() -> String {
 
 fn main() {
     let pods: usize = std::env::var("GINGHAM_BENCH_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let lab = Lab { dir: tempfile::tempdir().expect("tempdir"), prefix: format!("gfp{}", std::process::id() % 10_000) };
-    lab.ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "0", "--quiet"]);
-    let env: Vec<(String, String)> = lab
-        .ok(&["lab", "env"])
-        .lines()
-        .filter_map(|l| l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.into(), v.into())))
-        .collect();
+    let lab = Lab::up("gfp", &["--nodes", "2", "--pods-per-node", "0"]);
     lab.ok(&["lab", "pod", "add", "node-2", "default/server", "--labels", "app=server"]);
-    let file = lab.dir.path().join("policies.yaml");
-    std::fs::write(&file, policies()).expect("write policies");
-    let out = lab.cmd(&["apply", "-f", file.to_str().unwrap_or_default()]).envs(env.iter().cloned()).output();
-    assert!(out.as_ref().is_ok_and(|o| o.status.success()), "apply: {out:?}");
+    lab.apply("policies.yaml", &policies());
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let mut state = gingham_lab::State::load(lab.dir.path()).expect("lab state");
+    let mut state = lab.state();
     let server_ip = state.pod("default/server").expect("server pod").ips[0].clone();
     let server_ns = state.pod("default/server").expect("server pod").netns.clone();
 
@@ -110,8 +79,6 @@ fn main() {
             }
         }
     });
-    // Until node-1's and node-2's agents enforce the 100 policies.
-    rt.block_on(gingham_lab::wait_policy(&state, Duration::from_secs(30))).expect("agents enforce the policies");
 
     let exe = PathBuf::from(G);
     let labels = BTreeMap::from([("app".to_string(), "client".to_string())]);

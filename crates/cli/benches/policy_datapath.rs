@@ -12,79 +12,41 @@ use std::process::Command;
 
 #[path = "common/iperf.rs"]
 mod iperf;
+#[path = "common/lab.rs"]
+mod lab;
 use iperf::iperf;
+use lab::Lab;
 use std::time::Duration;
 
-const G: &str = env!("CARGO_BIN_EXE_gingham");
-
-struct Lab {
-    dir: tempfile::TempDir,
-    prefix: String,
-    env: Vec<(String, String)>,
+/// The pod namespace of lab pod `pod`.
+fn pod_ns(lab: &Lab, pod: &str) -> String {
+    format!("{}-pod-{}", lab.prefix, pod.replace('/', "-"))
 }
 
-impl Lab {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(G);
-        c.args(args).env("GINGHAM_LAB_DIR", self.dir.path()).env("GINGHAM_LAB_PREFIX", &self.prefix);
-        c.envs(self.env.iter().cloned());
-        c
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("gingham runs");
-        assert!(out.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    fn pod_ns(&self, pod: &str) -> String {
-        format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
-    }
-    fn ip(&self, pod: &str) -> String {
-        let s: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).expect("lab state"))
-                .expect("lab state is JSON");
-        s["pods"].as_array().and_then(|p| p.iter().find(|p| p["name"] == pod)).expect("pod")["ips"][0]
-            .as_str()
-            .expect("pod address")
-            .to_string()
-    }
-    /// Apply `yaml` and wait until every agent enforces it.
-    fn apply(&self, name: &str, yaml: &str) {
-        let f = self.dir.path().join(name);
-        std::fs::write(&f, yaml).expect("write policy file");
-        self.ok(&["apply", "-f", f.to_str().unwrap_or_default()]);
-        self.wait();
-    }
-    fn wait(&self) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let state = gingham_lab::State::load(self.dir.path()).expect("lab state");
-        rt.block_on(gingham_lab::wait_policy(&state, Duration::from_secs(120))).expect("agents enforce the policies");
-    }
-    /// Rules in node `n`'s policy table.
-    fn rules(&self, n: &str) -> usize {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-{n}", self.prefix), "nft", "list", "table", "inet", "gingham"])
-            .output()
-            .expect("nft");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut in_chain = false;
-        let mut count = 0;
-        for l in text.lines().map(str::trim) {
-            if l.starts_with("chain ") {
-                in_chain = true;
-            } else if l == "}" {
-                in_chain = false;
-            } else if in_chain && !l.is_empty() && !l.starts_with("type ") {
-                count += 1;
-            }
+/// Pod `pod`'s first address.
+fn pod_ip(lab: &Lab, pod: &str) -> String {
+    lab.state().pods.iter().find(|p| p.name == pod).and_then(|p| p.ips.first().cloned()).expect("pod address")
+}
+
+/// Rules in node `n`'s policy table.
+fn rules(lab: &Lab, n: &str) -> usize {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-{n}", lab.prefix), "nft", "list", "table", "inet", "gingham"])
+        .output()
+        .expect("nft");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut in_chain = false;
+    let mut count = 0;
+    for l in text.lines().map(str::trim) {
+        if l.starts_with("chain ") {
+            in_chain = true;
+        } else if l == "}" {
+            in_chain = false;
+        } else if in_chain && !l.is_empty() && !l.starts_with("type ") {
+            count += 1;
         }
-        count
     }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["lab", "down"]).output();
-    }
+    count
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,32 +83,22 @@ fn bulk() -> String {
 fn main() {
     let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let mut lab = Lab {
-        dir: tempfile::tempdir().expect("tempdir"),
-        prefix: format!("gpd{}", std::process::id() % 10_000),
-        env: vec![],
-    };
-    lab.ok(&["lab", "up", "--quiet", "--nodes", "2", "--pods-per-node", "1", "--encap", "none"]);
-    lab.env = lab
-        .ok(&["lab", "env"])
-        .lines()
-        .filter_map(|l| l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.into(), v.into())))
-        .collect();
+    let lab = Lab::up("gpd", &["--nodes", "2", "--pods-per-node", "1", "--encap", "none"]);
     // natOutgoing off: pod-to-pod only, as the datapath bench's like-for-like rows.
     lab.ok(&["patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"natOutgoing":false}}"#]);
     for n in ["node-1", "node-2"] {
         lab.ok(&["lab", "pod", "add", n, &format!("others/o-{n}"), "--labels", "app=other"]);
     }
     std::thread::sleep(Duration::from_millis(1000));
-    let (src, dst) = (lab.pod_ns("default/pod-1-1"), lab.pod_ns("default/pod-2-1"));
-    let ip = lab.ip("default/pod-2-1");
+    let (src, dst) = (pod_ns(&lab, "default/pod-1-1"), pod_ns(&lab, "default/pod-2-1"));
+    let ip = pod_ip(&lab, "default/pod-2-1");
     let measure = |rows: &mut Vec<(String, usize, f64, f64)>, name: &str, lab: &Lab| {
         let (mut tcp, mut udp) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             tcp.push(iperf(&src, &dst, &ip, secs, 5302, false));
             udp.push(iperf(&src, &dst, &ip, secs, 5302, true));
         }
-        rows.push((name.to_string(), lab.rules("node-2"), median(tcp), median(udp)));
+        rows.push((name.to_string(), rules(lab, "node-2"), median(tcp), median(udp)));
     };
     let mut rows = Vec::new();
     measure(&mut rows, "no policy (untracked fast path)", &lab);

@@ -620,15 +620,19 @@ impl PolicyManager {
         if full {
             self.hosts_programmed.clear();
         }
-        let hosts: BTreeSet<std::net::Ipv4Addr> = self.hosts.values().copied().collect();
-        let host = |a: &std::net::Ipv4Addr| Element::Net(IpNet::from(std::net::IpAddr::V4(*a)));
-        let gone: Vec<Element> = self.hosts_programmed.difference(&hosts).map(host).collect();
-        let new: Vec<Element> = hosts.difference(&self.hosts_programmed).map(host).collect();
-        if !gone.is_empty() {
-            ops.push(Op::DeleteElements(t.clone(), CLUSTER_HOSTS.into(), gone));
-        }
-        if !new.is_empty() {
-            ops.push(Op::AddElements(t.clone(), CLUSTER_HOSTS.into(), new));
+        // The node addresses only when one changed (or the table is new): not per pod.
+        let hosts: Option<BTreeSet<std::net::Ipv4Addr>> =
+            (full || self.hosts_dirty).then(|| self.hosts.values().copied().collect());
+        if let Some(hosts) = &hosts {
+            let host = |a: &std::net::Ipv4Addr| Element::Net(IpNet::from(std::net::IpAddr::V4(*a)));
+            let gone: Vec<Element> = self.hosts_programmed.difference(hosts).map(host).collect();
+            let new: Vec<Element> = hosts.difference(&self.hosts_programmed).map(host).collect();
+            if !gone.is_empty() {
+                ops.push(Op::DeleteElements(t.clone(), CLUSTER_HOSTS.into(), gone));
+            }
+            if !new.is_empty() {
+                ops.push(Op::AddElements(t.clone(), CLUSTER_HOSTS.into(), new));
+            }
         }
         // Sets first (rules refer to them), deletions last.
         for id in &dirty.sets {
@@ -738,8 +742,10 @@ impl PolicyManager {
             return Err(e.into());
         }
         self.built = true;
-        self.hosts_programmed = hosts;
-        self.hosts_dirty = false;
+        if let Some(hosts) = hosts {
+            self.hosts_programmed = hosts;
+            self.hosts_dirty = false;
+        }
         if !ops.is_empty() {
             self.snapshot = None;
         }

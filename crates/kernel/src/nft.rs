@@ -650,23 +650,20 @@ impl Ownership {
         r
     }
 
-    /// Commit one transaction, noting commits by others before and during it.
+    /// Commit one transaction, noting commits by others since our last one (one generation
+    /// read, after it: our commit adds one, none when it changed nothing; more is others').
     fn transaction<T>(
         &mut self,
         commit: impl FnOnce(&mut Ownership) -> std::result::Result<T, String>,
     ) -> std::result::Result<T, String> {
-        let before = self.current().ok();
-        if let (Some(b), Some(o)) = (before, self.ours) {
-            self.others |= b != o;
-        }
         let r = commit(self);
-        match (before, self.current().ok()) {
-            (Some(b), Some(a)) => {
-                // Our commit adds one (none when it changed nothing); more is someone else's.
-                self.others |= a.wrapping_sub(b) > u32::from(r.is_ok());
+        match (self.ours, self.current().ok()) {
+            (Some(o), Some(a)) => {
+                self.others |= a.wrapping_sub(o) > u32::from(r.is_ok());
                 self.ours = Some(a);
             }
-            _ => self.others = true,
+            (None, Some(a)) => self.ours = Some(a),
+            (_, None) => self.others = true,
         }
         r
     }
