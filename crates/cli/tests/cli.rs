@@ -760,3 +760,36 @@ fn two_controller_processes_one_leads_the_other_takes_over() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `gingham delete node` removes the node's traces itself, as calicoctl's does: its addresses
+/// and blocks go with it, and `ipam check` has nothing to say about it afterwards.
+#[test]
+fn delete_node_removes_its_addresses_and_blocks() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "n.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.81.0.0/16}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1}\nspec: {}\n",
+    );
+    env.ok(&["apply", "-f", &f]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ds = std::sync::Arc::new(gingham_store::embedded::EmbeddedStore::open(&env.store).unwrap());
+        let req = gingham_ipam::AutoAssign {
+            num_v4: 2,
+            handle: "k8s-pod-network.gone".into(),
+            node: "n1".into(),
+            attrs: [("node".to_string(), "n1".to_string())].into(),
+            ..Default::default()
+        };
+        gingham_ipam::IpamClient::new(ds).auto_assign(&req).await.unwrap();
+    });
+    assert!(env.ok(&["ipam", "show"]).contains("|     2 (0%) |"));
+    let out = env.ok(&["delete", "node", "n1"]);
+    assert!(out.contains("Removed node n1's traces: 0 endpoints, 1 address handles, 1 blocks"), "{out}");
+    assert!(env.ok(&["ipam", "show", "--show-blocks"]).contains("|     0 (0%) |"));
+    assert!(!env.ok(&["ipam", "show", "--show-blocks"]).contains("| Block"), "no block left");
+    assert!(env.ok(&["ipam", "check"]).ends_with("found 0 problems.\n"));
+}

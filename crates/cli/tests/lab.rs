@@ -252,6 +252,10 @@ fn vxlan_lab_check_drift_node_removal_and_pods() {
 fn lab_files_have_their_modes_and_down_removes_only_what_the_lab_made() {
     use std::os::unix::fs::PermissionsExt;
     let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "1"]);
+    // The lab runs the cluster controllers, and they lead.
+    wait_for("the lab's controllers to lead", Duration::from_secs(10), || {
+        std::fs::read_to_string(lab.dir.path().join("controllers.log")).unwrap_or_default().contains(": leading")
+    });
     let dir = lab.dir.path();
     let mode = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!(

@@ -236,3 +236,34 @@ impl Controllers {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gingham_api::network::{ControllersConfig, KubeControllersConfigurationSpec, NodeControllerConfig};
+
+    fn spec(leak: Option<&str>, period: Option<&str>) -> KubeControllersConfigurationSpec {
+        KubeControllersConfigurationSpec {
+            controllers: Some(ControllersConfig {
+                node: Some(NodeControllerConfig {
+                    leak_grace_period: leak.map(str::to_string),
+                    reconciler_period: period.map(str::to_string),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kube_controllers_configuration_sets_the_grace_period_and_period() {
+        let s = Settings::default().with_config(&spec(Some("5m"), Some("30s"))).unwrap();
+        assert_eq!((s.leak_grace, s.period), (Some(Duration::from_secs(300)), Duration::from_secs(30)));
+        assert_eq!(Settings::default().with_config(&spec(Some("0"), None)).unwrap().leak_grace, None, "0: no GC");
+        let d = Settings::default().with_config(&KubeControllersConfigurationSpec::default()).unwrap();
+        assert_eq!(d.leak_grace, Some(Duration::from_secs(900)), "Calico's 15 min");
+        let e = Settings::default().with_config(&spec(Some("soon"), None)).unwrap_err();
+        assert!(e.contains("spec.controllers.node.leakGracePeriod"), "{e}");
+    }
+}
