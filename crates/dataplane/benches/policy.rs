@@ -131,7 +131,7 @@ fn main() {
         ENDPOINTS / APPS / NAMESPACES * NAMESPACES / NAMESPACES
     );
     println!(
-        "{:>9} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>11}",
+        "{:>9} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>13} {:>13} {:>6} {:>11} {:>13}",
         "policies",
         "gingham sync",
         "Felix sync",
@@ -142,7 +142,8 @@ fn main() {
         "gingham pod",
         "Felix pod",
         "ratio",
-        "sync: calc"
+        "sync: calc",
+        "kernel floor"
     );
     for n in [100usize, 1000, 5000] {
         // Felix-style, in its own namespace.
@@ -169,7 +170,7 @@ fn main() {
         let path = gingham_kernel::netns::add(&g.0).unwrap();
         let nft = Nft::in_namespace_file(&std::fs::File::open(&path).unwrap()).unwrap();
         let mut m = PolicyManager::new(nft, PolicyConfig::default());
-        let (sync, label, remote, calc) = rt.block_on(async {
+        let (sync, label, remote, calc, floor) = rt.block_on(async {
             let t = Instant::now();
             let mut e = Engine::default();
             for i in 0..ENDPOINTS {
@@ -192,6 +193,23 @@ fn main() {
             let d = e.take_dirty();
             m.apply(&e, &d).await.unwrap();
             let label = t.elapsed();
+            // The kernel's floor for any change that adds a verdict: it re-validates every jump
+            // of the table at commit. One chain with one `accept` rule, added and removed.
+            let floor = {
+                use gingham_kernel::nft::{Op, Rule, Statement};
+                let t = gingham_dataplane::policy::table();
+                let s = Instant::now();
+                m.nft()
+                    .apply(&[
+                        Op::AddChain(t.clone(), "floor".into(), None),
+                        Op::AddRule(t.clone(), "floor".into(), Rule::new(vec![], vec![Statement::Accept])),
+                    ])
+                    .await
+                    .unwrap();
+                let floor = s.elapsed();
+                m.nft().apply(&[Op::FlushChain(t.clone(), "floor".into()), Op::DeleteChain(t, "floor".into())]).await.unwrap();
+                floor
+            };
             // A pod elsewhere starts: only set members change.
             let t = Instant::now();
             let mut remote = endpoint(ENDPOINTS, 1);
@@ -199,13 +217,13 @@ fn main() {
             e.set_item("wep/remote", Some(remote));
             let d = e.take_dirty();
             m.apply(&e, &d).await.unwrap();
-            (sync, label, t.elapsed(), calc)
+            (sync, label, t.elapsed(), calc, floor)
         });
         drop(m);
         drop(g);
         let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
         println!(
-            "{n:>9} {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>11}",
+            "{n:>9} {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>11} {:>13}",
             ms(sync),
             ms(felix_sync),
             sync.as_secs_f64() / felix_sync.as_secs_f64(),
@@ -215,11 +233,13 @@ fn main() {
             ms(remote),
             ms(felix_remote),
             remote.as_secs_f64() / felix_remote.as_secs_f64(),
-            ms(calc)
+            ms(calc),
+            ms(floor)
         );
     }
     println!(
         "(label: a local endpoint changes app — its set memberships and its own chain; pod: an endpoint on another node joins a set.\n \
-         gingham: calculation + one transaction; Felix-style: ipset restore + iptables-restore, process start included as Felix pays it)"
+         gingham: calculation + one transaction; Felix-style: ipset restore + iptables-restore, process start included as Felix pays it;\n \
+         kernel floor: one chain with one accept rule added to gingham's table — every commit adding a verdict re-validates the table's jumps)"
     );
 }

@@ -154,29 +154,6 @@ impl PolicyConfig {
     }
 }
 
-/// The transaction as set element changes alone, when that is all it is (selector sets are
-/// interval sets; named-port sets are not).
-fn element_changes(ops: &[Op]) -> Option<Vec<SetElements>> {
-    let mut out = Vec::new();
-    for op in ops {
-        let (t, set, elements, add) = match op {
-            Op::AddElements(t, s, e) => (t, s, e, true),
-            Op::DeleteElements(t, s, e) => (t, s, e, false),
-            _ => return None,
-        };
-        if elements.is_empty() {
-            continue;
-        }
-        let interval = match elements[0] {
-            Element::Net(_) => true,
-            Element::ProtoPort(..) => false,
-            _ => return None,
-        };
-        out.push(SetElements { table: t.clone(), set: set.clone(), interval, add, elements: elements.clone() });
-    }
-    Some(out)
-}
-
 /// A digest of a table listing without its counters' values (traffic changes those).
 fn listing_digest(text: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -406,20 +383,24 @@ fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
         }
     }
     let tiers: &[TierPlan] = if ingress { &plan.ingress } else { &plan.egress };
+    // Each jump is guarded by the marks (an Allow or a Pass skips the tier's later policies),
+    // rather than followed by a test-and-return: one rule per policy, not two. The kernel
+    // re-validates the whole table's jumps at every commit that adds one, so the table's size
+    // is what a one-endpoint change costs.
     for t in tiers {
         out.push(Rule::new(vec![], vec![Statement::MarkClear(MARK_PASS)]));
         for p in &t.policies {
-            out.push(Rule::new(vec![mark(MARK_PASS, false)], vec![Statement::Jump(policy_chain(p, ingress))]));
-            out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
+            out.push(Rule::new(vec![mark(MARKS, false)], vec![Statement::Jump(policy_chain(p, ingress))]));
         }
+        out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
         if !t.pass_at_end {
             out.push(Rule::new(vec![mark(MARK_PASS, false)], vec![Statement::Counter, Statement::Drop]));
         }
     }
     for p in &plan.profiles {
-        out.push(Rule::new(vec![], vec![Statement::Jump(profile_chain(p, ingress))]));
-        out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
+        out.push(Rule::new(vec![mark(MARK_ACCEPT, false)], vec![Statement::Jump(profile_chain(p, ingress))]));
     }
+    out.push(Rule::new(vec![mark(MARK_ACCEPT, true)], vec![Statement::Return]));
     out.push(Rule::new(vec![], vec![Statement::Counter, Statement::Drop]));
     out
 }
@@ -731,12 +712,7 @@ impl PolicyManager {
         }
         ops.extend(endpoint_later);
         ops.extend(later);
-        let result = match element_changes(&ops) {
-            // Only set members changed (a label change, a pod elsewhere): straight to netlink.
-            Some(changes) if !full => self.nft.apply_elements(changes).await,
-            _ => self.nft.apply(&ops).await,
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.nft.apply(&ops).await {
             self.built = false;
             self.programmed.clear();
             return Err(e.into());

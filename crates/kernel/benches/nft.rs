@@ -1,6 +1,8 @@
-//! What one nftables change costs: libnftables inside the agent (crates/kernel's `Nft`) beside
-//! spawning an `nft -f -` process per change (what the agent did before), on a table that also
-//! holds 10,000 rules, in a namespace of its own. `cargo bench -p gingham-kernel --bench nft`.
+//! What one nftables change costs: gingham's netlink encoding (crates/kernel's `Nft::apply`)
+//! beside libnftables inside the process (what the agent used before, `apply_with_libnftables`)
+//! and an `nft -f -` process per change (before that), on a table that also holds 10,000
+//! rules, in a namespace of its own; and loading those 10,000 rules both in-process ways.
+//! `cargo bench -p gingham-kernel --bench nft`.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -54,6 +56,22 @@ async fn main() {
             ),
         ));
     }
+    // Loading 10,000 rules, both in-process ways (libnftables into a twin table, then removed).
+    let twin = Table::new(Family::Inet, "twin");
+    let twin_ops: Vec<Op> = ops
+        .iter()
+        .map(|o| match o {
+            Op::AddTable(_) => Op::AddTable(twin.clone()),
+            Op::AddSet(_, s) => Op::AddSet(twin.clone(), s.clone()),
+            Op::AddChain(_, c, b) => Op::AddChain(twin.clone(), c.clone(), *b),
+            Op::AddRule(_, c, r) => Op::AddRule(twin.clone(), c.clone(), r.clone()),
+            other => other.clone(),
+        })
+        .collect();
+    let started = Instant::now();
+    nft.apply_with_libnftables(&twin_ops).await.unwrap();
+    let lib_load = started.elapsed();
+    nft.apply(&[Op::DeleteTable(twin)]).await.unwrap();
     let started = Instant::now();
     nft.apply(&ops).await.unwrap();
     let load = started.elapsed();
@@ -77,15 +95,23 @@ async fn main() {
         ]
     };
     let (mut lib_elem, mut lib_chain, mut proc_elem, mut proc_chain) = (vec![], vec![], vec![], vec![]);
+    let (mut wire_elem, mut wire_chain) = (vec![], vec![]);
+    // Alternating, so that drift in the machine's load hits both alike.
     for i in 0..200u32 {
         let s = Instant::now();
-        nft.apply(&[Op::AddElements(t.clone(), "s".into(), vec![elem(i)])]).await.unwrap();
-        lib_elem.push(s.elapsed());
+        nft.apply(&[Op::AddElements(t.clone(), "s".into(), vec![elem(2 * i)])]).await.unwrap();
+        wire_elem.push(s.elapsed());
         let s = Instant::now();
         nft.apply(&chain_ops(i)).await.unwrap();
+        wire_chain.push(s.elapsed());
+        let s = Instant::now();
+        nft.apply_with_libnftables(&[Op::AddElements(t.clone(), "s".into(), vec![elem(2 * i + 1)])]).await.unwrap();
+        lib_elem.push(s.elapsed());
+        let s = Instant::now();
+        nft.apply_with_libnftables(&chain_ops(i)).await.unwrap();
         lib_chain.push(s.elapsed());
     }
-    for i in 200..260u32 {
+    for i in 400..460u32 {
         let s = Instant::now();
         nft_process(&ns, &render(&[Op::AddElements(t.clone(), "s".into(), vec![elem(i)])]).unwrap());
         proc_elem.push(s.elapsed());
@@ -95,26 +121,33 @@ async fn main() {
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "nftables change cost, table with 10,000 rules (loaded in {:.0} ms); load average {}",
+        "nftables change cost, table with 10,000 rules (loaded in {:.0} ms over netlink, {:.0} ms through libnftables: {:.2}x); load average {}",
         ms(load),
+        ms(lib_load),
+        load.as_secs_f64() / lib_load.as_secs_f64(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>16}",
-        "change", "nft process p50/p99 ms", "libnftables p50/p99 ms", "p50 lib/process"
+        "{:<36} {:>22} {:>22} {:>22} {:>10} {:>10}",
+        "change (p50 / p99 ms)", "nft process", "libnftables", "gingham netlink", "vs lib", "vs nft"
     );
-    for (what, p, l) in
-        [("add one set element", proc_elem, lib_elem), ("replace one chain (flush + 2 rules)", proc_chain, lib_chain)]
-    {
+    for (what, p, l, w) in [
+        ("add one set element", proc_elem, lib_elem, wire_elem),
+        ("replace one chain (flush + 2 rules)", proc_chain, lib_chain, wire_chain),
+    ] {
         let (pp50, pp99) = pct(p);
         let (lp50, lp99) = pct(l);
+        let (wp50, wp99) = pct(w);
         println!(
-            "{what:<34} {:>10.2} / {:<9.2} {:>11.2} / {:<9.2} {:>13.3}x",
+            "{what:<36} {:>10.3} / {:<9.3} {:>10.3} / {:<9.3} {:>10.3} / {:<9.3} {:>9.3}x {:>9.4}x",
             ms(pp50),
             ms(pp99),
             ms(lp50),
             ms(lp99),
-            lp50.as_secs_f64() / pp50.as_secs_f64()
+            ms(wp50),
+            ms(wp99),
+            wp50.as_secs_f64() / lp50.as_secs_f64(),
+            wp50.as_secs_f64() / pp50.as_secs_f64()
         );
     }
     nft.apply(&[Op::DeleteTable(t)]).await.unwrap();

@@ -18,6 +18,7 @@ mod batch;
 pub mod memory;
 pub mod netns;
 pub mod nft;
+mod nft_expr;
 mod nft_wire;
 pub mod sysctl;
 pub mod tcp;

@@ -1,12 +1,14 @@
 //! nftables, typed: tables, sets, chains and rules as Rust values, applied as one atomic
-//! transaction per batch through libnftables in this process (no `nft` process per change: a
-//! set-element change costs a fraction of a millisecond). Batches are incremental — add or
+//! transaction per batch, encoded as netlink messages in this process (`nft_wire`; no `nft`
+//! process and no libnftables cache fetch per change: a set-element or one-chain change costs
+//! a fraction of a millisecond whatever the table's size). Batches are incremental — add or
 //! delete set elements, replace one chain's rules — so a change never flushes a table while
-//! traffic flows.
+//! traffic flows. The same batch also renders as nft's language, for messages and tests.
 //!
-//! libnftables is loaded at run time (`libnftables.so.1`, Debian's `nftables` package). Its
-//! context is not thread-safe and talks to the kernel of the namespace it runs in, so each
-//! [`Nft`] owns a worker thread inside its namespace and serves requests in order.
+//! Listing uses libnftables, loaded at run time (`libnftables.so.1`, Debian's `nftables`
+//! package), so what we show is what `nft list` shows. Its context is not thread-safe and
+//! talks to the kernel of the namespace it runs in, so each [`Nft`] owns a worker thread inside
+//! its namespace and serves requests in order.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt::{self, Write as _};
@@ -17,7 +19,6 @@ use std::sync::OnceLock;
 
 use ipnet::IpNet;
 
-pub use crate::nft_wire::SetElements;
 use crate::nft_wire::Wire;
 use crate::{KernelError, Result};
 
@@ -271,7 +272,7 @@ pub enum Op {
     DeleteSet(Table, String),
 }
 
-fn check_name(n: &str) -> Result<()> {
+pub(crate) fn check_name(n: &str) -> Result<()> {
     let ok = !n.is_empty()
         && n.len() <= 255
         && n.as_bytes()[0].is_ascii_alphabetic()
@@ -279,7 +280,7 @@ fn check_name(n: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(KernelError::Nft(format!("{n:?} is not a valid nftables name"))) }
 }
 
-fn check_ifname(n: &str) -> Result<()> {
+pub(crate) fn check_ifname(n: &str) -> Result<()> {
     if n.is_empty() || n.len() > 15 || !n.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         return Err(KernelError::Nft(format!("{n:?} is not an interface name")));
     }
@@ -619,8 +620,8 @@ type Reply<T> = tokio::sync::oneshot::Sender<std::result::Result<T, String>>;
 enum Request {
     /// Commands, whether they change the ruleset (a transaction) or only read it.
     Run(String, bool, Reply<String>),
-    /// Set element changes only, over netlink directly.
-    Elements(Vec<SetElements>, Reply<()>),
+    /// A transaction, over netlink directly.
+    Apply(Vec<Op>, Reply<()>),
     /// Whether anyone else committed a transaction here since the last ask.
     ChangedByOthers(Reply<bool>),
 }
@@ -720,8 +721,8 @@ impl Nft {
                     match request {
                         Request::Run(cmds, false, reply) => drop(reply.send(ctx.run(&cmds))),
                         Request::Run(cmds, true, reply) => drop(reply.send(ownership.transaction(|_| ctx.run(&cmds)))),
-                        Request::Elements(changes, reply) => {
-                            drop(reply.send(ownership.transaction(|o| o.wire()?.elements(&changes))))
+                        Request::Apply(ops, reply) => {
+                            drop(reply.send(ownership.transaction(|o| o.wire()?.transaction(&ops))))
                         }
                         Request::ChangedByOthers(reply) => drop(reply.send(ownership.changed_by_others())),
                     }
@@ -748,8 +749,18 @@ impl Nft {
         self.ask(Request::ChangedByOthers).await.map_err(KernelError::Nft)
     }
 
-    /// Apply `ops` as one atomic transaction: all of them or none.
+    /// Apply `ops` as one atomic transaction: all of them or none. An error names the
+    /// operation the kernel refused, in nft's language.
     pub async fn apply(&self, ops: &[Op]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.ask(|r| Request::Apply(ops.to_vec(), r)).await.map_err(KernelError::Nft)
+    }
+
+    /// The same transaction through libnftables, from its text: the reference the netlink
+    /// encoding is compared with (tests, benchmarks).
+    pub async fn apply_with_libnftables(&self, ops: &[Op]) -> Result<()> {
         let text = render(ops)?;
         if text.is_empty() {
             return Ok(());
@@ -758,20 +769,6 @@ impl Nft {
             .await
             .map(|_| ())
             .map_err(|e| KernelError::Nft(format!("{e}\nin:\n{text}")))
-    }
-
-    /// Set element changes as one transaction, over netlink directly (no table fetch first:
-    /// a few elements cost one round trip whatever the table's size). Elements this path does
-    /// not speak (see `nft_wire::speaks`) are refused, not half-applied.
-    pub async fn apply_elements(&self, changes: Vec<SetElements>) -> Result<()> {
-        for c in &changes {
-            check_name(&c.table.name)?;
-            check_name(&c.set)?;
-        }
-        if !crate::nft_wire::speaks(&changes) {
-            return Err(KernelError::Nft("set elements this path cannot encode".into()));
-        }
-        self.ask(|r| Request::Elements(changes, r)).await.map_err(KernelError::Nft)
     }
 
     /// The table as nft lists it, or None if it does not exist.

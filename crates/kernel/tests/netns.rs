@@ -260,92 +260,260 @@ async fn route_changes_in_bulk_answer_each_change() {
     assert!(matches!(gone[..], [Ok(true), Ok(false)]), "{gone:?}");
 }
 
-/// Set elements over netlink directly land as libnftables would write them: the same elements
-/// sent both ways to two sets of one type list identically; a failing change is all-or-nothing;
-/// and a commit by someone else is told apart from ours.
+/// Every operation, match and statement, applied over netlink by gingham into one table and
+/// through libnftables from its text into another: `nft list` shows the two tables alike. Then
+/// incremental changes both ways, a fresh handle that must ask the kernel about a set, a
+/// failing batch that changes nothing and names what failed, and a commit by someone else
+/// told apart from ours.
 #[tokio::test]
-async fn set_elements_over_netlink_match_libnftables() {
+async fn netlink_transactions_list_as_libnftables_writes_them() {
     use gingham_kernel::nft::*;
     let ns = Ns::new("wire");
     let nft = Nft::in_namespace_file(&open_netns(&ns.path()).unwrap()).unwrap();
-    let t = Table::new(Family::Inet, "gkwire");
-    let mut ops = vec![Op::AddTable(t.clone())];
-    for name in ["text4", "wire4"] {
-        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv4Addr, interval: true }));
-    }
-    for name in ["text6", "wire6"] {
-        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv6Addr, interval: true }));
-    }
-    for name in ["textpp", "wirepp"] {
-        ops.push(Op::AddSet(t.clone(), Set { name: name.into(), kind: SetType::Ipv4ProtoPort, interval: false }));
-    }
-    nft.apply(&ops).await.unwrap();
-    assert!(!nft.changed_by_others().await.unwrap(), "our own transaction");
     let net = |s: &str| Element::Net(s.parse().unwrap());
-    let v4 = vec![net("10.0.0.1/32"), net("10.0.0.2/31"), net("10.1.0.0/16"), net("255.255.255.0/24")];
-    let v6 = vec![net("fd00::1/128"), net("fd00:1::/64")];
-    let pp = vec![
-        Element::ProtoPort("10.0.0.1".parse().unwrap(), 6, 8080),
-        Element::ProtoPort("10.0.0.2".parse().unwrap(), 17, 53),
+    let ipnet = |s: &str| -> ipnet::IpNet { s.parse().unwrap() };
+    let (src, dst) = (Addr::Source, Addr::Destination);
+    let v4 = Match::NfProto { v6: false };
+    let v6 = Match::NfProto { v6: true };
+    let proto = |p: u8| Match::L4Proto { proto: p, negate: false };
+    let rules = vec![
+        Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
+        Rule::new(vec![Match::IifnamePrefix("cali".into()), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
+        Rule::new(vec![Match::Iifname("lo".into())], vec![Statement::Accept]),
+        Rule::new(vec![Match::Oifname("eth0".into()), Match::OifnamePrefix("veth".into())], vec![Statement::Return]),
+        Rule::new(vec![], vec![Statement::MarkClear(0x3_0000)]),
+        Rule::new(vec![], vec![Statement::IfnameVmap { input: true, map: "from-wl".into() }]),
+        Rule::new(vec![], vec![Statement::IfnameVmap { input: false, map: "to-wl".into() }]),
+        Rule::new(vec![Match::Mark { bits: 0x1_0000, set: false }], vec![Statement::Counter, Statement::Drop]),
+        Rule::new(vec![Match::Mark { bits: 0x1_0000, set: true }], vec![Statement::Jump("pi-x".into())]),
+        Rule::new(
+            vec![
+                v4.clone(),
+                proto(6),
+                Match::AddrInSet { addr: src, v6: false, set: "s4".into(), negate: false },
+                Match::AddrInSet { addr: dst, v6: false, set: "s4".into(), negate: true },
+                Match::Ports { addr: dst, ranges: vec![(80, 80), (8000, 8080)], negate: false },
+            ],
+            vec![Statement::Counter, Statement::MarkSet(0x1_0000), Statement::Return],
+        ),
+        Rule::new(
+            vec![
+                v6.clone(),
+                proto(17),
+                Match::AddrInSet { addr: src, v6: true, set: "s6".into(), negate: false },
+                Match::Ports { addr: src, ranges: vec![(53, 53)], negate: true },
+                Match::Ports { addr: dst, ranges: vec![(1000, 2000)], negate: false },
+            ],
+            vec![Statement::Counter, Statement::Drop],
+        ),
+        Rule::new(
+            vec![
+                v4.clone(),
+                Match::AddrIn {
+                    addr: src,
+                    v6: false,
+                    nets: vec![ipnet("10.0.0.0/8"), ipnet("192.168.1.1/32")],
+                    negate: false,
+                },
+                Match::AddrIn { addr: src, v6: false, nets: vec![ipnet("10.1.0.0/16")], negate: true },
+                Match::AddrIn { addr: dst, v6: false, nets: vec![ipnet("172.16.0.7/32")], negate: true },
+                Match::Ports { addr: dst, ranges: vec![(443, 443), (8443, 8443)], negate: true },
+            ],
+            vec![Statement::Log("calico-packet: ".into())],
+        ),
+        Rule::new(
+            vec![
+                v6.clone(),
+                Match::AddrIn { addr: dst, v6: true, nets: vec![ipnet("fd00::/64"), ipnet("fd01::1/128")], negate: false },
+            ],
+            vec![Statement::Goto("pi-x".into())],
+        ),
+        Rule::new(
+            vec![Match::Addr { addr: dst, net: ipnet("10.2.0.0/16"), negate: false }, Match::TcpDport(179)],
+            vec![Statement::Accept],
+        ),
+        Rule::new(
+            vec![Match::Addr { addr: src, net: ipnet("fd00::1/128"), negate: true }, Match::UdpDport(4789)],
+            vec![Statement::Notrack],
+        ),
+        Rule::new(
+            vec![v4.clone(), proto(6), Match::AddrProtoPortInSet { addr: dst, v6: false, set: "n4".into(), negate: false }],
+            vec![Statement::Accept],
+        ),
+        Rule::new(
+            vec![v6.clone(), Match::AddrProtoPortInSet { addr: dst, v6: true, set: "n6".into(), negate: true }],
+            vec![Statement::Accept],
+        ),
+        Rule::new(
+            vec![v4.clone(), proto(1), Match::Icmp { v6: false, kind: 8, code: None, negate: false }],
+            vec![Statement::Accept],
+        ),
+        Rule::new(
+            vec![v4.clone(), proto(1), Match::Icmp { v6: false, kind: 3, code: Some(4), negate: false }],
+            vec![Statement::Accept],
+        ),
+        Rule::new(
+            vec![v6.clone(), proto(58), Match::Icmp { v6: true, kind: 128, code: None, negate: true }],
+            vec![Statement::Drop],
+        ),
+        Rule::new(vec![Match::Icmpv6Types(vec![130, 131, 135, 136])], vec![Statement::Accept]),
+        Rule::new(vec![Match::L4Proto { proto: 132, negate: true }], vec![Statement::Counter]),
     ];
-    let change = |set: &str, interval: bool, add: bool, elements: Vec<Element>| SetElements {
-        table: t.clone(),
-        set: set.into(),
-        interval,
-        add,
-        elements,
+    let build = |t: &Table| -> Vec<Op> {
+        let set = |name: &str, kind, interval| Op::AddSet(t.clone(), Set { name: name.into(), kind, interval });
+        let elements = |set: &str, e: Vec<Element>| Op::AddElements(t.clone(), set.into(), e);
+        let base = |hook, priority, accept_by_default| {
+            Some(BaseChain { kind: ChainType::Filter, hook, priority, accept_by_default })
+        };
+        let mut ops = vec![
+            Op::AddTable(t.clone()),
+            set("s4", SetType::Ipv4Addr, true),
+            set("s6", SetType::Ipv6Addr, true),
+            set("h4", SetType::Ipv4Addr, false),
+            set("ifs", SetType::Ifname, false),
+            set("n4", SetType::Ipv4ProtoPort, false),
+            set("n6", SetType::Ipv6ProtoPort, false),
+            Op::AddIfnameVmap(t.clone(), "from-wl".into()),
+            Op::AddIfnameVmap(t.clone(), "to-wl".into()),
+            Op::AddChain(t.clone(), "pi-x".into(), None),
+            Op::AddRule(t.clone(), "pi-x".into(), Rule::new(vec![], vec![Statement::Return])),
+            Op::AddChain(t.clone(), "tw-cali1".into(), None),
+            elements("s4", vec![net("10.0.0.1/32"), net("10.0.0.2/31"), net("10.1.0.0/16"), net("255.255.255.0/24")]),
+            elements("s6", vec![net("fd00::1/128"), net("fd00:1::/64")]),
+            elements("h4", vec![net("10.9.0.1/32"), net("10.9.0.2/32")]),
+            elements("ifs", vec![Element::Ifname("cali1".into())]),
+            elements(
+                "n4",
+                vec![
+                    Element::ProtoPort("10.0.0.1".parse().unwrap(), 6, 8080),
+                    Element::ProtoPort("10.0.0.2".parse().unwrap(), 17, 53),
+                ],
+            ),
+            elements("n6", vec![Element::ProtoPort("fd00::1".parse().unwrap(), 6, 80)]),
+            elements("to-wl", vec![Element::IfJump("cali1".into(), "tw-cali1".into())]),
+            Op::AddChain(t.clone(), "forward".into(), base(Hook::Forward, PRIORITY_FILTER, true)),
+            Op::AddChain(t.clone(), "input".into(), base(Hook::Input, PRIORITY_FILTER, false)),
+            Op::AddChain(t.clone(), "raw".into(), base(Hook::Prerouting, PRIORITY_RAW, true)),
+            Op::AddChain(
+                t.clone(),
+                "post".into(),
+                Some(BaseChain {
+                    kind: ChainType::Nat,
+                    hook: Hook::Postrouting,
+                    priority: PRIORITY_SRCNAT,
+                    accept_by_default: true,
+                }),
+            ),
+            Op::AddRule(
+                t.clone(),
+                "post".into(),
+                Rule::new(
+                    vec![Match::AddrInSet { addr: src, v6: false, set: "s4".into(), negate: false }],
+                    vec![Statement::Masquerade { fully_random: true }],
+                ),
+            ),
+            Op::AddRule(
+                t.clone(),
+                "post".into(),
+                Rule::new(vec![v4.clone()], vec![Statement::Masquerade { fully_random: false }]),
+            ),
+            Op::AddRule(t.clone(), "input".into(), Rule::new(vec![Match::Iifname("lo".into())], vec![Statement::Accept])),
+        ];
+        ops.extend(rules.iter().map(|r| Op::AddRule(t.clone(), "forward".into(), r.clone())));
+        ops
     };
-    nft.apply(&[
-        Op::AddElements(t.clone(), "text4".into(), v4.clone()),
-        Op::AddElements(t.clone(), "text6".into(), v6.clone()),
-        Op::AddElements(t.clone(), "textpp".into(), pp.clone()),
-    ])
-    .await
-    .unwrap();
-    nft.apply_elements(vec![
-        change("wire4", true, true, v4.clone()),
-        change("wire6", true, true, v6.clone()),
-        change("wirepp", false, true, pp.clone()),
-    ])
-    .await
-    .unwrap();
-    let elements = |listing: &str, set: &str| -> String {
-        let from = listing.find(&format!("set {set} {{")).unwrap();
-        let body = &listing[from..];
-        let body = &body[..body.find('}').unwrap()];
-        body.lines().filter(|l| !l.contains("set ")).map(str::trim).collect::<Vec<_>>().join(" ")
+    let (wire, text) = (Table::new(Family::Inet, "gkwire"), Table::new(Family::Inet, "gktext"));
+    nft.apply(&build(&wire)).await.unwrap();
+    nft.apply_with_libnftables(&build(&text)).await.unwrap();
+    let same = |what: &'static str| {
+        let (nft, wire, text) = (nft.clone(), wire.clone(), text.clone());
+        async move {
+            let w = nft.list_table(&wire).await.unwrap().unwrap().replace("gkwire", "TABLE");
+            let t = nft.list_table(&text).await.unwrap().unwrap().replace("gktext", "TABLE");
+            assert_eq!(w, t, "{what}: over netlink (left) vs libnftables (right)");
+            w
+        }
     };
-    let listing = nft.list_table(&t).await.unwrap().unwrap();
-    for (a, b) in [("text4", "wire4"), ("text6", "wire6"), ("textpp", "wirepp")] {
-        assert_eq!(elements(&listing, a), elements(&listing, b), "{a} vs {b}:\n{listing}");
-        assert!(elements(&listing, b).contains("elements"), "{listing}");
+    let listed = same("the whole table").await;
+    for expect in [
+        "ct state established,related accept",
+        "iifname \"cali*\"",
+        "ip saddr @s4 ip daddr != @s4",
+        "tcp dport { 80, 8000-8080 }",
+        "icmpv6 type",
+        "masquerade fully-random",
+        "\"cali1\" : jump tw-cali1",
+        "elements = { \"cali1\" }",
+        "10.1.0.0/16",
+        "ipv4_addr . inet_proto . inet_service",
+    ] {
+        assert!(listed.contains(expect), "{expect:?} in:\n{listed}");
     }
-    assert!(!nft.changed_by_others().await.unwrap(), "element batches are ours too");
 
-    // Deleting over the wire: exactly those elements go.
-    nft.apply_elements(vec![change("wire4", true, false, vec![net("10.0.0.2/31"), net("255.255.255.0/24")])])
-        .await
-        .unwrap();
-    nft.apply(&[Op::DeleteElements(t.clone(), "text4".into(), vec![net("10.0.0.2/31"), net("255.255.255.0/24")])])
-        .await
-        .unwrap();
-    let listing = nft.list_table(&t).await.unwrap().unwrap();
-    assert_eq!(elements(&listing, "text4"), elements(&listing, "wire4"), "{listing}");
-    assert!(!elements(&listing, "wire4").contains("10.0.0.2"), "{listing}");
+    // Incremental changes, both ways: elements out and in, one chain's rules replaced, a set
+    // and a chain deleted, a map entry removed.
+    let change = |t: &Table| {
+        vec![
+            Op::DeleteElements(t.clone(), "s4".into(), vec![net("10.0.0.2/31"), net("255.255.255.0/24")]),
+            Op::AddElements(t.clone(), "s4".into(), vec![net("10.7.0.0/16")]),
+            Op::DeleteElements(t.clone(), "h4".into(), vec![net("10.9.0.1/32")]),
+            Op::FlushSet(t.clone(), "s6".into()),
+            Op::DeleteElements(t.clone(), "to-wl".into(), vec![Element::IfJump("cali1".into(), "tw-cali1".into())]),
+            Op::DeleteChain(t.clone(), "tw-cali1".into()),
+            Op::FlushChain(t.clone(), "input".into()),
+            Op::AddRule(
+                t.clone(),
+                "input".into(),
+                Rule::new(vec![Match::UdpDport(4789)], vec![Statement::Counter, Statement::Accept]),
+            ),
+            Op::DeleteSet(t.clone(), "ifs".into()),
+        ]
+    };
+    nft.apply(&change(&wire)).await.unwrap();
+    nft.apply_with_libnftables(&change(&text)).await.unwrap();
+    let listed = same("after incremental changes").await;
+    assert!(!listed.contains("10.0.0.2/31") && listed.contains("10.7.0.0/16"), "{listed}");
+    assert!(!listed.contains("tw-cali1") && !listed.contains("set ifs"), "{listed}");
+    assert!(!nft.changed_by_others().await.unwrap(), "our own transactions, both ways");
 
-    // All or nothing: a batch whose second change fails (deleting what is not there) leaves
-    // its first undone, and the socket is fine afterwards.
+    // A fresh handle (a restarted agent) knows nothing of the sets: it asks the kernel whether
+    // a set is an interval set before encoding its elements.
+    let fresh = Nft::in_namespace_file(&open_netns(&ns.path()).unwrap()).unwrap();
+    let more = |t: &Table| {
+        vec![
+            Op::AddElements(t.clone(), "s4".into(), vec![net("10.8.0.0/16")]),
+            Op::AddElements(t.clone(), "h4".into(), vec![net("10.9.0.3/32")]),
+        ]
+    };
+    fresh.apply(&more(&wire)).await.unwrap();
+    nft.apply_with_libnftables(&more(&text)).await.unwrap();
+    same("elements from a fresh handle").await;
+    drop(fresh);
+
+    // All or nothing: a batch whose later operation fails changes nothing, and the error says
+    // which operation; the socket is fine afterwards.
+    let missing = Rule::new(
+        vec![Match::AddrInSet { addr: src, v6: false, set: "missing".into(), negate: false }],
+        vec![Statement::Drop],
+    );
     let err = nft
-        .apply_elements(vec![
-            change("wire4", true, true, vec![net("10.9.0.0/16")]),
-            change("wire6", true, false, vec![net("fd09::/64")]),
+        .apply(&[
+            Op::AddElements(wire.clone(), "s4".into(), vec![net("10.5.0.0/16")]),
+            Op::AddRule(wire.clone(), "input".into(), missing),
         ])
         .await
-        .unwrap_err();
-    assert!(err.to_string().contains("set elements"), "{err}");
-    assert!(!nft.list_table(&t).await.unwrap().unwrap().contains("10.9.0.0/16"), "the first change did not land");
-    nft.apply_elements(vec![change("wire4", true, true, vec![net("10.9.0.0/16")])]).await.unwrap();
-    assert!(nft.list_table(&t).await.unwrap().unwrap().contains("10.9.0.0/16"));
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add rule inet gkwire input ip saddr @missing drop"), "{err}");
+    assert!(!nft.list_table(&wire).await.unwrap().unwrap().contains("10.5.0.0/16"), "the first change did not land");
+    let err = nft.apply(&[Op::DeleteElements(wire.clone(), "s6".into(), vec![net("fd09::/64")])]).await.unwrap_err();
+    assert!(err.to_string().contains("delete element inet gkwire s6"), "{err}");
+    nft.apply(&[Op::AddElements(wire.clone(), "s4".into(), vec![net("10.5.0.0/16")])]).await.unwrap();
+    assert!(nft.list_table(&wire).await.unwrap().unwrap().contains("10.5.0.0/16"));
+    // Bad names never reach the kernel.
+    assert!(nft.apply(&[Op::FlushChain(wire.clone(), "x; flush ruleset".into())]).await.is_err());
+    let bad = Op::AddElements(wire.clone(), "h4".into(), vec![Element::Ifname("a\"b".into())]);
+    assert!(nft.apply(&[bad]).await.is_err());
 
     // Someone else's commit is told apart.
     let out = Command::new("ip")
@@ -355,5 +523,21 @@ async fn set_elements_over_netlink_match_libnftables() {
     assert!(out.status.success());
     assert!(nft.changed_by_others().await.unwrap(), "a commit by another process");
     assert!(!nft.changed_by_others().await.unwrap(), "and only once");
-    nft.apply(&[Op::DeleteTable(t.clone())]).await.unwrap();
+
+    // A big batch (megabytes: a full sync's size) goes in one transaction.
+    let big = Table::new(Family::Inet, "gkbig");
+    let mut ops = vec![Op::AddTable(big.clone())];
+    for c in 0..3000 {
+        let chain = format!("c{c}");
+        ops.push(Op::AddChain(big.clone(), chain.clone(), None));
+        for r in &rules[13..15] {
+            ops.push(Op::AddRule(big.clone(), chain.clone(), r.clone()));
+        }
+    }
+    nft.apply(&ops).await.unwrap();
+    let listed = nft.list_table(&big).await.unwrap().unwrap();
+    assert!(listed.contains("chain c2999 {"), "{}", &listed[listed.len().saturating_sub(500)..]);
+    for t in [&wire, &text, &big] {
+        nft.apply(&[Op::DeleteTable(t.clone())]).await.unwrap();
+    }
 }
