@@ -168,13 +168,21 @@ pub async fn show_cmd(store: &Arc<dyn Datastore>, endpoint: &str) -> anyhow::Res
         }
     }
     let mut shown = false;
-    for c in chains {
+    let mut queue: std::collections::VecDeque<String> = chains.into();
+    while let Some(c) = queue.pop_front() {
         if let Ok(Some(text)) = nft.list_chain(&t, &c).await {
             if !shown {
                 println!("\nprogrammed on this node (nft, with counters):");
                 shown = true;
             }
-            for line in text.lines().filter(|l| !l.trim_start().starts_with("table") && l.trim() != "}") {
+            let lines: Vec<&str> =
+                text.lines().filter(|l| !l.trim_start().starts_with("table") && l.trim() != "}").collect();
+            // A workload's chain ends in a goto to the policy chain it shares with its
+            // replicas: show that one next.
+            if let Some(shared) = lines.iter().rev().find_map(|l| l.trim().strip_prefix("goto ")) {
+                queue.push_front(shared.trim().to_string());
+            }
+            for line in lines {
                 println!("{line}");
             }
         }

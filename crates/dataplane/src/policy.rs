@@ -3,9 +3,11 @@
 //! workload traffic (`cali*`, the interface prefix) through per-endpoint chains —
 //! `fw-<iface>` (from the workload: its egress policy) and `tw-<iface>` (to it: ingress) — found
 //! by interface name in the maps `from-wl` / `to-wl`; an interface missing from a map is
-//! dropped, so a new workload has no network until its policy is in place. Each endpoint chain
-//! jumps, tier by tier, to one chain per policy and direction (`pi-…`/`po-…`, shared by every
-//! endpoint using the policy) and then to its profiles' chains (`pri-…`/`pro-…`). Allow and Pass
+//! dropped, so a new workload has no network until its policy is in place. A workload's chain
+//! holds what is its own (marks cleared, anti-spoofing) and a `goto` to the chain of its policy
+//! list (`si-`/`so-` + a digest), shared by every workload with the same list, which jumps, tier
+//! by tier, to one chain per policy and direction (`pi-…`/`po-…`, shared by every endpoint
+//! using the policy) and then to its profiles' chains (`pri-…`/`pro-…`). Allow and Pass
 //! travel back as mark bits, as in Felix. Rule selectors are named sets (interval sets of
 //! addresses, `s4-`/`s6-` + the selector's unique ID; named ports `n4-`/`n6-`) shared by every
 //! rule with the same selector.
@@ -367,8 +369,9 @@ fn mark(bits: u32, set: bool) -> Match {
     Match::Mark { bits, set }
 }
 
-/// An endpoint's chain for one direction: tiers, then profiles, then drop.
-fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
+/// An endpoint's own rules for one direction, before its policy: marks cleared, and for a
+/// workload's egress, anti-spoofing.
+fn endpoint_head(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
     let mut out = vec![Rule::new(vec![], vec![Statement::MarkClear(MARKS)])];
     if !ingress && !plan.is_host_endpoint() {
         // Anti-spoofing: a workload sends only from its own addresses.
@@ -382,13 +385,23 @@ fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
             out.push(Rule::new(m, vec![Statement::Counter, Statement::Drop]));
         }
     }
+    out
+}
+
+/// An endpoint's policy for one direction: tiers, then profiles, then drop. The same for
+/// every endpoint with the same policies and profiles, so workloads share it (see
+/// `SharedChains`).
+fn endpoint_body(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
+    let mut out = Vec::new();
     let tiers: &[TierPlan] = if ingress { &plan.ingress } else { &plan.egress };
     // Each jump is guarded by the marks (an Allow or a Pass skips the tier's later policies),
     // rather than followed by a test-and-return: one rule per policy, not two. The kernel
     // re-validates the whole table's jumps at every commit that adds one, so the table's size
     // is what a one-endpoint change costs.
-    for t in tiers {
-        out.push(Rule::new(vec![], vec![Statement::MarkClear(MARK_PASS)]));
+    for (i, t) in tiers.iter().enumerate() {
+        if i > 0 {
+            out.push(Rule::new(vec![], vec![Statement::MarkClear(MARK_PASS)]));
+        }
         for p in &t.policies {
             out.push(Rule::new(vec![mark(MARKS, false)], vec![Statement::Jump(policy_chain(p, ingress))]));
         }
@@ -405,6 +418,63 @@ fn endpoint_rules(plan: &EndpointPlan, ingress: bool) -> Vec<Rule> {
     out
 }
 
+/// Policy chains shared by workloads with the same policies (replicas of one deployment):
+/// `si-`/`so-` + a digest of the rules. A workload's own chain is its head and a `goto` here,
+/// so a cluster of many replicas programs each policy list once, and a label change that
+/// lands an endpoint on an existing list rewrites one rule. A shared chain never changes
+/// (its name is its content); it goes when its last workload does.
+#[derive(Default)]
+struct SharedChains {
+    /// Chain name → its rules and how many endpoint directions use it.
+    chains: BTreeMap<String, (Vec<Rule>, usize)>,
+    /// (interface, ingress) → the shared chain it uses.
+    used: BTreeMap<(String, bool), String>,
+}
+
+impl SharedChains {
+    /// The shared chain for these rules, and whether it must be created.
+    fn name(&self, rules: &[Rule], ingress: bool) -> (String, bool) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        rules.hash(&mut h);
+        let digest = h.finish();
+        // A digest collision gets the next free suffix, never another list's chain.
+        for n in 0u32.. {
+            let name = format!("{}{digest:016x}{}", if ingress { "si-" } else { "so-" }, if n == 0 { String::new() } else { format!("-{n}") });
+            match self.chains.get(&name) {
+                Some((r, _)) if r.as_slice() == rules => return (name, false),
+                Some(_) => continue,
+                None => return (name, true),
+            }
+        }
+        unreachable!("u32 suffixes run out")
+    }
+
+    /// `iface` now uses `name` (None: no shared chain); the chain that became unused, if any.
+    fn set(&mut self, iface: &str, ingress: bool, use_: Option<(String, Vec<Rule>)>) -> Option<String> {
+        let key = (iface.to_string(), ingress);
+        let new_name = use_.as_ref().map(|(n, _)| n.clone());
+        let old = match &new_name {
+            Some(n) => self.used.insert(key, n.clone()),
+            None => self.used.remove(&key),
+        };
+        if old == new_name {
+            return None;
+        }
+        if let Some((name, rules)) = use_ {
+            self.chains.entry(name).or_insert((rules, 0)).1 += 1;
+        }
+        let old = old?;
+        let entry = self.chains.get_mut(&old)?;
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            self.chains.remove(&old);
+            return Some(old);
+        }
+        None
+    }
+}
+
 pub struct PolicyManager {
     nft: Nft,
     config: PolicyConfig,
@@ -415,6 +485,7 @@ pub struct PolicyManager {
     chains: BTreeSet<String>,
     /// Programmed endpoints by interface: whether each is a host endpoint.
     endpoints: BTreeMap<String, bool>,
+    shared: SharedChains,
     /// Interfaces whose policy is programmed, for CNI ADD to wait on.
     programmed: BTreeSet<String>,
     /// A digest of the table as listed (counters aside) once our last change was in; None
@@ -436,6 +507,7 @@ impl PolicyManager {
             sets: BTreeMap::new(),
             chains: BTreeSet::new(),
             endpoints: BTreeMap::new(),
+            shared: SharedChains::default(),
             programmed: BTreeSet::new(),
             snapshot: None,
             hosts: BTreeMap::new(),
@@ -591,6 +663,7 @@ impl PolicyManager {
             self.sets.clear();
             self.chains.clear();
             self.endpoints.clear();
+            self.shared = SharedChains::default();
             dirty.sets.extend(engine.index().set_ids().cloned());
             dirty.policies.extend(engine.policies().map(|(k, _)| k.clone()));
             dirty.profiles.extend(engine.plans().flat_map(|(_, p)| p.profiles.clone()));
@@ -671,6 +744,8 @@ impl PolicyManager {
             }
         }
         let mut endpoint_later = Vec::new();
+        // Shared chains that lost their last endpoint (unless another took them up since).
+        let mut unused = BTreeSet::new();
         for iface in &dirty.endpoints {
             let plan = engine.plan(iface);
             let was = self.endpoints.get(iface).copied();
@@ -686,14 +761,29 @@ impl PolicyManager {
                     (iface != ALL_INTERFACES || !host).then(|| vec![Element::IfJump(iface.clone(), name.clone())]);
                 match plan {
                     Some(plan) => {
+                        let mut rules = endpoint_head(plan, ingress);
+                        let body = endpoint_body(plan, ingress);
+                        let shared = if host {
+                            rules.extend(body);
+                            None
+                        } else {
+                            let (shared, new) = self.shared.name(&body, ingress);
+                            if new {
+                                // Flushed too: it may be one this batch found unused a moment ago.
+                                ops.push(Op::AddChain(t.clone(), shared.clone(), None));
+                                ops.push(Op::FlushChain(t.clone(), shared.clone()));
+                                ops.extend(body.iter().map(|r| Op::AddRule(t.clone(), shared.clone(), r.clone())));
+                            }
+                            rules.push(Rule::new(vec![], vec![Statement::Goto(shared.clone())]));
+                            Some((shared, body))
+                        };
                         ops.push(Op::AddChain(t.clone(), name.clone(), None));
                         ops.push(Op::FlushChain(t.clone(), name.clone()));
-                        ops.extend(
-                            endpoint_rules(plan, ingress).into_iter().map(|r| Op::AddRule(t.clone(), name.clone(), r)),
-                        );
+                        ops.extend(rules.into_iter().map(|r| Op::AddRule(t.clone(), name.clone(), r)));
                         if let (None, Some(elem)) = (was, elem) {
                             ops.push(Op::AddElements(t.clone(), map.into(), elem));
                         }
+                        unused.extend(self.shared.set(iface, ingress, shared));
                     }
                     None if was.is_some() => {
                         if let Some(elem) = elem {
@@ -701,6 +791,7 @@ impl PolicyManager {
                         }
                         ops.push(Op::FlushChain(t.clone(), name.clone()));
                         endpoint_later.push(Op::DeleteChain(t.clone(), name));
+                        unused.extend(self.shared.set(iface, ingress, None));
                     }
                     None => {}
                 }
@@ -709,6 +800,10 @@ impl PolicyManager {
                 Some(_) => self.endpoints.insert(iface.clone(), host),
                 None => self.endpoints.remove(iface),
             };
+        }
+        for name in unused.into_iter().filter(|n| !self.shared.chains.contains_key(n)) {
+            endpoint_later.push(Op::FlushChain(t.clone(), name.clone()));
+            endpoint_later.push(Op::DeleteChain(t.clone(), name));
         }
         ops.extend(endpoint_later);
         ops.extend(later);

@@ -2,7 +2,7 @@
 //! (Calico's layout: /32 routes, proxy ARP, 169.254.1.1 as gateway), policy from the engine,
 //! and real TCP connections between the workloads deciding what the rules do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -222,6 +222,76 @@ async fn policy_decides_real_connections() {
     let listing = nft.list_table(&gingham_dataplane::policy::table()).await.unwrap().unwrap();
     assert!(!listing.contains("chain pi-") && !listing.contains("set s4-"), "{listing}");
     assert!(reaches(&a.ns, b.ip, 80));
+    m.remove().await.unwrap();
+}
+
+/// Replicas share their policy chain: workloads with the same policies use one `si-` chain,
+/// a label change onto an existing list makes no new chain, the last workload leaving a list
+/// removes its chain, and a list left and taken up in one batch stays whole — all checked by
+/// real connections as well as by the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_policy_chain() {
+    let node = node("snode");
+    let (a, b, c) = (pod(&node, "sa", "10.72.0.1"), pod(&node, "sb", "10.72.0.2"), pod(&node, "sc", "10.72.0.3"));
+    let _servers: Vec<Server> = [&a, &b, &c].iter().map(|p| serve(&p.ns, p.ip)).collect();
+    let nft = Nft::in_namespace_file(&File::open(&node.1).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft.clone(), PolicyConfig::default());
+    let mut e = Engine::default();
+    e.set_namespace("x", Some(&[("ns".to_string(), "x".to_string())].into()));
+    let app = |p: &Pod, app: &str| endpoint("x", &[("app", app)], p.ip, &p.iface);
+    e.set_item("wep/x/a", Some(app(&a, "web")));
+    e.set_item("wep/x/b", Some(app(&b, "web")));
+    e.set_item("wep/x/c", Some(app(&c, "client")));
+    e.set_policy(
+        "x/knp.default.web",
+        Some(knp(
+            r#"{"podSelector":{"matchLabels":{"app":"web"}},"ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"client"}}}],"ports":[{"port":80}]}]}"#,
+            "x",
+        )),
+    );
+    program(&mut m, &mut e).await;
+    let chains = |listing: &str, prefix: &str| -> BTreeSet<String> {
+        listing
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {"))
+            .filter(|c| c.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
+    };
+    let listing = || async { nft.list_table(&gingham_dataplane::policy::table()).await.unwrap().unwrap() };
+    let l = listing().await;
+    // web's list (a, b) and client's (c); one egress list for all three.
+    assert_eq!(chains(&l, "si-").len(), 2, "{l}");
+    assert_eq!(chains(&l, "so-").len(), 1, "{l}");
+    assert!(reaches(&c.ns, a.ip, 80) && reaches(&c.ns, b.ip, 80), "client → web on 80");
+    assert!(!reaches(&c.ns, a.ip, 81), "not on 81");
+    assert!(!reaches(&a.ns, b.ip, 80), "web is not a client");
+
+    // b becomes a client: it takes up client's chain; nothing new is made.
+    let before = chains(&l, "si-");
+    e.set_item("wep/x/b", Some(app(&b, "client")));
+    program(&mut m, &mut e).await;
+    let l = listing().await;
+    assert_eq!(chains(&l, "si-"), before, "{l}");
+    assert!(reaches(&b.ns, a.ip, 80) && reaches(&a.ns, b.ip, 81), "b is a client now, and open");
+
+    // In one batch a (web's last member) becomes a client and c becomes web: the web chain is
+    // left and taken up again, and must stay whole.
+    e.set_item("wep/x/a", Some(app(&a, "client")));
+    e.set_item("wep/x/c", Some(app(&c, "web")));
+    program(&mut m, &mut e).await;
+    let l = listing().await;
+    assert_eq!(chains(&l, "si-"), before, "{l}");
+    assert!(reaches(&a.ns, c.ip, 80) && reaches(&b.ns, c.ip, 80), "clients → web on 80");
+    assert!(!reaches(&a.ns, c.ip, 81), "web's policy is whole: 81 stays closed");
+    assert!(reaches(&c.ns, a.ip, 81), "a is open");
+
+    // The last web member leaves: its chain goes.
+    e.set_item("wep/x/c", None);
+    program(&mut m, &mut e).await;
+    let l = listing().await;
+    assert_eq!(chains(&l, "si-").len(), 1, "{l}");
+    assert!(reaches(&a.ns, b.ip, 81));
     m.remove().await.unwrap();
 }
 

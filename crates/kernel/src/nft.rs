@@ -140,14 +140,14 @@ pub const PRIORITY_RAW: i32 = -300;
 pub const PRIORITY_FILTER: i32 = 0;
 pub const PRIORITY_SRCNAT: i32 = 100;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Addr {
     Source,
     Destination,
 }
 
 /// One match of a rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Match {
     /// `ip saddr @set` (or `!= @set`); `v6` picks `ip6`.
     AddrInSet {
@@ -217,7 +217,7 @@ pub enum Match {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Statement {
     Counter,
     Accept,
@@ -242,7 +242,7 @@ pub enum Statement {
     },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub matches: Vec<Match>,
     pub statements: Vec<Statement>,
