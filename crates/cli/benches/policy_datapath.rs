@@ -4,8 +4,11 @@
 //! costs), and with 10,000 rules programmed besides (100 policies of 100 rules each, on other
 //! pods of the same nodes: in the kernel, but not on the measured path — verdict maps send each
 //! packet straight to its own endpoint's chain). Every column is measured in the same run; the
-//! ratio is to the no-policy row. `cargo bench -p gingham --bench policy_datapath`;
-//! GINGHAM_BENCH_RUNS (3) and GINGHAM_BENCH_SECS (3).
+//! ratio is to the no-policy row. The three states alternate round by round (policies applied
+//! and deleted between them), so that the machine's drift hits each alike; min / median / max
+//! of the rounds are shown and the ratios are of medians.
+//! `cargo bench -p gingham --bench policy_datapath`; GINGHAM_BENCH_RUNS (9) rounds of
+//! GINGHAM_BENCH_SECS (3) per measurement.
 
 use std::fmt::Write as _;
 use std::process::Command;
@@ -49,9 +52,10 @@ fn rules(lab: &Lab, n: &str) -> usize {
     count
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// (min, median, max).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
 const SMALL: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: measured}\n\
@@ -81,7 +85,7 @@ fn bulk() -> String {
 }
 
 fn main() {
-    let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(9);
     let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let lab = Lab::up("gpd", &["--nodes", "2", "--pods-per-node", "1", "--encap", "none"]);
     // natOutgoing off: pod-to-pod only, as the datapath bench's like-for-like rows.
@@ -92,32 +96,48 @@ fn main() {
     std::thread::sleep(Duration::from_millis(1000));
     let (src, dst) = (pod_ns(&lab, "default/pod-1-1"), pod_ns(&lab, "default/pod-2-1"));
     let ip = pod_ip(&lab, "default/pod-2-1");
-    let measure = |rows: &mut Vec<(String, usize, f64, f64)>, name: &str, lab: &Lab| {
-        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            tcp.push(iperf(&src, &dst, &ip, secs, 5302, false));
-            udp.push(iperf(&src, &dst, &ip, secs, 5302, true));
+    let names = ["no policy (untracked fast path)", "one policy on the measured pods", "+ 10,000 rules on other pods"];
+    let (mut tcp, mut udp, mut counted) = (vec![Vec::new(); 3], vec![Vec::new(); 3], [0usize; 3]);
+    let bulk = bulk();
+    for _ in 0..runs {
+        for (state, _) in names.iter().enumerate() {
+            match state {
+                1 => lab.apply("small.yaml", SMALL),
+                2 => lab.apply("bulk.yaml", &bulk),
+                _ => {}
+            }
+            counted[state] = rules(&lab, "node-2");
+            tcp[state].push(iperf(&src, &dst, &ip, secs, 5302, false));
+            udp[state].push(iperf(&src, &dst, &ip, secs, 5302, true));
         }
-        rows.push((name.to_string(), rules(lab, "node-2"), median(tcp), median(udp)));
-    };
-    let mut rows = Vec::new();
-    measure(&mut rows, "no policy (untracked fast path)", &lab);
-    lab.apply("small.yaml", SMALL);
-    measure(&mut rows, "one policy on the measured pods", &lab);
-    lab.apply("bulk.yaml", &bulk());
-    measure(&mut rows, "+ 10,000 rules on other pods", &lab);
+        lab.delete("bulk.yaml");
+        lab.delete("small.yaml");
+    }
 
     println!(
-        "Policy datapath: iperf3 pod-1-1 → pod-2-1 across nodes (native), 1 stream, {secs} s, median of {runs}; load average {}",
+        "Policy datapath: iperf3 pod-1-1 → pod-2-1 across nodes (native), 1 stream, {secs} s, {runs} alternating rounds; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
-        "{:<34} {:>12} {:>10} {:>8} {:>14} {:>8}",
-        "policy", "rules (node-2)", "TCP Gb/s", "ratio", "64 B UDP pps", "ratio"
+        "{:<34} {:>8} {:>22} {:>7} {:>26} {:>7}",
+        "policy", "rules", "TCP Gb/s min/med/max", "ratio", "64 B UDP pps min/med/max", "ratio"
     );
-    let (base_tcp, base_udp) = (rows[0].2, rows[0].3);
-    for (name, rules, tcp, udp) in &rows {
-        println!("{name:<34} {rules:>12} {tcp:>10.2} {:>7.2}x {udp:>14.0} {:>7.2}x", tcp / base_tcp, udp / base_udp);
+    let stats: Vec<_> = (0..3).map(|i| (spread(tcp[i].clone()), spread(udp[i].clone()))).collect();
+    let (base_tcp, base_udp) = (stats[0].0.1, stats[0].1.1);
+    for (i, name) in names.iter().enumerate() {
+        let ((t0, t1, t2), (u0, u1, u2)) = stats[i];
+        println!(
+            "{name:<34} {:>8} {:>6.2} /{:>6.2} /{:>6.2} {:>6.2}x {:>8.0} /{:>7.0} /{:>7.0} {:>6.2}x",
+            counted[i],
+            t0,
+            t1,
+            t2,
+            t1 / base_tcp,
+            u0,
+            u1,
+            u2,
+            u1 / base_udp
+        );
     }
-    println!("(goal: ≥ 0.9× the no-rules packet rate with 10,000 rules programmed)");
+    println!("(rules: in node-2's policy table; goal: ≥ 0.9× the no-rules packet rate with 10,000 rules programmed)");
 }

@@ -59,6 +59,18 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Delete what `apply(name, …)` applied and wait until every agent enforces the rest.
+    #[allow(dead_code)] // shared by benches; not every one deletes
+    pub fn delete(&self, name: &str) {
+        let f = self.dir.path().join(name);
+        self.ok(&["delete", "-f", f.to_str().unwrap_or_default()]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(gingham_lab::wait_policy(&self.state(), Duration::from_secs(120)))
+            .expect("agents enforce the policies");
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.cmd(&["lab", "down"]).output();
