@@ -440,7 +440,11 @@ impl SharedChains {
         let digest = h.finish();
         // A digest collision gets the next free suffix, never another list's chain.
         for n in 0u32.. {
-            let name = format!("{}{digest:016x}{}", if ingress { "si-" } else { "so-" }, if n == 0 { String::new() } else { format!("-{n}") });
+            let name = format!(
+                "{}{digest:016x}{}",
+                if ingress { "si-" } else { "so-" },
+                if n == 0 { String::new() } else { format!("-{n}") }
+            );
             match self.chains.get(&name) {
                 Some((r, _)) if r.as_slice() == rules => return (name, false),
                 Some(_) => continue,

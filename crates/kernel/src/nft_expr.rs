@@ -491,10 +491,7 @@ mod tests {
     fn ranges_merge_and_concatenations_type() {
         assert_eq!(merge_ranges(&[(80, 80), (8000, 8080), (81, 90), (8081, 8081)]), vec![(80, 90), (8000, 8081)]);
         assert_eq!(merge_ranges(&[(65535, 65535), (1, 1)]), vec![(1, 1), (65535, 65535)]);
-        assert_eq!(
-            concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
-            (((7 << 6) | 12) << 6) | 13
-        );
+        assert_eq!(concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]), (((7 << 6) | 12) << 6) | 13);
     }
 
     #[test]
@@ -510,14 +507,18 @@ mod tests {
         );
         let (expr, sets) = Compiler::new(Family::Inet, &mut id, &|i| format!("a{i}")).rule(&rule).unwrap();
         assert!(sets.is_empty());
-        let count = |name: &str| expr.windows(name.len() + 1).filter(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0).count();
+        let count = |name: &str| {
+            expr.windows(name.len() + 1).filter(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0).count()
+        };
         // nfproto + l4proto; two addresses and a port; their comparisons, one mask.
         assert_eq!(count("meta"), 2);
         assert_eq!(count("payload"), 3);
         assert_eq!(count("cmp"), 5);
         assert_eq!(count("bitwise"), 1);
         let (expr, _) = Compiler::new(Family::Ip, &mut id, &|i| format!("a{i}")).rule(&rule).unwrap();
-        let count = |name: &str| expr.windows(name.len() + 1).filter(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0).count();
+        let count = |name: &str| {
+            expr.windows(name.len() + 1).filter(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0).count()
+        };
         assert_eq!(count("meta"), 1, "an ip table needs no family check");
         // A list of several ports is an anonymous interval set, named by a batch ID.
         let ports = Rule::new(
@@ -526,7 +527,15 @@ mod tests {
         );
         let (_, sets) = Compiler::new(Family::Inet, &mut id, &|i| format!("a{i}")).rule(&ports).unwrap();
         assert_eq!(sets.len(), 1);
-        assert_eq!(sets[0].elements, vec![(80u16.to_be_bytes().to_vec(), false), (81u16.to_be_bytes().to_vec(), true), (443u16.to_be_bytes().to_vec(), false), (444u16.to_be_bytes().to_vec(), true)]);
+        assert_eq!(
+            sets[0].elements,
+            vec![
+                (80u16.to_be_bytes().to_vec(), false),
+                (81u16.to_be_bytes().to_vec(), true),
+                (443u16.to_be_bytes().to_vec(), false),
+                (444u16.to_be_bytes().to_vec(), true)
+            ]
+        );
         assert_eq!(sets[0].id, id);
     }
 }

@@ -114,10 +114,9 @@ struct WireElement {
 fn wire_elements(e: &Element, interval: bool) -> Result<Vec<WireElement>, String> {
     let plain = |key: Vec<u8>| vec![WireElement { key, end: false, jump: None }];
     Ok(match e {
-        Element::Net(n) if interval => expr::net_interval(n)
-            .into_iter()
-            .map(|(key, end)| WireElement { key, end, jump: None })
-            .collect(),
+        Element::Net(n) if interval => {
+            expr::net_interval(n).into_iter().map(|(key, end)| WireElement { key, end, jump: None }).collect()
+        }
         Element::Net(n) if n.prefix_len() == n.max_prefix_len() => plain(ip_bytes(n.addr())),
         Element::Net(n) => return Err(format!("{n} is a prefix, and the set is not an interval set")),
         // A concatenation: each field in its own 4-byte-aligned slot.
@@ -244,7 +243,14 @@ impl Wire {
     /// One message of a batch, for the operation being encoded.
     fn add(&mut self, b: &mut Batch, msg: u16, flags: u16, t: &Table, attrs: &[u8]) {
         let at = b.buf.len();
-        let seq = self.message(&mut b.buf, (NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST | flags, family_code(t.family), 0, attrs);
+        let seq = self.message(
+            &mut b.buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | flags,
+            family_code(t.family),
+            0,
+            attrs,
+        );
         if b.origin.last().is_none_or(|(_, op)| *op != b.op) {
             b.origin.push((seq, b.op));
         }
@@ -396,8 +402,11 @@ impl Wire {
         let flags = NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | if s.interval { NFT_SET_INTERVAL } else { 0 };
         let name = anon_name(b.nonce, s.id);
         self.new_set(b, t, &name, flags, (s.key_type, s.key_len), Some(s.id));
-        let wire: Vec<WireElement> =
-            s.elements.iter().map(|(key, end): &AnonElement| WireElement { key: key.clone(), end: *end, jump: None }).collect();
+        let wire: Vec<WireElement> = s
+            .elements
+            .iter()
+            .map(|(key, end): &AnonElement| WireElement { key: key.clone(), end: *end, jump: None })
+            .collect();
         self.elements(b, t, &name, Some(s.id), &wire, true);
     }
 
@@ -511,7 +520,8 @@ impl Wire {
         let begin = self.message(&mut b.buf, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, &[]);
         for (i, op) in ops.iter().enumerate() {
             b.op = i;
-            self.encode(&mut b, op).map_err(|e| format!("{e}\nin: {}", render(std::slice::from_ref(op)).unwrap_or_default().trim()))?;
+            self.encode(&mut b, op)
+                .map_err(|e| format!("{e}\nin: {}", render(std::slice::from_ref(op)).unwrap_or_default().trim()))?;
         }
         let Some((last, at)) = b.last else { return Ok(()) };
         // Errors come unasked; the last message's acknowledgement says the batch is done.
@@ -601,7 +611,9 @@ mod tests {
     fn elements_are_encoded_as_libnftables_writes_them() {
         let net = |s: &str| Element::Net(s.parse().unwrap());
         let keys = |e: &Element, interval: bool| {
-            wire_elements(e, interval).ok().map(|v| v.into_iter().map(|w| (w.key, u32::from(w.end))).collect::<Vec<_>>())
+            wire_elements(e, interval)
+                .ok()
+                .map(|v| v.into_iter().map(|w| (w.key, u32::from(w.end))).collect::<Vec<_>>())
         };
         assert_eq!(keys(&net("10.0.0.5/32"), true), Some(vec![(vec![10, 0, 0, 5], 0), (vec![10, 0, 0, 6], 1)]));
         assert_eq!(keys(&net("10.0.0.0/24"), true), Some(vec![(vec![10, 0, 0, 0], 0), (vec![10, 0, 1, 0], 1)]));
@@ -619,7 +631,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_operation_of_the_message() {
-        let b = Batch { buf: Vec::new(), origin: vec![(2, 0), (5, 1), (9, 3)], op: 0, last: None, anon_id: 0, nonce: 0 };
+        let b =
+            Batch { buf: Vec::new(), origin: vec![(2, 0), (5, 1), (9, 3)], op: 0, last: None, anon_id: 0, nonce: 0 };
         assert_eq!(b.op_of(1), None);
         assert_eq!(b.op_of(2), Some(0));
         assert_eq!(b.op_of(7), Some(1));

@@ -278,7 +278,10 @@ async fn netlink_transactions_list_as_libnftables_writes_them() {
     let proto = |p: u8| Match::L4Proto { proto: p, negate: false };
     let rules = vec![
         Rule::new(vec![Match::CtEstablished], vec![Statement::Accept]),
-        Rule::new(vec![Match::IifnamePrefix("cali".into()), Match::CtInvalid], vec![Statement::Counter, Statement::Drop]),
+        Rule::new(
+            vec![Match::IifnamePrefix("cali".into()), Match::CtInvalid],
+            vec![Statement::Counter, Statement::Drop],
+        ),
         Rule::new(vec![Match::Iifname("lo".into())], vec![Statement::Accept]),
         Rule::new(vec![Match::Oifname("eth0".into()), Match::OifnamePrefix("veth".into())], vec![Statement::Return]),
         Rule::new(vec![], vec![Statement::MarkClear(0x3_0000)]),
@@ -324,7 +327,12 @@ async fn netlink_transactions_list_as_libnftables_writes_them() {
         Rule::new(
             vec![
                 v6.clone(),
-                Match::AddrIn { addr: dst, v6: true, nets: vec![ipnet("fd00::/64"), ipnet("fd01::1/128")], negate: false },
+                Match::AddrIn {
+                    addr: dst,
+                    v6: true,
+                    nets: vec![ipnet("fd00::/64"), ipnet("fd01::1/128")],
+                    negate: false,
+                },
             ],
             vec![Statement::Goto("pi-x".into())],
         ),
@@ -337,7 +345,11 @@ async fn netlink_transactions_list_as_libnftables_writes_them() {
             vec![Statement::Notrack],
         ),
         Rule::new(
-            vec![v4.clone(), proto(6), Match::AddrProtoPortInSet { addr: dst, v6: false, set: "n4".into(), negate: false }],
+            vec![
+                v4.clone(),
+                proto(6),
+                Match::AddrProtoPortInSet { addr: dst, v6: false, set: "n4".into(), negate: false },
+            ],
             vec![Statement::Accept],
         ),
         Rule::new(
@@ -417,7 +429,11 @@ async fn netlink_transactions_list_as_libnftables_writes_them() {
                 "post".into(),
                 Rule::new(vec![v4.clone()], vec![Statement::Masquerade { fully_random: false }]),
             ),
-            Op::AddRule(t.clone(), "input".into(), Rule::new(vec![Match::Iifname("lo".into())], vec![Statement::Accept])),
+            Op::AddRule(
+                t.clone(),
+                "input".into(),
+                Rule::new(vec![Match::Iifname("lo".into())], vec![Statement::Accept]),
+            ),
         ];
         ops.extend(rules.iter().map(|r| Op::AddRule(t.clone(), "forward".into(), r.clone())));
         ops
