@@ -438,20 +438,18 @@ impl SharedChains {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         rules.hash(&mut h);
         let digest = h.finish();
-        // A digest collision gets the next free suffix, never another list's chain.
-        for n in 0u32.. {
-            let name = format!(
-                "{}{digest:016x}{}",
-                if ingress { "si-" } else { "so-" },
-                if n == 0 { String::new() } else { format!("-{n}") }
-            );
+        // A digest collision gets the next free suffix, never another list's chain (ends by
+        // the time the suffixes outnumber the chains).
+        let mut n = 0usize;
+        loop {
+            let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+            let name = format!("{}{digest:016x}{suffix}", if ingress { "si-" } else { "so-" });
             match self.chains.get(&name) {
                 Some((r, _)) if r.as_slice() == rules => return (name, false),
-                Some(_) => continue,
+                Some(_) => n += 1,
                 None => return (name, true),
             }
         }
-        unreachable!("u32 suffixes run out")
     }
 
     /// `iface` now uses `name` (None: no shared chain); the chain that became unused, if any.
@@ -811,7 +809,8 @@ impl PolicyManager {
         }
         ops.extend(endpoint_later);
         ops.extend(later);
-        if let Err(e) = self.nft.apply(&ops).await {
+        let changed = !ops.is_empty();
+        if let Err(e) = self.nft.apply_owned(ops).await {
             self.built = false;
             self.programmed.clear();
             return Err(e.into());
@@ -821,7 +820,7 @@ impl PolicyManager {
             self.hosts_programmed = hosts;
             self.hosts_dirty = false;
         }
-        if !ops.is_empty() {
+        if changed {
             self.snapshot = None;
         }
         self.programmed = self.endpoints.keys().cloned().collect();

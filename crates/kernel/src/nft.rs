@@ -752,10 +752,16 @@ impl Nft {
     /// Apply `ops` as one atomic transaction: all of them or none. An error names the
     /// operation the kernel refused, in nft's language.
     pub async fn apply(&self, ops: &[Op]) -> Result<()> {
+        self.apply_owned(ops.to_vec()).await
+    }
+
+    /// [`Nft::apply`] for a batch the caller is done with: a full sync's tens of thousands of
+    /// rules go to the worker without a copy.
+    pub async fn apply_owned(&self, ops: Vec<Op>) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
-        self.ask(|r| Request::Apply(ops.to_vec(), r)).await.map_err(KernelError::Nft)
+        self.ask(|r| Request::Apply(ops, r)).await.map_err(KernelError::Nft)
     }
 
     /// The same transaction through libnftables, from its text: the reference the netlink

@@ -98,7 +98,7 @@ fn be32(v: u32) -> [u8; 4] {
     v.to_be_bytes()
 }
 
-fn ip_bytes(a: IpAddr) -> Vec<u8> {
+pub(crate) fn ip_bytes(a: IpAddr) -> Vec<u8> {
     match a {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
@@ -106,7 +106,7 @@ fn ip_bytes(a: IpAddr) -> Vec<u8> {
 }
 
 /// The address after the prefix's last one, or None past the top of the space.
-pub(crate) fn after(n: &IpNet) -> Option<Vec<u8>> {
+fn after(n: &IpNet) -> Option<Vec<u8>> {
     match n {
         IpNet::V4(n) => u32::from(n.broadcast()).checked_add(1).map(|v| v.to_be_bytes().to_vec()),
         IpNet::V6(n) => u128::from(n.broadcast()).checked_add(1).map(|v| v.to_be_bytes().to_vec()),

@@ -94,13 +94,6 @@ pub(crate) fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
-fn ip_bytes(a: std::net::IpAddr) -> Vec<u8> {
-    match a {
-        std::net::IpAddr::V4(a) => a.octets().to_vec(),
-        std::net::IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
 /// One set element on the wire: key, flags, and the chain a verdict-map entry jumps to.
 #[derive(Debug, PartialEq, Eq)]
 struct WireElement {
@@ -117,11 +110,11 @@ fn wire_elements(e: &Element, interval: bool) -> Result<Vec<WireElement>, String
         Element::Net(n) if interval => {
             expr::net_interval(n).into_iter().map(|(key, end)| WireElement { key, end, jump: None }).collect()
         }
-        Element::Net(n) if n.prefix_len() == n.max_prefix_len() => plain(ip_bytes(n.addr())),
+        Element::Net(n) if n.prefix_len() == n.max_prefix_len() => plain(expr::ip_bytes(n.addr())),
         Element::Net(n) => return Err(format!("{n} is a prefix, and the set is not an interval set")),
         // A concatenation: each field in its own 4-byte-aligned slot.
         Element::ProtoPort(a, proto, port) => {
-            let mut k = ip_bytes(*a);
+            let mut k = expr::ip_bytes(*a);
             k.extend([*proto, 0, 0, 0]);
             k.extend(port.to_be_bytes());
             k.extend([0, 0]);
