@@ -97,6 +97,8 @@ fn settings_of(spec: &IPAMConfigSpec) -> Settings {
 struct Skip {
     reserved: Vec<IpNet>,
     cooldown_secs: u64,
+    /// What the choice of pools rests on (see `Decided`): part of every write.
+    guards: Vec<TxnOp>,
 }
 
 /// Where Calico's IPAM reads its configuration (reference: IPAMConfig).
@@ -140,6 +142,11 @@ pub struct IpamClient {
     config_cache: Mutex<Option<(Vec<(String, Revision)>, IpConfig)>>,
     /// Calico's own config key as last read, and when.
     calico_config_cache: Mutex<Option<(std::time::Instant, IPAMConfigSpec)>>,
+    /// What auto-assignment decides from, kept without re-reading: every write it makes carries
+    /// the guards that fail if any of it changed (then it is read again and the request retried).
+    assign_cache: Mutex<Option<Arc<Decided>>>,
+    /// Each node's labels and the guard on its Node (for pools' nodeSelectors).
+    node_cache: Mutex<HashMap<String, (BTreeMap<String, String>, TxnOp)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
     affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
     /// How long another node's empty block must have been claimed before this node may take it.
@@ -149,6 +156,23 @@ pub struct IpamClient {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The configuration an assignment was decided from, and the guards on it.
+struct Decided {
+    config: IpConfig,
+    guards: Vec<TxnOp>,
+}
+
+/// Whether `e` is one of `guards` failing: what the cached configuration rests on changed.
+fn guard_failed(e: &StoreError, guards: &[TxnOp]) -> bool {
+    is_condition_failure(e).is_some_and(|k| guards.iter().any(|g| g.key() == k))
+}
+
+/// Up to this many pools, reservations and configurations, each is guarded by its own Check.
+const MAX_GUARDED_KEYS: usize = 64;
+
+/// How often auto-assignment starts again when its configuration changed under it.
+const CONFIG_ATTEMPTS: usize = 10;
 
 fn is_condition_failure(e: &StoreError) -> Option<&str> {
     match e {
@@ -193,6 +217,8 @@ impl IpamClient {
             affinities: Mutex::default(),
             config_cache: Mutex::default(),
             calico_config_cache: Mutex::default(),
+            assign_cache: Mutex::default(),
+            node_cache: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
     }
@@ -216,10 +242,63 @@ impl IpamClient {
     /// again only when one of them changed.
     async fn ip_config(&self) -> Result<IpConfig, IpamError> {
         let listing = self.ds.list(IP_RESOURCES_PREFIX).await?;
+        let mut config = self.parse_ip_config(&listing);
+        if config.config.is_none() {
+            config.config = Some(self.calico_config().await?);
+        }
+        Ok(config)
+    }
+
+    /// The configuration auto-assignment decides from: cached, with the guards its writes carry
+    /// — each listed key at its revision, nothing new under the prefix, and Calico's config key
+    /// as read when no IPAMConfiguration exists.
+    async fn decided(&self) -> Result<Arc<Decided>, IpamError> {
+        if let Some(d) = lock(&self.assign_cache).as_ref() {
+            return Ok(d.clone());
+        }
+        let listing = self.ds.list(IP_RESOURCES_PREFIX).await?;
+        let mut config = self.parse_ip_config(&listing);
+        // So many pools and reservations that a Check on each would crowd the transaction (etcd
+        // takes 128 operations): listed again for every request, guarded against additions.
+        let per_key = listing.items.len() <= MAX_GUARDED_KEYS;
+        let mut guards: Vec<TxnOp> = listing
+            .items
+            .iter()
+            .filter(|_| per_key)
+            .map(|kv| TxnOp::Check { key: kv.key.clone(), condition: Condition::At(kv.mod_revision) })
+            .collect();
+        guards.push(TxnOp::Unchanged { prefix: IP_RESOURCES_PREFIX.into(), since: listing.revision });
+        if config.config.is_none() {
+            let kv = self.ds.get(CONFIG_KEY).await?;
+            guards.push(TxnOp::Check {
+                key: CONFIG_KEY.into(),
+                condition: kv.as_ref().map_or(Condition::Absent, |kv| Condition::At(kv.mod_revision)),
+            });
+            config.config = Some(match kv {
+                Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
+                None => IPAMConfigSpec::default(),
+            });
+        }
+        let d = Arc::new(Decided { config, guards });
+        if per_key {
+            *lock(&self.assign_cache) = Some(d.clone());
+        }
+        Ok(d)
+    }
+
+    /// Forget what assignment decided from: it changed.
+    fn forget_decided(&self) {
+        *lock(&self.assign_cache) = None;
+        lock(&self.node_cache).clear();
+    }
+
+    /// Parse a listing of the IP resources (again only when one of them changed); the Calico
+    /// config fallback is left to the caller.
+    fn parse_ip_config(&self, listing: &gingham_store::Listing) -> IpConfig {
         let revisions: Vec<(String, Revision)> =
             listing.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
         let cached = lock(&self.config_cache).as_ref().filter(|(seen, _)| *seen == revisions).map(|(_, c)| c.clone());
-        let mut config = match cached {
+        match cached {
             Some(c) => c,
             None => {
                 let (pools_prefix, reservations_prefix) = (Kind::IPPool.prefix(None), Kind::IPReservation.prefix(None));
@@ -240,11 +319,7 @@ impl IpamClient {
                 *lock(&self.config_cache) = Some((revisions, c.clone()));
                 c
             }
-        };
-        if config.config.is_none() {
-            config.config = Some(self.calico_config().await?);
         }
-        Ok(config)
     }
 
     /// Calico's `/calico/ipam/v2/config`, for when no IPAMConfiguration exists (re-read at most
@@ -306,8 +381,23 @@ impl IpamClient {
         }
     }
 
-    async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>, IpamError> {
-        Ok(self.resources.get(Kind::Node, None, node).await?.map(|o| o.metadata.labels).unwrap_or_default())
+    /// A node's labels, and the guard that fails if its Node changes (cached until then).
+    async fn node_labels(&self, node: &str) -> Result<(BTreeMap<String, String>, TxnOp), IpamError> {
+        if let Some(c) = lock(&self.node_cache).get(node) {
+            return Ok(c.clone());
+        }
+        let key = Kind::Node.key(None, node);
+        let (labels, condition) = match self.ds.get(&key).await? {
+            Some(kv) => {
+                let obj: gingham_api::Object = serde_json::from_slice(&kv.value)
+                    .map_err(|e| IpamError::Corrupt { key: key.clone(), message: e.to_string() })?;
+                (obj.metadata.labels, Condition::At(kv.mod_revision))
+            }
+            None => (BTreeMap::new(), Condition::Absent),
+        };
+        let c = (labels, TxnOp::Check { key, condition });
+        lock(&self.node_cache).insert(node.to_string(), c.clone());
+        Ok(c)
     }
 
     /// The block at `cidr` (from this client's cache unless `refresh`), or None if absent.
@@ -327,27 +417,33 @@ impl IpamClient {
                 return Ok(Some(b));
             }
         }
-        let b = self.read_block(cidr).await?;
-        lock(&self.blocks).remove(&cidr);
-        Ok(b)
+        if !self.refresh_block(cidr).await? {
+            return Ok(None);
+        }
+        Ok(lock(&self.blocks).remove(&cidr))
     }
 
     async fn read_block(&self, cidr: IpNet) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
+        if !self.refresh_block(cidr).await? {
+            return Ok(None);
+        }
+        Ok(lock(&self.blocks).get(&cidr).cloned())
+    }
+
+    /// Bring the cached copy of the block at `cidr` up to date — parsed again only if it
+    /// changed — and say whether it exists.
+    async fn refresh_block(&self, cidr: IpNet) -> Result<bool, IpamError> {
         let key = block_key(&cidr);
         let Some(kv) = self.ds.get(&key).await? else {
             lock(&self.blocks).remove(&cidr);
-            return Ok(None);
+            return Ok(false);
         };
-        // Unchanged since we cached it: no need to parse it again.
-        if let Some((b, rev)) = lock(&self.blocks).get(&cidr) {
-            if *rev == kv.mod_revision {
-                return Ok(Some((b.clone(), *rev)));
-            }
+        if lock(&self.blocks).get(&cidr).is_some_and(|(_, rev)| *rev == kv.mod_revision) {
+            return Ok(true);
         }
-        let b =
-            AllocationBlock::decode(&kv.value).map_err(|message| IpamError::Corrupt { key: key.clone(), message })?;
-        lock(&self.blocks).insert(cidr, (b.clone(), kv.mod_revision));
-        Ok(Some((b, kv.mod_revision)))
+        let b = AllocationBlock::decode(&kv.value).map_err(|message| IpamError::Corrupt { key, message })?;
+        lock(&self.blocks).insert(cidr, (b, kv.mod_revision));
+        Ok(true)
     }
 
     /// Free addresses in a cached block (None if not cached).
@@ -380,6 +476,7 @@ impl IpamClient {
     async fn update_block<T>(
         &self,
         cidr: IpNet,
+        guards: &[TxnOp],
         mut change: impl FnMut(&mut AllocationBlock) -> Result<Option<BlockChange<T>>, IpamError>,
     ) -> Result<Option<T>, IpamError> {
         let key = block_key(&cidr);
@@ -406,6 +503,7 @@ impl IpamClient {
                 }
             }];
             ops.extend(c.also.iter().cloned());
+            ops.extend(guards.iter().cloned());
             let mut new_handles = Vec::new();
             for (h, delta) in &c.handles {
                 // A handle we have not seen is assumed new when it gains addresses (no read);
@@ -439,7 +537,8 @@ impl IpamClient {
                     }
                     drop(blocks);
                     let mut handles = lock(&self.handles);
-                    for ((h, rec), r) in new_handles.into_iter().zip(revs.iter().skip(1 + c.also.len())) {
+                    for ((h, rec), r) in new_handles.into_iter().zip(revs.iter().skip(1 + c.also.len() + guards.len()))
+                    {
                         if rec.is_empty() {
                             handles.remove(&h);
                         } else {
@@ -447,6 +546,10 @@ impl IpamClient {
                         }
                     }
                     return Ok(Some(c.out));
+                }
+                Err(e) if guard_failed(&e, guards) => {
+                    lock(&self.blocks).remove(&cidr);
+                    return Err(IpamError::ConfigChanged);
                 }
                 Err(e) => match is_condition_failure(&e) {
                     Some(k) => {
@@ -471,7 +574,7 @@ impl IpamClient {
         eligible: impl Fn(&AllocationBlock) -> bool,
     ) -> Result<Vec<IpNet>, IpamError> {
         let got = self
-            .update_block(cidr, |b| {
+            .update_block(cidr, &skip.guards, |b| {
                 if !eligible(b) || b.free() == 0 {
                     return Ok(None);
                 }
@@ -540,32 +643,54 @@ impl IpamClient {
     /// starting point), else another node's empty block whose claim is older than
     /// `reclaim_after`. Affinity and block are written in one transaction, so a crash never
     /// leaves a half-claimed block.
-    async fn claim(&self, pools: &[Pool], node: &str, v4: bool, known: &[IpNet]) -> Result<Option<IpNet>, IpamError> {
-        let listing = self.ds.list(&blocks_prefix(v4)).await?;
+    async fn claim(
+        &self,
+        pools: &[Pool],
+        node: &str,
+        v4: bool,
+        known: &[IpNet],
+        guards: &[TxnOp],
+        blocks: &gingham_store::Listing,
+    ) -> Result<Option<IpNet>, IpamError> {
         let parse = |kv: &gingham_store::KeyValue| -> Result<(AllocationBlock, Revision), IpamError> {
             let b = AllocationBlock::decode(&kv.value)
                 .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
             Ok((b, kv.mod_revision))
         };
-        // Which blocks exist needs only the keys; blocks are parsed only when they matter.
+        // Which blocks exist, and which have an affinity record, needs only keys (`blocks` is
+        // such a listing): values are read only where they matter.
         let taken: std::collections::HashSet<IpNet> =
-            listing.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
-        // A block that names this node but lost its affinity record: adopt it again.
-        let marker = format!("\"affinity\":\"{}\"", host_affinity(node));
-        for kv in listing.items.iter().filter(|kv| std::str::from_utf8(&kv.value).is_ok_and(|v| v.contains(&marker))) {
-            let (b, _) = parse(kv)?;
+            blocks.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
+        let others: std::collections::HashSet<IpNet> = self
+            .ds
+            .list_keys(&all_affinities_prefix())
+            .await?
+            .items
+            .iter()
+            .filter_map(|kv| parse_affinity_key(&kv.key))
+            .filter(|(n, _)| n != node)
+            .map(|(_, c)| c)
+            .collect();
+        // A block that names this node but lost its affinity record: adopt it again. Only
+        // blocks no other node has a record for can be such a block.
+        for cidr in taken.iter().filter(|c| !known.contains(c) && !others.contains(c)) {
+            let Some((b, _)) = self.read_block(*cidr).await? else { continue };
             if b.is_affine_to(node)
                 && b.free() > 0
                 && !known.contains(&b.cidr)
                 && pools.iter().any(|p| p.cidr.contains(&b.cidr))
             {
-                let aff = TxnOp::Put {
+                let mut ops = vec![TxnOp::Put {
                     key: affinity_key(node, &b.cidr),
                     value: serde_json::to_vec(&BlockAffinity::confirmed()).unwrap_or_default(),
                     condition: Condition::Any,
+                }];
+                ops.extend(guards.iter().cloned());
+                return match self.ds.txn(&ops).await {
+                    Ok(_) => Ok(Some(b.cidr)),
+                    Err(e) if guard_failed(&e, guards) => Err(IpamError::ConfigChanged),
+                    Err(e) => Err(e.into()),
                 };
-                self.ds.txn(&[aff]).await?;
-                return Ok(Some(b.cidr));
             }
         }
         for pool in pools {
@@ -574,18 +699,22 @@ impl IpamClient {
                     continue;
                 }
                 let (block, ops) = claim_ops(node, cidr);
+                let ops: Vec<TxnOp> = ops.into_iter().chain(guards.iter().cloned()).collect();
                 match self.ds.txn(&ops).await {
                     Ok(revs) => {
                         lock(&self.blocks).insert(cidr, (block, revs.get(1).copied().unwrap_or_default()));
                         return Ok(Some(cidr));
                     }
+                    Err(e) if guard_failed(&e, guards) => return Err(IpamError::ConfigChanged),
                     Err(StoreError::AlreadyExists { .. }) => continue, // another node took it just now
                     Err(e) => return Err(e.into()),
                 }
             }
         }
+        // No free block left: another node's empty one, old enough, is taken over (this needs
+        // every block's content).
         let now = parse_rfc3339(&now_rfc3339()).unwrap_or_default();
-        for kv in &listing.items {
+        for kv in &self.ds.list(&blocks_prefix(v4)).await?.items {
             let (b, rev) = parse(kv)?;
             let in_pool = pools.iter().any(|p| p.cidr.contains(&b.cidr) && p.block_size == b.cidr.prefix_len());
             let old_enough = b
@@ -615,11 +744,13 @@ impl IpamClient {
             if let Some(other) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")) {
                 ops.push(TxnOp::Delete { key: affinity_key(other, &b.cidr), condition: Condition::Any });
             }
+            ops.extend(guards.iter().cloned());
             match self.ds.txn(&ops).await {
                 Ok(revs) => {
                     lock(&self.blocks).insert(b.cidr, (mine, revs.first().copied().unwrap_or_default()));
                     return Ok(Some(b.cidr));
                 }
+                Err(e) if guard_failed(&e, guards) => return Err(IpamError::ConfigChanged),
                 Err(e) if is_condition_failure(&e).is_some() => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -627,19 +758,24 @@ impl IpamClient {
         Ok(None)
     }
 
+    /// Assign `want` addresses of one family into `got`; on an error, `got` holds what was
+    /// taken so far, for the caller to give back.
+    #[allow(clippy::too_many_arguments)]
     async fn assign_family(
         &self,
         req: &AutoAssign,
         v4: bool,
         want: usize,
-        pools_all: &[Pool],
-        reserved: &[IpNet],
+        config: &IpConfig,
         settings: &Settings,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Vec<IpNet>, IpamError> {
+        guards: &[TxnOp],
+        got: &mut Vec<IpNet>,
+    ) -> Result<(), IpamError> {
         if want == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
+        let (pools_all, reserved) = (&config.pools, &config.reserved);
         let requested = if v4 { &req.pools_v4 } else { &req.pools_v6 };
         let use_ = if req.tunnel { Use::Tunnel } else { Use::Workload };
         let pools = select(pools_all, v4, requested, &req.node, labels, req.namespace_labels.as_ref(), use_)?;
@@ -647,8 +783,8 @@ impl IpamClient {
         let skip = Skip {
             reserved: reserved.iter().filter(|n| n.addr().is_ipv4() == v4).copied().collect(),
             cooldown_secs: settings.ip_cooldown_secs,
+            guards: guards.to_vec(),
         };
-        let mut got = Vec::new();
         let cache_key = (req.node.clone(), v4);
         let cached = lock(&self.affinities).get(&cache_key).cloned();
         let mut affine = match cached {
@@ -656,21 +792,31 @@ impl IpamClient {
             None => self.affine_blocks(&req.node, v4).await?,
         };
         // Cached blocks known to be full are skipped without a copy. Before claiming a new block,
-        // the node's blocks are listed and read again: another process may have freed addresses.
+        // the node's blocks are listed again, and those another process changed (it may have
+        // freed addresses) read again: the keys of every block, with their revisions, say which.
+        let mut blocks = None;
         for refresh in [false, true] {
             if refresh {
                 affine = self.affine_blocks(&req.node, v4).await?;
+                let listing = self.ds.list_keys(&blocks_prefix(v4)).await?;
+                let revs: HashMap<&str, Revision> =
+                    listing.items.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)).collect();
+                for cidr in affine.iter().filter(|c| in_pools(c)) {
+                    let cached = lock(&self.blocks).get(cidr).map(|(_, r)| *r);
+                    if cached.is_none() || revs.get(block_key(cidr).as_str()).copied() != cached {
+                        self.refresh_block(*cidr).await?;
+                    }
+                }
+                blocks = Some(listing);
             }
             for cidr in affine.iter().filter(|c| in_pools(c)) {
-                if refresh {
-                    self.block(*cidr, true).await?;
-                } else if self.cached_free(cidr) == Some(0) {
+                if self.cached_free(cidr) == Some(0) {
                     continue;
                 }
                 let node = req.node.clone();
                 got.extend(self.take_from(*cidr, want - got.len(), req, &skip, move |b| b.is_affine_to(&node)).await?);
                 if got.len() == want {
-                    return Ok(got);
+                    return Ok(());
                 }
             }
         }
@@ -681,7 +827,11 @@ impl IpamClient {
                 limit_hit = true;
                 break;
             }
-            let Some(cidr) = self.claim(&pools, &req.node, v4, &affine).await? else {
+            let listing = match blocks.take() {
+                Some(l) => l,
+                None => self.ds.list_keys(&blocks_prefix(v4)).await?,
+            };
+            let Some(cidr) = self.claim(&pools, &req.node, v4, &affine, guards, &listing).await? else {
                 break;
             };
             affine.push(cidr);
@@ -697,14 +847,11 @@ impl IpamClient {
                 }
                 got.extend(self.take_from(b.cidr, want - got.len(), req, &skip, |_| true).await?);
                 if got.len() == want {
-                    return Ok(got);
+                    return Ok(());
                 }
             }
         }
         if got.len() < want {
-            // Nothing half-done: give back what this request took.
-            let ips: Vec<IpAddr> = got.iter().map(|n| n.addr()).collect();
-            self.release_ips(&ips, &ReleaseGuard { handle: Some(req.handle.clone()), sequence_number: None }).await?;
             let family = if v4 { "IPv4" } else { "IPv6" };
             return Err(match limit {
                 Some(l) if limit_hit => IpamError::BlockLimit {
@@ -724,7 +871,7 @@ impl IpamClient {
                 },
             });
         }
-        Ok(got)
+        Ok(())
     }
 
     /// Hand out `num_v4` + `num_v6` addresses under `handle`. All or nothing.
@@ -734,20 +881,48 @@ impl IpamClient {
         }
         let node_lock = self.node_lock(&req.node);
         let _guard = node_lock.lock().await;
-        let c = self.ip_config().await?;
-        let (pools, reserved) = (&c.pools, &c.reserved);
-        let settings = settings_of(&c.config.clone().unwrap_or_default());
-        let labels = self.node_labels(&req.node).await?;
-        let v4 = self.assign_family(req, true, req.num_v4, pools, reserved, &settings, &labels).await?;
-        let v6 = match self.assign_family(req, false, req.num_v6, pools, reserved, &settings, &labels).await {
-            Ok(v) => v,
-            Err(e) => {
-                let ips: Vec<IpAddr> = v4.iter().map(|n| n.addr()).collect();
+        for _ in 0..CONFIG_ATTEMPTS {
+            let cached = lock(&self.assign_cache).is_some();
+            match self.assign_once(req).await {
+                Err(IpamError::ConfigChanged) => self.forget_decided(),
+                // A refusal decided from the cache is confirmed against a fresh read: the
+                // configuration that would allow it may have come since, with no write to notice.
+                Err(_) if cached => self.forget_decided(),
+                other => return other,
+            }
+        }
+        Err(IpamError::ConfigChanged)
+    }
+
+    /// One try at `auto_assign` from the cached configuration (no reads when the node's blocks
+    /// have room); all or nothing.
+    async fn assign_once(&self, req: &AutoAssign) -> Result<Assigned, IpamError> {
+        let d = self.decided().await?;
+        let settings = settings_of(d.config.config.as_ref().unwrap_or(&IPAMConfigSpec::default()));
+        let mut guards = d.guards.clone();
+        // The node's labels matter only to pools that select nodes.
+        let labels =
+            if d.config.pools.iter().any(|p| p.spec.node_selector.as_deref().is_some_and(|s| s.trim() != "all()")) {
+                let (labels, guard) = self.node_labels(&req.node).await?;
+                guards.push(guard);
+                labels
+            } else {
+                BTreeMap::new()
+            };
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let mut done = self.assign_family(req, true, req.num_v4, &d.config, &settings, &labels, &guards, &mut v4).await;
+        if done.is_ok() {
+            done = self.assign_family(req, false, req.num_v6, &d.config, &settings, &labels, &guards, &mut v6).await;
+        }
+        if let Err(e) = done {
+            // Nothing half-done: give back what this request took.
+            let ips: Vec<IpAddr> = v4.iter().chain(&v6).map(|n| n.addr()).collect();
+            if !ips.is_empty() {
                 self.release_ips(&ips, &ReleaseGuard { handle: Some(req.handle.clone()), sequence_number: None })
                     .await?;
-                return Err(e);
             }
-        };
+            return Err(e);
+        }
         Ok(Assigned { v4, v6 })
     }
 
@@ -782,7 +957,7 @@ impl IpamClient {
                 }
             }
             let result = self
-                .update_block(cidr, |b| {
+                .update_block(cidr, &[], |b| {
                     if settings.strict_affinity && !b.is_affine_to(node) {
                         return Err(IpamError::StrictAffinity { ip, owner: b.affinity.clone().unwrap_or_default() });
                     }
@@ -858,7 +1033,7 @@ impl IpamClient {
         let mut released = Vec::new();
         for cidr in rec.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
             let ips = self
-                .update_block(cidr, |b| {
+                .update_block(cidr, &[], |b| {
                     let ords = b.ordinals_of(handle);
                     if ords.is_empty() {
                         return Ok(None);
@@ -920,7 +1095,7 @@ impl IpamClient {
         }
         for (cidr, ips) in by_block {
             let result = self
-                .update_block(cidr, |b| {
+                .update_block(cidr, &[], |b| {
                     let mut ords = Vec::new();
                     let mut report = Vec::new();
                     for ip in &ips {
@@ -1032,7 +1207,7 @@ impl IpamClient {
     /// whether it was deleted, or None if it had no owner.
     pub async fn unaffine_block(&self, cidr: IpNet) -> Result<Option<bool>, IpamError> {
         let r = self
-            .update_block(cidr, |b| {
+            .update_block(cidr, &[], |b| {
                 let Some(node) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")).map(str::to_string) else {
                     return Ok(None);
                 };

@@ -40,6 +40,8 @@ pub enum IpamError {
     HandleMismatch { ip: IpAddr, expected: String, actual: String },
     #[error("{ip} was allocated at sequence number {actual:?}, not {expected}: it was reused, not released")]
     SequenceMismatch { ip: IpAddr, expected: u64, actual: Option<u64> },
+    #[error("the IP pools, IPAM configuration or node labels kept changing while addresses were assigned")]
+    ConfigChanged,
     #[error("gave up after repeated conflicting writes to {key}")]
     Contention { key: String },
     #[error("stored IPAM data at {key} is not readable: {message}")]

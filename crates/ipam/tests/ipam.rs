@@ -109,11 +109,12 @@ async fn steady_state_is_one_write(ds: Arc<dyn Datastore>) {
     let counting = Arc::new(CountingStore::new(ds.clone()));
     let ipam = IpamClient::new(counting.clone());
     ipam.auto_assign(&req("n1", "warm", 1)).await.unwrap(); // claims the block
-    let before = counting.writes();
+    let (before, reads) = (counting.writes(), counting.reads());
     for i in 0..40 {
         ipam.auto_assign(&req("n1", &format!("pod-{i}"), 1)).await.unwrap();
     }
     assert_eq!(counting.writes() - before, 40, "one datastore write per allocation from an owned block");
+    assert_eq!(counting.reads() - reads, 0, "and no read: the write's guards stand for the configuration");
     let before = counting.writes();
     ipam.release_by_handle("pod-3").await.unwrap();
     assert_eq!(counting.writes() - before, 1, "one write per release");
@@ -461,6 +462,38 @@ async fn released_addresses_cool_down(ds: Arc<dyn Datastore>) {
     assert_eq!(blocks, 2, "a second block was claimed instead");
 }
 
+/// Allocations decide from a cached configuration; what other writers change meanwhile — a pool
+/// disabled, a new pool, a node relabelled out of a pool's nodeSelector — is seen by the next one.
+async fn cached_configuration_follows_other_writers(ds: Arc<dyn Datastore>) {
+    apply(&ds, &pool("first", "10.50.0.0/24", "")).await;
+    let ipam = IpamClient::new(ds.clone());
+    let v4 = |a: gingham_ipam::Assigned| a.v4[0].addr().to_string();
+    assert!(v4(ipam.auto_assign(&req("n1", "a", 1)).await.unwrap()).starts_with("10.50.0."));
+    // Another writer disables the pool and adds one: the block n1 owns has room, but is not used.
+    apply(&ds, &pool("first", "10.50.0.0/24", "  disabled: true")).await;
+    apply(&ds, &pool("second", "10.51.0.0/24", "")).await;
+    assert!(v4(ipam.auto_assign(&req("n1", "b", 1)).await.unwrap()).starts_with("10.51.0."));
+    // A pool for rack a only; n1 is in rack a, then is moved to rack b.
+    apply(&ds, &pool("second", "10.51.0.0/24", "  disabled: true")).await;
+    apply(&ds, &pool("rack-a", "10.52.0.0/24", "  nodeSelector: rack == 'a'")).await;
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1, labels: {rack: a}}\nspec: {}\n")
+        .await;
+    assert!(v4(ipam.auto_assign(&req("n1", "c", 1)).await.unwrap()).starts_with("10.52.0."));
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1, labels: {rack: b}}\nspec: {}\n")
+        .await;
+    let err = ipam.auto_assign(&req("n1", "d", 1)).await.unwrap_err();
+    assert!(err.to_string().starts_with("no configured pools for node n1"), "{err}");
+    // A pool added while a refusal was cached: the refusal is confirmed against a fresh read.
+    apply(&ds, &pool("any", "10.53.0.0/24", "")).await;
+    assert!(v4(ipam.auto_assign(&req("n1", "e", 1)).await.unwrap()).starts_with("10.53.0."));
+    // An IPAMConfiguration that appears (under the guarded prefix) is followed too.
+    apply(&ds, "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {maxBlocksPerHost: 1}\n").await;
+    let mut many = req("n1", "f", 300);
+    many.pools_v4 = vec!["any".into()];
+    let err = ipam.auto_assign(&many).await.unwrap_err();
+    assert!(err.to_string().starts_with("block limit reached"), "{err}");
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -480,7 +513,8 @@ both!(
     deleted_pools_release_their_blocks,
     ipam_configuration_is_mirrored,
     reserved_addresses_are_not_handed_out,
-    released_addresses_cool_down
+    released_addresses_cool_down,
+    cached_configuration_follows_other_writers
 );
 
 // --- several processes at once -------------------------------------------------------------

@@ -43,6 +43,9 @@ pub const DEFAULT_PATH: &str = "/var/lib/gingham/store.db";
 const KEEP_REVISIONS: i64 = 10_000;
 /// Automatic compaction runs every this many revisions.
 const COMPACT_EVERY: i64 = 1_000;
+
+/// How long the checkpointer lets commits gather before it copies them into the store.
+const CHECKPOINT_DELAY: Duration = Duration::from_millis(100);
 /// How long to keep looking for the commit a notification announced.
 const COMMIT_WAIT: Duration = Duration::from_millis(100);
 /// Backstop for missed change notifications from other processes.
@@ -76,6 +79,9 @@ const COMPACT_RANGE: &str = "DELETE FROM log WHERE rev > ?1 AND rev < ?2 \
 /// bound the index range and walks from the prefix to the end of the table.
 const LIST_RANGE: &str = "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
                           WHERE c.key >= ?1 AND c.key < CAST(?2 AS TEXT) ORDER BY c.key";
+const KEYS_RANGE: &str =
+    "SELECT key, rev, create_rev FROM current WHERE key >= ?1 AND key < CAST(?2 AS TEXT) ORDER BY key";
+const KEYS_FROM: &str = "SELECT key, rev, create_rev FROM current WHERE key >= ?1 ORDER BY key";
 const LIST_FROM: &str = "SELECT c.key, c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev \
                          WHERE c.key >= ?1 ORDER BY c.key";
 
@@ -123,6 +129,8 @@ struct Shared {
     /// Latest revision known to this process; watchers wait on changes to it.
     notify: watch::Sender<Revision>,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Wakes this process's checkpointer after a commit (started by the first one).
+    checkpoints: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
 impl Shared {
@@ -181,7 +189,11 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
     conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
     if !read_only {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 8000).map_err(db_err)?;
+        // The checkpointer thread copies frames as they come; the writer's own checkpoint, which
+        // it waits for, is only a cap for a WAL that writes never paused to let start over
+        // (50,000 frames: 200 MiB); a WAL that started over is cut back to 64 MiB.
+        conn.pragma_update(None, "wal_autocheckpoint", 50_000).map_err(db_err)?;
+        conn.pragma_update(None, "journal_size_limit", 64 << 20).map_err(db_err)?;
     }
     // NORMAL in WAL mode: a crashed process loses nothing committed; only power loss can drop
     // the last transactions, never corrupt the file.
@@ -297,6 +309,7 @@ impl EmbeddedStore {
                 conn: Mutex::new(conn),
                 notify,
                 poller: Mutex::new(None),
+                checkpoints: Mutex::new(None),
             }),
         })
     }
@@ -348,7 +361,40 @@ impl EmbeddedStore {
             *r = (*r).max(rev);
             newer
         });
+        self.request_checkpoint();
         Ok(out)
+    }
+
+    /// Copy committed WAL frames into the store off the commit path: a checkpoint of thousands
+    /// of frames takes a disk flush of 100 ms or more, which a writer left to SQLite's automatic
+    /// checkpoint would wait for (it stays, at a size only a checkpointer falling behind reaches).
+    /// Durability is unchanged: a commit is in the WAL either way.
+    fn request_checkpoint(&self) {
+        let mut slot = self.shared.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let Ok(conn) = open_connection(&self.shared.path, false) else { return };
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let started = std::thread::Builder::new().name("store-checkpoint".into()).spawn(move || {
+                // Ends when the store is dropped (the sender with it).
+                while rx.recv().is_ok() {
+                    // A burst of commits gathers into one checkpoint.
+                    std::thread::sleep(CHECKPOINT_DELAY);
+                    while rx.try_recv().is_ok() {}
+                    // PASSIVE: never waits for readers or the writer; what it skips, the next takes.
+                    // (A RESTART, which would start the WAL over under steady writes, holds the
+                    // writers for its disk flush: 50–180 ms here. The WAL starts over by itself
+                    // at the first pause in writes.)
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            });
+            if started.is_err() {
+                return;
+            }
+            *slot = Some(tx);
+        }
+        if let Some(tx) = slot.as_ref() {
+            let _ = tx.try_send(());
+        }
     }
 
     /// Start the one task per store that notices other processes' commits: woken by inotify on
@@ -428,11 +474,13 @@ fn poll_commit(conn: &Connection, weak: &std::sync::Weak<Shared>, last: &mut i64
 }
 
 fn current_revision(conn: &Connection) -> rusqlite::Result<Revision> {
-    conn.query_row("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)", [], |r| r.get(0))
+    conn.prepare_cached("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
 }
 
 fn compact_rev(conn: &Connection) -> rusqlite::Result<Revision> {
-    conn.query_row("SELECT value FROM meta WHERE name = 'compact_rev'", [], |r| r.get(0))
+    conn.prepare_cached("SELECT value FROM meta WHERE name = 'compact_rev'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
 }
 
 /// Forget history below `rev`. Every row at or below the compaction point is one `current`
@@ -447,9 +495,24 @@ fn compact_tx(tx: &rusqlite::Transaction<'_>, rev: Revision) -> Result<()> {
 }
 
 fn current_row(tx: &Connection, key: &str) -> Result<Option<(Revision, Revision)>> {
-    tx.query_row("SELECT rev, create_rev FROM current WHERE key = ?1", params![key], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+    // Cached statements: a transaction asks this once per operation, and parsing SQL is a
+    // good part of a small transaction's cost.
+    tx.prepare_cached("SELECT rev, create_rev FROM current WHERE key = ?1")
+        .and_then(|mut s| s.query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(db_err)
+}
+
+/// The newest revision of any key under `prefix` (0 if none).
+fn newest_under(tx: &Connection, prefix: &str) -> Result<Revision> {
+    let q = match upper_bound(prefix) {
+        Some(end) => tx
+            .prepare_cached("SELECT COALESCE(MAX(rev), 0) FROM current WHERE key >= ?1 AND key < CAST(?2 AS TEXT)")
+            .and_then(|mut s| s.query_row(params![prefix, end], |r| r.get(0))),
+        None => tx
+            .prepare_cached("SELECT COALESCE(MAX(rev), 0) FROM current")
+            .and_then(|mut s| s.query_row([], |r| r.get(0))),
+    };
+    q.map_err(db_err)
 }
 
 /// Append a change to the log and apply it to `current`; returns the new revision.
@@ -511,6 +574,33 @@ impl Datastore for EmbeddedStore {
         let mut items = Vec::new();
         let revision = self.list_pages(prefix, usize::MAX, &mut |page| items.extend(page)).await?;
         Ok(Listing { items, revision })
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Listing> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
+            let end = upper_bound(prefix);
+            let items = {
+                let mut stmt = tx.prepare_cached(if end.is_some() { KEYS_RANGE } else { KEYS_FROM }).map_err(db_err)?;
+                let row = |r: &rusqlite::Row<'_>| {
+                    Ok(KeyValue {
+                        key: r.get(0)?,
+                        mod_revision: r.get(1)?,
+                        create_revision: r.get(2)?,
+                        value: Vec::new(),
+                    })
+                };
+                match &end {
+                    Some(end) => stmt.query_map(params![prefix, end], row),
+                    None => stmt.query_map(params![prefix], row),
+                }
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(db_err)?
+            };
+            let revision = current_revision(&tx).map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Listing { items, revision })
+        })
     }
 
     async fn list_pages(
@@ -592,6 +682,14 @@ impl Datastore for EmbeddedStore {
         self.write(|tx| {
             let mut current = Vec::with_capacity(ops.len());
             for op in ops {
+                if let TxnOp::Unchanged { prefix, since } = op {
+                    let newest = newest_under(tx, prefix)?;
+                    if let Some(e) = crate::unchanged_error(prefix, *since, newest) {
+                        return Err(e);
+                    }
+                    current.push(Some((newest, 0)));
+                    continue;
+                }
                 let row = current_row(tx, op.key())?;
                 if let Some(e) = condition_error(op.key(), op.condition(), row.map(|(r, _)| r)) {
                     return Err(e);
@@ -606,6 +704,8 @@ impl Datastore for EmbeddedStore {
                     TxnOp::Put { key, value, .. } => append(tx, key, Some(value), row.map(|(_, c)| c))?,
                     TxnOp::Delete { key, .. } if row.is_some() => append(tx, key, None, row.map(|(_, c)| c))?,
                     TxnOp::Delete { .. } => current_revision(tx).map_err(db_err)?,
+                    // Guards write nothing: the revision they saw.
+                    TxnOp::Check { .. } | TxnOp::Unchanged { .. } => row.map_or(0, |(r, _)| r),
                 });
             }
             let last = revs.iter().copied().max().unwrap_or_default();

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -173,6 +173,16 @@ impl Datastore for EtcdStore {
         Ok(revision)
     }
 
+    async fn list_keys(&self, prefix: &str) -> Result<Listing> {
+        // Keys alone fit one response for any realistic prefix (a million keys of 100 bytes).
+        let opts = GetOptions::new().with_range(prefix_end(prefix)).with_keys_only();
+        let resp = self.client.clone().get(prefix, Some(opts)).await.map_err(err)?;
+        Ok(Listing {
+            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            items: resp.kvs().iter().map(kv).collect(),
+        })
+    }
+
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
         let txn =
             Txn::new().when([Compare::version(key, CompareOp::Equal, 0)]).and_then([TxnOp::put(key, value, None)]);
@@ -220,16 +230,31 @@ impl Datastore for EtcdStore {
         let mut reads = Vec::new();
         for op in ops {
             let key = op.key();
+            if let crate::TxnOp::Unchanged { prefix, since } = op {
+                // Every key in the range compares; an empty range holds (its revision is 0).
+                let end = prefix_end(prefix);
+                compares
+                    .push(Compare::mod_revision(prefix.as_str(), CompareOp::Less, since + 1).with_range(end.clone()));
+                // On failure, the newest key in the range says when it changed.
+                let newest = GetOptions::new()
+                    .with_range(end)
+                    .with_sort(SortTarget::Mod, SortOrder::Descend)
+                    .with_limit(1)
+                    .with_keys_only();
+                reads.push(TxnOp::get(prefix.as_str(), Some(newest)));
+                continue;
+            }
             match op.condition() {
                 Condition::Absent => compares.push(Compare::version(key, CompareOp::Equal, 0)),
                 Condition::At(r) => compares.push(Compare::mod_revision(key, CompareOp::Equal, r)),
                 Condition::Exists => compares.push(Compare::version(key, CompareOp::Greater, 0)),
                 Condition::Any => {}
             }
-            writes.push(match op {
-                crate::TxnOp::Put { key, value, .. } => TxnOp::put(key.as_str(), value.clone(), None),
-                crate::TxnOp::Delete { key, .. } => TxnOp::delete(key.as_str(), None),
-            });
+            match op {
+                crate::TxnOp::Put { key, value, .. } => writes.push(TxnOp::put(key.as_str(), value.clone(), None)),
+                crate::TxnOp::Delete { key, .. } => writes.push(TxnOp::delete(key.as_str(), None)),
+                crate::TxnOp::Check { .. } | crate::TxnOp::Unchanged { .. } => {}
+            }
             reads.push(TxnOp::get(key, None));
         }
         let resp =
@@ -243,7 +268,13 @@ impl Datastore for EtcdStore {
                 TxnOpResponse::Get(g) => g.kvs().first().map(|k| k.mod_revision()),
                 _ => None,
             };
-            if let Some(e) = crate::condition_error(op.key(), op.condition(), current) {
+            let failed = match op {
+                crate::TxnOp::Unchanged { prefix, since } => {
+                    crate::unchanged_error(prefix, *since, current.unwrap_or_default())
+                }
+                _ => crate::condition_error(op.key(), op.condition(), current),
+            };
+            if let Some(e) = failed {
                 return Err(e);
             }
         }

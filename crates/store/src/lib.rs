@@ -71,24 +71,55 @@ pub enum Condition {
     Any,
 }
 
-/// One write inside a transaction.
+/// One step of a transaction: a write, or a guard that writes nothing but must hold for the
+/// writes to commit (what the writer decided from cached reads is still true).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnOp {
-    Put { key: String, value: Vec<u8>, condition: Condition },
-    Delete { key: String, condition: Condition },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        condition: Condition,
+    },
+    Delete {
+        key: String,
+        condition: Condition,
+    },
+    /// `condition` must hold for `key`; nothing is written.
+    Check {
+        key: String,
+        condition: Condition,
+    },
+    /// No key under `prefix` was created or modified after revision `since`; nothing is written.
+    /// Deletions are not seen (etcd cannot compare what is gone): guard each listed key with
+    /// `Check` as well.
+    Unchanged {
+        prefix: String,
+        since: Revision,
+    },
 }
 
 impl TxnOp {
+    /// The key (for `Unchanged`, the prefix).
     pub fn key(&self) -> &str {
         match self {
-            TxnOp::Put { key, .. } | TxnOp::Delete { key, .. } => key,
+            TxnOp::Put { key, .. } | TxnOp::Delete { key, .. } | TxnOp::Check { key, .. } => key,
+            TxnOp::Unchanged { prefix, .. } => prefix,
         }
     }
+    /// The condition on the key (`Unchanged` has none on a single key).
     pub fn condition(&self) -> Condition {
         match self {
-            TxnOp::Put { condition, .. } | TxnOp::Delete { condition, .. } => *condition,
+            TxnOp::Put { condition, .. } | TxnOp::Delete { condition, .. } | TxnOp::Check { condition, .. } => {
+                *condition
+            }
+            TxnOp::Unchanged { .. } => Condition::Any,
         }
     }
+}
+
+/// The error for an `Unchanged` guard on `prefix` that saw a change at revision `newest`.
+pub(crate) fn unchanged_error(prefix: &str, since: Revision, newest: Revision) -> Option<StoreError> {
+    (newest > since).then(|| StoreError::Conflict { key: prefix.into(), expected: since, actual: newest })
 }
 
 /// The error for `key` whose state (`current` revision, None if absent) fails `condition`.
@@ -186,6 +217,13 @@ pub trait Datastore: Send + Sync {
             visit(std::mem::replace(&mut items, rest));
         }
         Ok(listing.revision)
+    }
+    /// The keys under `prefix` with their revisions, values left empty: for when only which
+    /// keys exist, and at which revision, matters (no value is read or copied).
+    async fn list_keys(&self, prefix: &str) -> Result<Listing> {
+        let mut listing = self.list(prefix).await?;
+        listing.items.iter_mut().for_each(|kv| kv.value = Vec::new());
+        Ok(listing)
     }
     /// Fails with `AlreadyExists` if the key is present.
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision>;

@@ -80,6 +80,10 @@ impl Datastore for CountingStore {
         self.read();
         self.inner.list(prefix).await
     }
+    async fn list_keys(&self, prefix: &str) -> Result<Listing> {
+        self.read();
+        self.inner.list_keys(prefix).await
+    }
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
         self.write();
         self.inner.create(key, value).await

@@ -85,6 +85,16 @@ async fn list_by_prefix(ds: &dyn Datastore) {
     assert!(l.revision >= l.items.iter().map(|kv| kv.mod_revision).max().unwrap());
     assert_eq!(ds.list("/p/").await.unwrap().items.len(), 4);
     assert!(ds.list("/nothing/").await.unwrap().items.is_empty());
+    // Keys only: the same keys and revisions, no values.
+    let k = ds.list_keys("/p/").await.unwrap();
+    let full = ds.list("/p/").await.unwrap();
+    let strip = |l: &gingham_store::Listing| -> Vec<(String, i64, i64)> {
+        l.items.iter().map(|kv| (kv.key.clone(), kv.mod_revision, kv.create_revision)).collect()
+    };
+    assert_eq!(strip(&k), strip(&full));
+    assert!(k.items.iter().all(|kv| kv.value.is_empty()));
+    assert_eq!(k.revision, full.revision);
+    assert!(ds.list_keys("/nothing/").await.unwrap().items.is_empty());
 }
 
 async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
@@ -127,6 +137,47 @@ async fn transactions_are_all_or_nothing(ds: &dyn Datastore) {
     assert_eq!(ds.get("/x/block").await.unwrap().unwrap().value, b"b2");
     assert_eq!(ds.get("/x/new").await.unwrap(), None);
     assert_eq!(ds.revision().await.unwrap(), before, "a failed transaction does not move the revision");
+}
+
+/// Guards write nothing: a Check on a key and an Unchanged on a prefix let a write commit only
+/// while what the writer read from its cache still holds.
+async fn guards_commit_only_while_they_hold(ds: &dyn Datastore) {
+    let pool = ds.create("/g/cfg/pool-a", b"a").await.unwrap();
+    let listed = ds.list("/g/cfg/").await.unwrap().revision;
+    let write = |v: &[u8]| TxnOp::Put { key: "/g/block".into(), value: v.to_vec(), condition: Condition::Any };
+    let check = |c| TxnOp::Check { key: "/g/cfg/pool-a".into(), condition: c };
+    let unchanged = |since| TxnOp::Unchanged { prefix: "/g/cfg/".into(), since };
+    let revs = ds.txn(&[write(b"1"), check(Condition::At(pool)), unchanged(listed)]).await.unwrap();
+    assert_eq!(revs.len(), 3);
+    assert_eq!(ds.get("/g/block").await.unwrap().unwrap().value, b"1");
+    assert_eq!(ds.get("/g/cfg/pool-a").await.unwrap().unwrap().value, b"a", "a Check writes nothing");
+    // An empty range holds; a key outside the prefix does not count.
+    ds.create("/g/cfgx", b"outside").await.unwrap();
+    ds.txn(&[write(b"2"), TxnOp::Unchanged { prefix: "/g/none/".into(), since: 1 }, unchanged(listed)]).await.unwrap();
+
+    // A key created under the prefix after the listing: refused, nothing written.
+    let added = ds.create("/g/cfg/pool-b", b"b").await.unwrap();
+    match ds.txn(&[write(b"3"), unchanged(listed)]).await.unwrap_err() {
+        StoreError::Conflict { key, expected, actual } => {
+            assert_eq!((key.as_str(), expected, actual), ("/g/cfg/", listed, added))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A key modified: its Check fails.
+    let changed = ds.update("/g/cfg/pool-a", b"a2", pool).await.unwrap();
+    match ds.txn(&[write(b"4"), check(Condition::At(pool))]).await.unwrap_err() {
+        StoreError::Conflict { key, expected, actual } => {
+            assert_eq!((key.as_str(), expected, actual), ("/g/cfg/pool-a", pool, changed))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A key deleted: Unchanged does not see it, its Check does.
+    ds.delete("/g/cfg/pool-a", None).await.unwrap();
+    assert_eq!(
+        ds.txn(&[write(b"5"), check(Condition::Exists)]).await.unwrap_err(),
+        StoreError::NotFound { key: "/g/cfg/pool-a".into() }
+    );
+    assert_eq!(ds.get("/g/block").await.unwrap().unwrap().value, b"2", "no refused write landed");
 }
 
 /// More objects than one etcd page and more bytes than one gRPC message.
@@ -270,7 +321,8 @@ conformance!(
     watch_from_revision,
     watch_from_now,
     compaction_is_reported,
-    transactions_are_all_or_nothing;
+    transactions_are_all_or_nothing,
+    guards_commit_only_while_they_hold;
     concurrent_cas_loses_nothing
 );
 
