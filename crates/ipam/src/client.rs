@@ -94,11 +94,11 @@ fn settings_of(spec: &IPAMConfigSpec) -> Settings {
 }
 
 /// Addresses auto-assignment passes over: reserved ones, and ones still cooling down.
-struct Skip {
+struct Skip<'a> {
     reserved: Vec<IpNet>,
     cooldown_secs: u64,
     /// What the choice of pools rests on (see `Decided`): part of every write.
-    guards: Vec<TxnOp>,
+    guards: &'a [TxnOp],
 }
 
 /// Where Calico's IPAM reads its configuration (reference: IPAMConfig).
@@ -120,6 +120,13 @@ impl V2Config {
             auto_allocate_blocks: s.auto_allocate_blocks.unwrap_or(true),
             max_blocks_per_host: s.max_blocks_per_host.unwrap_or(0),
         }
+    }
+
+    /// The settings Calico's config key holds (Calico's defaults if absent or unreadable).
+    fn read(kv: Option<&gingham_store::KeyValue>) -> IPAMConfigSpec {
+        kv.and_then(|kv| serde_json::from_slice::<V2Config>(&kv.value).ok())
+            .map(V2Config::into_spec)
+            .unwrap_or_default()
     }
 
     fn into_spec(self) -> IPAMConfigSpec {
@@ -274,10 +281,7 @@ impl IpamClient {
                 key: CONFIG_KEY.into(),
                 condition: kv.as_ref().map_or(Condition::Absent, |kv| Condition::At(kv.mod_revision)),
             });
-            config.config = Some(match kv {
-                Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
-                None => IPAMConfigSpec::default(),
-            });
+            config.config = Some(V2Config::read(kv.as_ref()));
         }
         let d = Arc::new(Decided { config, guards });
         if per_key {
@@ -330,10 +334,7 @@ impl IpamClient {
                 return Ok(spec.clone());
             }
         }
-        let spec = match self.ds.get(CONFIG_KEY).await? {
-            Some(kv) => serde_json::from_slice::<V2Config>(&kv.value).map(V2Config::into_spec).unwrap_or_default(),
-            None => IPAMConfigSpec::default(),
-        };
+        let spec = V2Config::read(self.ds.get(CONFIG_KEY).await?.as_ref());
         *lock(&self.calico_config_cache) = Some((std::time::Instant::now(), spec.clone()));
         Ok(spec)
     }
@@ -386,16 +387,15 @@ impl IpamClient {
         if let Some(c) = lock(&self.node_cache).get(node) {
             return Ok(c.clone());
         }
-        let key = Kind::Node.key(None, node);
-        let (labels, condition) = match self.ds.get(&key).await? {
-            Some(kv) => {
-                let obj: gingham_api::Object = serde_json::from_slice(&kv.value)
-                    .map_err(|e| IpamError::Corrupt { key: key.clone(), message: e.to_string() })?;
-                (obj.metadata.labels, Condition::At(kv.mod_revision))
+        let (labels, condition) = match self.resources.get(Kind::Node, None, node).await? {
+            // The resourceVersion is the key's revision.
+            Some(o) => {
+                let rev = o.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or_default();
+                (o.metadata.labels, Condition::At(rev))
             }
             None => (BTreeMap::new(), Condition::Absent),
         };
-        let c = (labels, TxnOp::Check { key, condition });
+        let c = (labels, TxnOp::Check { key: Kind::Node.key(None, node), condition });
         lock(&self.node_cache).insert(node.to_string(), c.clone());
         Ok(c)
     }
@@ -570,11 +570,11 @@ impl IpamClient {
         cidr: IpNet,
         want: usize,
         req: &AutoAssign,
-        skip: &Skip,
+        skip: &Skip<'_>,
         eligible: impl Fn(&AllocationBlock) -> bool,
     ) -> Result<Vec<IpNet>, IpamError> {
         let got = self
-            .update_block(cidr, &skip.guards, |b| {
+            .update_block(cidr, skip.guards, |b| {
                 if !eligible(b) || b.free() == 0 {
                     return Ok(None);
                 }
@@ -783,7 +783,7 @@ impl IpamClient {
         let skip = Skip {
             reserved: reserved.iter().filter(|n| n.addr().is_ipv4() == v4).copied().collect(),
             cooldown_secs: settings.ip_cooldown_secs,
-            guards: guards.to_vec(),
+            guards,
         };
         let cache_key = (req.node.clone(), v4);
         let cached = lock(&self.affinities).get(&cache_key).cloned();
@@ -901,14 +901,13 @@ impl IpamClient {
         let settings = settings_of(d.config.config.as_ref().unwrap_or(&IPAMConfigSpec::default()));
         let mut guards = d.guards.clone();
         // The node's labels matter only to pools that select nodes.
-        let labels =
-            if d.config.pools.iter().any(|p| p.spec.node_selector.as_deref().is_some_and(|s| s.trim() != "all()")) {
-                let (labels, guard) = self.node_labels(&req.node).await?;
-                guards.push(guard);
-                labels
-            } else {
-                BTreeMap::new()
-            };
+        let labels = if d.config.pools.iter().any(Pool::selects_by_node_labels) {
+            let (labels, guard) = self.node_labels(&req.node).await?;
+            guards.push(guard);
+            labels
+        } else {
+            BTreeMap::new()
+        };
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
         let mut done = self.assign_family(req, true, req.num_v4, &d.config, &settings, &labels, &guards, &mut v4).await;
         if done.is_ok() {

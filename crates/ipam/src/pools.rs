@@ -55,6 +55,12 @@ impl Pool {
         self.spec.node_selector.as_deref().is_none_or(|s| parse_pool_selector(s).is_some_and(|s| s.matches(labels)))
     }
 
+    /// Whether which nodes the pool serves depends on their labels (a nodeSelector other than
+    /// `all()`).
+    pub fn selects_by_node_labels(&self) -> bool {
+        self.spec.node_selector.as_deref().is_some_and(|s| s.trim() != "all()")
+    }
+
     fn allows(&self, use_: Use) -> bool {
         self.spec.allowed_uses.as_ref().is_none_or(|u| u.is_empty() || u.iter().any(|x| x == use_.as_str()))
     }
