@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system packages gingham's build and tests need, only if something is missing.
+# Installs the system packages gingham's build and tests need, only if something is missing,
+# then builds the tests' kube-apiserver (scripts/kube-build.sh; cached after the first time).
 # Idempotent: `apt-get update` once, then one `apt-get install -y`.
 set -euo pipefail
 
@@ -38,3 +39,6 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# The Kubernetes tests' real API server and kubectl, built from Go modules once per machine.
+"$(dirname "$0")/kube-build.sh" >/dev/null

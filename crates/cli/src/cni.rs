@@ -34,6 +34,27 @@ pub fn install(conf_dir: &std::path::Path, bin_dir: &std::path::Path, conf: &Val
     Ok(written)
 }
 
+/// A conflist from a Calico-style template (CNI_NETWORK_CONFIG): the placeholders filled in,
+/// then checked to be a conflist before anything is written.
+pub fn from_template(template: &str, nodename: &str, mtu: u32) -> anyhow::Result<Value> {
+    let text = template
+        .replace(gingham_manifests::NODENAME_PLACEHOLDER, nodename)
+        .replace(gingham_manifests::MTU_PLACEHOLDER, &mtu.to_string());
+    let conf: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("CNI_NETWORK_CONFIG: not valid JSON once its placeholders are filled in: {e}"))?;
+    for field in ["name", "cniVersion"] {
+        if !conf.get(field).is_some_and(Value::is_string) {
+            anyhow::bail!("CNI_NETWORK_CONFIG: {field}: missing (a conflist needs name, cniVersion and plugins)");
+        }
+    }
+    let plugins = conf.get("plugins").and_then(Value::as_array).filter(|p| !p.is_empty());
+    let Some(plugins) = plugins else { anyhow::bail!("CNI_NETWORK_CONFIG: plugins: missing or empty") };
+    if let Some(i) = plugins.iter().position(|p| !p.get("type").is_some_and(Value::is_string)) {
+        anyhow::bail!("CNI_NETWORK_CONFIG: plugins[{i}].type: missing");
+    }
+    Ok(conf)
+}
+
 #[cfg(test)]
 mod tests {
     use gingham_cni::proto::DEFAULT_SOCKET;
@@ -45,5 +66,21 @@ mod tests {
         assert_eq!(c["plugins"][0]["ipam"]["type"], "gingham-ipam");
         assert_eq!(c["plugins"][1]["type"], "portmap");
         assert_eq!(c["plugins"][2]["type"], "bandwidth");
+    }
+
+    #[test]
+    fn the_manifests_template_fills_in() {
+        let docs = gingham_manifests::render(&gingham_manifests::Options::default());
+        let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+        let c = super::from_template(cm["data"]["cni_network_config"].as_str().unwrap(), "node-7", 1440).unwrap();
+        assert_eq!(
+            (c["plugins"][0]["nodename"].as_str(), c["plugins"][0]["mtu"].as_u64()),
+            (Some("node-7"), Some(1440))
+        );
+        let e =
+            super::from_template(r#"{"name": "n", "cniVersion": "1.0.0", "plugins": [{"mtu": __CNI_MTU__}]}"#, "x", 1)
+                .unwrap_err();
+        assert!(e.to_string().contains("plugins[0].type"), "{e}");
+        assert!(super::from_template("{", "x", 1).unwrap_err().to_string().contains("not valid JSON"));
     }
 }

@@ -161,6 +161,24 @@ enum Command {
         #[command(subcommand)]
         command: CniCommand,
     },
+    /// Print the manifests that install gingham on a cluster (`gingham manifests | kubectl apply -f -`).
+    Manifests {
+        /// Where the cluster keeps gingham's data: kubernetes (Calico's CRDs), etcdv3 or embedded
+        /// (single-node clusters).
+        #[arg(long = "datastore-type", default_value = "kubernetes", value_parser = ["kubernetes", "etcdv3", "embedded"])]
+        datastore_type: String,
+        /// With etcdv3: the endpoints, comma-separated.
+        #[arg(long, default_value = "http://127.0.0.1:2379")]
+        etcd_endpoints: String,
+        #[arg(long, default_value = "kube-system")]
+        namespace: String,
+        /// The image holding the gingham binary.
+        #[arg(long, default_value = concat!("gingham:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// The pods' MTU (0: the agent's choice).
+        #[arg(long, default_value_t = 0)]
+        mtu: u32,
+    },
     /// A multi-node cluster on this machine, in network namespaces.
     Lab {
         /// Where the lab keeps its state, store and logs.
@@ -366,12 +384,16 @@ enum CniCommand {
         name: String,
         #[arg(long, default_value = "1.0.0")]
         cni_version: String,
-        #[arg(long, default_value_t = 1500)]
+        #[arg(long, env = "CNI_MTU", default_value_t = 1500)]
         mtu: u32,
         #[arg(long, env = "NODENAME", default_value = "")]
         nodename: String,
         #[arg(long, default_value = gingham_cni::proto::DEFAULT_SOCKET)]
         socket: String,
+        /// A conflist template to install instead of gingham's own (Calico's install-cni
+        /// CNI_NETWORK_CONFIG): __KUBERNETES_NODE_NAME__ and __CNI_MTU__ are filled in.
+        #[arg(long, env = "CNI_NETWORK_CONFIG")]
+        network_config: Option<String>,
     },
 }
 
@@ -607,10 +629,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gingham_agent::run(config, shutdown).await?;
             Ok(())
         }
+        Command::Manifests { datastore_type, etcd_endpoints, namespace, image, mtu } => {
+            let datastore = match datastore_type.as_str() {
+                "etcdv3" => gingham_manifests::Datastore::Etcd { endpoints: etcd_endpoints },
+                "embedded" => gingham_manifests::Datastore::Embedded,
+                _ => gingham_manifests::Datastore::Kubernetes,
+            };
+            let o = gingham_manifests::Options { datastore, namespace, image, mtu, ..Default::default() };
+            print!("{}", gingham_manifests::to_yaml(&gingham_manifests::render(&o)).map_err(anyhow::Error::msg)?);
+            Ok(())
+        }
         Command::Cni {
-            command: CniCommand::Install { conf_dir, bin_dir, name, cni_version, mtu, nodename, socket },
+            command: CniCommand::Install { conf_dir, bin_dir, name, cni_version, mtu, nodename, socket, network_config },
         } => {
-            let conf = gingham_cni::conflist(&name, &cni_version, mtu, &nodename, &socket);
+            let conf = match network_config.filter(|t| !t.trim().is_empty()) {
+                Some(template) => cni::from_template(&template, &nodename, mtu)?,
+                None => gingham_cni::conflist(&name, &cni_version, mtu, &nodename, &socket),
+            };
             for p in cni::install(&conf_dir, &bin_dir, &conf)? {
                 println!("installed {}", p.display());
             }

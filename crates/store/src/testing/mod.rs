@@ -1,5 +1,6 @@
 //! Test support: a real etcd server (the distribution's etcd-server) on a free loopback port, in a
-//! temporary data directory, stopped and removed on drop. Used by tests and the store benchmark.
+//! temporary data directory, stopped and removed on drop (`kube`: a real Kubernetes API server on
+//! top of one). Used by tests and the benchmarks.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+pub mod kube;
 
 use crate::etcd::{EtcdConfig, EtcdStore};
 use crate::{Datastore, KeyValue, Listing, Result, Revision, TxnOp, Watch};
