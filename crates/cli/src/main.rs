@@ -51,6 +51,10 @@ struct DatastoreFlags {
     /// The embedded store's file (default /var/lib/gingham/store.db).
     #[arg(long, global = true)]
     store_path: Option<String>,
+    /// With the kubernetes datastore: the kubeconfig (default $KUBECONFIG, ~/.kube/config, then
+    /// the pod's service account).
+    #[arg(long, global = true)]
+    kubeconfig: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -165,7 +169,7 @@ enum Command {
     Manifests {
         /// Where the cluster keeps gingham's data: kubernetes (Calico's CRDs), etcdv3 or embedded
         /// (single-node clusters).
-        #[arg(long = "datastore-type", default_value = "kubernetes", value_parser = ["kubernetes", "etcdv3", "embedded"])]
+        #[arg(default_value = "kubernetes", value_parser = ["kubernetes", "etcdv3", "embedded"])]
         datastore_type: String,
         /// With etcdv3: the endpoints, comma-separated.
         #[arg(long, default_value = "http://127.0.0.1:2379")]
@@ -465,6 +469,7 @@ impl DatastoreFlags {
             etcd_cert_file: self.etcd_cert_file.clone(),
             etcd_key_file: self.etcd_key_file.clone(),
             store_path: self.store_path.clone(),
+            kubeconfig: self.kubeconfig.clone(),
         };
         DatastoreConfig::resolve(flags, self.config.as_deref(), Settings::from_env(|k| std::env::var(k).ok()))
             .map_err(anyhow::Error::msg)

@@ -5,21 +5,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use gingham_store::testing::EtcdServer;
+use gingham_store::testing::kube::KubeApiServer;
 
 const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seeds");
 
-/// A fresh embedded store (or an etcd) and a way to run gingham against it.
+/// A fresh embedded store (or an etcd, or a Kubernetes API server) and a way to run gingham
+/// against it.
 struct Env {
     _dir: tempfile::TempDir,
     store: PathBuf,
     etcd: Option<String>,
+    kubeconfig: Option<PathBuf>,
 }
 
 impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store.db");
-        Env { _dir: dir, store, etcd: None }
+        Env { _dir: dir, store, etcd: None, kubeconfig: None }
+    }
+
+    fn kubernetes(kubeconfig: &Path) -> Env {
+        Env { kubeconfig: Some(kubeconfig.into()), ..Env::new() }
     }
 
     fn etcd(endpoint: &str) -> Env {
@@ -29,9 +36,10 @@ impl Env {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gingham"));
         c.args(args).env_remove("ETCD_ENDPOINTS").env_remove("DATASTORE_TYPE").env_remove("GINGHAM_CONFIG");
-        match &self.etcd {
-            Some(e) => c.env("DATASTORE_TYPE", "etcdv3").env("ETCD_ENDPOINTS", e),
-            None => c.env("GINGHAM_STORE_PATH", &self.store),
+        match (&self.etcd, &self.kubeconfig) {
+            (Some(e), _) => c.env("DATASTORE_TYPE", "etcdv3").env("ETCD_ENDPOINTS", e),
+            (_, Some(k)) => c.env("DATASTORE_TYPE", "kubernetes").env("KUBECONFIG", k),
+            _ => c.env("GINGHAM_STORE_PATH", &self.store),
         };
         c
     }
@@ -183,6 +191,39 @@ fn seeds_read_back_from_etcd() {
     }
     seed_readback(&env);
     assert!(env.ok(&["datastore"]).starts_with("etcd http://127.0.0.1:"));
+}
+
+/// The same commands with the Kubernetes API as the datastore (Calico's CRDs, installed from
+/// `gingham manifests`); what gingham writes, kubectl reads, and the other way round.
+#[test]
+fn seeds_read_back_from_the_kubernetes_api() {
+    let k = KubeApiServer::start().expect("kube-apiserver starts (scripts/kube-build.sh builds it)");
+    let env = Env::kubernetes(&k.kubeconfig);
+    let out =
+        k.kubectl_with_input(&["apply", "--server-side", "-f", "-"], Some(env.ok(&["manifests"]).as_bytes())).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    k.kubectl_ok(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]);
+    // What a kubelet and the cluster's users would have made: the node, the policies' namespaces.
+    k.kubectl_ok(&["create", "namespace", "my-namespace"]);
+    k.kubectl_ok(&["create", "namespace", "restricted-namespace"]);
+    let node = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "192.168.10.11", "labels": {"kubernetes.io/os": "linux"}}}"#;
+    let out = k.kubectl_with_input(&["create", "-f", "-"], Some(node.as_bytes())).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    seed_readback(&env);
+    assert!(env.ok(&["datastore"]).starts_with("kubernetes https://127.0.0.1:"));
+    // kubectl and gingham agree on the pools, in Calico's CRD form.
+    let cidr =
+        k.kubectl_ok(&["get", "ippools.crd.projectcalico.org", "default-ipv4-ippool", "-o", "jsonpath={.spec.cidr}"]);
+    assert!(env.ok(&["get", "ippool"]).contains(&format!("default-ipv4-ippool   {cidr}")));
+    // The Calico Node is the Kubernetes Node's annotations and labels; the kubelet's stay.
+    let ann = k.kubectl_ok(&["get", "node", "192.168.10.11", "-o", "jsonpath={.metadata.annotations}"]);
+    assert!(ann.contains(r#""projectcalico.org/IPv4Address":"192.168.10.11/24""#), "{ann}");
+    assert!(!ann.contains("projectcalico.org/ASNumber"), "the patch removed the AS number: {ann}");
+    let labels = k.kubectl_ok(&["get", "node", "192.168.10.11", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(labels.contains("kubernetes.io/os"), "{labels}");
+    let e = env.fails(&["delete", "node", "192.168.10.11"]);
+    assert!(e.contains("kubectl delete node 192.168.10.11"), "{e}");
+    assert!(labels.contains(r#""calico-rr":"true""#), "the seed's label: {labels}");
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn the_api_server_accepts_every_manifest_and_serves_calicos_crds() {
     let k = KubeApiServer::start().expect("kube-apiserver starts (scripts/kube-build.sh builds it)");
 
     // Kubernetes datastore: CRDs first, as calico.yaml does; they must become Established.
-    let yaml = manifests(&["--datastore-type", "kubernetes"]);
+    let yaml = manifests(&["kubernetes"]);
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
     let applied = apply(&k, &yaml);
     assert_eq!(applied.len(), docs.len(), "{applied:?}");
@@ -63,8 +63,7 @@ fn the_api_server_accepts_every_manifest_and_serves_calicos_crds() {
     // The etcd and embedded forms, each in a namespace of its own.
     for (store, ns) in [("etcdv3", "gingham-etcd"), ("embedded", "gingham-embedded")] {
         k.kubectl_ok(&["create", "namespace", ns]);
-        let yaml =
-            manifests(&["--datastore-type", store, "--namespace", ns, "--etcd-endpoints", "https://10.0.0.1:2379"]);
+        let yaml = manifests(&[store, "--namespace", ns, "--etcd-endpoints", "https://10.0.0.1:2379"]);
         let n: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
         assert_eq!(apply(&k, &yaml).len(), n.len());
         let ds = k.kubectl_ok(&[
@@ -83,7 +82,7 @@ fn the_api_server_accepts_every_manifest_and_serves_calicos_crds() {
 
 /// Calico's CRD plurals, from the manifests the binary prints (no second list to keep in step).
 fn gingham_manifests_crds() -> Vec<(String, String, bool)> {
-    let yaml = manifests(&["--datastore-type", "kubernetes"]);
+    let yaml = manifests(&["kubernetes"]);
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
     docs.iter()
         .filter(|d| d["kind"] == "CustomResourceDefinition")

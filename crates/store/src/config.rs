@@ -1,6 +1,6 @@
 //! Choosing the datastore the way calicoctl does: command-line flags, a config file, the
 //! environment (DATASTORE_TYPE, ETCD_ENDPOINTS, ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE,
-//! GINGHAM_STORE_PATH), and a default.
+//! KUBECONFIG, GINGHAM_STORE_PATH), and a default.
 //!
 //! Precedence, highest first: flags; a config file named with `-c`/GINGHAM_CONFIG; the
 //! environment; /etc/gingham/gingham.cfg if it exists; the embedded store at
@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::embedded::{DEFAULT_PATH, EmbeddedStore};
 use crate::etcd::{EtcdConfig, EtcdStore};
+use crate::kubernetes::{KubeConfig, KubeStore};
 use crate::{Datastore, StoreError};
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/gingham/gingham.cfg";
@@ -26,6 +27,7 @@ pub struct Settings {
     pub etcd_cert_file: Option<String>,
     pub etcd_key_file: Option<String>,
     pub store_path: Option<String>,
+    pub kubeconfig: Option<String>,
 }
 
 impl Settings {
@@ -37,6 +39,7 @@ impl Settings {
             etcd_cert_file: self.etcd_cert_file.or(lower.etcd_cert_file),
             etcd_key_file: self.etcd_key_file.or(lower.etcd_key_file),
             store_path: self.store_path.or(lower.store_path),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
         }
     }
 
@@ -50,6 +53,7 @@ impl Settings {
             etcd_cert_file: v("ETCD_CERT_FILE"),
             etcd_key_file: v("ETCD_KEY_FILE"),
             store_path: v("GINGHAM_STORE_PATH"),
+            kubeconfig: v("KUBECONFIG"),
         }
     }
 
@@ -85,6 +89,7 @@ impl Settings {
             etcd_cert_file: s("etcdCertFile"),
             etcd_key_file: s("etcdKeyFile"),
             store_path: s("storePath"),
+            kubeconfig: s("kubeconfig"),
         })
     }
 }
@@ -94,6 +99,7 @@ impl Settings {
 pub enum DatastoreConfig {
     Embedded { path: PathBuf },
     Etcd(EtcdConfig),
+    Kubernetes(KubeConfig),
 }
 
 impl DatastoreConfig {
@@ -131,8 +137,8 @@ impl DatastoreConfig {
                 cert_file: s.etcd_cert_file,
                 key_file: s.etcd_key_file,
             })),
-            "kubernetes" => Err("DATASTORE_TYPE=kubernetes is not supported yet; use embedded or etcdv3".into()),
-            other => Err(format!("unknown datastore type {other:?}; use embedded or etcdv3")),
+            "kubernetes" => Ok(DatastoreConfig::Kubernetes(KubeConfig { kubeconfig: s.kubeconfig.map(PathBuf::from) })),
+            other => Err(format!("unknown datastore type {other:?}; use embedded, etcdv3 or kubernetes")),
         }
     }
 }
@@ -150,6 +156,7 @@ pub async fn connect_with(
     Ok(match config {
         DatastoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open_with(path, mode)?),
         DatastoreConfig::Etcd(c) => Arc::new(EtcdStore::connect(c).await?),
+        DatastoreConfig::Kubernetes(c) => Arc::new(KubeStore::connect(c).await?),
     })
 }
 
@@ -207,6 +214,13 @@ mod tests {
                 .unwrap_err()
                 .contains("mongo")
         );
+        let c = DatastoreConfig::resolve(
+            Settings::default(),
+            None,
+            env(&[("DATASTORE_TYPE", "kubernetes"), ("KUBECONFIG", "/k/config")]),
+        )
+        .unwrap();
+        assert_eq!(c, DatastoreConfig::Kubernetes(KubeConfig { kubeconfig: Some("/k/config".into()) }));
         std::fs::write(&file, "spec:\n  bogus: 1\n").unwrap();
         assert!(
             DatastoreConfig::resolve(Settings::default(), Some(&file), Settings::default())

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 pub mod config;
 pub mod embedded;
 pub mod etcd;
+pub mod kubernetes;
 mod notify;
 pub mod resources;
 pub mod testing;
@@ -195,10 +196,34 @@ impl Drop for Watch {
     }
 }
 
+/// What a backend can do beyond get/list/create/update/delete/watch of the keys it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `txn` commits several ops, guards included, atomically; false: one unguarded write only
+    /// (`max_txn_ops` is 1).
+    pub transactions: bool,
+    /// One revision counter for the whole store: `revision()` and revisions of different keys
+    /// can be compared.
+    pub global_revision: bool,
+    /// `create_revision` is known (false: it is 0).
+    pub create_revision: bool,
+    /// Any key can be stored (false: only the keys the backend's layout places).
+    pub any_key: bool,
+}
+
+impl Capabilities {
+    pub const ALL: Capabilities =
+        Capabilities { transactions: true, global_revision: true, create_revision: true, any_key: true };
+}
+
 #[async_trait]
 pub trait Datastore: Send + Sync {
     /// Which backend this is, for messages ("embedded /var/lib/gingham/store.db", "etcd …").
     fn describe(&self) -> String;
+    /// What it can do (the embedded store and etcd: everything).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Listing>;

@@ -75,6 +75,12 @@ impl Datastore for CountingStore {
     fn describe(&self) -> String {
         format!("counting {}", self.inner.describe())
     }
+    fn capabilities(&self) -> crate::Capabilities {
+        self.inner.capabilities()
+    }
+    fn max_txn_ops(&self) -> usize {
+        self.inner.max_txn_ops()
+    }
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.read();
         self.inner.get(key).await

@@ -1,0 +1,461 @@
+//! The Kubernetes API as a datastore (Calico's KDD mode): each key is one object (see
+//! `mapping`), its revision the object's resourceVersion, compare-and-swap the API's own
+//! resourceVersion precondition, and watches the API's watches (bookmarks followed, 410 Gone
+//! reported as `Compacted`). What the API cannot do, this backend says in its `Capabilities`:
+//! no multi-key transactions, no guards, no creation revision, only the keys `mapping` places.
+//! A Calico Node is its Kubernetes Node's annotations: written by merging into that Node, never
+//! created or deleted here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use http::{Method, Request};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::{Capabilities, Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch};
+
+pub mod mapping;
+
+use mapping::{ResourceType, parse_resource_version, resource_types, type_of, types_under};
+
+/// How to reach the API server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeConfig {
+    /// A kubeconfig file; `None`: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+pub struct KubeStore {
+    client: kube::Client,
+    server: String,
+    types: Vec<ResourceType>,
+}
+
+/// The longest a watch request stays open before it is renewed from its last revision.
+const WATCH_SECONDS: u64 = 300;
+
+impl KubeStore {
+    pub async fn connect(config: &KubeConfig) -> Result<KubeStore> {
+        let unavailable = |e: String| StoreError::Unavailable(format!("Kubernetes API: {e}"));
+        let cfg = match &config.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| unavailable(format!("kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| unavailable(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| unavailable(e.to_string()))?,
+        };
+        let server = cfg.cluster_url.to_string();
+        let client = kube::Client::try_from(cfg).map_err(|e| unavailable(e.to_string()))?;
+        Ok(KubeStore { client, server, types: resource_types() })
+    }
+
+    fn type_of(&self, key: &str) -> Result<&ResourceType> {
+        type_of(&self.types, key).ok_or_else(|| {
+            StoreError::Backend(format!(
+                "{key}: not kept in the Kubernetes datastore (Calico's layout has no object for it: nodes, \
+                 workload endpoints and profiles come from Nodes, Pods and Namespaces)"
+            ))
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, kube::Error> {
+        let mut req = Request::builder().method(method).uri(path);
+        if body.is_some() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+        let req = req.body(body).map_err(kube::Error::HttpError)?;
+        self.client.request::<Value>(req).await
+    }
+
+    /// The object's current revision (for a conflict's report), if it exists.
+    async fn current(&self, key: &str) -> Option<Revision> {
+        self.get(key).await.ok().flatten().map(|kv| kv.mod_revision)
+    }
+
+    /// List one type (one namespace of it, if given), at `at` exactly when given.
+    async fn list_type(
+        &self,
+        t: &ResourceType,
+        ns: Option<&str>,
+        at: Option<Revision>,
+    ) -> Result<(Vec<KeyValue>, Revision)> {
+        let mut items = Vec::new();
+        let mut continue_token = String::new();
+        let mut revision = None;
+        loop {
+            let query = {
+                let mut q = form_urlencoded::Serializer::new(String::new());
+                q.append_pair("limit", "500");
+                match (at.or(revision), continue_token.is_empty()) {
+                    (_, false) => {
+                        q.append_pair("continue", &continue_token);
+                    }
+                    (Some(rv), true) => {
+                        q.append_pair("resourceVersion", &rv.to_string()).append_pair("resourceVersionMatch", "Exact");
+                    }
+                    (None, true) => {}
+                }
+                q.finish()
+            };
+            let path = format!("{}?{query}", t.collection(ns));
+            let list = self.call(Method::GET, &path, None).await.map_err(|e| api_error(e, &t.key_prefix))?;
+            let rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or_default();
+            let rv = parse_resource_version(rv)
+                .ok_or_else(|| StoreError::Backend(format!("{path}: list resourceVersion {rv:?} is not a number")))?;
+            revision.get_or_insert(rv);
+            for obj in list.get("items").and_then(Value::as_array).into_iter().flatten() {
+                items.push(t.from_object(obj)?);
+            }
+            continue_token = list.pointer("/metadata/continue").and_then(Value::as_str).unwrap_or_default().to_string();
+            if continue_token.is_empty() {
+                return Ok((items, revision.unwrap_or_default()));
+            }
+        }
+    }
+
+    /// A Calico Node is written into its Kubernetes Node (which must exist: the kubelet
+    /// registers it), compare-and-swap on the Node's resourceVersion.
+    async fn write_node(&self, t: &ResourceType, key: &str, value: &[u8], condition: Condition) -> Result<Revision> {
+        let at = t.locate(key)?;
+        let calico: Value = serde_json::from_slice(value)
+            .map_err(|e| StoreError::Backend(format!("{key}: the value is not JSON ({e})")))?;
+        let node = match self.call(Method::GET, &t.item(&at), None).await {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(match api_error(e, key) {
+                    StoreError::NotFound { .. } => StoreError::Backend(format!(
+                        "{key}: there is no Kubernetes Node {:?}; in the Kubernetes datastore a Calico Node is a \
+                         Kubernetes Node's annotations, so the Node must be registered first",
+                        at.name
+                    )),
+                    e => e,
+                });
+            }
+        };
+        let current = revision_of(&node, key)?;
+        match condition {
+            Condition::Absent => return Err(StoreError::AlreadyExists { key: key.into() }),
+            Condition::At(expected) if expected != current => {
+                return Err(StoreError::Conflict { key: key.into(), expected, actual: current });
+            }
+            _ => {}
+        }
+        let merged = mapping::merge_node(&node, &calico).map_err(|e| StoreError::Backend(format!("{key}: {e}")))?;
+        match self.call(Method::PUT, &t.item(&at), Some(&merged)).await {
+            Ok(written) => revision_of(&written, key),
+            Err(e) => Err(match api_error(e, key) {
+                StoreError::Conflict { .. } => StoreError::Conflict {
+                    key: key.into(),
+                    expected: current,
+                    actual: self.current(key).await.unwrap_or(current),
+                },
+                e => e,
+            }),
+        }
+    }
+
+    async fn write(&self, key: &str, value: &[u8], condition: Condition) -> Result<Revision> {
+        let t = self.type_of(key)?;
+        if t.codec == mapping::Codec::Node {
+            return self.write_node(t, key, value, condition).await;
+        }
+        let at = t.locate(key)?;
+        let mut obj = t.to_object(key, value)?;
+        let result = match condition {
+            Condition::Absent => self.call(Method::POST, &t.collection(at.namespace.as_deref()), Some(&obj)).await,
+            Condition::At(rev) => {
+                obj["metadata"]["resourceVersion"] = json!(rev.to_string());
+                self.call(Method::PUT, &t.item(&at), Some(&obj)).await
+            }
+            Condition::Exists | Condition::Any => {
+                // Unconditional: replace at whatever revision is current, or create.
+                match self.get(key).await? {
+                    Some(kv) => {
+                        obj["metadata"]["resourceVersion"] = json!(kv.mod_revision.to_string());
+                        self.call(Method::PUT, &t.item(&at), Some(&obj)).await
+                    }
+                    None if condition == Condition::Any => {
+                        self.call(Method::POST, &t.collection(at.namespace.as_deref()), Some(&obj)).await
+                    }
+                    None => return Err(StoreError::NotFound { key: key.into() }),
+                }
+            }
+        };
+        match result {
+            Ok(written) => revision_of(&written, key),
+            Err(e) => Err(match (api_error(e, key), condition) {
+                (StoreError::Conflict { .. }, Condition::At(expected)) => match self.current(key).await {
+                    Some(actual) => StoreError::Conflict { key: key.into(), expected, actual },
+                    None => StoreError::NotFound { key: key.into() },
+                },
+                (e, _) => e,
+            }),
+        }
+    }
+}
+
+fn revision_of(obj: &Value, key: &str) -> Result<Revision> {
+    let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or_default();
+    parse_resource_version(rv)
+        .ok_or_else(|| StoreError::Backend(format!("{key}: resourceVersion {rv:?} is not a number")))
+}
+
+/// The API's answer as a StoreError about `key`.
+fn api_error(e: kube::Error, key: &str) -> StoreError {
+    match e {
+        kube::Error::Api(s) => match (s.code, s.reason.as_str()) {
+            (404, _) => StoreError::NotFound { key: key.into() },
+            (409, "AlreadyExists") => StoreError::AlreadyExists { key: key.into() },
+            (409, _) => StoreError::Conflict { key: key.into(), expected: 0, actual: 0 },
+            (410, _) => StoreError::Compacted { requested: 0, compacted: 0 },
+            (401 | 403, _) => StoreError::Unavailable(format!("{key}: the API server refused: {}", s.message)),
+            _ => StoreError::Backend(format!("{key}: the API server said {} {}: {}", s.code, s.reason, s.message)),
+        },
+        other => StoreError::Unavailable(format!("{key}: Kubernetes API: {other}")),
+    }
+}
+
+#[async_trait]
+impl Datastore for KubeStore {
+    fn describe(&self) -> String {
+        format!("kubernetes {}", self.server)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { transactions: false, global_revision: false, create_revision: false, any_key: false }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let Some(t) = type_of(&self.types, key) else { return Ok(None) };
+        let Ok(at) = t.locate(key) else { return Ok(None) };
+        match self.call(Method::GET, &t.item(&at), None).await {
+            Ok(obj) => {
+                let kv = t.from_object(&obj)?;
+                // Names are derived (lower-cased handles): the object must be this key's.
+                Ok((kv.key == key).then_some(kv))
+            }
+            Err(e) => match api_error(e, key) {
+                StoreError::NotFound { .. } => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Each type under `prefix` is listed; all at the revision of the first (resourceVersionMatch
+    /// Exact), so the listing is one snapshot and a watch from `revision + 1` misses nothing.
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut items = Vec::new();
+        let mut at: Option<Revision> = None;
+        for (t, ns) in types_under(&self.types, prefix) {
+            let (kvs, rv) = self.list_type(t, ns.as_deref(), at).await?;
+            at.get_or_insert(rv);
+            items.extend(kvs.into_iter().filter(|kv| kv.key.starts_with(prefix)));
+        }
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        let revision = match at {
+            Some(r) => r,
+            None => self.revision().await?,
+        };
+        Ok(Listing { items, revision })
+    }
+
+    async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
+        self.write(key, value, Condition::Absent).await
+    }
+
+    async fn update(&self, key: &str, value: &[u8], revision: Revision) -> Result<Revision> {
+        self.write(key, value, Condition::At(revision)).await
+    }
+
+    /// Returns the revision the object had when it was deleted (the API reports no revision
+    /// for the deletion itself; the watch's Delete event carries it).
+    async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision> {
+        let t = self.type_of(key)?;
+        let at = t.locate(key)?;
+        if t.codec == mapping::Codec::Node {
+            return Err(match self.current(key).await {
+                None => StoreError::NotFound { key: key.into() },
+                Some(_) => StoreError::Backend(format!(
+                    "{key}: in the Kubernetes datastore a Calico Node goes with its Kubernetes Node \
+                     (kubectl delete node {})",
+                    at.name
+                )),
+            });
+        }
+        let rev = match revision {
+            Some(r) => r,
+            None => self.current(key).await.ok_or_else(|| StoreError::NotFound { key: key.into() })?,
+        };
+        let body =
+            json!({"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"resourceVersion": rev.to_string()}});
+        match self.call(Method::DELETE, &t.item(&at), Some(&body)).await {
+            Ok(_) => Ok(rev),
+            Err(e) => Err(match api_error(e, key) {
+                StoreError::Conflict { .. } => match self.current(key).await {
+                    Some(actual) => StoreError::Conflict { key: key.into(), expected: rev, actual },
+                    None => StoreError::NotFound { key: key.into() },
+                },
+                e => e,
+            }),
+        }
+    }
+
+    /// One write, unguarded: all the API can do atomically.
+    async fn txn(&self, ops: &[TxnOp]) -> Result<Vec<Revision>> {
+        match ops {
+            [] => Ok(Vec::new()),
+            [TxnOp::Put { key, value, condition }] => Ok(vec![self.write(key, value, *condition).await?]),
+            [TxnOp::Delete { key, condition }] => {
+                let rev = match condition {
+                    Condition::At(r) => Some(*r),
+                    Condition::Absent => {
+                        return Err(StoreError::Backend(format!("{key}: delete with condition Absent")));
+                    }
+                    Condition::Exists | Condition::Any => None,
+                };
+                match self.delete(key, rev).await {
+                    Err(StoreError::NotFound { .. }) if *condition == Condition::Any => Ok(vec![0]),
+                    r => Ok(vec![r?]),
+                }
+            }
+            _ => Err(StoreError::Backend(format!(
+                "the Kubernetes datastore has no multi-key transactions or guards ({} ops asked for, starting at {})",
+                ops.len(),
+                ops[0].key()
+            ))),
+        }
+    }
+
+    fn max_txn_ops(&self) -> usize {
+        1
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
+        let types: Vec<(ResourceType, Option<String>)> =
+            types_under(&self.types, prefix).into_iter().map(|(t, ns)| (t.clone(), ns)).collect();
+        // The API's resourceVersion means "after this one"; ours means "from this one". ("0"
+        // would mean "the current state, replayed as additions": never asked for.)
+        let after = if from > 0 { (from - 1).max(1) } else { self.revision().await? };
+        let (tx, rx) = mpsc::channel(1024);
+        let client = self.client.clone();
+        let prefix = prefix.to_string();
+        let task = tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (t, ns) in types {
+                set.spawn(watch_type(client.clone(), t, ns, prefix.clone(), after, from, tx.clone()));
+            }
+            drop(tx);
+            while set.join_next().await.is_some() {}
+        });
+        Ok(Watch::new(rx, task))
+    }
+
+    /// The revision of a fresh list of IP pools (one small read; every revision the API hands
+    /// out is the same counter on an etcd-backed server).
+    async fn revision(&self) -> Result<Revision> {
+        let t = self.type_of("/calico/resources/v3/projectcalico.org/ippools/x")?;
+        let list = self
+            .call(Method::GET, &format!("{}?limit=1", t.collection(None)), None)
+            .await
+            .map_err(|e| api_error(e, &t.key_prefix))?;
+        revision_of(&list, &t.key_prefix)
+    }
+
+    /// The API server compacts its own history.
+    async fn compact(&self, _revision: Revision) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One type's watch, renewed from its last revision until the receiver goes away; 410 Gone
+/// (history compacted, or older than the server's watch cache) ends it with `Compacted`.
+async fn watch_type(
+    client: kube::Client,
+    t: ResourceType,
+    ns: Option<String>,
+    prefix: String,
+    mut after: Revision,
+    requested: Revision,
+    tx: mpsc::Sender<Result<Event>>,
+) {
+    loop {
+        let path = format!(
+            "{}?watch=1&allowWatchBookmarks=true&resourceVersion={after}&timeoutSeconds={WATCH_SECONDS}",
+            t.collection(ns.as_deref())
+        );
+        let req = match Request::builder().method(Method::GET).uri(&path).body(Vec::new()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(StoreError::Backend(format!("{path}: {e}")))).await;
+                return;
+            }
+        };
+        let stream = match client.request_events::<Value>(req).await {
+            Ok(s) => s,
+            Err(e) => match api_error(e, &t.key_prefix) {
+                StoreError::Compacted { .. } => {
+                    let _ = tx.send(Err(StoreError::Compacted { requested, compacted: 0 })).await;
+                    return;
+                }
+                StoreError::Unavailable(_) if !tx.is_closed() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                e => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            },
+        };
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(ev) => ev,
+                Err(_) => break, // connection dropped: renew from `after`
+            };
+            let (obj, deleted) = match event {
+                kube::core::WatchEvent::Added(o) | kube::core::WatchEvent::Modified(o) => (o, false),
+                kube::core::WatchEvent::Deleted(o) => (o, true),
+                kube::core::WatchEvent::Bookmark(b) => {
+                    if let Some(r) = parse_resource_version(&b.metadata.resource_version) {
+                        after = r;
+                    }
+                    continue;
+                }
+                kube::core::WatchEvent::Error(s) if s.code == 410 => {
+                    let _ = tx.send(Err(StoreError::Compacted { requested, compacted: 0 })).await;
+                    return;
+                }
+                kube::core::WatchEvent::Error(s) => {
+                    let _ = tx.send(Err(StoreError::Backend(format!("watch {path}: {} {}", s.code, s.message)))).await;
+                    return;
+                }
+            };
+            let kv = match t.from_object(&obj) {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            after = kv.mod_revision;
+            if !kv.key.starts_with(&prefix) {
+                continue;
+            }
+            let ev = if deleted { Event::Delete { key: kv.key, revision: kv.mod_revision } } else { Event::Put(kv) };
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
