@@ -152,6 +152,9 @@ pub struct IpamClient {
     /// What auto-assignment decides from, kept without re-reading: every write it makes carries
     /// the guards that fail if any of it changed (then it is read again and the request retried).
     assign_cache: Mutex<Option<Arc<Decided>>>,
+    /// The store commits several keys at once (false: the Kubernetes datastore, where writes
+    /// follow Calico's KDD order one key at a time and nothing is decided from a cache).
+    transactions: bool,
     /// Each node's labels and the guard on its Node (for pools' nodeSelectors).
     node_cache: Mutex<HashMap<String, (BTreeMap<String, String>, TxnOp)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
@@ -215,6 +218,7 @@ fn seq_now() -> u64 {
 
 impl IpamClient {
     pub fn new(ds: Arc<dyn Datastore>) -> Self {
+        let transactions = ds.capabilities().transactions;
         IpamClient {
             resources: ResourceStore::new(ds.clone()),
             ds,
@@ -225,6 +229,7 @@ impl IpamClient {
             config_cache: Mutex::default(),
             calico_config_cache: Mutex::default(),
             assign_cache: Mutex::default(),
+            transactions,
             node_cache: Mutex::default(),
             reclaim_after: Duration::from_secs(60),
         }
@@ -267,7 +272,7 @@ impl IpamClient {
         let mut config = self.parse_ip_config(&listing);
         // So many pools and reservations that a Check on each would crowd the transaction (etcd
         // takes 128 operations): listed again for every request, guarded against additions.
-        let per_key = listing.items.len() <= MAX_GUARDED_KEYS;
+        let per_key = listing.items.len() <= MAX_GUARDED_KEYS && self.transactions;
         let mut guards: Vec<TxnOp> = listing
             .items
             .iter()
@@ -356,8 +361,12 @@ impl IpamClient {
     }
 
     /// Mirror the IPAMConfiguration `default` to `/calico/ipam/v2/config`, where Calico's IPAM
-    /// reads it, so a store shared with Calico's tools agrees. Whether it wrote.
+    /// reads it, so a store shared with Calico's tools agrees. Whether it wrote. (The Kubernetes
+    /// datastore keeps one IPAMConfig object for both: nothing to mirror.)
     pub async fn mirror_config(&self) -> Result<bool, IpamError> {
+        if !self.ds.capabilities().any_key {
+            return Ok(false);
+        }
         let Some(obj) = self.resources.get(Kind::IPAMConfiguration, None, "default").await? else {
             return Ok(false);
         };
@@ -384,7 +393,7 @@ impl IpamClient {
 
     /// A node's labels, and the guard that fails if its Node changes (cached until then).
     async fn node_labels(&self, node: &str) -> Result<(BTreeMap<String, String>, TxnOp), IpamError> {
-        if let Some(c) = lock(&self.node_cache).get(node) {
+        if let Some(c) = lock(&self.node_cache).get(node).filter(|_| self.transactions) {
             return Ok(c.clone());
         }
         let (labels, condition) = match self.resources.get(Kind::Node, None, node).await? {
@@ -442,6 +451,11 @@ impl IpamClient {
             return Ok(true);
         }
         let b = AllocationBlock::decode(&kv.value).map_err(|message| IpamError::Corrupt { key, message })?;
+        // Marked `deleted` by a Calico writer about to delete it (KDD): gone already.
+        if b.deleted {
+            lock(&self.blocks).remove(&cidr);
+            return Ok(false);
+        }
         lock(&self.blocks).insert(cidr, (b, kv.mod_revision));
         Ok(true)
     }
@@ -468,6 +482,132 @@ impl IpamClient {
             }
             None => Ok((IpamHandle::default(), None)),
         }
+    }
+
+    /// `ops` (the block's write, writes that go with it, guards, then the handles' writes from
+    /// `handles_at` on) one at a time, for a store without transactions, in Calico's KDD order:
+    /// a handle gains addresses before its block hands them out and loses them after the block
+    /// takes them back. A crash in between leaves a handle over-counted (`ipam check` reports
+    /// it), never an address its handle does not know. If the block write fails, the handles
+    /// written for it are put back. Guards are left out (nothing was decided from a cache).
+    async fn write_block_in_order(
+        &self,
+        ops: &[TxnOp],
+        handles_at: usize,
+        old: &[Option<Vec<u8>>],
+        allocating: bool,
+    ) -> Result<Vec<Revision>, StoreError> {
+        let mut revs = vec![0; ops.len()];
+        let one = |op: &TxnOp| {
+            let op = op.clone();
+            async move { self.ds.txn(std::slice::from_ref(&op)).await.map(|r| r.first().copied().unwrap_or_default()) }
+        };
+        let handles = &ops[handles_at..];
+        if allocating {
+            for (i, op) in handles.iter().enumerate() {
+                match one(op).await {
+                    Ok(r) => revs[handles_at + i] = r,
+                    Err(e) => {
+                        self.put_back(&handles[..i], &revs[handles_at..handles_at + i], old).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        for (i, op) in ops[..handles_at].iter().enumerate() {
+            if matches!(op, TxnOp::Check { .. } | TxnOp::Unchanged { .. }) {
+                continue;
+            }
+            match one(op).await {
+                Ok(r) => revs[i] = r,
+                Err(e) => {
+                    if i == 0 && allocating {
+                        self.put_back(handles, &revs[handles_at..], old).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if !allocating {
+            for (i, op) in handles.iter().enumerate() {
+                // The block no longer holds these addresses: a handle that cannot be written
+                // now stays over-counted, which `ipam check` reports.
+                if let Ok(r) = one(op).await {
+                    revs[handles_at + i] = r;
+                }
+            }
+        }
+        Ok(revs)
+    }
+
+    /// Undo handle writes (`ops`, left at `revs`) whose block write did not happen.
+    async fn put_back(&self, ops: &[TxnOp], revs: &[Revision], old: &[Option<Vec<u8>>]) {
+        for ((op, rev), before) in ops.iter().zip(revs).zip(old) {
+            let key = op.key().to_string();
+            let undo = match before {
+                Some(value) => TxnOp::Put { key, value: value.clone(), condition: Condition::At(*rev) },
+                None => TxnOp::Delete { key, condition: Condition::At(*rev) },
+            };
+            let _ = self.ds.txn(&[undo]).await;
+            if let Some(h) = op.key().strip_prefix(&handles_prefix()) {
+                lock(&self.handles).remove(h);
+            }
+        }
+    }
+
+    /// Create `cidr`'s block claimed by `node`, with its affinity: one transaction, or on a
+    /// store without transactions Calico's KDD order — the affinity `pending` (not yet the
+    /// node's), the block, then the affinity `confirmed` — so a crash leaves a pending
+    /// affinity or a block the node adopts on its next claim, never a block claimed twice.
+    async fn create_claimed_block(
+        &self,
+        node: &str,
+        cidr: IpNet,
+        guards: &[TxnOp],
+    ) -> Result<(AllocationBlock, Revision), StoreError> {
+        let (block, ops) = claim_ops(node, cidr);
+        if self.transactions {
+            let ops: Vec<TxnOp> = ops.into_iter().chain(guards.iter().cloned()).collect();
+            let revs = self.ds.txn(&ops).await?;
+            return Ok((block, revs.get(1).copied().unwrap_or_default()));
+        }
+        let akey = affinity_key(node, &cidr);
+        let value = |a: BlockAffinity| serde_json::to_vec(&a).unwrap_or_default();
+        let arev = match self.ds.create(&akey, &value(BlockAffinity::pending())).await {
+            Ok(r) => r,
+            // Left by a claim that did not finish: ours to finish.
+            Err(StoreError::AlreadyExists { .. }) => match self.ds.get(&akey).await? {
+                Some(kv) => kv.mod_revision,
+                None => return Err(StoreError::Conflict { key: akey, expected: 0, actual: 0 }),
+            },
+            Err(e) => return Err(e),
+        };
+        let brev = match self.ds.create(&block_key(&cidr), &serde_json::to_vec(&block).unwrap_or_default()).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.ds.delete(&akey, Some(arev)).await;
+                return Err(e);
+            }
+        };
+        self.ds.update(&akey, &value(BlockAffinity::confirmed()), arev).await?;
+        Ok((block, brev))
+    }
+
+    /// Several writes: one transaction, or one after another in the order given (guards left
+    /// out) on a store without transactions — callers order them so that a crash part-way
+    /// leaves what the next claim adopts or `ipam check` reports.
+    async fn commit(&self, ops: &[TxnOp]) -> Result<Vec<Revision>, StoreError> {
+        if self.transactions {
+            return self.ds.txn(ops).await;
+        }
+        let mut revs = Vec::with_capacity(ops.len());
+        for op in ops {
+            revs.push(match op {
+                TxnOp::Check { .. } | TxnOp::Unchanged { .. } => 0,
+                op => self.ds.txn(std::slice::from_ref(op)).await?.first().copied().unwrap_or_default(),
+            });
+        }
+        Ok(revs)
     }
 
     /// Read-modify-write one block (and the handles it touches) in one transaction, retrying on
@@ -505,6 +645,10 @@ impl IpamClient {
             ops.extend(c.also.iter().cloned());
             ops.extend(guards.iter().cloned());
             let mut new_handles = Vec::new();
+            // What each handle held before (None: new), to put back if the block write fails
+            // on a store without transactions.
+            let mut old_handles = Vec::new();
+            let allocating = c.handles.values().any(|d| *d > 0);
             for (h, delta) in &c.handles {
                 // A handle we have not seen is assumed new when it gains addresses (no read);
                 // if it exists after all, the transaction says so and the retry reads it.
@@ -515,6 +659,15 @@ impl IpamClient {
                     rec.remove(&cidr, delta.unsigned_abs());
                 }
                 let hkey = handle_key(h);
+                let before = hrev.map(|_| {
+                    let mut prev = rec.clone();
+                    if *delta >= 0 {
+                        prev.remove(&cidr, *delta as usize);
+                    } else {
+                        prev.add(&cidr, delta.unsigned_abs());
+                    }
+                    serde_json::to_vec(&prev).unwrap_or_default()
+                });
                 let op = match (rec.is_empty(), hrev) {
                     (true, Some(r)) => TxnOp::Delete { key: hkey, condition: Condition::At(r) },
                     (true, None) => continue,
@@ -525,9 +678,15 @@ impl IpamClient {
                     },
                 };
                 new_handles.push((h.clone(), rec));
+                old_handles.push(before);
                 ops.push(op);
             }
-            match self.ds.txn(&ops).await {
+            let written = if self.transactions {
+                self.ds.txn(&ops).await
+            } else {
+                self.write_block_in_order(&ops, 1 + c.also.len() + guards.len(), &old_handles, allocating).await
+            };
+            match written {
                 Ok(revs) => {
                     let mut blocks = lock(&self.blocks);
                     if delete {
@@ -636,6 +795,7 @@ impl IpamClient {
                     .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
                 Ok((b, kv.mod_revision))
             })
+            .filter(|r| !matches!(r, Ok((b, _)) if b.deleted))
             .collect()
     }
 
@@ -686,7 +846,7 @@ impl IpamClient {
                     condition: Condition::Any,
                 }];
                 ops.extend(guards.iter().cloned());
-                return match self.ds.txn(&ops).await {
+                return match self.commit(&ops).await {
                     Ok(_) => Ok(Some(b.cidr)),
                     Err(e) if guard_failed(&e, guards) => Err(IpamError::ConfigChanged),
                     Err(e) => Err(e.into()),
@@ -698,11 +858,9 @@ impl IpamClient {
                 if taken.contains(&cidr) {
                     continue;
                 }
-                let (block, ops) = claim_ops(node, cidr);
-                let ops: Vec<TxnOp> = ops.into_iter().chain(guards.iter().cloned()).collect();
-                match self.ds.txn(&ops).await {
-                    Ok(revs) => {
-                        lock(&self.blocks).insert(cidr, (block, revs.get(1).copied().unwrap_or_default()));
+                match self.create_claimed_block(node, cidr, guards).await {
+                    Ok((block, rev)) => {
+                        lock(&self.blocks).insert(cidr, (block, rev));
                         return Ok(Some(cidr));
                     }
                     Err(e) if guard_failed(&e, guards) => return Err(IpamError::ConfigChanged),
@@ -745,7 +903,7 @@ impl IpamClient {
                 ops.push(TxnOp::Delete { key: affinity_key(other, &b.cidr), condition: Condition::Any });
             }
             ops.extend(guards.iter().cloned());
-            match self.ds.txn(&ops).await {
+            match self.commit(&ops).await {
                 Ok(revs) => {
                     lock(&self.blocks).insert(b.cidr, (mine, revs.first().copied().unwrap_or_default()));
                     return Ok(Some(b.cidr));
@@ -949,8 +1107,7 @@ impl IpamClient {
         for _ in 0..MAX_ATTEMPTS {
             if self.block(cidr, true).await?.is_none() {
                 // Nobody owns this block yet: claim it for this node.
-                let (_, ops) = claim_ops(node, cidr);
-                match self.ds.txn(&ops).await {
+                match self.create_claimed_block(node, cidr, &[]).await {
                     Ok(_) | Err(StoreError::AlreadyExists { .. }) => continue,
                     Err(e) => return Err(e.into()),
                 }
@@ -1151,7 +1308,7 @@ impl IpamClient {
                 return Ok(false);
             }
             let ops = [TxnOp::Delete { key: block_key(&cidr), condition: Condition::At(rev) }, aff];
-            match self.ds.txn(&ops).await {
+            match self.commit(&ops).await {
                 Ok(_) => {
                     lock(&self.blocks).remove(&cidr);
                     return Ok(true);

@@ -84,6 +84,11 @@ impl BlockAffinity {
         BlockAffinity { state: AffinityState::Confirmed, deleted: false }
     }
 
+    /// A claim in progress (Calico's KDD protocol): not yet the node's.
+    pub fn pending() -> Self {
+        BlockAffinity { state: AffinityState::Pending, deleted: false }
+    }
+
     /// An empty value (old format) means confirmed.
     pub fn parse(value: &[u8]) -> Option<Self> {
         if value.is_empty() { Some(Self::confirmed()) } else { serde_json::from_slice(value).ok() }

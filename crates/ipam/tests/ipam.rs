@@ -517,6 +517,58 @@ both!(
     cached_configuration_follows_other_writers
 );
 
+/// The same on the Kubernetes API (Calico's CRDs, one key at a time in Calico's KDD order): one
+/// real kube-apiserver, emptied between the tests, with the Kubernetes Nodes the tests' Calico
+/// Nodes are written into. Not run here: `steady_state_is_one_write` (a new handle is a write
+/// of its own without transactions), `ipam_configuration_is_mirrored` (one IPAMConfig object
+/// serves both here) and `check_finds_problems` (its fixture writes WorkloadEndpoints, which
+/// this layout derives from Pods: not built yet).
+mod kubernetes {
+    use super::*;
+    use gingham_store::kubernetes::{KubeConfig, KubeStore};
+    use gingham_store::testing::kube::KubeApiServer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ipam_on_the_kubernetes_api() {
+        let k = KubeApiServer::start().expect("kube-apiserver starts (scripts/kube-build.sh builds it)");
+        let crds: Vec<serde_json::Value> = gingham_manifests::render(&Default::default())
+            .into_iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .collect();
+        k.apply(&gingham_manifests::to_yaml(&crds).unwrap());
+        let plurals: Vec<String> = crds
+            .iter()
+            .map(|d| format!("{}.crd.projectcalico.org", d["spec"]["names"]["plural"].as_str().unwrap()))
+            .collect();
+        let tests: [(&str, fn(Arc<dyn Datastore>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+            10] = [
+            ("dual_stack_and_no_auto_blocks", |ds| Box::pin(dual_stack_and_no_auto_blocks(ds))),
+            ("assign_claims_and_layout", |ds| Box::pin(assign_claims_and_layout(ds))),
+            ("borrowing_strict_affinity_and_limits", |ds| Box::pin(borrowing_strict_affinity_and_limits(ds))),
+            ("explicit_addresses_and_guards", |ds| Box::pin(explicit_addresses_and_guards(ds))),
+            ("deleted_pools_release_their_blocks", |ds| Box::pin(deleted_pools_release_their_blocks(ds))),
+            ("reserved_addresses_are_not_handed_out", |ds| Box::pin(reserved_addresses_are_not_handed_out(ds))),
+            ("released_addresses_cool_down", |ds| Box::pin(released_addresses_cool_down(ds))),
+            ("selectors_and_reclaim", |ds| Box::pin(selectors_and_reclaim(ds))),
+            ("tunnel_addresses", |ds| Box::pin(tunnel_addresses(ds))),
+            ("cached_configuration_follows_other_writers", |ds| {
+                Box::pin(cached_configuration_follows_other_writers(ds))
+            }),
+        ];
+        for (name, test) in tests {
+            k.kubectl_ok(&["delete", &plurals.join(","), "--all", "--wait=false"]);
+            k.kubectl_ok(&["delete", "nodes", "--all", "--wait=false"]);
+            for node in ["a1", "a2", "b1", "n1", "node-1", "node-2"] {
+                k.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n"));
+            }
+            let ds: Arc<dyn Datastore> =
+                Arc::new(KubeStore::connect(&KubeConfig { kubeconfig: Some(k.kubeconfig.clone()) }).await.unwrap());
+            eprintln!("kubernetes: {name}");
+            test(ds).await;
+        }
+    }
+}
+
 // --- several processes at once -------------------------------------------------------------
 
 const WORKER_ENV: &str = "GINGHAM_IPAM_WORKER";

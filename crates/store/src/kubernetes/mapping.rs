@@ -374,7 +374,7 @@ fn block_key_parts(rest: &str) -> Option<(u8, String)> {
 fn affinity_key_parts(rest: &str) -> Option<(&str, &'static str, String)> {
     let (host, tail) = rest.split_once('/')?;
     let (version, cidr) = block_key_parts(tail)?;
-    (!host.is_empty()).then(|| (host, if version == 4 { "4" } else { "6" }, cidr))
+    (!host.is_empty()).then_some((host, if version == 4 { "4" } else { "6" }, cidr))
 }
 
 /// Calico's object name for a CIDR: `10.0.0.0/26` → `10-0-0-0-26`.
@@ -447,7 +447,7 @@ pub fn resource_types() -> Vec<ResourceType> {
             codec,
         });
     }
-    types.sort_by(|a, b| b.key_prefix.len().cmp(&a.key_prefix.len()));
+    types.sort_by_key(|t| std::cmp::Reverse(t.key_prefix.len()));
     types
 }
 

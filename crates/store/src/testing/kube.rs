@@ -138,6 +138,21 @@ impl KubeApiServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl apply --server-side` of `yaml`, which must succeed; then wait (at most 60 s) for
+    /// any CRDs to be Established.
+    pub fn apply(&self, yaml: &str) {
+        let out = self
+            .kubectl_with_input(
+                &["apply", "--server-side", "--field-manager=gingham-test", "-f", "-"],
+                Some(yaml.as_bytes()),
+            )
+            .unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+        assert!(out.status.success(), "kubectl apply refused:\n{}", String::from_utf8_lossy(&out.stderr));
+        if yaml.contains("kind: CustomResourceDefinition") {
+            self.kubectl_ok(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]);
+        }
+    }
+
     /// The last lines of the server's log, for error messages.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default();
