@@ -59,6 +59,7 @@ async fn kubernetes_datastore_conformance() {
     one_write_transactions_only(ds.as_ref()).await;
     concurrent_cas_loses_nothing(ds.clone()).await;
     calico_nodes_are_kubernetes_nodes(&k, ds.as_ref()).await;
+    workload_endpoints_are_pods(&k, ds.as_ref()).await;
     objects_written_with_kubectl_are_read(&k, ds).await;
 }
 
@@ -104,10 +105,10 @@ async fn create_get_and_exists(ds: &dyn Datastore) {
     assert_eq!(spec(&ds.get(&key).await.unwrap().unwrap().value)["nets"][0], "10.0.0.0/8");
     assert_eq!(ds.get(&format!("{SETS}missing")).await.unwrap(), None);
     // Keys this layout has no object for: absent to readers, refused to writers by name.
-    let wep = "/calico/resources/v3/projectcalico.org/workloadendpoints/ns/n1-k8s-pod-eth0";
-    assert_eq!(ds.get(wep).await.unwrap(), None);
-    let e = ds.create(wep, b"{}").await.unwrap_err().to_string();
-    assert!(e.contains(wep) && e.contains("not kept in the Kubernetes datastore"), "{e}");
+    let profile = "/calico/resources/v3/projectcalico.org/profiles/kns.a";
+    assert_eq!(ds.get(profile).await.unwrap(), None);
+    let e = ds.create(profile, b"{}").await.unwrap_err().to_string();
+    assert!(e.contains(profile) && e.contains("not kept in the Kubernetes datastore"), "{e}");
     let e = ds.create(&format!("{SETS}b"), b"not json").await.unwrap_err().to_string();
     assert!(e.contains("globalnetworksets/b") && e.contains("not JSON"), "{e}");
 }
@@ -269,6 +270,60 @@ async fn concurrent_cas_loses_nothing(ds: Arc<dyn Datastore>) {
         t.await.unwrap();
     }
     assert_eq!(count(&ds.get(key).await.unwrap().unwrap().value), 40);
+}
+
+async fn workload_endpoints_are_pods(k: &KubeApiServer, ds: &dyn Datastore) {
+    k.kubectl_ok(&["create", "namespace", "p"]);
+    for sa in ["default", "web-sa"] {
+        k.kubectl_ok(&["create", "serviceaccount", sa, "-n", "p"]);
+    }
+    let pod = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "p", "labels": {"app": "web"}},
+        "spec": {"nodeName": "n1", "serviceAccountName": "web-sa", "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": "busybox", "ports": [{"name": "http", "containerPort": 8080}]}]}}"#;
+    let out = k.kubectl_with_input(&["create", "-f", "-"], Some(pod.as_bytes())).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let prefix = "/calico/resources/v3/projectcalico.org/workloadendpoints/p/";
+    assert!(ds.list(prefix).await.unwrap().items.is_empty(), "a Pod without addresses is no endpoint");
+    let mut w = ds.watch(prefix, 0).await.unwrap();
+    let key = format!("{prefix}n1-k8s-web--1-eth0");
+    let wep = serde_json::to_vec(&json!({"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+        "metadata": {"name": "n1-k8s-web--1-eth0", "namespace": "p"},
+        "spec": {"node": "n1", "pod": "web-1", "endpoint": "eth0", "ipNetworks": ["10.65.0.7/32"],
+                 "interfaceName": "cali0123456789a", "containerID": "c0ffee"}}))
+    .unwrap();
+    let r1 = ds.create(&key, &wep).await.unwrap();
+    assert_eq!(ds.create(&key, &wep).await, Err(StoreError::AlreadyExists { key: key.clone() }));
+    let v: Value = serde_json::from_slice(&ds.get(&key).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(v["metadata"]["labels"]["app"], "web");
+    assert_eq!(v["metadata"]["labels"]["projectcalico.org/serviceaccount"], "web-sa");
+    assert_eq!(v["spec"]["ipNetworks"], json!(["10.65.0.7/32"]));
+    assert_eq!(v["spec"]["interfaceName"], "cali0123456789a");
+    assert_eq!(v["spec"]["ports"][0]["name"], "http");
+    let ann = k.kubectl_ok(&[
+        "get",
+        "pod",
+        "web-1",
+        "-n",
+        "p",
+        "-o",
+        "jsonpath={.metadata.annotations.cni\\.projectcalico\\.org/podIPs}",
+    ]);
+    assert_eq!(ann, "10.65.0.7/32", "Calico's plugin annotations");
+    let ev = w.next_timeout(WAIT).await.expect("the endpoint appears").unwrap();
+    assert!(matches!(&ev, Event::Put(kv) if kv.key == key && kv.mod_revision == r1));
+    // The Pod's labels are the endpoint's, live.
+    k.kubectl_ok(&["label", "pod", "web-1", "-n", "p", "tier=front"]);
+    let ev = w.next_timeout(WAIT).await.expect("the relabelled endpoint").unwrap();
+    let Event::Put(kv) = ev else { panic!("{ev:?}") };
+    assert_eq!(serde_json::from_slice::<Value>(&kv.value).unwrap()["metadata"]["labels"]["tier"], "front");
+    assert!(matches!(ds.delete(&key, Some(r1)).await, Err(StoreError::Conflict { .. })), "the Pod changed since r1");
+    ds.delete(&key, Some(kv.mod_revision)).await.unwrap();
+    let ev = w.next_timeout(WAIT).await.expect("the endpoint goes").unwrap();
+    assert!(matches!(&ev, Event::Delete { key: k, .. } if *k == key), "{ev:?}");
+    assert_eq!(ds.get(&key).await.unwrap(), None);
+    k.kubectl_ok(&["get", "pod", "web-1", "-n", "p"]);
+    let e = ds.create(&format!("{prefix}n1-k8s-nope-eth0"), &wep).await.unwrap_err().to_string();
+    assert!(e.contains("no Kubernetes Pod \"p/nope\""), "{e}");
 }
 
 /// What a cluster that ran Calico holds (written with kubectl in Calico's CRD form) reads as

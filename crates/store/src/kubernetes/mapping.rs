@@ -33,6 +33,8 @@ pub enum Codec {
     Handle,
     /// A Calico Node → the Kubernetes Node's annotations and labels (see `merge_node`).
     Node,
+    /// A WorkloadEndpoint → its Pod (see `pods`).
+    Pod,
 }
 
 /// Calico's Node annotations: (annotation, path of the field in the Calico Node's spec).
@@ -213,6 +215,17 @@ impl ResourceType {
         let rest = &key[self.key_prefix.len()..];
         let bad = |why: &str| StoreError::Backend(format!("{key}: {why}"));
         match self.codec {
+            Codec::Pod => {
+                let parsed = rest.split_once('/').and_then(|(ns, n)| Some((ns, super::pods::parse_endpoint_name(n)?)));
+                match parsed {
+                    Some((ns, [_, orch, pod, endpoint]))
+                        if !ns.is_empty() && orch == "k8s" && endpoint == super::pods::ENDPOINT =>
+                    {
+                        Ok(Location { namespace: Some(ns.into()), name: pod })
+                    }
+                    _ => Err(bad("not a Kubernetes pod's endpoint (<namespace>/<node>-k8s-<pod>-eth0)")),
+                }
+            }
             Codec::Resource(_) if self.namespaced => match rest.split_once('/') {
                 Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
                     Ok(Location { namespace: Some(ns.into()), name: name.into() })
@@ -249,8 +262,10 @@ impl ResourceType {
             meta.insert("namespace".into(), json!(ns));
         }
         let spec = match self.codec {
-            Codec::Node => {
-                return Err(bad("a Node is written by merging into the Kubernetes Node (merge_node)".into()));
+            Codec::Node | Codec::Pod => {
+                return Err(bad(
+                    "written by merging into its Kubernetes object (merge_node, pods::merge_endpoint)".into()
+                ));
             }
             Codec::Resource(_) => {
                 let given = v.get("metadata").and_then(Value::as_object);
@@ -291,8 +306,9 @@ impl ResourceType {
         Ok(obj)
     }
 
-    /// The key and value an object of this type holds.
-    pub fn from_object(&self, obj: &Value) -> Result<KeyValue, StoreError> {
+    /// The key and value an object of this type holds (a Pod may hold none: see
+    /// `pods::endpoint_of`).
+    pub fn from_object(&self, obj: &Value) -> Result<Option<KeyValue>, StoreError> {
         let meta = obj.get("metadata").and_then(Value::as_object);
         let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
         let bad = |why: &str| StoreError::Backend(format!("{} {name:?} from the API server: {why}", self.kind));
@@ -302,6 +318,10 @@ impl ResourceType {
         let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
         let spec_str = |f: &str| spec.get(f).and_then(Value::as_str).map(str::to_string);
         let (key, value) = match self.codec {
+            Codec::Pod => match super::pods::endpoint_of(obj) {
+                Some(kv) => kv,
+                None => return Ok(None),
+            },
             Codec::Node => (format!("{}{name}", self.key_prefix), node_value(obj)),
             Codec::Resource(kind) => {
                 let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
@@ -349,7 +369,7 @@ impl ResourceType {
         };
         let value = serde_json::to_vec(&value).map_err(|e| bad(&e.to_string()))?;
         // The API has no creation revision: 0 says "unknown" (see Capabilities).
-        Ok(KeyValue { key, value, mod_revision, create_revision: 0 })
+        Ok(Some(KeyValue { key, value, mod_revision, create_revision: 0 }))
     }
 }
 
@@ -401,8 +421,19 @@ pub fn resource_types() -> Vec<ResourceType> {
         .into_iter()
         .filter_map(|kind| {
             let (api, api_version, plural, kind_name) = match kind {
-                // Derived from Kubernetes objects in this layout, not stored.
-                Kind::WorkloadEndpoint | Kind::Profile => return None,
+                // Derived from Namespaces and ServiceAccounts in this layout, not stored.
+                Kind::Profile => return None,
+                Kind::WorkloadEndpoint => {
+                    return Some(ResourceType {
+                        key_prefix: kind.prefix(None),
+                        api: "/api/v1",
+                        api_version: "v1",
+                        plural: "pods",
+                        kind: "Pod",
+                        namespaced: true,
+                        codec: Codec::Pod,
+                    });
+                }
                 Kind::Node => {
                     return Some(ResourceType {
                         key_prefix: kind.prefix(None),
@@ -466,7 +497,7 @@ pub fn types_under<'a>(types: &'a [ResourceType], prefix: &str) -> Vec<(&'a Reso
             } else if prefix.starts_with(&t.key_prefix) {
                 let rest = &prefix[t.key_prefix.len()..];
                 let ns = match (t.codec, t.namespaced, rest.split_once('/')) {
-                    (Codec::Resource(_), true, Some((ns, _))) if !ns.is_empty() => Some(ns.to_string()),
+                    (Codec::Resource(_) | Codec::Pod, true, Some((ns, _))) if !ns.is_empty() => Some(ns.to_string()),
                     _ => None,
                 };
                 Some((t, ns))
@@ -500,7 +531,7 @@ mod tests {
         );
         obj["metadata"]["resourceVersion"] = json!("42");
         obj["metadata"]["uid"] = json!("u-1");
-        let kv = t.from_object(&obj).unwrap();
+        let kv = t.from_object(&obj).unwrap().unwrap();
         assert_eq!((kv.key.as_str(), kv.mod_revision), (key, 42));
         let v: Value = serde_json::from_slice(&kv.value).unwrap();
         assert_eq!(v["apiVersion"], "projectcalico.org/v3");
@@ -522,7 +553,7 @@ mod tests {
             json!({"node": "node-1", "cidr": "fd00::40/122", "type": "host", "state": "pending", "deleted": "false"})
         );
         obj["metadata"]["resourceVersion"] = json!("7");
-        let kv = t.from_object(&obj).unwrap();
+        let kv = t.from_object(&obj).unwrap().unwrap();
         assert_eq!(kv.key, key);
         assert_eq!(serde_json::from_slice::<Value>(&kv.value).unwrap(), json!({"state": "pending", "deleted": false}));
 
@@ -531,7 +562,7 @@ mod tests {
         let mut obj = t.to_object(key, br#"{"cidr":"10.65.0.0/26","affinity":"host:n","allocations":[null]}"#).unwrap();
         assert_eq!(obj["metadata"]["name"], "10-65-0-0-26");
         obj["metadata"]["resourceVersion"] = json!("8");
-        assert_eq!(t.from_object(&obj).unwrap().key, key);
+        assert_eq!(t.from_object(&obj).unwrap().unwrap().key, key);
 
         let key = "/calico/ipam/v2/handle/k8s-pod-network.ABC";
         let t = ty(key);
@@ -541,7 +572,7 @@ mod tests {
             (Some("k8s-pod-network.abc"), Some("k8s-pod-network.ABC"))
         );
         obj["metadata"]["resourceVersion"] = json!("9");
-        let kv = t.from_object(&obj).unwrap();
+        let kv = t.from_object(&obj).unwrap().unwrap();
         assert_eq!(kv.key, key);
         assert_eq!(
             serde_json::from_slice::<Value>(&kv.value).unwrap(),
@@ -572,7 +603,7 @@ mod tests {
             codec: Codec::Node,
             ..resource_types().into_iter().find(|t| t.codec == Codec::Node).unwrap()
         };
-        let kv = t.from_object(&merged).unwrap();
+        let kv = t.from_object(&merged).unwrap().unwrap();
         assert_eq!(kv.key, "/calico/resources/v3/projectcalico.org/nodes/n1");
         let back: Value = serde_json::from_slice(&kv.value).unwrap();
         assert_eq!(back["spec"]["bgp"], calico["spec"]["bgp"]);
@@ -612,8 +643,8 @@ mod tests {
         assert!(all.iter().any(|(p, _)| *p == "ipamhandles") && all.iter().any(|(p, _)| *p == "namespaces"));
         assert!(under("/elsewhere/").is_empty());
         assert!(
-            type_of(&types, "/calico/resources/v3/projectcalico.org/workloadendpoints/ns/w").is_none(),
-            "workload endpoints are derived, not stored"
+            type_of(&types, "/calico/resources/v3/projectcalico.org/profiles/kns.a").is_none(),
+            "profiles are derived, not stored"
         );
         assert!(
             ty("/calico/resources/v3/projectcalico.org/ippools/p")

@@ -3,8 +3,8 @@
 //! resourceVersion precondition, and watches the API's watches (bookmarks followed, 410 Gone
 //! reported as `Compacted`). What the API cannot do, this backend says in its `Capabilities`:
 //! no multi-key transactions, no guards, no creation revision, only the keys `mapping` places.
-//! A Calico Node is its Kubernetes Node's annotations: written by merging into that Node, never
-//! created or deleted here.
+//! A Calico Node is its Kubernetes Node's annotations, a workload endpoint its Pod's: written
+//! by merging into that object, which is never created or deleted here.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::{Capabilities, Condition, Datastore, Event, KeyValue, Listing, Result, Revision, StoreError, TxnOp, Watch};
 
 pub mod mapping;
+pub mod pods;
 
 use mapping::{ResourceType, parse_resource_version, resource_types, type_of, types_under};
 
@@ -111,7 +112,7 @@ impl KubeStore {
                 .ok_or_else(|| StoreError::Backend(format!("{path}: list resourceVersion {rv:?} is not a number")))?;
             revision.get_or_insert(rv);
             for obj in list.get("items").and_then(Value::as_array).into_iter().flatten() {
-                items.push(t.from_object(obj)?);
+                items.extend(t.from_object(obj)?);
             }
             continue_token = list.pointer("/metadata/continue").and_then(Value::as_str).unwrap_or_default().to_string();
             if continue_token.is_empty() {
@@ -120,35 +121,57 @@ impl KubeStore {
         }
     }
 
-    /// A Calico Node is written into its Kubernetes Node (which must exist: the kubelet
-    /// registers it), compare-and-swap on the Node's resourceVersion.
-    async fn write_node(&self, t: &ResourceType, key: &str, value: &[u8], condition: Condition) -> Result<Revision> {
-        let at = t.locate(key)?;
-        let calico: Value = serde_json::from_slice(value)
-            .map_err(|e| StoreError::Backend(format!("{key}: the value is not JSON ({e})")))?;
-        let node = match self.call(Method::GET, &t.item(&at), None).await {
-            Ok(n) => n,
+    /// The Kubernetes object a merged key (a Calico Node, a workload endpoint) is written into,
+    /// its revision, and whether it holds the key now; None if there is no such object.
+    async fn merge_target(&self, t: &ResourceType, key: &str) -> Result<Option<(Value, Revision, bool)>> {
+        let obj = match self.call(Method::GET, &t.item(&t.locate(key)?), None).await {
+            Ok(o) => o,
             Err(e) => {
-                return Err(match api_error(e, key) {
-                    StoreError::NotFound { .. } => StoreError::Backend(format!(
-                        "{key}: there is no Kubernetes Node {:?}; in the Kubernetes datastore a Calico Node is a \
-                         Kubernetes Node's annotations, so the Node must be registered first",
-                        at.name
-                    )),
-                    e => e,
-                });
+                return match api_error(e, key) {
+                    StoreError::NotFound { .. } => Ok(None),
+                    e => Err(e),
+                };
             }
         };
-        let current = revision_of(&node, key)?;
+        let current = revision_of(&obj, key)?;
+        // A Node always is a Calico Node; a Pod is an endpoint once it has addresses.
+        let exists = t.from_object(&obj)?.is_some_and(|kv| kv.key == key);
+        Ok(Some((obj, current, exists)))
+    }
+
+    /// A Calico Node or workload endpoint is merged into its Kubernetes object,
+    /// compare-and-swap on that object's resourceVersion.
+    async fn write_merged(&self, t: &ResourceType, key: &str, value: &[u8], condition: Condition) -> Result<Revision> {
+        let given: Value = serde_json::from_slice(value)
+            .map_err(|e| StoreError::Backend(format!("{key}: the value is not JSON ({e})")))?;
+        let Some((obj, current, exists)) = self.merge_target(t, key).await? else {
+            // The kubelet registers Nodes and creates Pods before gingham sees them.
+            let at = t.locate(key)?;
+            let name = at.namespace.map_or(at.name.clone(), |ns| format!("{ns}/{}", at.name));
+            return Err(StoreError::Backend(format!(
+                "{key}: there is no Kubernetes {} {name:?}; in the Kubernetes datastore this is that object's \
+                 annotations, so it must exist first",
+                t.kind
+            )));
+        };
         match condition {
-            Condition::Absent => return Err(StoreError::AlreadyExists { key: key.into() }),
+            Condition::Absent if exists => return Err(StoreError::AlreadyExists { key: key.into() }),
+            Condition::At(_) | Condition::Exists if !exists => return Err(StoreError::NotFound { key: key.into() }),
             Condition::At(expected) if expected != current => {
                 return Err(StoreError::Conflict { key: key.into(), expected, actual: current });
             }
             _ => {}
         }
-        let merged = mapping::merge_node(&node, &calico).map_err(|e| StoreError::Backend(format!("{key}: {e}")))?;
-        match self.call(Method::PUT, &t.item(&at), Some(&merged)).await {
+        let merged = match t.codec {
+            mapping::Codec::Pod => pods::merge_endpoint(&obj, &given),
+            _ => mapping::merge_node(&obj, &given),
+        }
+        .map_err(|e| StoreError::Backend(format!("{key}: {e}")))?;
+        self.put_merged(t, key, &merged, current).await
+    }
+
+    async fn put_merged(&self, t: &ResourceType, key: &str, obj: &Value, current: Revision) -> Result<Revision> {
+        match self.call(Method::PUT, &t.item(&t.locate(key)?), Some(obj)).await {
             Ok(written) => revision_of(&written, key),
             Err(e) => Err(match api_error(e, key) {
                 StoreError::Conflict { .. } => StoreError::Conflict {
@@ -163,8 +186,8 @@ impl KubeStore {
 
     async fn write(&self, key: &str, value: &[u8], condition: Condition) -> Result<Revision> {
         let t = self.type_of(key)?;
-        if t.codec == mapping::Codec::Node {
-            return self.write_node(t, key, value, condition).await;
+        if matches!(t.codec, mapping::Codec::Node | mapping::Codec::Pod) {
+            return self.write_merged(t, key, value, condition).await;
         }
         let at = t.locate(key)?;
         let mut obj = t.to_object(key, value)?;
@@ -237,9 +260,8 @@ impl Datastore for KubeStore {
         let Ok(at) = t.locate(key) else { return Ok(None) };
         match self.call(Method::GET, &t.item(&at), None).await {
             Ok(obj) => {
-                let kv = t.from_object(&obj)?;
-                // Names are derived (lower-cased handles): the object must be this key's.
-                Ok((kv.key == key).then_some(kv))
+                // Names are derived (lower-cased handles, endpoints): the object must be this key's.
+                Ok(t.from_object(&obj)?.filter(|kv| kv.key == key))
             }
             Err(e) => match api_error(e, key) {
                 StoreError::NotFound { .. } => Ok(None),
@@ -279,6 +301,16 @@ impl Datastore for KubeStore {
     async fn delete(&self, key: &str, revision: Option<Revision>) -> Result<Revision> {
         let t = self.type_of(key)?;
         let at = t.locate(key)?;
+        if t.codec == mapping::Codec::Pod {
+            // The endpoint goes; the Pod (the kubelet's) stays, without the plugin's annotations.
+            let Some((obj, current, true)) = self.merge_target(t, key).await? else {
+                return Err(StoreError::NotFound { key: key.into() });
+            };
+            if let Some(expected) = revision.filter(|r| *r != current) {
+                return Err(StoreError::Conflict { key: key.into(), expected, actual: current });
+            }
+            return self.put_merged(t, key, &pods::clear_endpoint(&obj), current).await;
+        }
         if t.codec == mapping::Codec::Node {
             return Err(match self.current(key).await {
                 None => StoreError::NotFound { key: key.into() },
@@ -438,18 +470,23 @@ async fn watch_type(
                     return;
                 }
             };
-            let kv = match t.from_object(&obj) {
-                Ok(kv) => kv,
-                Err(e) => {
+            let ev = match (t.from_object(&obj), deleted) {
+                (Ok(Some(kv)), false) => Event::Put(kv),
+                (Ok(Some(kv)), true) => Event::Delete { key: kv.key, revision: kv.mod_revision },
+                // A Pod that no longer is an endpoint (addresses gone, finished): its endpoint goes.
+                (Ok(None), _) => match (pods::endpoint_key(&obj), revision_of(&obj, &t.key_prefix)) {
+                    (Some(key), Ok(revision)) => Event::Delete { key, revision },
+                    _ => continue,
+                },
+                (Err(e), _) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
-            after = kv.mod_revision;
-            if !kv.key.starts_with(&prefix) {
+            after = ev.revision();
+            if !ev.key().starts_with(&prefix) {
                 continue;
             }
-            let ev = if deleted { Event::Delete { key: kv.key, revision: kv.mod_revision } } else { Event::Put(kv) };
             if tx.send(Ok(ev)).await.is_err() {
                 return;
             }
