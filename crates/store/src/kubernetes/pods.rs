@@ -162,10 +162,10 @@ pub fn endpoint_of(pod: &Value) -> Option<(String, Value)> {
 /// its labels, spec and status are left as they are (they are the Kubernetes API's).
 pub fn merge_endpoint(pod: &Value, wep: &Value) -> Result<Value, String> {
     let spec = wep.get("spec").and_then(Value::as_object).cloned().unwrap_or_default();
-    if let (Some(want), Some(on)) = (spec.get("node").and_then(Value::as_str), str_at(pod, "/spec/nodeName")) {
-        if want != on {
-            return Err(format!("spec.node: {want:?}, but the Pod runs on {on:?}"));
-        }
+    if let (Some(want), Some(on)) = (spec.get("node").and_then(Value::as_str), str_at(pod, "/spec/nodeName"))
+        && want != on
+    {
+        return Err(format!("spec.node: {want:?}, but the Pod runs on {on:?}"));
     }
     let ips: Vec<&str> =
         spec.get("ipNetworks").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
@@ -190,10 +190,10 @@ pub fn merge_endpoint(pod: &Value, wep: &Value) -> Result<Value, String> {
 /// The Pod without an endpoint: the CNI annotations removed.
 pub fn clear_endpoint(pod: &Value) -> Value {
     let mut pod = pod.clone();
-    if !pod.pointer("/metadata/annotations").is_some_and(Value::is_object) {
-        if let Some(m) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.insert("annotations".into(), json!({}));
-        }
+    if !pod.pointer("/metadata/annotations").is_some_and(Value::is_object)
+        && let Some(m) = pod.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        m.insert("annotations".into(), json!({}));
     }
     if let Some(a) = pod.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
         for k in [POD_IP, POD_IPS, CONTAINER_ID, REST] {
