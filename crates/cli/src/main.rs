@@ -207,7 +207,8 @@ enum LabCommand {
         /// vxlan, vxlan-crosssubnet, none or ipip.
         #[arg(long, default_value = "vxlan")]
         encap: String,
-        /// embedded or etcd.
+        /// embedded, etcd, or kubernetes (a real kube-apiserver on the lab's etcd; the lab plays
+        /// the kubelet: Nodes, Pods and their IPs as API objects).
         #[arg(long, default_value = "embedded")]
         datastore: String,
         /// rr1 or rr2: the seeds' route-reflector setups instead of the node-to-node mesh
@@ -707,10 +708,11 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
     match command {
         LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, netpol_model, quiet } => {
             let pods_per_node = if netpol_model { 0 } else { pods_per_node };
-            let etcd = match datastore.as_str() {
-                "embedded" => false,
-                "etcd" => true,
-                other => anyhow::bail!("--datastore {other}: use embedded or etcd"),
+            let (etcd, kubernetes) = match datastore.as_str() {
+                "embedded" => (false, false),
+                "etcd" => (true, false),
+                "kubernetes" => (false, true),
+                other => anyhow::bail!("--datastore {other}: use embedded, etcd or kubernetes"),
             };
             let opts = l::UpOptions {
                 prefix: prefix.to_string(),
@@ -718,6 +720,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 pods_per_node,
                 encap: l::Encap::parse(&encap)?,
                 etcd,
+                kubernetes,
                 quiet,
                 bgp_topology: bgp_topology.as_deref().map(l::BgpTopology::parse).transpose()?,
                 tor,

@@ -27,7 +27,8 @@ static ETCD_LABS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 impl Lab {
     fn up(args: &[&str]) -> Lab {
         let prefix = format!("gt{}{}", std::process::id() % 10_000, SEQ.fetch_add(1, Ordering::SeqCst));
-        let etcd_turn = args.contains(&"etcd").then(|| ETCD_LABS.lock().unwrap_or_else(|p| p.into_inner()));
+        let etcd_turn = (args.contains(&"etcd") || args.contains(&"kubernetes"))
+            .then(|| ETCD_LABS.lock().unwrap_or_else(|p| p.into_inner()));
         let lab = Lab { dir: tempfile::tempdir().unwrap(), prefix, extra_pids: vec![], _etcd_turn: etcd_turn };
         let mut a = vec!["lab", "up", "--quiet"];
         a.extend_from_slice(args);
@@ -355,6 +356,65 @@ fn lab_on_etcd() {
     assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"));
     assert!(lab.ok(&["lab", "env"]).contains("ETCD_ENDPOINTS=http://10.99.0.1:2379"));
     assert!(lab.gingham(&["ipam", "show"]).contains("|     6 (0%) |"), "4 pods + 2 VTEP addresses");
+}
+
+/// The lab on a real kube-apiserver: the lab plays the kubelet (Nodes, then each Pod before its
+/// CNI ADD, then the Pod's IPs in its status); agents and controllers run as their service
+/// accounts under the manifests' RBAC. A NetworkPolicy created with kubectl is enforced by real
+/// packets, and kubectl and gingham agree on what the datastore holds.
+#[test]
+fn lab_on_the_kubernetes_api() {
+    let lab = Lab::up(&["--datastore", "kubernetes", "--nodes", "2", "--pods-per-node", "2"]);
+    assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"));
+    let env = lab.ok(&["lab", "env"]);
+    assert!(env.contains("DATASTORE_TYPE=kubernetes"), "{env}");
+    let kubeconfig = env
+        .lines()
+        .find_map(|l| l.trim_start_matches("export ").strip_prefix("KUBECONFIG="))
+        .expect("lab env names the kubeconfig")
+        .trim_matches(|c| c == '\'' || c == '"')
+        .to_string();
+    let bin = gingham_store::testing::kube::kube_bin_dir().unwrap();
+    let kubectl = |args: &[&str], input: Option<&str>| -> String {
+        let mut c = Command::new(bin.join("kubectl"));
+        c.arg(format!("--kubeconfig={kubeconfig}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input.unwrap_or_default().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The Pods' status holds the addresses the plugin gave them.
+    let ips = kubectl(
+        &["get", "pods", "-n", "default", "-o", "jsonpath={range .items[*]}{.metadata.name}={.status.podIP} {end}"],
+        None,
+    );
+    for pod in ["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"] {
+        assert!(ips.contains(&format!("{pod}={}", lab.pod_ip(&format!("default/{pod}")))), "{pod}: {ips}");
+    }
+    let cidr = kubectl(&["get", "ippools", "default-ipv4-ippool", "-o", "jsonpath={.spec.cidr}"], None);
+    assert!(lab.gingham(&["get", "ippool"]).contains(&format!("default-ipv4-ippool   {cidr}")));
+    let blocks = kubectl(&["get", "ipamblocks", "-o", "name"], None);
+    assert_eq!(blocks.lines().count(), 2, "one block per node: {blocks}");
+    // A Kubernetes NetworkPolicy made with kubectl: nothing reaches the pods, then all again.
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+    kubectl(&["apply", "-f", "-"], Some(deny));
+    let matrix = || {
+        let out = lab.cmd(&["lab", "check"]).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let denied = wait_for("the policy to deny every pair", Duration::from_secs(20), || {
+        matrix().contains("12 of 12 pod pairs failed")
+    });
+    kubectl(&["delete", "networkpolicy", "deny", "-n", "default"], None);
+    wait_for("traffic to flow again", Duration::from_secs(20), || {
+        matrix().contains("all 12 pod pairs: ping ok, tcp ok")
+    });
+    eprintln!("policy from kubectl enforced after {denied:?}");
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub enum LabError {
     Io(#[from] std::io::Error),
 }
 
+mod kube;
+
 fn msg(m: impl Into<String>) -> LabError {
     LabError::Msg(m.into())
 }
@@ -92,6 +94,11 @@ pub struct State {
     /// Environment every gingham command needs to reach the lab's datastore.
     pub env: BTreeMap<String, String>,
     pub etcd_pid: Option<i32>,
+    /// kube-apiserver (`--datastore kubernetes`), and where it and kubectl are.
+    #[serde(default)]
+    pub kube_pid: Option<i32>,
+    #[serde(default)]
+    pub kube_bin: Option<PathBuf>,
     /// The ToR router's FRR daemons (`--tor`), and the directory they run in (outside `dir`:
     /// FRR drops to user frr, who must reach it).
     #[serde(default)]
@@ -232,6 +239,8 @@ pub struct UpOptions {
     pub pods_per_node: usize,
     pub encap: Encap,
     pub etcd: bool,
+    /// The Kubernetes API as the datastore (on the lab's etcd), the lab playing the kubelet.
+    pub kubernetes: bool,
     pub quiet: bool,
     /// A route-reflector setup from the seeds instead of the node-to-node mesh.
     pub bgp_topology: Option<BgpTopology>,
@@ -392,6 +401,8 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         pods: vec![],
         env: BTreeMap::new(),
         etcd_pid: None,
+        kube_pid: None,
+        kube_bin: None,
         tor_pids: vec![],
         controllers_pid: None,
         tor_dir: None,
@@ -401,7 +412,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         created_dir,
     };
     state.save()?;
-    if !o.etcd {
+    if !o.etcd && !o.kubernetes {
         let store = state.record("store.db")?;
         state.env.insert("DATASTORE_TYPE".into(), "embedded".into());
         state.env.insert("GINGHAM_STORE_PATH".into(), store.display().to_string());
@@ -425,7 +436,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         None
     };
 
-    if o.etcd {
+    if o.etcd || o.kubernetes {
         // etcd lives on the underlay (10.99.0.1), where every node reaches it as in a real
         // cluster; a veth from this namespace into the underlay lets the CLI reach it too.
         progress(o.quiet, "etcd on the underlay at 10.99.0.1:2379");
@@ -454,8 +465,11 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let child = cmd.spawn().map_err(|e| msg(format!("cannot start etcd (install etcd-server): {e}")))?;
         state.etcd_pid = Some(child.id() as i32);
         state.env.insert("DATASTORE_TYPE".into(), "etcdv3".into());
-        state.env.insert("ETCD_ENDPOINTS".into(), ep);
+        state.env.insert("ETCD_ENDPOINTS".into(), ep.clone());
         state.save()?;
+        if o.kubernetes {
+            kube::start(&mut state, &underlay_ns, &ep, o.quiet)?;
+        }
     }
     let store = connect(&state).await?;
 
@@ -512,10 +526,15 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let text = serde_json::to_vec_pretty(&conf).map_err(|e| msg(e.to_string()))?;
         gingham_files::write_atomic(&path, &text, 0o644).map_err(|e| msg(e.to_string()))?;
         let log = state.new_log(&format!("{name}.log"))?;
+        let mut env = state.env.clone();
+        if o.kubernetes {
+            kube::register_node(&state, &name, &ip.addr().to_string())?;
+            env.insert("KUBECONFIG".into(), kube::kubeconfig_of(&state, "node").display().to_string());
+        }
         let mut cmd = in_ns_command(&ns, exe)?;
         cmd.args(["node", "run", "--nodename", &name, "--ip", &ip.to_string(), "--socket"])
             .arg(&socket)
-            .envs(&state.env)
+            .envs(&env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -529,9 +548,13 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
     }
     // The cluster controllers, as a cluster runs calico-kube-controllers.
     let log = state.new_log("controllers.log")?;
+    let mut env = state.env.clone();
+    if o.kubernetes {
+        env.insert("KUBECONFIG".into(), kube::kubeconfig_of(&state, "controllers").display().to_string());
+    }
     let child = std::process::Command::new(exe)
         .args(["controllers", "run", "--period", "10s"])
-        .envs(&state.env)
+        .envs(&env)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -823,6 +846,9 @@ pub async fn pod_add(
         container_id: format!("lab-{}", pod.replace('/', "-")),
         ips: vec![],
     };
+    if state.kube_bin.is_some() {
+        kube::create_pod(state, pod, node, labels, extras)?;
+    }
     let result = plugin(state, exe, &n, "ADD", &p, labels, extras)?;
     p.ips = result["ips"]
         .as_array()
@@ -832,6 +858,9 @@ pub async fn pod_add(
         .map(|a| a.split('/').next().unwrap_or(a).to_string())
         .collect();
     up_with(&pod_nl, "lo", None).await?;
+    if state.kube_bin.is_some() {
+        kube::set_pod_ips(state, pod, &p.ips)?;
+    }
     state.pods.push(p.clone());
     state.save()?;
     Ok(p)
@@ -846,6 +875,9 @@ pub fn pod_del(state: &mut State, exe: &Path, pod: &str) -> Result<()> {
         .cloned()
         .ok_or_else(|| msg(format!("node {} is gone", p.node)))?;
     plugin(state, exe, &n, "DEL", &p, &BTreeMap::new(), &PodExtras::default())?;
+    if state.kube_bin.is_some() {
+        kube::delete_pod(state, pod)?;
+    }
     netns::delete(&p.netns)?;
     state.namespaces.retain(|n| *n != p.netns);
     state.pods.retain(|x| x.name != pod);
@@ -858,7 +890,7 @@ fn is_lab_process(pid: i32) -> bool {
         .map(|c| {
             let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
             let name = String::from_utf8_lossy(argv0);
-            ["gingham", "etcd", "frr/zebra", "frr/bgpd"].iter().any(|p| name.ends_with(p))
+            ["gingham", "etcd", "frr/zebra", "frr/bgpd", "kube-apiserver"].iter().any(|p| name.ends_with(p))
         })
         .unwrap_or(false)
 }
@@ -873,6 +905,7 @@ pub fn down(dir: &Path) -> Result<()> {
         .iter()
         .filter_map(|n| n.agent_pid)
         .chain(state.etcd_pid)
+        .chain(state.kube_pid)
         .chain(state.tor_pids.iter().copied())
         .chain(state.controllers_pid)
         .filter(|p| is_lab_process(*p))
@@ -909,8 +942,9 @@ pub fn down(dir: &Path) -> Result<()> {
         let path = dir.join(rel);
         let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
         let removed = if meta.file_type().is_dir() {
-            // etcd's data directory is etcd's to fill; the lab made it and takes it back whole.
-            if rel == "etcd" { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
+            // etcd's data directory is etcd's to fill, kube/ the API server's files: the lab made
+            // them and takes them back whole.
+            if rel == "etcd" || rel == "kube" { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
         } else {
             let r = std::fs::remove_file(&path);
             if rel.ends_with(".db") {

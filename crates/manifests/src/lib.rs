@@ -156,6 +156,8 @@ fn node_rules() -> Value {
         rule(&[""], &["pods", "namespaces", "serviceaccounts", "nodes", "endpoints", "services"], READ),
         rule(&[""], &["configmaps"], &["get"]),
         rule(&[""], &["nodes", "nodes/status"], &["patch", "update"]),
+        // The CNI plugin's annotations (addresses, container id) are written on the Pod.
+        rule(&[""], &["pods"], &["update", "patch"]),
         rule(&[""], &["pods/status"], &["patch"]),
         rule(&["discovery.k8s.io"], &["endpointslices"], READ),
         rule(&["networking.k8s.io"], &["networkpolicies"], READ),

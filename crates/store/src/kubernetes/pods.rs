@@ -132,6 +132,7 @@ pub fn endpoint_of(pod: &Value) -> Option<(String, Value)> {
     spec.insert("orchestrator".into(), json!("k8s"));
     spec.insert("node".into(), json!(node));
     spec.insert("pod".into(), json!(name));
+    spec.insert("workload".into(), json!(name));
     spec.insert("endpoint".into(), json!(ENDPOINT));
     if let Some(id) = ann(CONTAINER_ID) {
         spec.insert("containerID".into(), json!(id));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{EtcdServer, free_port, write_test_certificates};
+use super::{EtcdServer, TlsFiles, free_port, write_certificates};
 
 /// The admin's bearer token (member of system:masters).
 pub const ADMIN_TOKEN: &str = "gingham-test-admin-token";
@@ -46,43 +46,19 @@ impl KubeApiServer {
         let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
         let etcd = EtcdServer::start_in(base)?;
         let dir = tempfile::Builder::new().prefix("gingham-kube-").tempdir()?;
-        let tls = write_test_certificates(dir.path())?;
-        let p = |n: &str| dir.path().join(n);
-        super::run(
-            Command::new("openssl")
-                .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
-                .arg(p("sa.key")),
-        )?;
-        super::run(
-            Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(p("sa.key")).arg("-out").arg(p("sa.pub")),
-        )?;
-        std::fs::write(p("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"))?;
+        let files = write_apiserver_files(dir.path(), "127.0.0.1", &[(ADMIN_TOKEN, "admin", "system:masters")])?;
         let port = free_port()?;
         let url = format!("https://127.0.0.1:{port}");
-        std::fs::write(p("kubeconfig"), admin_kubeconfig(&url, &tls.ca))?;
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("kubeconfig"), kubeconfig(&url, &files.tls.ca, ADMIN_TOKEN))?;
         let log = std::fs::File::create(p("kube-apiserver.log"))?;
-        let child = Command::new(bin.join("kube-apiserver"))
-            .arg(format!("--etcd-servers={}", etcd.config.endpoints.join(",")))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-            .arg(format!("--secure-port={port}"))
-            .arg(format!("--cert-dir={}", p("certs").display()))
-            .arg(format!("--tls-cert-file={}", tls.server_cert.display()))
-            .arg(format!("--tls-private-key-file={}", tls.server_key.display()))
-            .arg(format!("--client-ca-file={}", tls.ca.display()))
-            .arg(format!("--token-auth-file={}", p("tokens.csv").display()))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", p("sa.pub").display()))
-            .arg(format!("--service-account-signing-key-file={}", p("sa.key").display()))
-            .args(["--service-cluster-ip-range=10.96.0.0/16", "--authorization-mode=RBAC"])
-            // As every cluster that runs a CNI plugin: its DaemonSet is privileged.
-            .arg("--allow-privileged=true")
-            // Fewer moving parts on a 2-core machine; neither matters to what the tests check.
-            .args(["--enable-priority-and-fairness=false", "--profiling=false"])
+        let child = apiserver_command(&bin, &files, &etcd.config.endpoints.join(","), "127.0.0.1", port)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| std::io::Error::other(format!("cannot start {}/kube-apiserver: {e}", bin.display())))?;
-        let mut server = KubeApiServer { child, _etcd: etcd, kubeconfig: p("kubeconfig"), ca: tls.ca, dir, bin, url };
+        let ca = files.tls.ca;
+        let mut server = KubeApiServer { child, _etcd: etcd, kubeconfig: p("kubeconfig"), ca, dir, bin, url };
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if server.child.try_wait()?.is_some() {
@@ -161,11 +137,60 @@ impl KubeApiServer {
     }
 }
 
-fn admin_kubeconfig(url: &str, ca: &Path) -> String {
+/// What a kube-apiserver needs on disk: its certificates, a service-account key pair, a token
+/// file.
+pub struct ApiServerFiles {
+    pub tls: TlsFiles,
+    pub sa_key: PathBuf,
+    pub sa_pub: PathBuf,
+    pub tokens: PathBuf,
+    pub cert_dir: PathBuf,
+}
+
+/// Write them into `dir`: a server certificate for `ip`, and static bearer tokens
+/// (token, user, groups separated by commas).
+pub fn write_apiserver_files(dir: &Path, ip: &str, tokens: &[(&str, &str, &str)]) -> std::io::Result<ApiServerFiles> {
+    let tls = write_certificates(dir, &[ip])?;
+    let p = |n: &str| dir.join(n);
+    super::run(
+        Command::new("openssl")
+            .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
+            .arg(p("sa.key")),
+    )?;
+    super::run(Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(p("sa.key")).arg("-out").arg(p("sa.pub")))?;
+    let lines: String = tokens.iter().map(|(t, user, groups)| format!("{t},{user},{user},\"{groups}\"\n")).collect();
+    std::fs::write(p("tokens.csv"), lines)?;
+    Ok(ApiServerFiles { tls, sa_key: p("sa.key"), sa_pub: p("sa.pub"), tokens: p("tokens.csv"), cert_dir: p("certs") })
+}
+
+/// kube-apiserver on `ip:port`, its data in etcd at `etcd`, bearer tokens from the token file,
+/// RBAC, privileged pods allowed (as every cluster running a CNI plugin's DaemonSet).
+pub fn apiserver_command(bin: &Path, f: &ApiServerFiles, etcd: &str, ip: &str, port: u16) -> Command {
+    let mut c = Command::new(bin.join("kube-apiserver"));
+    c.arg(format!("--etcd-servers={etcd}"))
+        .arg(format!("--bind-address={ip}"))
+        .arg(format!("--advertise-address={ip}"))
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", f.cert_dir.display()))
+        .arg(format!("--tls-cert-file={}", f.tls.server_cert.display()))
+        .arg(format!("--tls-private-key-file={}", f.tls.server_key.display()))
+        .arg(format!("--client-ca-file={}", f.tls.ca.display()))
+        .arg(format!("--token-auth-file={}", f.tokens.display()))
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!("--service-account-key-file={}", f.sa_pub.display()))
+        .arg(format!("--service-account-signing-key-file={}", f.sa_key.display()))
+        .args(["--service-cluster-ip-range=10.96.0.0/16", "--authorization-mode=RBAC", "--allow-privileged=true"])
+        // Fewer moving parts on a 2-core machine; neither matters to what runs on it.
+        .args(["--enable-priority-and-fairness=false", "--profiling=false"]);
+    c
+}
+
+/// A kubeconfig for `url` (its CA file) with a bearer token.
+pub fn kubeconfig(url: &str, ca: &Path, token: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    \
-         certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\ncontexts:\n\
-         - name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n    \
+         certificate-authority: {ca}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n\
+         - name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
         ca = ca.display()
     )
 }

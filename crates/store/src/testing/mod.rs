@@ -151,6 +151,13 @@ fn run(cmd: &mut Command) -> std::io::Result<()> {
 
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI).
 pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
+    write_certificates(dir, &["127.0.0.1"])
+}
+
+/// The same, the server certificate naming these IP addresses.
+pub fn write_certificates(dir: &Path, server_ips: &[&str]) -> std::io::Result<TlsFiles> {
+    let sans: Vec<String> = server_ips.iter().map(|ip| format!("IP:{ip}")).collect();
+    let sans = sans.join(",");
     let p = |n: &str| dir.join(n);
     let key = |name: &str| {
         run(Command::new("openssl")
@@ -172,7 +179,7 @@ pub fn write_test_certificates(dir: &Path) -> std::io::Result<TlsFiles> {
             .arg(p(&format!("{name}.csr"))))?;
         std::fs::write(
             p(&format!("{name}.ext")),
-            format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"),
+            format!("subjectAltName={sans}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"),
         )?;
         run(Command::new("openssl")
             .args(["x509", "-req", "-in"])

@@ -1,0 +1,184 @@
+//! The lab on the Kubernetes API (`lab up --datastore kubernetes`): a real kube-apiserver on the
+//! underlay (10.99.0.1:6443, on the lab's etcd), Calico's CRDs and gingham's RBAC from `gingham
+//! manifests`, and the lab playing the kubelet: it registers each node's Node, creates each Pod
+//! before the CNI ADD (with the CNI_ARGS a kubelet passes) and writes the Pod's IPs to its
+//! status after. Agents and controllers reach the API as their service accounts (static
+//! tokens), so the manifests' RBAC is what they run under.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use gingham_store::testing::kube::{apiserver_command, kube_bin_dir, kubeconfig, write_apiserver_files};
+use serde_json::json;
+
+use crate::{PodExtras, Result, State, in_ns_command, msg};
+
+pub const API_IP: &str = "10.99.0.1";
+pub const API_PORT: u16 = 6443;
+/// The service accounts gingham's manifests bind their roles to.
+const NODE_USER: &str = "system:serviceaccount:kube-system:gingham-node";
+const CONTROLLERS_USER: &str = "system:serviceaccount:kube-system:gingham-kube-controllers";
+const SA_GROUPS: &str = "system:serviceaccounts,system:serviceaccounts:kube-system";
+
+/// A random bearer token (what a static token file holds).
+fn token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Start kube-apiserver in the underlay on the lab's etcd; wait until it is ready; install the
+/// CRDs, service accounts and RBAC. Sets the lab's environment to the admin's kubeconfig.
+pub fn start(state: &mut State, underlay_ns: &str, etcd: &str, quiet: bool) -> Result<()> {
+    crate::progress(quiet, &format!("Kubernetes API on the underlay at https://{API_IP}:{API_PORT}"));
+    let bin = kube_bin_dir().map_err(|e| msg(format!("kube-apiserver: {e}")))?;
+    // Certificates, keys, tokens, kubeconfigs: the lab's, removed whole by `down`.
+    let dir = state.record("kube")?;
+    gingham_files::ensure_dir(&dir, 0o700).map_err(|e| msg(e.to_string()))?;
+    let (admin, node, controllers) = (token()?, token()?, token()?);
+    let files = write_apiserver_files(
+        &dir,
+        API_IP,
+        &[
+            (&admin, "admin", "system:masters"),
+            (&node, NODE_USER, SA_GROUPS),
+            (&controllers, CONTROLLERS_USER, SA_GROUPS),
+        ],
+    )
+    .map_err(|e| msg(format!("kube-apiserver's certificates: {e}")))?;
+    let url = format!("https://{API_IP}:{API_PORT}");
+    for (name, t) in [("admin", &admin), ("node", &node), ("controllers", &controllers)] {
+        let path = dir.join(format!("{name}.kubeconfig"));
+        gingham_files::write_atomic(&path, kubeconfig(&url, &files.tls.ca, t).as_bytes(), 0o600)
+            .map_err(|e| msg(e.to_string()))?;
+    }
+    let log = state.new_log("kube-apiserver.log")?;
+    let mut cmd = in_ns_command(underlay_ns, &bin.join("kube-apiserver"))?;
+    let template = apiserver_command(&bin, &files, etcd, API_IP, API_PORT);
+    cmd.args(template.get_args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).process_group(0);
+    let child = cmd.spawn().map_err(|e| msg(format!("cannot start kube-apiserver: {e}")))?;
+    state.kube_pid = Some(child.id() as i32);
+    state.kube_bin = Some(bin);
+    state.env.insert("DATASTORE_TYPE".into(), "kubernetes".into());
+    state.env.insert("KUBECONFIG".into(), dir.join("admin.kubeconfig").display().to_string());
+    state.env.remove("ETCD_ENDPOINTS");
+    state.save()?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while kubectl(state, &["get", "--raw", "/readyz"], None).is_err() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(state.dir.join("kube-apiserver.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            return Err(msg(format!(
+                "kube-apiserver not ready within 90 s:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What `kubectl apply -f <(gingham manifests)` installs, less the workloads the lab runs itself.
+    let docs: Vec<serde_json::Value> = gingham_manifests::render(&Default::default())
+        .into_iter()
+        .filter(|d| !matches!(d["kind"].as_str(), Some("DaemonSet" | "Deployment")))
+        .collect();
+    kubectl(state, &["apply", "--server-side", "-f", "-"], Some(&gingham_manifests::to_yaml(&docs).map_err(msg)?))?;
+    kubectl(state, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"], None)?;
+    Ok(())
+}
+
+/// The kubeconfig an agent (`node`) or the controllers use.
+pub fn kubeconfig_of(state: &State, who: &str) -> PathBuf {
+    state.dir.join("kube").join(format!("{who}.kubeconfig"))
+}
+
+/// kubectl as the admin (at most 60 s); its standard output, or an error with its stderr.
+pub fn kubectl(state: &State, args: &[&str], input: Option<&str>) -> Result<String> {
+    let bin = state.kube_bin.clone().ok_or_else(|| msg("this lab has no Kubernetes API"))?;
+    let mut child = std::process::Command::new(bin.join("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig_of(state, "admin").display()))
+        .arg("--request-timeout=30s")
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(msg(format!("kubectl {args:?} did not finish within 60 s")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(msg(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Register a node, as its kubelet does.
+pub fn register_node(state: &State, name: &str, ip: &str) -> Result<()> {
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}});
+    kubectl(state, &["apply", "-f", "-"], Some(&node.to_string()))?;
+    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}});
+    kubectl(state, &["patch", "node", name, "--subresource=status", "--type=merge", "-p", &status.to_string()], None)?;
+    Ok(())
+}
+
+/// Create the Pod object `ns/name` on `node`, as the API server holds it before its kubelet runs
+/// the CNI ADD (its namespace and service accounts too, if missing).
+pub fn create_pod(
+    state: &State,
+    pod: &str,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    extras: &PodExtras,
+) -> Result<()> {
+    let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let sa = extras.service_account.as_deref().unwrap_or("default");
+    let mut setup = vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})];
+    for a in ["default", sa] {
+        setup.push(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a, "namespace": ns}}));
+    }
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": setup});
+    kubectl(state, &["apply", "-f", "-"], Some(&list.to_string()))?;
+    let ports: Vec<serde_json::Value> = extras
+        .named_ports
+        .iter()
+        .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "containerPort": port}))
+        .collect();
+    let object = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
+                 "containers": [{"name": "main", "image": "lab", "ports": ports}]}});
+    kubectl(state, &["create", "-f", "-"], Some(&object.to_string()))?;
+    Ok(())
+}
+
+/// Write the Pod's addresses to its status, as its kubelet does once the sandbox is up.
+pub fn set_pod_ips(state: &State, pod: &str, ips: &[String]) -> Result<()> {
+    let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let Some(first) = ips.first() else { return Ok(()) };
+    let status = json!({"status": {"phase": "Running", "podIP": first, "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}});
+    kubectl(
+        state,
+        &["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &status.to_string()],
+        None,
+    )?;
+    Ok(())
+}
+
+pub fn delete_pod(state: &State, pod: &str) -> Result<()> {
+    let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+    kubectl(state, &["delete", "pod", name, "-n", ns, "--ignore-not-found", "--wait=false"], None)?;
+    Ok(())
+}
