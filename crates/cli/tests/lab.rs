@@ -398,6 +398,21 @@ fn lab_on_the_kubernetes_api() {
     }
     let cidr = kubectl(&["get", "ippools", "default-ipv4-ippool", "-o", "jsonpath={.spec.cidr}"], None);
     assert!(lab.gingham(&["get", "ippool"]).contains(&format!("default-ipv4-ippool   {cidr}")));
+    // The controllers lead through a coordination.k8s.io Lease, under their own RBAC.
+    let holder = || {
+        kubectl(
+            &[
+                "get",
+                "lease",
+                "-n",
+                "kube-system",
+                "-o",
+                r#"jsonpath={.items[?(@.metadata.name=="gingham-kube-controllers")].spec.holderIdentity}"#,
+            ],
+            None,
+        )
+    };
+    wait_for("the controllers to take their Lease", Duration::from_secs(20), || !holder().trim().is_empty());
     let blocks = kubectl(&["get", "ipamblocks", "-o", "name"], None);
     assert_eq!(blocks.lines().count(), 2, "one block per node: {blocks}");
     // A Kubernetes NetworkPolicy made with kubectl: nothing reaches the pods, then all again.

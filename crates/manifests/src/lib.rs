@@ -178,7 +178,7 @@ fn controllers_rules() -> Value {
         rule(&[CRD_GROUP], IPAM, WRITE),
         rule(&[CRD_GROUP], &["ippools", "ipreservations"], READ),
         rule(&[CRD_GROUP], &["hostendpoints", "kubecontrollersconfigurations", "clusterinformations"], WRITE),
-        rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"]),
+        rule(&["coordination.k8s.io"], &["leases"], &["get", "list", "watch", "create", "update", "delete"]),
     ])
 }
 

@@ -35,7 +35,15 @@ pub enum Codec {
     Node,
     /// A WorkloadEndpoint → its Pod (see `pods`).
     Pod,
+    /// The controllers' lease → a coordination.k8s.io Lease in kube-system.
+    Lease,
 }
+
+/// The controllers' lease key and the Lease object that holds it.
+const LEASE_KEY_PREFIX: &str = "/calico/gingham/v1/controllers/";
+const LEASE_NAMESPACE: &str = "kube-system";
+const LEASE_NAME: &str = "gingham-kube-controllers";
+const LEASE_RECORD: &str = "gingham.projectcalico.org/lease";
 
 /// Calico's Node annotations: (annotation, path of the field in the Calico Node's spec).
 const NODE_ANNOTATIONS: &[(&str, &[&str])] = &[
@@ -199,6 +207,7 @@ pub struct Location {
 impl ResourceType {
     /// The collection's path (of one namespace, or of all).
     pub fn collection(&self, namespace: Option<&str>) -> String {
+        let namespace = if self.codec == Codec::Lease { Some(LEASE_NAMESPACE) } else { namespace };
         match namespace {
             Some(ns) if self.namespaced => format!("{}/namespaces/{ns}/{}", self.api, self.plural),
             _ => format!("{}/{}", self.api, self.plural),
@@ -215,6 +224,10 @@ impl ResourceType {
         let rest = &key[self.key_prefix.len()..];
         let bad = |why: &str| StoreError::Backend(format!("{key}: {why}"));
         match self.codec {
+            Codec::Lease if rest == "lease" => {
+                Ok(Location { namespace: Some(LEASE_NAMESPACE.into()), name: LEASE_NAME.into() })
+            }
+            Codec::Lease => Err(bad("the controllers have one lease, .../controllers/lease")),
             Codec::Pod => {
                 let parsed = rest.split_once('/').and_then(|(ns, n)| Some((ns, super::pods::parse_endpoint_name(n)?)));
                 match parsed {
@@ -277,6 +290,12 @@ impl ResourceType {
                 v.get("spec").cloned()
             }
             Codec::Block => Some(v),
+            Codec::Lease => {
+                // Kubernetes' own fields, for kubectl and other tools; gingham's record as written.
+                meta.insert("annotations".into(), json!({LEASE_RECORD: v.to_string()}));
+                let secs = v.get("durationMs").and_then(Value::as_u64).unwrap_or(15_000).div_ceil(1000);
+                Some(json!({"holderIdentity": v.get("holder"), "leaseDurationSeconds": secs}))
+            }
             Codec::Affinity => {
                 let rest = &key[self.key_prefix.len()..];
                 let (host, version, cidr) =
@@ -318,6 +337,22 @@ impl ResourceType {
         let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
         let spec_str = |f: &str| spec.get(f).and_then(Value::as_str).map(str::to_string);
         let (key, value) = match self.codec {
+            Codec::Lease => {
+                let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
+                if (ns, name) != (Some(LEASE_NAMESPACE), LEASE_NAME) {
+                    return Ok(None);
+                }
+                let record = meta
+                    .and_then(|m| m.get("annotations"))
+                    .and_then(|a| a.get(LEASE_RECORD))
+                    .and_then(Value::as_str)
+                    .and_then(|r| serde_json::from_str::<Value>(r).ok());
+                // Written by another tool: what Kubernetes' fields say.
+                let record = record.unwrap_or_else(|| {
+                    json!({"holder": spec.get("holderIdentity"), "durationMs": spec.get("leaseDurationSeconds").and_then(Value::as_u64).unwrap_or(15) * 1000, "renewedUnixMs": 0})
+                });
+                (format!("{LEASE_KEY_PREFIX}lease"), record)
+            }
             Codec::Pod => match super::pods::endpoint_of(obj) {
                 Some(kv) => kv,
                 None => return Ok(None),
@@ -463,6 +498,15 @@ pub fn resource_types() -> Vec<ResourceType> {
             })
         })
         .collect();
+    types.push(ResourceType {
+        key_prefix: LEASE_KEY_PREFIX.into(),
+        api: "/apis/coordination.k8s.io/v1",
+        api_version: "coordination.k8s.io/v1",
+        plural: "leases",
+        kind: "Lease",
+        namespaced: true,
+        codec: Codec::Lease,
+    });
     for (prefix, plural, kind, codec) in [
         (BLOCKS, "ipamblocks", "IPAMBlock", Codec::Block),
         (AFFINITIES, "blockaffinities", "BlockAffinity", Codec::Affinity),
@@ -618,6 +662,25 @@ mod tests {
                 .unwrap_err()
                 .contains("spec.bgp.ipv4Address")
         );
+    }
+
+    #[test]
+    fn the_controllers_lease_is_a_kubernetes_lease() {
+        let key = "/calico/gingham/v1/controllers/lease";
+        let t = ty(key);
+        assert_eq!(
+            t.item(&t.locate(key).unwrap()),
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/gingham-kube-controllers"
+        );
+        let record = json!({"holder": "a-1", "durationMs": 15000, "renewedUnixMs": 5});
+        let mut obj = t.to_object(key, record.to_string().as_bytes()).unwrap();
+        assert_eq!(obj["spec"], json!({"holderIdentity": "a-1", "leaseDurationSeconds": 15}));
+        obj["metadata"]["resourceVersion"] = json!("4");
+        let kv = t.from_object(&obj).unwrap().unwrap();
+        assert_eq!((kv.key.as_str(), serde_json::from_slice::<Value>(&kv.value).unwrap()), (key, record));
+        obj["metadata"]["name"] = json!("kube-scheduler");
+        assert!(t.from_object(&obj).unwrap().is_none(), "other leases are not ours");
+        assert_eq!(t.collection(None), "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases");
     }
 
     #[test]
