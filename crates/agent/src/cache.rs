@@ -236,6 +236,8 @@ pub enum Change {
     BgpConfig(String),
     BgpPeer(String),
     BgpFilter(String),
+    /// ClusterInformation `default` (its datastoreReady).
+    ClusterInfo,
     /// A policy-kind resource (policies, profiles, namespaces, network sets), by datastore key.
     /// Its revision is part of its value, so a rewrite with the same content still counts.
     PolicyObject(String),
@@ -305,6 +307,7 @@ enum Item {
     BgpPeer(String),
     BgpFilter(String),
     Block(IpNet),
+    ClusterInfo,
     PolicyObject,
     Other,
 }
@@ -322,6 +325,7 @@ fn classify(key: &str) -> Item {
             p if p == Kind::BGPConfiguration.plural() => Item::BgpConfig(name.into()),
             p if p == Kind::BGPPeer.plural() => Item::BgpPeer(name.into()),
             p if p == Kind::BGPFilter.plural() => Item::BgpFilter(name.into()),
+            p if p == Kind::ClusterInformation.plural() && name == "default" => Item::ClusterInfo,
             _ => Item::Other,
         };
     }
@@ -353,6 +357,8 @@ pub struct Cache {
     pub bgp_configs: BTreeMap<String, BGPConfigurationSpec>,
     pub bgp_peers: BTreeMap<String, BGPPeerSpec>,
     pub bgp_filters: BTreeMap<String, BGPFilterSpec>,
+    /// ClusterInformation `default`'s datastoreReady (None: no such resource, or not set).
+    pub datastore_ready: Option<bool>,
     /// Policy-kind resources as stored, by key (few next to endpoints; compiled by the engine).
     pub policy_objects: BTreeMap<String, (i64, gingham_api::Object)>,
     port_sets: Lists<(Id, u8, u16)>,
@@ -377,6 +383,7 @@ impl Cache {
             bgp_configs: BTreeMap::new(),
             bgp_peers: BTreeMap::new(),
             bgp_filters: BTreeMap::new(),
+            datastore_ready: None,
             policy_objects: BTreeMap::new(),
             port_sets: Lists::default(),
             bad: HashMap::new(),
@@ -434,6 +441,7 @@ impl Cache {
             Item::BgpConfig(n) => self.bgp_configs.remove(&n).map(|_| Change::BgpConfig(n)),
             Item::BgpPeer(n) => self.bgp_peers.remove(&n).map(|_| Change::BgpPeer(n)),
             Item::BgpFilter(n) => self.bgp_filters.remove(&n).map(|_| Change::BgpFilter(n)),
+            Item::ClusterInfo => self.datastore_ready.take().map(|_| Change::ClusterInfo),
             Item::PolicyObject => self.policy_objects.remove(key).map(|_| Change::PolicyObject(key.into())),
             Item::Other => None,
         }
@@ -483,6 +491,12 @@ impl Cache {
                 (self.bgp_filters.get(n) != Some(&c)).then(|| {
                     self.bgp_filters.insert(n.clone(), c);
                     Change::BgpFilter(n.clone())
+                })
+            }),
+            Item::ClusterInfo => decode_spec(kv).map(|c: gingham_api::network::ClusterInformationSpec| {
+                (self.datastore_ready != c.datastore_ready).then(|| {
+                    self.datastore_ready = c.datastore_ready;
+                    Change::ClusterInfo
                 })
             }),
             Item::PolicyObject => {

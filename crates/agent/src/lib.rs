@@ -226,6 +226,17 @@ async fn dispatch(svc: &EndpointService, msg: Message, fds: Vec<std::fs::File>, 
     if caller_gave_up(msg.deadline_ms, stream) {
         return done(Err(gave_up()));
     }
+    // As Calico's plugin: while the datastore is held, nothing that writes to it goes ahead
+    // (the runtime retries; nothing is lost).
+    if svc.metrics.datastore_held.load(std::sync::atomic::Ordering::Relaxed)
+        && !matches!(msg.request, Request::Check { .. })
+    {
+        return done(Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the datastore is not ready: ClusterInformation default has datastoreReady: false (a migration or \
+             upgrade holds it); try again once it is true",
+        )));
+    }
     let netns = || {
         fds.into_iter().next().ok_or_else(|| {
             CniError::new(code::INVALID_ENV, "the plugin did not pass the pod's network namespace with the request")

@@ -7,6 +7,9 @@ use std::time::Duration;
 #[derive(Default)]
 pub struct Metrics {
     pub ready: AtomicBool,
+    /// ClusterInformation `default` says `datastoreReady: false` (a migration or upgrade holds
+    /// the datastore): the CNI plugin's requests are refused until it says true again.
+    pub datastore_held: AtomicBool,
     pub syncs: AtomicU64,
     pub sync_errors: AtomicU64,
     pub datastore_errors: AtomicU64,

@@ -536,6 +536,11 @@ impl Model {
                         }
                         continue;
                     }
+                    Change::ClusterInfo => {
+                        let held = p.cache.datastore_ready == Some(false);
+                        self.metrics.datastore_held.store(held, Ordering::Relaxed);
+                        continue;
+                    }
                     Change::PolicyObject(key) => {
                         self.policy_object(&p.cache, &key);
                         self.policy_digest = gingham_policy::load::digest(

@@ -430,6 +430,25 @@ fn lab_on_the_kubernetes_api() {
         matrix().contains("all 12 pod pairs: ping ok, tcp ok")
     });
     eprintln!("policy from kubectl enforced after {denied:?}");
+    // ClusterInformation datastoreReady: false holds the CNI plugin off (as a migration does).
+    let info = |ready: bool| {
+        format!(
+            "apiVersion: crd.projectcalico.org/v1\nkind: ClusterInformation\nmetadata: {{name: default}}\nspec: {{datastoreReady: {ready}}}\n"
+        )
+    };
+    kubectl(&["apply", "-f", "-"], Some(&info(false)));
+    let mut n = 0;
+    let mut add = || {
+        n += 1;
+        let out = lab.cmd(&["lab", "pod", "add", "node-1", &format!("default/held-{n}")]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    wait_for("the agent to hold ADDs off", Duration::from_secs(20), || {
+        let (ok, err) = add();
+        !ok && err.contains("datastoreReady: false")
+    });
+    kubectl(&["apply", "-f", "-"], Some(&info(true)));
+    wait_for("ADDs to go ahead again", Duration::from_secs(20), || add().0);
 }
 
 #[test]
