@@ -105,10 +105,10 @@ async fn create_get_and_exists(ds: &dyn Datastore) {
     assert_eq!(spec(&ds.get(&key).await.unwrap().unwrap().value)["nets"][0], "10.0.0.0/8");
     assert_eq!(ds.get(&format!("{SETS}missing")).await.unwrap(), None);
     // Keys this layout has no object for: absent to readers, refused to writers by name.
-    let profile = "/calico/resources/v3/projectcalico.org/profiles/kns.a";
-    assert_eq!(ds.get(profile).await.unwrap(), None);
-    let e = ds.create(profile, b"{}").await.unwrap_err().to_string();
-    assert!(e.contains(profile) && e.contains("not kept in the Kubernetes datastore"), "{e}");
+    let config = "/calico/ipam/v2/config";
+    assert_eq!(ds.get(config).await.unwrap(), None);
+    let e = ds.create(config, b"{}").await.unwrap_err().to_string();
+    assert!(e.contains(config) && e.contains("not kept in the Kubernetes datastore"), "{e}");
     let e = ds.create(&format!("{SETS}b"), b"not json").await.unwrap_err().to_string();
     assert!(e.contains("globalnetworksets/b") && e.contains("not JSON"), "{e}");
 }
@@ -282,6 +282,19 @@ async fn workload_endpoints_are_pods(k: &KubeApiServer, ds: &dyn Datastore) {
                  "containers": [{"name": "c", "image": "busybox", "ports": [{"name": "http", "containerPort": 8080}]}]}}"#;
     let out = k.kubectl_with_input(&["create", "-f", "-"], Some(pod.as_bytes())).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A service account's labels reach endpoints through its ksa. profile.
+    k.kubectl_ok(&["label", "serviceaccount", "web-sa", "-n", "p", "team=blue"]);
+    let ksa = ds
+        .get("/calico/resources/v3/projectcalico.org/profiles/ksa.p.web-sa")
+        .await
+        .unwrap()
+        .expect("the ksa. profile");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&ksa.value).unwrap()["spec"]["labelsToApply"],
+        json!({"pcsa.projectcalico.org/name": "web-sa", "pcsa.team": "blue"})
+    );
+    let profiles = ds.list("/calico/resources/v3/projectcalico.org/profiles/").await.unwrap();
+    assert!(profiles.items.iter().any(|kv| kv.key.ends_with("/ksa.p.default")), "every service account");
     let prefix = "/calico/resources/v3/projectcalico.org/workloadendpoints/p/";
     assert!(ds.list(prefix).await.unwrap().items.is_empty(), "a Pod without addresses is no endpoint");
     let mut w = ds.watch(prefix, 0).await.unwrap();

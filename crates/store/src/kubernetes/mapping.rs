@@ -6,8 +6,8 @@
 //! `<host>-<cidr name>`, the lower-cased handle id) and whose spec carries what the name loses;
 //! Namespaces and Kubernetes NetworkPolicies are the API's own objects. A Calico Node is a
 //! Kubernetes Node: its BGP and tunnel fields are the Node's `projectcalico.org/*` annotations.
-//! Workload endpoints and profiles have no objects of their own in this layout (Calico derives
-//! them from Pods, Namespaces and ServiceAccounts): those keys are not kept here.
+//! A workload endpoint is a Pod (`pods`), a `ksa.` profile a ServiceAccount, the controllers'
+//! lease a Lease. Other keys (Calico's v2 IPAM config, other profiles) are not kept here.
 
 use gingham_api::Kind;
 use serde_json::{Map, Value, json};
@@ -37,6 +37,8 @@ pub enum Codec {
     Pod,
     /// The controllers' lease → a coordination.k8s.io Lease in kube-system.
     Lease,
+    /// A `ksa.<namespace>.<name>` Profile ← a ServiceAccount (read only).
+    ServiceAccount,
 }
 
 /// The controllers' lease key and the Lease object that holds it.
@@ -224,6 +226,12 @@ impl ResourceType {
         let rest = &key[self.key_prefix.len()..];
         let bad = |why: &str| StoreError::Backend(format!("{key}: {why}"));
         match self.codec {
+            Codec::ServiceAccount => match rest.strip_prefix("ksa.").and_then(|r| r.split_once('.')) {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => {
+                    Ok(Location { namespace: Some(ns.into()), name: sa.into() })
+                }
+                _ => Err(bad("only ksa.<namespace>.<service account> profiles exist here (from ServiceAccounts)")),
+            },
             Codec::Lease if rest == "lease" => {
                 Ok(Location { namespace: Some(LEASE_NAMESPACE.into()), name: LEASE_NAME.into() })
             }
@@ -279,6 +287,9 @@ impl ResourceType {
                 return Err(bad(
                     "written by merging into its Kubernetes object (merge_node, pods::merge_endpoint)".into()
                 ));
+            }
+            Codec::ServiceAccount => {
+                return Err(bad("it is the ServiceAccount's: change the ServiceAccount's labels instead".into()));
             }
             Codec::Resource(_) => {
                 let given = v.get("metadata").and_then(Value::as_object);
@@ -337,6 +348,19 @@ impl ResourceType {
         let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
         let spec_str = |f: &str| spec.get(f).and_then(Value::as_str).map(str::to_string);
         let (key, value) = match self.codec {
+            Codec::ServiceAccount => {
+                let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or_default();
+                let mut labels = Map::new();
+                labels.insert("pcsa.projectcalico.org/name".into(), json!(name));
+                for (k, v) in meta.and_then(|m| m.get("labels")).and_then(Value::as_object).into_iter().flatten() {
+                    labels.insert(format!("pcsa.{k}"), v.clone());
+                }
+                let profile = format!("ksa.{ns}.{name}");
+                let v = json!({"apiVersion": Kind::Profile.api_version(), "kind": Kind::Profile.kind_name(),
+                    "metadata": {"name": profile, "uid": meta.and_then(|m| m.get("uid"))},
+                    "spec": {"labelsToApply": labels}});
+                (format!("{}{profile}", self.key_prefix), v)
+            }
             Codec::Lease => {
                 let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
                 if (ns, name) != (Some(LEASE_NAMESPACE), LEASE_NAME) {
@@ -456,8 +480,18 @@ pub fn resource_types() -> Vec<ResourceType> {
         .into_iter()
         .filter_map(|kind| {
             let (api, api_version, plural, kind_name) = match kind {
-                // Derived from Namespaces and ServiceAccounts in this layout, not stored.
-                Kind::Profile => return None,
+                // Service accounts' profiles (namespaces are followed as Namespaces themselves).
+                Kind::Profile => {
+                    return Some(ResourceType {
+                        key_prefix: kind.prefix(None),
+                        api: "/api/v1",
+                        api_version: "v1",
+                        plural: "serviceaccounts",
+                        kind: "ServiceAccount",
+                        namespaced: true,
+                        codec: Codec::ServiceAccount,
+                    });
+                }
                 Kind::WorkloadEndpoint => {
                     return Some(ResourceType {
                         key_prefix: kind.prefix(None),
@@ -665,6 +699,19 @@ mod tests {
     }
 
     #[test]
+    fn service_accounts_are_ksa_profiles() {
+        let key = "/calico/resources/v3/projectcalico.org/profiles/ksa.ns1.web.sa";
+        let t = ty(key);
+        assert_eq!(t.item(&t.locate(key).unwrap()), "/api/v1/namespaces/ns1/serviceaccounts/web.sa");
+        let sa = json!({"metadata": {"name": "web.sa", "namespace": "ns1", "resourceVersion": "3", "labels": {"team": "a"}}});
+        let kv = t.from_object(&sa).unwrap().unwrap();
+        assert_eq!(kv.key, key);
+        let v: Value = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(v["spec"]["labelsToApply"], json!({"pcsa.projectcalico.org/name": "web.sa", "pcsa.team": "a"}));
+        assert!(t.to_object(key, b"{}").unwrap_err().to_string().contains("ServiceAccount's labels"));
+    }
+
+    #[test]
     fn the_controllers_lease_is_a_kubernetes_lease() {
         let key = "/calico/gingham/v1/controllers/lease";
         let t = ty(key);
@@ -706,8 +753,10 @@ mod tests {
         assert!(all.iter().any(|(p, _)| *p == "ipamhandles") && all.iter().any(|(p, _)| *p == "namespaces"));
         assert!(under("/elsewhere/").is_empty());
         assert!(
-            type_of(&types, "/calico/resources/v3/projectcalico.org/profiles/kns.a").is_none(),
-            "profiles are derived, not stored"
+            ty("/calico/resources/v3/projectcalico.org/profiles/kns.a")
+                .locate("/calico/resources/v3/projectcalico.org/profiles/kns.a")
+                .is_err(),
+            "only service accounts' profiles"
         );
         assert!(
             ty("/calico/resources/v3/projectcalico.org/ippools/p")

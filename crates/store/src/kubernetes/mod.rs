@@ -59,8 +59,7 @@ impl KubeStore {
     fn type_of(&self, key: &str) -> Result<&ResourceType> {
         type_of(&self.types, key).ok_or_else(|| {
             StoreError::Backend(format!(
-                "{key}: not kept in the Kubernetes datastore (Calico's layout has no object for it: \
-                 workload endpoints and profiles come from Pods, Namespaces and ServiceAccounts)"
+                "{key}: not kept in the Kubernetes datastore (Calico's layout has no object for it)"
             ))
         })
     }
