@@ -6,13 +6,12 @@
 //! tokens), so the manifests' RBAC is what they run under.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use gingham_store::testing::kube::{apiserver_command, kube_bin_dir, kubeconfig, write_apiserver_files};
+use gingham_store::testing::kube::{apiserver_command, kube_bin_dir, kubeconfig, run_kubectl, write_apiserver_files};
 use serde_json::json;
 
 use crate::{PodExtras, Result, State, in_ns_command, msg};
@@ -97,27 +96,7 @@ pub fn kubeconfig_of(state: &State, who: &str) -> PathBuf {
 /// kubectl as the admin (at most 60 s); its standard output, or an error with its stderr.
 pub fn kubectl(state: &State, args: &[&str], input: Option<&str>) -> Result<String> {
     let bin = state.kube_bin.clone().ok_or_else(|| msg("this lab has no Kubernetes API"))?;
-    let mut child = std::process::Command::new(bin.join("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig_of(state, "admin").display()))
-        .arg("--request-timeout=30s")
-        .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(msg(format!("kubectl {args:?} did not finish within 60 s")));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let out = child.wait_with_output()?;
+    let out = run_kubectl(&bin, &kubeconfig_of(state, "admin"), args, input.map(str::as_bytes))?;
     if !out.status.success() {
         return Err(msg(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
     }

@@ -56,6 +56,19 @@ impl KubeStore {
         Ok(KubeStore { client, server, types: resource_types() })
     }
 
+    /// Create a Kubernetes object as it is (`api` e.g. `/api/v1`, `plural` e.g. `pods`): for
+    /// what plays the kubelet or the cluster's users — the lab, benchmarks — not for gingham's
+    /// own keys. Returns its resourceVersion.
+    pub async fn create_object(&self, api: &str, plural: &str, object: &Value) -> Result<Revision> {
+        let ns = object.pointer("/metadata/namespace").and_then(Value::as_str);
+        let path = match ns {
+            Some(ns) => format!("{api}/namespaces/{ns}/{plural}"),
+            None => format!("{api}/{plural}"),
+        };
+        let created = self.call(Method::POST, &path, Some(object)).await.map_err(|e| api_error(e, &path))?;
+        revision_of(&created, &path)
+    }
+
     fn type_of(&self, key: &str) -> Result<&ResourceType> {
         type_of(&self.types, key).ok_or_else(|| {
             StoreError::Backend(format!(

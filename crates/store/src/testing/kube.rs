@@ -84,27 +84,7 @@ impl KubeApiServer {
 
     /// The same, with `input` on kubectl's standard input (for `-f -`).
     pub fn kubectl_with_input(&self, args: &[&str], input: Option<&[u8]>) -> std::io::Result<Output> {
-        let mut child = Command::new(self.bin.join("kubectl"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg("--request-timeout=30s")
-            .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-            std::io::Write::write_all(&mut stdin, data)?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(std::io::Error::other(format!("kubectl {args:?} did not finish within 60 s")));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.wait_with_output()
+        run_kubectl(&self.bin, &self.kubeconfig, args, input)
     }
 
     /// kubectl that must succeed; its standard output.
@@ -135,6 +115,31 @@ impl KubeApiServer {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
+}
+
+/// kubectl from `bin` with `kubeconfig` (at most 60 s; killed after), `input` on its stdin.
+pub fn run_kubectl(bin: &Path, kubeconfig: &Path, args: &[&str], input: Option<&[u8]>) -> std::io::Result<Output> {
+    let mut child = Command::new(bin.join("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg("--request-timeout=30s")
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        std::io::Write::write_all(&mut stdin, data)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!("kubectl {args:?} did not finish within 60 s")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output()
 }
 
 /// What a kube-apiserver needs on disk: its certificates, a service-account key pair, a token
