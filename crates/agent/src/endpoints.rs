@@ -252,8 +252,14 @@ impl EndpointService {
         identity(&self.node, ep)
     }
 
-    async fn namespace_labels(&self, ns: &str) -> Option<BTreeMap<String, String>> {
-        self.resources.get(Kind::Namespace, None, ns).await.ok().flatten().map(|o| o.metadata.labels)
+    /// The namespace's labels and annotations (None: no Namespace object).
+    async fn namespace_meta(&self, ns: &str) -> Option<(BTreeMap<String, String>, BTreeMap<String, String>)> {
+        self.resources
+            .get(Kind::Namespace, None, ns)
+            .await
+            .ok()
+            .flatten()
+            .map(|o| (o.metadata.labels, o.metadata.annotations))
     }
 
     fn assign_request(&self, ep: &Endpoint, id: &Identity, ns_labels: Option<BTreeMap<String, String>>) -> AutoAssign {
@@ -278,16 +284,39 @@ impl EndpointService {
     /// Addresses for this attachment: the requested ones exactly, or auto-assigned.
     /// `ipam_only`: for another plugin's interface (no endpoint will record the addresses).
     async fn assign(&self, ep: &Endpoint, id: &Identity, ipam_only: bool) -> Result<gingham_ipam::Assigned, CniError> {
-        let ns_labels = self.namespace_labels(&id.namespace).await;
+        let (ns_labels, ns_annotations) = match self.namespace_meta(&id.namespace).await {
+            Some((l, a)) => (Some(l), a),
+            None => (None, BTreeMap::new()),
+        };
         let mut req = self.assign_request(ep, id, ns_labels);
         if ipam_only {
             let (k, v) = gingham_ipam::model::NO_ENDPOINT_ATTR;
             req.attrs.insert(k.into(), v.into());
         }
-        if ep.requested_ips.is_empty() {
+        // Calico's annotations (the Pod's only where the datastore is the Kubernetes API).
+        let pod_annotations = match (&ep.namespace, &ep.pod) {
+            (Some(ns), Some(pod)) => self
+                .ipam
+                .datastore()
+                .workload_annotations(ns, pod)
+                .await
+                .map_err(|e| internal("reading the pod's annotations failed", e))?
+                .unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
+        let asked = crate::annotations::requested(&pod_annotations, &ns_annotations)
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
+        if let Some(p) = asked.pools_v4 {
+            req.pools_v4 = p;
+        }
+        if let Some(p) = asked.pools_v6 {
+            req.pools_v6 = p;
+        }
+        let ips = if ep.requested_ips.is_empty() { asked.ips } else { ep.requested_ips.clone() };
+        if ips.is_empty() {
             return self.ipam.auto_assign(&req).await.map_err(|e| internal("IP address assignment failed", e));
         }
-        self.ipam.assign_ips(&ep.requested_ips, &req.handle, &req.attrs, &self.node).await.map_err(|e| {
+        self.ipam.assign_ips(&ips, &req.handle, &req.attrs, &self.node).await.map_err(|e| {
             CniError::new(code::INTERNAL, "the requested IP address cannot be assigned").details(e.to_string())
         })
     }

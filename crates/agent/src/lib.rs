@@ -15,6 +15,7 @@ use gingham_store::{Datastore, ResourceStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
+pub mod annotations;
 pub mod bgp;
 pub mod cache;
 pub mod detect;

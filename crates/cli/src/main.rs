@@ -307,6 +307,10 @@ enum PodCommand {
         /// A fixed address (it must lie in a pool), as Calico's `ipAddrs` annotation.
         #[arg(long)]
         ip: Vec<String>,
+        /// An annotation on the Pod object, KEY=VALUE (a lab on --datastore kubernetes), e.g.
+        /// cni.projectcalico.org/ipv4pools='["pool-b"]'.
+        #[arg(long)]
+        annotation: Vec<String>,
     },
     Del {
         pod: String,
@@ -784,7 +788,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
             print!("{}", l::probe(&state, udp, port)?);
             Ok(())
         }
-        LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account, ip } } => {
+        LabCommand::Pod { command: PodCommand::Add { node, pod, labels, service_account, ip, annotation } } => {
             let mut state = l::State::load(dir)?;
             let labels = labels
                 .split(',')
@@ -795,7 +799,15 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                         .ok_or_else(|| anyhow::anyhow!("--labels {kv}: write k=v"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let extras = l::PodExtras { service_account, ips: ip, ..Default::default() };
+            let annotations = annotation
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--annotation {kv}: write KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let extras = l::PodExtras { service_account, ips: ip, annotations, ..Default::default() };
             let p = l::pod_add(&mut state, &exe, &node, &pod, &labels, &extras).await?;
             println!("pod {} on {}: {}", p.name, p.node, p.ips.join(", "));
             Ok(())

@@ -449,6 +449,41 @@ fn lab_on_the_kubernetes_api() {
     });
     kubectl(&["apply", "-f", "-"], Some(&info(true)));
     wait_for("ADDs to go ahead again", Duration::from_secs(20), || add().0);
+    // Calico's IPAM annotations, read from the API: the Namespace's pools, the Pod's over them,
+    // the Pod's fixed address.
+    let pool = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: pool-b}\nspec: {cidr: 172.21.0.0/24, blockSize: 28, natOutgoing: true, vxlanMode: Always, ipipMode: Never, nodeSelector: all()}\n";
+    kubectl(&["apply", "-f", "-"], Some(pool));
+    kubectl(&["create", "namespace", "team-b"], None);
+    kubectl(&["annotate", "namespace", "team-b", r#"cni.projectcalico.org/ipv4pools=["pool-b"]"#], None);
+    let ip_of = |out: &str| out.trim().rsplit(": ").next().unwrap_or_default().to_string();
+    let p = lab.ok(&["lab", "pod", "add", "node-2", "team-b/from-namespace"]);
+    assert!(ip_of(&p).starts_with("172.21.0."), "the Namespace's pool: {p}");
+    let p = lab.ok(&[
+        "lab",
+        "pod",
+        "add",
+        "node-2",
+        "team-b/from-pod",
+        "--annotation",
+        r#"cni.projectcalico.org/ipv4pools=["default-ipv4-ippool"]"#,
+    ]);
+    assert!(ip_of(&p).starts_with("172.20."), "the Pod's pool wins: {p}");
+    let p = lab.ok(&[
+        "lab",
+        "pod",
+        "add",
+        "node-1",
+        "default/fixed",
+        "--annotation",
+        r#"cni.projectcalico.org/ipAddrs=["172.20.250.7"]"#,
+    ]);
+    assert_eq!(ip_of(&p), "172.20.250.7", "{p}");
+    let out = lab
+        .cmd(&["lab", "pod", "add", "node-1", "default/bad", "--annotation", "cni.projectcalico.org/ipv4pools=pool-b"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cni.projectcalico.org/ipv4pools of the Pod"), "{err}");
 }
 
 #[test]

@@ -136,7 +136,7 @@ pub fn create_pod(
         .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "containerPort": port}))
         .collect();
     let object = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": extras.annotations},
         "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
                  "containers": [{"name": "main", "image": "lab", "ports": ports}]}});
     kubectl(state, &["create", "-f", "-"], Some(&object.to_string()))?;

@@ -258,6 +258,8 @@ pub struct PodExtras {
     /// (name, protocol, port)
     pub named_ports: Vec<(String, String, u16)>,
     pub service_account: Option<String>,
+    /// Annotations of the Pod object (only a lab on the Kubernetes API has Pod objects).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The e2e model's pods in probe order, with their addresses and nodes (most pairs cross nodes).
@@ -575,7 +577,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
                 .iter()
                 .flat_map(|p| ["tcp", "udp"].map(|proto| (format!("serve-{p}-{proto}"), proto.to_uppercase(), *p)))
                 .collect();
-            let extras = PodExtras { ips: vec![ip.into()], named_ports, service_account: None };
+            let extras = PodExtras { ips: vec![ip.into()], named_ports, ..Default::default() };
             pod_add(&mut state, exe, &format!("node-{node}"), pod, &labels, &extras).await?;
         }
     }
@@ -830,6 +832,9 @@ pub async fn pod_add(
     }
     if state.pods.iter().any(|p| p.name == pod) {
         return Err(msg(format!("pod {pod} already exists")));
+    }
+    if state.kube_bin.is_none() && !extras.annotations.is_empty() {
+        return Err(msg("pod annotations need a lab on the Kubernetes API (--datastore kubernetes)"));
     }
     let n = state
         .nodes

@@ -272,6 +272,15 @@ pub trait Datastore: Send + Sync {
     async fn revision(&self) -> Result<Revision>;
     /// Drop history before `revision`.
     async fn compact(&self, revision: Revision) -> Result<()>;
+    /// The annotations the orchestrator keeps on a workload (a Kubernetes Pod's), where this
+    /// backend is the orchestrator's own store; None elsewhere, or if there is no such Pod.
+    async fn workload_annotations(
+        &self,
+        _namespace: &str,
+        _name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        Ok(None)
+    }
 }
 
 /// The exclusive upper bound of keys starting with `prefix`.

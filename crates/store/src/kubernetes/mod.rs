@@ -416,6 +416,28 @@ impl Datastore for KubeStore {
     async fn compact(&self, _revision: Revision) -> Result<()> {
         Ok(())
     }
+
+    async fn workload_annotations(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+        match self.call(Method::GET, &path, None).await {
+            Ok(pod) => Ok(Some(
+                pod.pointer("/metadata/annotations")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect(),
+            )),
+            Err(e) => match api_error(e, &path) {
+                StoreError::NotFound { .. } => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
 }
 
 /// One type's watch, renewed from its last revision until the receiver goes away; 410 Gone

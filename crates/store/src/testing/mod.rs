@@ -119,6 +119,14 @@ impl Datastore for CountingStore {
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.inner.compact(revision).await
     }
+    async fn workload_annotations(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        self.read();
+        self.inner.workload_annotations(namespace, name).await
+    }
 }
 
 pub struct EtcdServer {
