@@ -420,44 +420,43 @@ impl IpamClient {
     }
 
     /// The block to modify: moved out of the cache (it goes back after a successful write).
+    /// What was read is returned as read: another task may take the cached copy meanwhile.
     async fn take_block(&self, cidr: IpNet, refresh: bool) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
         if !refresh {
             if let Some(b) = lock(&self.blocks).remove(&cidr) {
                 return Ok(Some(b));
             }
         }
-        if !self.refresh_block(cidr).await? {
-            return Ok(None);
+        let read = self.refresh_block(cidr).await?;
+        if read.is_some() {
+            lock(&self.blocks).remove(&cidr);
         }
-        Ok(lock(&self.blocks).remove(&cidr))
+        Ok(read)
     }
 
     async fn read_block(&self, cidr: IpNet) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
-        if !self.refresh_block(cidr).await? {
-            return Ok(None);
-        }
-        Ok(lock(&self.blocks).get(&cidr).cloned())
+        self.refresh_block(cidr).await
     }
 
     /// Bring the cached copy of the block at `cidr` up to date — parsed again only if it
-    /// changed — and say whether it exists.
-    async fn refresh_block(&self, cidr: IpNet) -> Result<bool, IpamError> {
+    /// changed — and return it (None: no such block).
+    async fn refresh_block(&self, cidr: IpNet) -> Result<Option<(AllocationBlock, Revision)>, IpamError> {
         let key = block_key(&cidr);
         let Some(kv) = self.ds.get(&key).await? else {
             lock(&self.blocks).remove(&cidr);
-            return Ok(false);
+            return Ok(None);
         };
-        if lock(&self.blocks).get(&cidr).is_some_and(|(_, rev)| *rev == kv.mod_revision) {
-            return Ok(true);
+        if let Some(hit) = lock(&self.blocks).get(&cidr).filter(|(_, rev)| *rev == kv.mod_revision) {
+            return Ok(Some(hit.clone()));
         }
         let b = AllocationBlock::decode(&kv.value).map_err(|message| IpamError::Corrupt { key, message })?;
         // Marked `deleted` by a Calico writer about to delete it (KDD): gone already.
         if b.deleted {
             lock(&self.blocks).remove(&cidr);
-            return Ok(false);
+            return Ok(None);
         }
-        lock(&self.blocks).insert(cidr, (b, kv.mod_revision));
-        Ok(true)
+        lock(&self.blocks).insert(cidr, (b.clone(), kv.mod_revision));
+        Ok(Some((b, kv.mod_revision)))
     }
 
     /// Free addresses in a cached block (None if not cached).
@@ -1188,21 +1187,26 @@ impl IpamClient {
         lock(&self.handles).remove(handle);
         let mut released = Vec::new();
         for cidr in rec.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
-            let ips = self
-                .update_block(cidr, &[], |b| {
-                    let ords = b.ordinals_of(handle);
-                    if ords.is_empty() {
-                        return Ok(None);
-                    }
-                    let ips: Vec<IpAddr> = ords.iter().map(|o| b.ip(*o)).collect();
-                    b.release(&ords);
-                    Ok(Some(BlockChange {
-                        handles: [(handle.to_string(), -(ips.len() as isize))].into(),
-                        out: ips,
-                        also: vec![],
-                    }))
-                })
-                .await?;
+            let release = |b: &mut AllocationBlock| {
+                let ords = b.ordinals_of(handle);
+                if ords.is_empty() {
+                    return Ok(None);
+                }
+                let ips: Vec<IpAddr> = ords.iter().map(|o| b.ip(*o)).collect();
+                b.release(&ords);
+                Ok(Some(BlockChange {
+                    handles: [(handle.to_string(), -(ips.len() as isize))].into(),
+                    out: ips,
+                    also: vec![],
+                }))
+            };
+            let mut ips = self.update_block(cidr, &[], release).await?;
+            if ips.is_none() {
+                // The handle says this block holds some of its addresses and the (cached) block
+                // says not: only a fresh read may decide that there is nothing to release.
+                self.refresh_block(cidr).await?;
+                ips = self.update_block(cidr, &[], release).await?;
+            }
             released.extend(ips.unwrap_or_default());
         }
         // A handle record that names blocks no longer holding it is removed too.

@@ -132,7 +132,12 @@ impl Lab {
             c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
         }
         let o = c.wait_with_output().unwrap();
-        assert!(o.status.success(), "gingham {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "gingham {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
