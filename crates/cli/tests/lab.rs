@@ -484,6 +484,25 @@ fn lab_on_the_kubernetes_api() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cni.projectcalico.org/ipv4pools of the Pod"), "{err}");
+    // A Node deleted in Kubernetes (its kubelet, here its agent, gone first): the controllers
+    // drop its block affinities and tunnel address, and the other node forgets its routes.
+    let block = lab
+        .routes("node-2")
+        .lines()
+        .find(|l| l.starts_with("blackhole"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let pid = lab.state()["nodes"][1]["agent_pid"].as_i64().unwrap();
+    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    kubectl(&["delete", "node", "node-2"], None);
+    wait_for("node-2's affinities to go", Duration::from_secs(30), || {
+        !kubectl(&["get", "blockaffinities", "-o", "name"], None).contains("node-2-")
+    });
+    assert!(!kubectl(&["get", "ipamhandles", "-o", "name"], None).contains("vxlan-tunnel-addr-node-2"));
+    wait_for("node-1 to forget node-2's block", Duration::from_secs(10), || !lab.routes("node-1").contains(&block));
 }
 
 #[test]

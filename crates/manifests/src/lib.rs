@@ -175,6 +175,8 @@ fn node_rules() -> Value {
 fn controllers_rules() -> Value {
     json!([
         rule(&[""], &["nodes", "pods", "namespaces"], READ),
+        // A deleted node's endpoints: their CNI annotations are cleared from its Pods.
+        rule(&[""], &["pods"], &["update", "patch"]),
         rule(&[CRD_GROUP], IPAM, WRITE),
         rule(&[CRD_GROUP], &["ippools", "ipreservations"], READ),
         rule(&[CRD_GROUP], &["hostendpoints", "kubecontrollersconfigurations", "clusterinformations"], WRITE),
