@@ -228,7 +228,8 @@ pub trait Datastore: Send + Sync {
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Listing>;
     /// The same, handed to `visit` a page (of at most `page` keys) at a time, all read at one
-    /// revision, which is returned: a large prefix never sits in memory whole.
+    /// revision, which is returned: a large prefix never sits in memory whole. (Pages come in
+    /// key order, except on the Kubernetes API: there, one resource type after another.)
     async fn list_pages(
         &self,
         prefix: &str,

@@ -93,19 +93,21 @@ impl KubeStore {
     }
 
     /// List one type (one namespace of it, if given), at `at` exactly when given.
+    /// `visit` gets each page (at most `page` objects, converted) as it arrives.
     async fn list_type(
         &self,
         t: &ResourceType,
         ns: Option<&str>,
         at: Option<Revision>,
-    ) -> Result<(Vec<KeyValue>, Revision)> {
-        let mut items = Vec::new();
+        page: usize,
+        visit: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
         let mut continue_token = String::new();
         let mut revision = None;
         loop {
             let query = {
                 let mut q = form_urlencoded::Serializer::new(String::new());
-                q.append_pair("limit", "500");
+                q.append_pair("limit", &page.clamp(1, 500).to_string());
                 match (at.or(revision), continue_token.is_empty()) {
                     (_, false) => {
                         q.append_pair("continue", &continue_token);
@@ -123,12 +125,15 @@ impl KubeStore {
             let rv = parse_resource_version(rv)
                 .ok_or_else(|| StoreError::Backend(format!("{path}: list resourceVersion {rv:?} is not a number")))?;
             revision.get_or_insert(rv);
+            let mut items = Vec::new();
             for obj in list.get("items").and_then(Value::as_array).into_iter().flatten() {
                 items.extend(t.from_object(obj)?);
             }
             continue_token = list.pointer("/metadata/continue").and_then(Value::as_str).unwrap_or_default().to_string();
+            drop(list);
+            visit(items);
             if continue_token.is_empty() {
-                return Ok((items, revision.unwrap_or_default()));
+                return Ok(revision.unwrap_or_default());
             }
         }
     }
@@ -286,18 +291,33 @@ impl Datastore for KubeStore {
     /// Exact), so the listing is one snapshot and a watch from `revision + 1` misses nothing.
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let mut items = Vec::new();
+        let revision = self.list_pages(prefix, 500, &mut |page| items.extend(page)).await?;
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Listing { items, revision })
+    }
+
+    /// Type by type, page by page as the API serves them (not in key order across types).
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: usize,
+        visit: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
         let mut at: Option<Revision> = None;
         for (t, ns) in types_under(&self.types, prefix) {
-            let (kvs, rv) = self.list_type(t, ns.as_deref(), at).await?;
+            let mut under = |kvs: Vec<KeyValue>| {
+                let kvs: Vec<KeyValue> = kvs.into_iter().filter(|kv| kv.key.starts_with(prefix)).collect();
+                if !kvs.is_empty() {
+                    visit(kvs);
+                }
+            };
+            let rv = self.list_type(t, ns.as_deref(), at, page, &mut under).await?;
             at.get_or_insert(rv);
-            items.extend(kvs.into_iter().filter(|kv| kv.key.starts_with(prefix)));
         }
-        items.sort_by(|a, b| a.key.cmp(&b.key));
-        let revision = match at {
-            Some(r) => r,
-            None => self.revision().await?,
-        };
-        Ok(Listing { items, revision })
+        match at {
+            Some(r) => Ok(r),
+            None => self.revision().await,
+        }
     }
 
     async fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
