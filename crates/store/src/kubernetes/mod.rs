@@ -485,20 +485,21 @@ async fn watch_type(
         };
         let stream = match client.request_events::<Value>(req).await {
             Ok(s) => s,
-            Err(e) => match api_error(e, &t.key_prefix) {
-                StoreError::Compacted { .. } => {
-                    let _ = tx.send(Err(StoreError::Compacted { requested, compacted: 0 })).await;
-                    return;
-                }
-                StoreError::Unavailable(_) if !tx.is_closed() => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-                e => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            },
+            // The server answered, and no: history gone, or refused (RBAC) — the caller's to see.
+            Err(e @ kube::Error::Api(_)) => {
+                let e = match api_error(e, &t.key_prefix) {
+                    StoreError::Compacted { .. } => StoreError::Compacted { requested, compacted: 0 },
+                    e => e,
+                };
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            // No answer (connection trouble): again shortly, from the same revision.
+            Err(_) if !tx.is_closed() => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => return,
         };
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
