@@ -8,7 +8,7 @@
 # built once into target/old-e5049a0 (a few minutes the first time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh || exit 1
+scripts/install-deps.sh --kube || exit 1
 cargo build --release --benches --locked -q || exit 1
 
 declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200 [scale]=3000 [nft]=300 [bgp-feed]=600 [bgp-claim]=300 [bgp-rr]=600 [policy]=600 [first-packet]=300 [policy-datapath]=900)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the system packages gingham's build and tests need, only if something is missing,
-# then builds the tests' kube-apiserver (scripts/kube-build.sh; cached after the first time).
+# Installs the system packages gingham's build and tests need, only if something is missing;
+# with --kube, also the tests' kube-apiserver and kubectl (scripts/kube-build.sh; cached after
+# the first time; `gingham lab up --datastore kubernetes` builds them on demand otherwise).
 # Idempotent: `apt-get update` once, then one `apt-get install -y`.
 set -euo pipefail
 
@@ -41,4 +42,6 @@ if ((${#missing[@]})); then
 fi
 
 # The Kubernetes tests' real API server and kubectl, built from Go modules once per machine.
-"$(dirname "$0")/kube-build.sh" >/dev/null
+if [[ ${1:-} == --kube ]]; then
+  "$(dirname "$0")/kube-build.sh" >/dev/null
+fi
