@@ -103,7 +103,10 @@ pub fn merge_node(node: &Value, value: &Value) -> Result<Value, String> {
     for k in before.iter().filter(|k| !given.contains_key(*k)) {
         labels.remove(k);
     }
-    let mut ours: Vec<&String> = given.keys().collect();
+    // Ours: what we set before, and what this write sets or changes. A label given as the Node
+    // already has it (read back, then written with the rest) stays the kubelet's.
+    let mut ours: Vec<&String> =
+        given.iter().filter(|(k, v)| before.contains(k) || labels.get(*k) != Some(v)).map(|(k, _)| k).collect();
     ours.sort();
     labels.extend(given.clone());
     match ours.is_empty() {
@@ -687,6 +690,10 @@ mod tests {
         assert_eq!(back["spec"]["bgp"], calico["spec"]["bgp"]);
         assert_eq!(back["spec"]["interfaceName"], "eth0");
         assert_eq!(back["spec"]["addresses"], json!([{"address": "10.0.0.1", "type": "InternalIP"}]));
+        // Written back as read (the kubelet's label with it), the kubelet's label stays its own.
+        let read_back = json!({"metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1", "calico-rr": ""}}, "spec": {}});
+        let owned = merge_node(&merged, &read_back).unwrap();
+        assert_eq!(owned["metadata"]["annotations"][NODE_LABELS_ANNOTATION], r#"["calico-rr"]"#);
         // A later write without the label and without BGP removes exactly what it had set.
         let again = merge_node(&merged, &json!({"metadata": {"name": "n1"}, "spec": {}})).unwrap();
         assert_eq!(again["metadata"]["labels"], json!({"kubernetes.io/hostname": "n1"}));
