@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use gingham_store::StoreError;
+use gingham_store::kubernetes::{KubeConfig, KubeStore};
 use gingham_store::testing::kube::{apiserver_command, kube_bin_dir, kubeconfig, run_kubectl, write_apiserver_files};
 use serde_json::json;
 
@@ -103,33 +105,49 @@ pub fn kubectl(state: &State, args: &[&str], input: Option<&str>) -> Result<Stri
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The API as the admin, for what the lab does as the kubelet (no kubectl process, no discovery).
+async fn api(state: &State) -> Result<KubeStore> {
+    KubeStore::connect(&KubeConfig { kubeconfig: Some(kubeconfig_of(state, "admin")) })
+        .await
+        .map_err(|e| msg(e.to_string()))
+}
+
+/// Create `object`; one that exists already is fine.
+async fn ensure(api: &KubeStore, plural: &str, object: serde_json::Value) -> Result<()> {
+    match api.create_object("/api/v1", plural, &object).await {
+        Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(msg(format!("creating {plural} {}: {e}", object["metadata"]["name"]))),
+    }
+}
+
 /// Register a node, as its kubelet does.
-pub fn register_node(state: &State, name: &str, ip: &str) -> Result<()> {
+pub async fn register_node(state: &State, name: &str, ip: &str) -> Result<()> {
+    let api = api(state).await?;
     let node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}});
-    kubectl(state, &["apply", "-f", "-"], Some(&node.to_string()))?;
+    ensure(&api, "nodes", node).await?;
     let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}});
-    kubectl(state, &["patch", "node", name, "--subresource=status", "--type=merge", "-p", &status.to_string()], None)?;
+    api.patch_object(&format!("/api/v1/nodes/{name}/status"), &status).await.map_err(|e| msg(e.to_string()))?;
     Ok(())
 }
 
 /// Create the Pod object `ns/name` on `node`, as the API server holds it before its kubelet runs
 /// the CNI ADD (its namespace and service accounts too, if missing).
-pub fn create_pod(
+pub async fn create_pod(
     state: &State,
     pod: &str,
     node: &str,
     labels: &BTreeMap<String, String>,
     extras: &PodExtras,
 ) -> Result<()> {
+    let api = api(state).await?;
     let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
     let sa = extras.service_account.as_deref().unwrap_or("default");
-    let mut setup = vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})];
+    ensure(&api, "namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await?;
     for a in ["default", sa] {
-        setup.push(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a, "namespace": ns}}));
+        let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a, "namespace": ns}});
+        ensure(&api, "serviceaccounts", account).await?;
     }
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": setup});
-    kubectl(state, &["apply", "-f", "-"], Some(&list.to_string()))?;
     let ports: Vec<serde_json::Value> = extras
         .named_ports
         .iter()
@@ -139,20 +157,17 @@ pub fn create_pod(
         "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": extras.annotations},
         "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
                  "containers": [{"name": "main", "image": "lab", "ports": ports}]}});
-    kubectl(state, &["create", "-f", "-"], Some(&object.to_string()))?;
+    api.create_object("/api/v1", "pods", &object).await.map_err(|e| msg(format!("creating Pod {pod}: {e}")))?;
     Ok(())
 }
 
 /// Write the Pod's addresses to its status, as its kubelet does once the sandbox is up.
-pub fn set_pod_ips(state: &State, pod: &str, ips: &[String]) -> Result<()> {
+pub async fn set_pod_ips(state: &State, pod: &str, ips: &[String]) -> Result<()> {
     let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
     let Some(first) = ips.first() else { return Ok(()) };
     let status = json!({"status": {"phase": "Running", "podIP": first, "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}});
-    kubectl(
-        state,
-        &["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &status.to_string()],
-        None,
-    )?;
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+    api(state).await?.patch_object(&path, &status).await.map_err(|e| msg(e.to_string()))?;
     Ok(())
 }
 

@@ -530,7 +530,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let log = state.new_log(&format!("{name}.log"))?;
         let mut env = state.env.clone();
         if o.kubernetes {
-            kube::register_node(&state, &name, &ip.addr().to_string())?;
+            kube::register_node(&state, &name, &ip.addr().to_string()).await?;
             env.insert("KUBECONFIG".into(), kube::kubeconfig_of(&state, "node").display().to_string());
         }
         let mut cmd = in_ns_command(&ns, exe)?;
@@ -852,7 +852,7 @@ pub async fn pod_add(
         ips: vec![],
     };
     if state.kube_bin.is_some() {
-        kube::create_pod(state, pod, node, labels, extras)?;
+        kube::create_pod(state, pod, node, labels, extras).await?;
     }
     let result = plugin(state, exe, &n, "ADD", &p, labels, extras)?;
     p.ips = result["ips"]
@@ -864,7 +864,7 @@ pub async fn pod_add(
         .collect();
     up_with(&pod_nl, "lo", None).await?;
     if state.kube_bin.is_some() {
-        kube::set_pod_ips(state, pod, &p.ips)?;
+        kube::set_pod_ips(state, pod, &p.ips).await?;
     }
     state.pods.push(p.clone());
     state.save()?;

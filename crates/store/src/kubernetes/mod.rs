@@ -69,6 +69,13 @@ impl KubeStore {
         revision_of(&created, &path)
     }
 
+    /// Merge-patch an object (`path` e.g. `/api/v1/namespaces/ns/pods/p/status`): the same
+    /// audience as `create_object`. Returns its resourceVersion.
+    pub async fn patch_object(&self, path: &str, patch: &Value) -> Result<Revision> {
+        let patched = self.call(Method::PATCH, path, Some(patch)).await.map_err(|e| api_error(e, path))?;
+        revision_of(&patched, path)
+    }
+
     fn type_of(&self, key: &str) -> Result<&ResourceType> {
         type_of(&self.types, key).ok_or_else(|| {
             StoreError::Backend(format!(
@@ -78,9 +85,10 @@ impl KubeStore {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, kube::Error> {
-        let mut req = Request::builder().method(method).uri(path);
+        let mut req = Request::builder().method(method.clone()).uri(path);
         if body.is_some() {
-            req = req.header("Content-Type", "application/json");
+            let kind = if method == Method::PATCH { "application/merge-patch+json" } else { "application/json" };
+            req = req.header("Content-Type", kind);
         }
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
         let req = req.body(body).map_err(kube::Error::HttpError)?;

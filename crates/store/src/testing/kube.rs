@@ -119,8 +119,10 @@ impl KubeApiServer {
 
 /// kubectl from `bin` with `kubeconfig` (at most 60 s; killed after), `input` on its stdin.
 pub fn run_kubectl(bin: &Path, kubeconfig: &Path, args: &[&str], input: Option<&[u8]>) -> std::io::Result<Output> {
+    // Its discovery cache beside the kubeconfig (removed with it), not shared in $HOME.
     let mut child = Command::new(bin.join("kubectl"))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--cache-dir={}", kubeconfig.with_file_name("kubectl-cache").display()))
         .arg("--request-timeout=30s")
         .args(args)
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
