@@ -376,15 +376,8 @@ fn lab_on_the_kubernetes_api() {
         .to_string();
     let bin = gingham_store::testing::kube::kube_bin_dir().unwrap();
     let kubectl = |args: &[&str], input: Option<&str>| -> String {
-        let mut c = Command::new(bin.join("kubectl"));
-        c.arg(format!("--kubeconfig={kubeconfig}"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(input.unwrap_or_default().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let kubeconfig = std::path::Path::new(&kubeconfig);
+        let out = gingham_store::testing::kube::run_kubectl(&bin, kubeconfig, args, input.map(str::as_bytes)).unwrap();
         assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
