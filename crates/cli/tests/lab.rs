@@ -102,6 +102,19 @@ impl Lab {
     fn check(&self) -> String {
         self.ok(&["lab", "check"])
     }
+
+    /// The block a node owns (its blackhole route).
+    fn own_block(&self, node: &str) -> String {
+        let routes = self.routes(node);
+        let line = routes.lines().find(|l| l.starts_with("blackhole")).expect("a blackhole route for the node's block");
+        line.split_whitespace().nth(1).unwrap_or_default().to_string()
+    }
+
+    /// SIGKILL the agent of the `i`-th node (a node gone without a word).
+    fn kill_agent(&self, i: usize) {
+        let pid = self.state()["nodes"][i]["agent_pid"].as_i64().unwrap();
+        Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    }
 }
 
 impl Drop for Lab {
@@ -229,17 +242,8 @@ fn vxlan_lab_check_drift_node_removal_and_pods() {
     assert!(st.contains("node-3") && st.contains("default/pod-3-2") && st.contains("ROUTES on node-2"), "{st}");
 
     // Node removal: its routes disappear everywhere.
-    let node3_block = lab
-        .routes("node-3")
-        .lines()
-        .find(|l| l.starts_with("blackhole"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
-    let pid = lab.state()["nodes"][2]["agent_pid"].as_i64().unwrap();
-    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    let node3_block = lab.own_block("node-3");
+    lab.kill_agent(2);
     lab.gingham(&["delete", "node", "node-3"]);
     for n in ["node-1", "node-2"] {
         wait_for(&format!("{n} forgets node-3's block"), Duration::from_secs(5), || {
@@ -479,17 +483,8 @@ fn lab_on_the_kubernetes_api() {
     assert!(!out.status.success() && err.contains("cni.projectcalico.org/ipv4pools of the Pod"), "{err}");
     // A Node deleted in Kubernetes (its kubelet, here its agent, gone first): the controllers
     // drop its block affinities and tunnel address, and the other node forgets its routes.
-    let block = lab
-        .routes("node-2")
-        .lines()
-        .find(|l| l.starts_with("blackhole"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
-    let pid = lab.state()["nodes"][1]["agent_pid"].as_i64().unwrap();
-    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    let block = lab.own_block("node-2");
+    lab.kill_agent(1);
     kubectl(&["delete", "node", "node-2"], None);
     wait_for("node-2's affinities to go", Duration::from_secs(30), || {
         !kubectl(&["get", "blockaffinities", "-o", "name"], None).contains("node-2-")
