@@ -652,21 +652,14 @@ impl IpamClient {
                 // A handle we have not seen is assumed new when it gains addresses (no read);
                 // if it exists after all, the transaction says so and the retry reads it.
                 let (mut rec, hrev) = self.handle_record(h, attempt > 0 || *delta < 0).await?;
+                // Only a store without transactions can need it (and only then is it copied).
+                let before = hrev.filter(|_| !self.transactions).map(|_| serde_json::to_vec(&rec).unwrap_or_default());
                 if *delta >= 0 {
                     rec.add(&cidr, *delta as usize);
                 } else {
                     rec.remove(&cidr, delta.unsigned_abs());
                 }
                 let hkey = handle_key(h);
-                let before = hrev.map(|_| {
-                    let mut prev = rec.clone();
-                    if *delta >= 0 {
-                        prev.remove(&cidr, *delta as usize);
-                    } else {
-                        prev.add(&cidr, delta.unsigned_abs());
-                    }
-                    serde_json::to_vec(&prev).unwrap_or_default()
-                });
                 let op = match (rec.is_empty(), hrev) {
                     (true, Some(r)) => TxnOp::Delete { key: hkey, condition: Condition::At(r) },
                     (true, None) => continue,

@@ -474,7 +474,12 @@ fn affinity_name(host: &str, cidr: &str) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(name.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}", &name[..253 - 12], &hex[..11])
+    // Cut at a character boundary: a host name from another writer need not be ASCII.
+    let mut cut = 253 - 12;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{}", &name[..cut], &hex[..11])
 }
 
 /// Every family of keys this datastore keeps, longest prefix first.
@@ -743,6 +748,7 @@ mod tests {
         let n = affinity_name(&host, "10.0.0.0/26");
         assert_eq!(n.len(), 253);
         assert_ne!(n, affinity_name(&format!("{host}x"), "10.0.0.0/26"));
+        assert!(affinity_name(&"é".repeat(200), "10.0.0.0/26").len() <= 253, "cut between characters");
     }
 
     #[test]
