@@ -354,6 +354,13 @@ fn exports(cache: &Cache, me: &str, global: &BGPConfigurationSpec) -> BTreeMap<I
             .is_some_and(|p| !p.spec.vxlan().enabled() && p.spec.disable_bgp_export != Some(true))
     };
     let mut out = BTreeMap::new();
+    if cache.use_pod_cidr {
+        for c in cache.nodes.get(me).map(|n| n.pod_cidrs.as_slice()).unwrap_or_default() {
+            if exported(c) {
+                out.insert(*c, Attrs::default());
+            }
+        }
+    }
     for b in cache.blocks.values() {
         if b.node.as_deref() == Some(me) {
             if exported(&b.cidr) {

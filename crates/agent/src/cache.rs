@@ -90,6 +90,15 @@ pub const FOLLOWED: [&str; 4] = [RESOURCES_PREFIX, BLOCKS_PREFIX, KNP_PREFIX, NA
 pub struct NodeRec {
     pub labels: BTreeMap<String, String>,
     pub spec: NodeSpec,
+    /// Kubernetes' podCIDRs for the node (Calico Node `status.podCIDRs`).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// A Calico Node's `status.podCIDRs` (what the Kubernetes datastore reads from Node.spec);
+/// entries that are not CIDRs are skipped.
+pub fn pod_cidrs_of(obj: &gingham_api::Object) -> Vec<IpNet> {
+    let list = obj.status.as_ref().and_then(|s| s.get("podCIDRs")).and_then(|v| v.as_array());
+    list.into_iter().flatten().filter_map(|c| c.as_str()?.parse::<IpNet>().ok()).map(|c| c.trunc()).collect()
 }
 
 /// What routing needs of an IPAM block.
@@ -367,6 +376,8 @@ pub struct Cache {
     pub decode_errors: u64,
     /// Keys seen by the listings under way, per prefix.
     listing: HashMap<String, Seen>,
+    /// Route and advertise nodes' podCIDRs (host-local IPAM; Calico's USE_POD_CIDR).
+    pub use_pod_cidr: bool,
 }
 
 impl Cache {
@@ -389,6 +400,7 @@ impl Cache {
             bad: HashMap::new(),
             decode_errors: 0,
             listing: HashMap::new(),
+            use_pod_cidr: false,
         }
     }
 
@@ -538,7 +550,7 @@ impl Cache {
     fn decode_node(&self, kv: &KeyValue) -> Result<NodeRec, String> {
         let obj: gingham_api::Object = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
         let spec = obj.spec_as().map_err(|e| format!("spec: {e}"))?;
-        Ok(NodeRec { labels: obj.metadata.labels, spec })
+        Ok(NodeRec { pod_cidrs: pod_cidrs_of(&obj), labels: obj.metadata.labels, spec })
     }
 
     fn decode_block(&mut self, cidr: IpNet, kv: &KeyValue) -> Result<BlockRec, String> {

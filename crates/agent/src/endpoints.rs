@@ -284,6 +284,10 @@ impl EndpointService {
     /// Addresses for this attachment: the requested ones exactly, or auto-assigned.
     /// `ipam_only`: for another plugin's interface (no endpoint will record the addresses).
     async fn assign(&self, ep: &Endpoint, id: &Identity, ipam_only: bool) -> Result<gingham_ipam::Assigned, CniError> {
+        if !ep.assigned.is_empty() {
+            let (v4, v6) = ep.assigned.iter().partition(|n| n.addr().is_ipv4());
+            return Ok(gingham_ipam::Assigned { v4, v6 });
+        }
         let (ns_labels, ns_annotations) = match self.namespace_meta(&id.namespace).await {
             Some((l, a)) => (Some(l), a),
             None => (None, BTreeMap::new()),
@@ -346,6 +350,24 @@ impl EndpointService {
             .map(|n| IpConfig { address: *n, gateway: gateway(n), interface: None })
             .collect();
         Ok(CniResult { ips, ..Default::default() })
+    }
+
+    /// This node's Kubernetes podCIDRs (Calico Node `status.podCIDRs`), for host-local.
+    pub async fn pod_cidrs(&self) -> Result<Vec<IpNet>, CniError> {
+        let node = self
+            .resources
+            .get(Kind::Node, None, &self.node)
+            .await
+            .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "reading this node's Node failed").details(e.to_string()))?;
+        let cidrs = node.as_ref().map(crate::cache::pod_cidrs_of).unwrap_or_default();
+        if cidrs.is_empty() {
+            return Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("node {} has no podCIDR yet (ipam.subnet usePodCidr)", self.node),
+            )
+            .details("Kubernetes assigns Node.spec.podCIDRs when the controller manager runs with --allocate-node-cidrs"));
+        }
+        Ok(cidrs)
     }
 
     pub async fn ipam_del(&self, ep: &Endpoint) -> Result<(), CniError> {

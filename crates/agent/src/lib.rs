@@ -53,6 +53,9 @@ pub struct AgentConfig {
     pub orphan_grace: Duration,
     /// Speak BGP (with routing), reading BGPPeer passwords from this directory.
     pub bgp: Option<PathBuf>,
+    /// Route (and advertise) each node's Kubernetes podCIDRs: pods get their addresses from
+    /// host-local with `usePodCidr` (Calico's USE_POD_CIDR).
+    pub use_pod_cidr: bool,
 }
 
 /// Make sure this node's Node resource exists with its address (others route to it and select
@@ -115,6 +118,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         metrics.clone(),
         tunnels.clone(),
         sweep.clone(),
+        config.use_pod_cidr,
     );
     if let (true, Some(secrets)) = (routing, config.bgp.clone()) {
         let keys = gingham_bgp::tasks::SocketHooks {
@@ -196,7 +200,7 @@ async fn handle(svc: Arc<EndpointService>, mut stream: UnixStream) {
         Err(e) => Response {
             result: None,
             error: Some(CniError::new(code::DECODE_FAILURE, "unreadable request").details(e.to_string())),
-            steps: Vec::new(),
+            ..Default::default()
         },
         Ok((msg, fds)) => {
             let (mut resp, steps) = steps::recorded(dispatch(&svc, msg, fds, &stream)).await;
@@ -230,7 +234,7 @@ async fn dispatch(svc: &EndpointService, msg: Message, fds: Vec<std::fs::File>, 
     // As Calico's plugin: while the datastore is held, nothing that writes to it goes ahead
     // (the runtime retries; nothing is lost).
     if svc.metrics.datastore_held.load(std::sync::atomic::Ordering::Relaxed)
-        && !matches!(msg.request, Request::Check { .. })
+        && !matches!(msg.request, Request::Check { .. } | Request::PodCidrs)
     {
         return done(Err(CniError::new(
             code::TRY_AGAIN_LATER,
@@ -273,6 +277,10 @@ async fn dispatch(svc: &EndpointService, msg: Message, fds: Vec<std::fs::File>, 
         }
         Request::IpamDel(ep) => done(svc.ipam_del(&ep).await),
         Request::Gc { network, valid } => done(svc.gc(&network, &valid).await),
+        Request::PodCidrs => match svc.pod_cidrs().await {
+            Ok(pod_cidrs) => Response { pod_cidrs, ..Default::default() },
+            Err(e) => done(Err(e)),
+        },
         Request::Status => {
             // Ready when the datastore answers and some pool exists to allocate from.
             match tokio::time::timeout(Duration::from_secs(5), svc.ipam.pools()).await {

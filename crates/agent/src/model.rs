@@ -139,7 +139,7 @@ fn pool_info(p: &gingham_ipam::pools::Pool) -> PoolInfo {
     }
 }
 
-fn node_info(name: &str, rec: &crate::cache::NodeRec) -> NodeInfo {
+fn node_info(name: &str, rec: &crate::cache::NodeRec, use_pod_cidr: bool) -> NodeInfo {
     let spec = &rec.spec;
     let bgp = spec.bgp.clone().unwrap_or_default();
     NodeInfo {
@@ -148,6 +148,7 @@ fn node_info(name: &str, rec: &crate::cache::NodeRec) -> NodeInfo {
         vxlan_addr: spec.ipv4_vxlan_tunnel_addr.as_deref().and_then(|a| a.parse().ok()),
         vxlan_mac: spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac).or_else(|| Some(vxlan_mac(name))),
         ipip_addr: bgp.ipv4_ipip_tunnel_addr.as_deref().and_then(|a| a.parse().ok()),
+        pod_cidrs: if use_pod_cidr { rec.pod_cidrs.clone() } else { Vec::new() },
     }
 }
 
@@ -178,10 +179,13 @@ impl Model {
         metrics: Arc<Metrics>,
         tunnels: Arc<Notify>,
         sweep: Arc<Notify>,
+        use_pod_cidr: bool,
     ) -> (Model, watch::Receiver<Locals>, Arc<Shared>) {
         let (locals, rx) = watch::channel(Arc::new(Vec::new()));
         let (programmed, _) = watch::channel(Arc::default());
-        let shared = Shared::new(Cache::new(node));
+        let mut cache = Cache::new(node);
+        cache.use_pod_cidr = use_pod_cidr;
+        let shared = Shared::new(cache);
         let m = Model {
             node: node.into(),
             shared: shared.clone(),
@@ -509,7 +513,7 @@ impl Model {
                             self.tunnels.notify_one();
                             vtep_changed = true;
                         }
-                        let info = p.cache.nodes.get(&n).map(|r| node_info(&n, r));
+                        let info = p.cache.nodes.get(&n).map(|r| node_info(&n, r, p.cache.use_pod_cidr));
                         if let Some(net) = self.net.as_mut() {
                             let addr = info.as_ref().and_then(|i| i.ipv4).and_then(|a| match a.addr() {
                                 IpAddr::V4(v) => Some(v),

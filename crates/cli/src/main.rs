@@ -225,6 +225,12 @@ enum LabCommand {
         /// instead of the default pods.
         #[arg(long)]
         netpol_model: bool,
+        /// calico-ipam (gingham's blocks) or host-local (--datastore kubernetes only): each Node
+        /// gets a podCIDR 172.20.<100+i>.0/24, as the controller manager's --allocate-node-cidrs
+        /// gives, pods get addresses from host-local with "usePodCidr", the agents route
+        /// podCIDRs (USE_POD_CIDR).
+        #[arg(long, default_value = "calico-ipam", value_parser = ["calico-ipam", "host-local"])]
+        ipam: String,
         #[arg(long, short)]
         quiet: bool,
     },
@@ -378,6 +384,10 @@ enum NodeCommand {
         /// Where BGPPeer passwords are read: a secretKeyRef {name, key} is the file DIR/name/key.
         #[arg(long, default_value = "/etc/gingham/bgp-secrets")]
         bgp_secrets: PathBuf,
+        /// Route and advertise each node's Kubernetes podCIDR (pods addressed by host-local
+        /// with `"subnet": "usePodCidr"` instead of gingham's IPAM), as Calico's USE_POD_CIDR.
+        #[arg(long, env = "USE_POD_CIDR")]
+        use_pod_cidr: bool,
     },
 }
 
@@ -588,6 +598,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     orphan_grace_seconds,
                     backend,
                     bgp_secrets,
+                    use_pod_cidr,
                 },
         } => {
             use gingham_agent::detect::Autodetect;
@@ -635,6 +646,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 routing: !endpoints_only,
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_seconds),
                 bgp: (backend == "bird").then_some(bgp_secrets),
+                use_pod_cidr,
             };
             gingham_agent::run(config, shutdown).await?;
             Ok(())
@@ -710,7 +722,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
     use gingham_lab as l;
     let exe = std::env::current_exe()?;
     match command {
-        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, netpol_model, quiet } => {
+        LabCommand::Up { nodes, pods_per_node, encap, datastore, bgp_topology, tor, netpol_model, ipam, quiet } => {
             let pods_per_node = if netpol_model { 0 } else { pods_per_node };
             let (etcd, kubernetes) = match datastore.as_str() {
                 "embedded" => (false, false),
@@ -729,6 +741,7 @@ async fn lab(dir: &std::path::Path, prefix: &str, command: LabCommand) -> anyhow
                 bgp_topology: bgp_topology.as_deref().map(l::BgpTopology::parse).transpose()?,
                 tor,
                 netpol_model,
+                host_local: ipam == "host-local",
             };
             if !quiet {
                 eprintln!("building a {nodes}-node lab ({encap}, {datastore} datastore) in {}", dir.display());

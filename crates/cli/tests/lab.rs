@@ -362,6 +362,40 @@ fn lab_on_etcd() {
     assert!(lab.gingham(&["ipam", "show"]).contains("|     6 (0%) |"), "4 pods + 2 VTEP addresses");
 }
 
+/// Calico's host-local mode (USE_POD_CIDR): each Kubernetes Node has a podCIDR, pods get
+/// addresses from the distribution's host-local with `"subnet": "usePodCidr"`, the agents route
+/// the podCIDRs (here natively, advertised over the BGP mesh) and gingham's IPAM holds nothing.
+#[test]
+fn lab_with_host_local_on_pod_cidrs() {
+    let lab = Lab::up(&[
+        "--datastore", "kubernetes", "--ipam", "host-local", "--encap", "none", "--nodes", "2", "--pods-per-node", "2",
+    ]);
+    assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"));
+    for (node, i) in [("node-1", 1), ("node-2", 2)] {
+        let cidr: ipnet::IpNet = format!("172.20.{}.0/24", 100 + i).parse().unwrap();
+        for j in 1..=2 {
+            let ip: std::net::IpAddr = lab.pod_ip(&format!("default/pod-{i}-{j}")).parse().unwrap();
+            assert!(cidr.contains(&ip), "{ip} is not in {node}'s podCIDR {cidr}");
+        }
+        assert!(lab.gingham(&["get", "node", node, "-o", "yaml"]).contains(&cidr.to_string()), "status.podCIDRs");
+    }
+    // node-1 reaches node-2's podCIDR by the route node-2 advertised over BGP.
+    let routes = lab.routes("node-1");
+    assert!(routes.contains("172.20.102.0/24 via 10.99.0.12 dev eth0 proto bird"), "{routes}");
+    assert!(lab.routes("node-2").contains("blackhole 172.20.102.0/24"), "node-2 holds its own podCIDR");
+    // No gingham IPAM in the way: no blocks, and the check knows host-local's addresses.
+    let show = lab.gingham(&["ipam", "show", "--show-blocks"]);
+    assert!(show.contains("|     0 (0%) |") && !show.contains("| Block "), "no block was claimed:\n{show}");
+    let check = lab.gingham(&["ipam", "check"]);
+    assert!(check.contains("found 0 problems") && check.contains("4 workload IPs lie in their node's podCIDR"), "{check}");
+    // DEL gives the address back to host-local.
+    let ip = lab.pod_ip("default/pod-1-1");
+    let file = lab.dir.path().join("node-1/host-local/k8s-pod-network").join(&ip);
+    assert!(file.exists(), "host-local records {ip}");
+    lab.ok(&["lab", "pod", "del", "default/pod-1-1"]);
+    assert!(!file.exists(), "host-local released {ip}");
+}
+
 /// The lab on a real kube-apiserver: the lab plays the kubelet (Nodes, then each Pod before its
 /// CNI ADD, then the Pod's IPs in its status); agents and controllers run as their service
 /// accounts under the manifests' RBAC. A NetworkPolicy created with kubectl is enforced by real

@@ -1,5 +1,6 @@
 //! The CNI specification's data, gingham's network configuration, and the plugin ↔ agent protocol.
 
+pub mod delegate;
 pub mod plugin;
 pub mod proto;
 pub mod spec;

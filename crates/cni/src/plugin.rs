@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::proto::{Attachment, DEFAULT_SOCKET, Endpoint, Request, call};
+use crate::proto::{Attachment, DEFAULT_SOCKET, Endpoint, Request, call, exchange};
 use crate::spec::{CniError, CniResult, Invocation, NetConf, SUPPORTED_VERSIONS, code};
 
 /// How long the agent may take; runtimes time a plugin out at a few minutes (kubelet: 4 min, after
@@ -51,7 +51,7 @@ fn run(
         }
     }
     let pod = inv.kubernetes_pod();
-    let ep = Endpoint {
+    let mut ep = Endpoint {
         network: conf.name.clone(),
         container_id: inv.container_id.clone(),
         netns: inv.netns.clone(),
@@ -65,6 +65,22 @@ fn run(
         requested_ips,
         named_ports: conf.named_ports().map_err(fail)?,
         service_account: conf.service_account(),
+        assigned: Vec::new(),
+    };
+    // Another IPAM plugin (Calico's `ipam.type: host-local`) hands out the addresses; the agent
+    // does the rest. It sees the configuration as given, its podCIDR placeholders filled in.
+    let delegate = match (ipam_mode, crate::delegate::is_own(&conf.ipam.kind)) {
+        (false, false) if matches!(inv.command.as_str(), "ADD" | "DEL") => {
+            let plugin = crate::delegate::find(&conf.ipam.kind, &inv.path).map_err(fail)?;
+            let mut stdin_conf: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+            if crate::delegate::wants_pod_cidrs(&stdin_conf["ipam"]) {
+                let cidrs = exchange(&socket, &Request::PodCidrs, AGENT_TIMEOUT, None).map_err(fail)?.pod_cidrs;
+                let node = if conf.nodename.is_empty() { "this node" } else { conf.nodename.as_str() };
+                crate::delegate::fill_pod_cidrs(&mut stdin_conf["ipam"], node, &cidrs).map_err(fail)?;
+            }
+            Some((plugin, stdin_conf))
+        }
+        _ => None,
     };
     // The pod's namespace is opened here, in the runtime's mount namespace, and handed to the
     // agent open: the path may mean nothing where the agent runs.
@@ -83,14 +99,24 @@ fn run(
                 Some(p) => Some(CniResult::from_value(p).map_err(fail)?),
                 None => None,
             };
-            let mut result = if ipam_mode {
-                call(&socket, &Request::IpamAdd(ep), AGENT_TIMEOUT, None)
-            } else {
-                let ns = open_netns()?;
-                call(&socket, &Request::Add(ep), AGENT_TIMEOUT, Some(&ns))
+            let ns = if ipam_mode { None } else { Some(open_netns()?) };
+            if let Some((plugin, dconf)) = &delegate {
+                let got = crate::delegate::exec(plugin, "ADD", dconf).map_err(fail)?;
+                ep.assigned = crate::delegate::addresses(&conf.ipam.kind, got.as_ref()).map_err(fail)?;
             }
-            .map_err(fail)?
-            .unwrap_or_default();
+            let answer = match &ns {
+                None => call(&socket, &Request::IpamAdd(ep), AGENT_TIMEOUT, None),
+                Some(ns) => call(&socket, &Request::Add(ep), AGENT_TIMEOUT, Some(ns)),
+            };
+            let answer = match (answer, &delegate) {
+                // The addresses go back to the other plugin: nothing holds them now.
+                (Err(e), Some((plugin, dconf))) => {
+                    let _ = crate::delegate::exec(plugin, "DEL", dconf);
+                    Err(e)
+                }
+                (a, _) => a,
+            };
+            let mut result = answer.map_err(fail)?.unwrap_or_default();
             if let Some(mut merged) = prev {
                 let offset = merged.interfaces.len();
                 for ip in &mut result.ips {
@@ -107,6 +133,10 @@ fn run(
             // DEL needs no namespace: the host end of the veth takes the pair with it.
             let req = if ipam_mode { Request::IpamDel(ep) } else { Request::Del(ep) };
             call(&socket, &req, AGENT_TIMEOUT, None).map_err(fail)?;
+            // The other plugin's addresses last: they are free only once no pod uses them.
+            if let Some((plugin, dconf)) = &delegate {
+                crate::delegate::exec(plugin, "DEL", dconf).map_err(fail)?;
+            }
             Ok(None)
         }
         "CHECK" => {

@@ -51,6 +51,10 @@ pub struct Endpoint {
     /// The pod's service account (runtimeConfig `serviceAccount`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// Addresses another IPAM plugin (host-local) already gave this attachment: used as they
+    /// are, gingham's IPAM left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assigned: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +98,8 @@ pub enum Request {
         valid: Vec<Attachment>,
     },
     Status,
+    /// This node's Kubernetes podCIDRs (for host-local's `usePodCidr`), in `Response::pod_cidrs`.
+    PodCidrs,
 }
 
 /// One request with the time (ms since the epoch) after which its caller has given up: the agent
@@ -117,6 +123,8 @@ pub struct Response {
     /// How long each of the agent's steps took (µs), for the CNI benchmark.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<(String, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// With this set, the plugin prints one line per request on stderr: the socket round trip and
@@ -131,6 +139,16 @@ pub fn call(
     timeout: Duration,
     netns: Option<&std::fs::File>,
 ) -> Result<Option<CniResult>, CniError> {
+    exchange(socket, req, timeout, netns).map(|r| r.result)
+}
+
+/// As [`call`], with the agent's whole answer.
+pub fn exchange(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+    netns: Option<&std::fs::File>,
+) -> Result<Response, CniError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         CniError::new(code::TRY_AGAIN_LATER, format!("the gingham node agent is not reachable at {}", socket.display()))
             .details(format!("{e}; start it with `gingham node run --nodename <node>`"))
@@ -165,7 +183,7 @@ pub fn call(
     }
     match resp.error {
         Some(e) => Err(e),
-        None => Ok(resp.result),
+        None => Ok(resp),
     }
 }
 

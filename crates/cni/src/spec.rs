@@ -176,6 +176,9 @@ pub struct IpamConf {
     pub ipv4_pools: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipv6_pools: Vec<String>,
+    /// Another IPAM plugin's own keys (host-local's `subnet`, `ranges`, `dataDir` …).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 /// The network configuration on stdin (one plugin's entry of a conflist, with name/cniVersion).

@@ -22,6 +22,9 @@ pub struct NodeInfo {
     pub vxlan_addr: Option<Ipv4Addr>,
     pub vxlan_mac: Option<[u8; 6]>,
     pub ipip_addr: Option<Ipv4Addr>,
+    /// Its Kubernetes podCIDRs, routed like its blocks (host-local IPAM, Calico's
+    /// USE_POD_CIDR); empty otherwise.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +153,8 @@ pub struct RouteCalc {
     owned: HashMap<String, BTreeSet<IpNet>>,
     borrowed_by: HashMap<String, BTreeSet<IpNet>>,
     borrowed: HashMap<IpNet, (IpNet, String)>,
+    /// podCIDR → its node.
+    pod_cidrs: HashMap<IpNet, String>,
     routes: HashMap<IpNet, DesiredRoute>,
     peers: BTreeMap<String, VxlanPeer>,
     nat: NatSets,
@@ -200,17 +205,28 @@ impl RouteCalc {
         if self.nodes.get(name) == info.as_ref() {
             return Diff::default();
         }
+        let old_cidrs = self.nodes.get(name).map(|n| n.pod_cidrs.clone()).unwrap_or_default();
+        let new_cidrs = info.as_ref().map(|n| n.pod_cidrs.clone()).unwrap_or_default();
+        for c in &old_cidrs {
+            if self.pod_cidrs.get(c).is_some_and(|n| n == name) {
+                self.pod_cidrs.remove(c);
+            }
+        }
+        for c in &new_cidrs {
+            self.pod_cidrs.insert(*c, name.to_string());
+        }
         match info {
             Some(i) => self.nodes.insert(name.to_string(), i),
             None => self.nodes.remove(name),
         };
         let mut d = Diff::default();
         // This node's own address decides CrossSubnet for every route.
-        let dsts: Vec<IpNet> = if name == self.me {
-            self.blocks.keys().chain(self.borrowed.keys()).copied().collect()
+        let mut dsts: Vec<IpNet> = if name == self.me {
+            self.blocks.keys().chain(self.borrowed.keys()).chain(self.pod_cidrs.keys()).copied().collect()
         } else {
             self.owned.get(name).into_iter().chain(self.borrowed_by.get(name)).flatten().copied().collect()
         };
+        dsts.extend(old_cidrs.iter().chain(&new_cidrs));
         self.refresh(&dsts, &mut d);
         self.refresh_peer(name, &mut d);
         d
@@ -232,6 +248,7 @@ impl RouteCalc {
             .blocks
             .keys()
             .chain(self.borrowed.keys())
+            .chain(self.pod_cidrs.keys())
             .filter(|b| cidrs.iter().any(|c| c.contains(*b)))
             .copied()
             .collect();
@@ -313,7 +330,13 @@ impl RouteCalc {
         }
         // Addresses borrowed from a block by a third node go straight to the borrower; those
         // borrowed by this node have their own /32 device routes from the CNI.
-        let (block, borrower) = self.borrowed.get(dst)?;
+        let Some((block, borrower)) = self.borrowed.get(dst) else {
+            let owner = self.pod_cidrs.get(dst)?;
+            return match owner == &self.me {
+                true => Some(DesiredRoute::Blackhole(*dst)),
+                false => route_to(*dst, me, self.nodes.get(owner)?, self.pool_of(dst)),
+            };
+        };
         if *borrower == self.me {
             return None;
         }
@@ -390,6 +413,7 @@ mod tests {
             vxlan_addr: vtep.map(|v| v.parse().unwrap()),
             vxlan_mac: Some(vxlan_mac(name)),
             ipip_addr: None,
+            pod_cidrs: Vec::new(),
         }
     }
 
@@ -439,6 +463,39 @@ mod tests {
         let mut r: Vec<DesiredRoute> = c.routes().cloned().collect();
         r.sort();
         r
+    }
+
+    #[test]
+    fn pod_cidrs_route_like_blocks_and_follow_their_node() {
+        let mut ns = nodes();
+        ns[0].pod_cidrs = vec!["172.20.100.0/24".parse().unwrap()];
+        ns[1].pod_cidrs = vec!["172.20.101.0/24".parse().unwrap()];
+        let mut c = compute("n1", &ns, &[pool(EncapMode::Never, EncapMode::Never)], &[]);
+        assert_eq!(
+            sorted_routes(&c),
+            vec![
+                DesiredRoute::Blackhole("172.20.100.0/24".parse().unwrap()),
+                remote("172.20.101.0/24", "10.99.0.12", Via::Underlay)
+            ]
+        );
+        // The pool turns VXLAN on: n2's podCIDR goes through its VTEP.
+        let d = c.set_pool("p", Some(pool(EncapMode::Always, EncapMode::Never)));
+        assert_eq!(d.routes, vec![(
+            "172.20.101.0/24".parse().unwrap(),
+            Some(remote("172.20.101.0/24", "172.20.2.0", Via::Vxlan))
+        )]);
+        // n2 loses its podCIDR (a new one is assigned): the old route goes, the new one comes.
+        let mut n2 = ns[1].clone();
+        n2.pod_cidrs = vec!["172.20.102.0/24".parse().unwrap()];
+        let d = c.set_node("n2", Some(n2));
+        assert_eq!(d.routes.len(), 2, "{d:?}");
+        assert!(d.routes.contains(&("172.20.101.0/24".parse().unwrap(), None)));
+        // A deleted node takes its podCIDR route with it.
+        let d = c.set_node("n2", None);
+        assert_eq!(d.routes, vec![("172.20.102.0/24".parse().unwrap(), None)]);
+        // Without podCIDRs in the nodes (calico-ipam), none are routed.
+        let plain = compute("n1", &nodes(), &[pool(EncapMode::Never, EncapMode::Never)], &[]);
+        assert_eq!(sorted_routes(&plain), vec![]);
     }
 
     #[test]
@@ -568,6 +625,7 @@ mod tests {
                             vxlan_addr: vtep.then(|| format!("172.20.{}.0", 100 + i).parse().unwrap()),
                             vxlan_mac: Some(vxlan_mac(names[i])),
                             ipip_addr: None,
+                            pod_cidrs: Vec::new(),
                         });
                         match &n { Some(n) => nodes.insert(names[i].into(), n.clone()), None => nodes.remove(names[i]) };
                         inc.set_node(names[i], n)

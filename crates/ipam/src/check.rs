@@ -113,12 +113,19 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     r.progress.push(format!("Found {} IPAM blocks.", blocks.len()));
     let pools = client.pools().await?;
     r.progress.push(format!("Found {} active IP pools.", pools.iter().filter(|p| !p.disabled()).count()));
-    let nodes: BTreeMap<String, NodeSpec> = res
-        .list(Kind::Node, None)
-        .await?
-        .into_iter()
-        .map(|o| (o.metadata.name.clone(), o.spec_as().unwrap_or_default()))
+    let node_objects = res.list(Kind::Node, None).await?;
+    let nodes: BTreeMap<String, NodeSpec> =
+        node_objects.iter().map(|o| (o.metadata.name.clone(), o.spec_as().unwrap_or_default())).collect();
+    // Kubernetes' podCIDRs: addresses there are host-local's (`usePodCidr`), not gingham's IPAM's.
+    let pod_cidrs: BTreeMap<&str, Vec<IpNet>> = node_objects
+        .iter()
+        .map(|o| {
+            let list = o.status.as_ref().and_then(|s| s.get("podCIDRs")).and_then(|v| v.as_array());
+            let cidrs = list.into_iter().flatten().filter_map(|c| c.as_str()?.parse().ok()).collect();
+            (o.metadata.name.as_str(), cidrs)
+        })
         .collect();
+    let mut host_local: BTreeSet<IpAddr> = BTreeSet::new();
     let weps = res.list(Kind::WorkloadEndpoint, None).await?;
 
     // Who uses which address.
@@ -149,8 +156,12 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
                 spec.interface_name.as_deref().unwrap_or("?"),
             ));
         }
+        let node_cidrs = spec.node.as_deref().and_then(|n| pod_cidrs.get(n)).map(Vec::as_slice).unwrap_or_default();
         for n in spec.ip_networks.iter().flatten() {
             if let Ok(net) = n.parse::<IpNet>() {
+                if node_cidrs.iter().any(|c| c.contains(&net.addr())) {
+                    host_local.insert(net.addr());
+                }
                 users.entry(net.addr()).or_default().push(format!(
                     "endpoint {}/{}",
                     w.namespace().unwrap_or_default(),
@@ -228,8 +239,14 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     }
     r.progress.push("Scanning for IPs that are in use by a workload or node but not allocated in IPAM...".into());
     let mut unallocated = 0;
+    if !host_local.is_empty() {
+        r.progress.push(format!(
+            "({} workload IPs lie in their node's podCIDR: host-local's, not IPAM's)",
+            host_local.len()
+        ));
+    }
     for (ip, who) in &users {
-        if !allocated.contains(ip) {
+        if !allocated.contains(ip) && !host_local.contains(ip) {
             unallocated += 1;
             r.problems.push(format!("{ip} is used by {} but not allocated in IPAM", who.join(", ")));
         }

@@ -121,10 +121,14 @@ async fn ensure(api: &KubeStore, plural: &str, object: serde_json::Value) -> Res
 }
 
 /// Register a node, as its kubelet does.
-pub async fn register_node(state: &State, name: &str, ip: &str) -> Result<()> {
+pub async fn register_node(state: &State, name: &str, ip: &str, pod_cidr: Option<&str>) -> Result<()> {
     let api = api(state).await?;
-    let node = json!({"apiVersion": "v1", "kind": "Node",
+    let mut node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}});
+    // As the controller manager's node IPAM (--allocate-node-cidrs) sets it.
+    if let Some(c) = pod_cidr {
+        node["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+    }
     ensure(&api, "nodes", node).await?;
     let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}});
     api.patch_object(&format!("/api/v1/nodes/{name}/status"), &status).await.map_err(|e| msg(e.to_string()))?;

@@ -118,6 +118,9 @@ pub struct State {
     /// Whether `up` created `dir` itself (then `down` removes it once it is empty).
     #[serde(default)]
     pub created_dir: bool,
+    /// Pods addressed by host-local on their Node's podCIDR (`--ipam host-local`).
+    #[serde(default)]
+    pub host_local: bool,
 }
 
 /// The file that marks a directory as a lab's.
@@ -249,6 +252,8 @@ pub struct UpOptions {
     /// The Kubernetes e2e network-policy model instead of the default pods: namespaces x, y, z
     /// with pods a, b, c each ([`NETPOL_PODS`]).
     pub netpol_model: bool,
+    /// Addresses from host-local on each Node's podCIDR (Kubernetes datastore only).
+    pub host_local: bool,
 }
 
 /// What a pod gets besides its labels: fixed addresses, named ports, a service account.
@@ -396,6 +401,9 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         }
         Err(e) => return Err(msg(format!("{}: {e}", dir.display()))),
     };
+    if o.host_local && !o.kubernetes {
+        return Err(msg("host-local IPAM takes its subnets from Kubernetes Nodes' podCIDRs: use --datastore kubernetes"));
+    }
     let mut state = State {
         dir: dir.to_path_buf(),
         encap: o.encap,
@@ -412,6 +420,7 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         prefix: o.prefix.clone(),
         files: vec![],
         created_dir,
+        host_local: o.host_local,
     };
     state.save()?;
     if !o.etcd && !o.kubernetes {
@@ -519,10 +528,16 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let socket = state.record(&format!("{name}.sock"))?;
         state.record(&format!("{name}.sock.pending-dels.json"))?;
         // Install the CNI configuration as `gingham cni install` would (MTU 0: the agent's).
-        let conf = gingham_cni::conflist(NETWORK, "1.0.0", 0, &name, &socket.display().to_string());
+        let mut conf = gingham_cni::conflist(NETWORK, "1.0.0", 0, &name, &socket.display().to_string());
         for d in [name.clone(), format!("{name}/net.d")] {
             let p = state.record(&d)?;
             gingham_files::ensure_dir(&p, 0o755).map_err(|e| msg(e.to_string()))?;
+        }
+        let pod_cidr = format!("172.20.{}.0/24", 100 + i);
+        if o.host_local {
+            let data = state.record(&format!("{name}/host-local"))?;
+            conf["plugins"][0]["ipam"] =
+                json!({"type": "host-local", "ranges": [[{"subnet": "usePodCidr"}]], "dataDir": data});
         }
         let path = state.record(&format!("{name}/net.d/10-gingham.conflist"))?;
         let text = serde_json::to_vec_pretty(&conf).map_err(|e| msg(e.to_string()))?;
@@ -530,8 +545,12 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         let log = state.new_log(&format!("{name}.log"))?;
         let mut env = state.env.clone();
         if o.kubernetes {
-            kube::register_node(&state, &name, &ip.addr().to_string()).await?;
+            let pod_cidr = o.host_local.then_some(pod_cidr.as_str());
+            kube::register_node(&state, &name, &ip.addr().to_string(), pod_cidr).await?;
             env.insert("KUBECONFIG".into(), kube::kubeconfig_of(&state, "node").display().to_string());
+        }
+        if o.host_local {
+            env.insert("USE_POD_CIDR".into(), "true".into());
         }
         let mut cmd = in_ns_command(&ns, exe)?;
         cmd.args(["node", "run", "--nodename", &name, "--ip", &ip.to_string(), "--socket"])
@@ -731,27 +750,41 @@ fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
     }
 }
 
-/// Wait until every node has a route (calculated, or learned over BGP) for every other node's blocks.
+/// Wait until every node has a route (calculated, or learned over BGP) for every other node's
+/// blocks (podCIDRs, with host-local).
 pub async fn converge(state: &State, timeout: Duration) -> Result<()> {
     let store = connect(state).await?;
-    let ipam = gingham_ipam::IpamClient::new(store);
+    let ipam = gingham_ipam::IpamClient::new(store.clone());
+    let resources = gingham_store::resources::ResourceStore::new(store);
     let deadline = Instant::now() + timeout;
     loop {
-        let blocks = ipam.all_blocks(true).await.map_err(|e| msg(e.to_string()))?;
+        let mut owned: Vec<(IpNet, String)> = Vec::new();
+        for (b, _) in ipam.all_blocks(true).await.map_err(|e| msg(e.to_string()))? {
+            if let Some(owner) = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:")) {
+                owned.push((b.cidr, owner.to_string()));
+            }
+        }
+        if state.host_local {
+            for node in resources.list(gingham_api::Kind::Node, None).await.map_err(|e| msg(e.to_string()))? {
+                let cidrs = node.status.as_ref().and_then(|s| s["podCIDRs"].as_array().cloned()).unwrap_or_default();
+                for c in cidrs.iter().filter_map(|c| c.as_str()?.parse::<IpNet>().ok()) {
+                    owned.push((c, node.metadata.name.clone()));
+                }
+            }
+        }
         let mut missing = Vec::new();
         for n in &state.nodes {
             let nl = Netlink::in_namespace(&ns_path(&n.netns))?;
             let routes = nl.routes(true).await?;
-            for (b, _) in &blocks {
-                let owner = b.affinity.as_deref().and_then(|a| a.strip_prefix("host:"));
-                if owner.is_some_and(|o| o != n.name)
+            for (cidr, owner) in &owned {
+                if *owner != n.name
                     && !routes.iter().any(|r| {
-                        r.dst == b.cidr
+                        r.dst == *cidr
                             && [gingham_dataplane::routes::CALC_PROTO, gingham_dataplane::routes::BGP_PROTO]
                                 .contains(&r.protocol)
                     })
                 {
-                    missing.push(format!("{}: {}", n.name, b.cidr));
+                    missing.push(format!("{}: {cidr}", n.name));
                 }
             }
         }
@@ -793,7 +826,13 @@ fn plugin(
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", ns_path(&pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"))
+        // As the kubelet passes them (IgnoreUnknown: IPAM delegates such as host-local refuse
+        // arguments they do not know otherwise).
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={}", pod.container_id),
+        )
+        .env("CNI_PATH", CNI_PATH)
         .envs(&state.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -808,6 +847,9 @@ fn plugin(
     }
     Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
 }
+
+/// Where the lab's runtime finds other CNI plugins (host-local): the distribution's.
+pub const CNI_PATH: &str = "/usr/lib/cni";
 
 /// Where a node's CNI configuration is installed.
 pub fn conflist_path(dir: &Path, node: &str) -> PathBuf {
@@ -949,7 +991,7 @@ pub fn down(dir: &Path) -> Result<()> {
         let removed = if meta.file_type().is_dir() {
             // etcd's data directory is etcd's to fill, kube/ the API server's files: the lab made
             // them and takes them back whole.
-            if rel == "etcd" || rel == "kube" { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
+            if rel == "etcd" || rel == "kube" || rel.ends_with("/host-local") { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
         } else {
             let r = std::fs::remove_file(&path);
             if rel.ends_with(".db") {

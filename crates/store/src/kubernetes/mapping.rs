@@ -185,7 +185,16 @@ fn node_value(obj: &Value) -> Value {
             m.insert(field.into(), x.clone());
         }
     }
-    json!({"apiVersion": Kind::Node.api_version(), "kind": Kind::Node.kind_name(), "metadata": m, "spec": spec})
+    let mut node = json!({"apiVersion": Kind::Node.api_version(), "kind": Kind::Node.kind_name(), "metadata": m, "spec": spec});
+    // Kubernetes' podCIDRs (podCIDR alone on old API servers), as Calico's status.podCIDRs.
+    let pod_cidrs = match obj.pointer("/spec/podCIDRs").and_then(Value::as_array) {
+        Some(list) => list.clone(),
+        None => obj.pointer("/spec/podCIDR").filter(|c| c.is_string()).cloned().into_iter().collect(),
+    };
+    if !pod_cidrs.is_empty() {
+        node["status"] = json!({"podCIDRs": pod_cidrs});
+    }
+    node
 }
 
 /// One Kubernetes resource holding one family of keys.
@@ -671,6 +680,7 @@ mod tests {
         let k8s = json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "n1", "resourceVersion": "5", "labels": {"kubernetes.io/hostname": "n1"},
                          "annotations": {"other": "x"}},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}, {"type": "Hostname", "address": "n1"}]}});
         let calico = json!({"metadata": {"name": "n1", "labels": {"calico-rr": ""}},
             "spec": {"bgp": {"ipv4Address": "10.0.0.1/24", "asNumber": 64512, "routeReflectorClusterID": "224.0.0.1"},
@@ -694,6 +704,8 @@ mod tests {
         let back: Value = serde_json::from_slice(&kv.value).unwrap();
         assert_eq!(back["spec"]["bgp"], calico["spec"]["bgp"]);
         assert_eq!(back["spec"]["interfaceName"], "eth0");
+        assert_eq!(back["status"]["podCIDRs"], json!(["10.244.1.0/24", "fd00:1::/64"]), "Kubernetes' podCIDRs read");
+        assert_eq!(merged["spec"], k8s["spec"], "and never written");
         assert_eq!(back["spec"]["addresses"], json!([{"address": "10.0.0.1", "type": "InternalIP"}]));
         // Written back as read (the kubelet's label with it), the kubelet's label stays its own.
         let read_back = json!({"metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1", "calico-rr": ""}}, "spec": {}});
