@@ -354,18 +354,18 @@ impl EndpointService {
 
     /// This node's Kubernetes podCIDRs (Calico Node `status.podCIDRs`), for host-local.
     pub async fn pod_cidrs(&self) -> Result<Vec<IpNet>, CniError> {
-        let node = self
-            .resources
-            .get(Kind::Node, None, &self.node)
-            .await
-            .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "reading this node's Node failed").details(e.to_string()))?;
+        let node = self.resources.get(Kind::Node, None, &self.node).await.map_err(|e| {
+            CniError::new(code::TRY_AGAIN_LATER, "reading this node's Node failed").details(e.to_string())
+        })?;
         let cidrs = node.as_ref().map(crate::cache::pod_cidrs_of).unwrap_or_default();
         if cidrs.is_empty() {
             return Err(CniError::new(
                 code::TRY_AGAIN_LATER,
                 format!("node {} has no podCIDR yet (ipam.subnet usePodCidr)", self.node),
             )
-            .details("Kubernetes assigns Node.spec.podCIDRs when the controller manager runs with --allocate-node-cidrs"));
+            .details(
+                "Kubernetes assigns Node.spec.podCIDRs when the controller manager runs with --allocate-node-cidrs",
+            ));
         }
         Ok(cidrs)
     }

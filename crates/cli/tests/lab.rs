@@ -368,7 +368,16 @@ fn lab_on_etcd() {
 #[test]
 fn lab_with_host_local_on_pod_cidrs() {
     let lab = Lab::up(&[
-        "--datastore", "kubernetes", "--ipam", "host-local", "--encap", "none", "--nodes", "2", "--pods-per-node", "2",
+        "--datastore",
+        "kubernetes",
+        "--ipam",
+        "host-local",
+        "--encap",
+        "none",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "2",
     ]);
     assert!(lab.check().contains("all 12 pod pairs: ping ok, tcp ok"));
     for (node, i) in [("node-1", 1), ("node-2", 2)] {
@@ -387,7 +396,10 @@ fn lab_with_host_local_on_pod_cidrs() {
     let show = lab.gingham(&["ipam", "show", "--show-blocks"]);
     assert!(show.contains("|     0 (0%) |") && !show.contains("| Block "), "no block was claimed:\n{show}");
     let check = lab.gingham(&["ipam", "check"]);
-    assert!(check.contains("found 0 problems") && check.contains("4 workload IPs lie in their node's podCIDR"), "{check}");
+    assert!(
+        check.contains("found 0 problems") && check.contains("4 workload IPs lie in their node's podCIDR"),
+        "{check}"
+    );
     // DEL gives the address back to host-local.
     let ip = lab.pod_ip("default/pod-1-1");
     let file = lab.dir.path().join("node-1/host-local/k8s-pod-network").join(&ip);

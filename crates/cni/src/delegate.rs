@@ -64,7 +64,9 @@ pub fn fill_pod_cidrs(ipam: &mut Value, node: &str, cidrs: &[IpNet]) -> Result<(
                 code::TRY_AGAIN_LATER,
                 format!("ipam.subnet {:?}: node {node} has no {family} podCIDR yet", s.as_str().unwrap_or_default()),
             )
-            .details("Kubernetes assigns Node.spec.podCIDRs when the controller manager runs with --allocate-node-cidrs"));
+            .details(
+                "Kubernetes assigns Node.spec.podCIDRs when the controller manager runs with --allocate-node-cidrs",
+            ));
         };
         *s = Value::String(cidr.to_string());
     }
@@ -76,14 +78,9 @@ pub fn find(kind: &str, cni_path: &str) -> Result<PathBuf, CniError> {
     if kind.is_empty() || kind.contains('/') || kind == "." || kind == ".." {
         return Err(CniError::new(code::INVALID_CONFIG, format!("ipam.type {kind:?} is not a plugin name")));
     }
-    cni_path
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(kind))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, format!("ipam.type {kind}: no such plugin on CNI_PATH {cni_path:?}"))
-        })
+    cni_path.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(kind)).find(|p| p.is_file()).ok_or_else(
+        || CniError::new(code::INVALID_CONFIG, format!("ipam.type {kind}: no such plugin on CNI_PATH {cni_path:?}")),
+    )
 }
 
 /// Run `plugin` for `command` with `conf` on stdin; the rest of the environment is the
@@ -91,7 +88,8 @@ pub fn find(kind: &str, cni_path: &str) -> Result<PathBuf, CniError> {
 pub fn exec(plugin: &Path, command: &str, conf: &Value) -> Result<Option<Value>, CniError> {
     let name = plugin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let failed = |e: std::io::Error| {
-        CniError::new(code::INTERNAL, format!("running the IPAM plugin {} failed", plugin.display())).details(e.to_string())
+        CniError::new(code::INTERNAL, format!("running the IPAM plugin {} failed", plugin.display()))
+            .details(e.to_string())
     };
     let mut child = Command::new(plugin)
         .env("CNI_COMMAND", command)
@@ -122,7 +120,9 @@ pub fn addresses(name: &str, result: Option<&Value>) -> Result<Vec<IpNet>, CniEr
     let r = result
         .map(CniResult::from_value)
         .transpose()
-        .map_err(|e| CniError::new(code::DECODE_FAILURE, format!("{name} answered ADD without a CNI result")).details(e.msg))?
+        .map_err(|e| {
+            CniError::new(code::DECODE_FAILURE, format!("{name} answered ADD without a CNI result")).details(e.msg)
+        })?
         .unwrap_or_default();
     let ips: Vec<IpNet> = r.ips.iter().map(|i| i.address).collect();
     if ips.is_empty() {
@@ -131,7 +131,10 @@ pub fn addresses(name: &str, result: Option<&Value>) -> Result<Vec<IpNet>, CniEr
     // One address per family: the pod has one interface and one default route per family.
     let per_family = |v4: bool| ips.iter().filter(|n| matches!(n.addr(), IpAddr::V4(_)) == v4).count();
     if per_family(true) > 1 || per_family(false) > 1 {
-        return Err(CniError::new(code::INVALID_CONFIG, format!("{name} gave more than one address of a family: {ips:?}")));
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("{name} gave more than one address of a family: {ips:?}"),
+        ));
     }
     Ok(ips)
 }

@@ -480,10 +480,10 @@ mod tests {
         );
         // The pool turns VXLAN on: n2's podCIDR goes through its VTEP.
         let d = c.set_pool("p", Some(pool(EncapMode::Always, EncapMode::Never)));
-        assert_eq!(d.routes, vec![(
-            "172.20.101.0/24".parse().unwrap(),
-            Some(remote("172.20.101.0/24", "172.20.2.0", Via::Vxlan))
-        )]);
+        assert_eq!(
+            d.routes,
+            vec![("172.20.101.0/24".parse().unwrap(), Some(remote("172.20.101.0/24", "172.20.2.0", Via::Vxlan)))]
+        );
         // n2 loses its podCIDR (a new one is assigned): the old route goes, the new one comes.
         let mut n2 = ns[1].clone();
         n2.pod_cidrs = vec!["172.20.102.0/24".parse().unwrap()];

@@ -240,10 +240,8 @@ pub async fn check(client: &IpamClient) -> Result<CheckReport, IpamError> {
     r.progress.push("Scanning for IPs that are in use by a workload or node but not allocated in IPAM...".into());
     let mut unallocated = 0;
     if !host_local.is_empty() {
-        r.progress.push(format!(
-            "({} workload IPs lie in their node's podCIDR: host-local's, not IPAM's)",
-            host_local.len()
-        ));
+        r.progress
+            .push(format!("({} workload IPs lie in their node's podCIDR: host-local's, not IPAM's)", host_local.len()));
     }
     for (ip, who) in &users {
         if !allocated.contains(ip) && !host_local.contains(ip) {

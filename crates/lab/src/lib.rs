@@ -402,7 +402,9 @@ pub async fn up(dir: &Path, exe: &Path, o: &UpOptions) -> Result<State> {
         Err(e) => return Err(msg(format!("{}: {e}", dir.display()))),
     };
     if o.host_local && !o.kubernetes {
-        return Err(msg("host-local IPAM takes its subnets from Kubernetes Nodes' podCIDRs: use --datastore kubernetes"));
+        return Err(msg(
+            "host-local IPAM takes its subnets from Kubernetes Nodes' podCIDRs: use --datastore kubernetes",
+        ));
     }
     let mut state = State {
         dir: dir.to_path_buf(),
@@ -830,7 +832,10 @@ fn plugin(
         // arguments they do not know otherwise).
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={}", pod.container_id),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={}",
+                pod.container_id
+            ),
         )
         .env("CNI_PATH", CNI_PATH)
         .envs(&state.env)
@@ -991,7 +996,11 @@ pub fn down(dir: &Path) -> Result<()> {
         let removed = if meta.file_type().is_dir() {
             // etcd's data directory is etcd's to fill, kube/ the API server's files: the lab made
             // them and takes them back whole.
-            if rel == "etcd" || rel == "kube" || rel.ends_with("/host-local") { std::fs::remove_dir_all(&path) } else { std::fs::remove_dir(&path) }
+            if rel == "etcd" || rel == "kube" || rel.ends_with("/host-local") {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_dir(&path)
+            }
         } else {
             let r = std::fs::remove_file(&path);
             if rel.ends_with(".db") {

@@ -353,3 +353,75 @@ async fn objects_written_with_kubectl_are_read(k: &KubeApiServer, ds: Arc<dyn Da
     let rv = k.kubectl_ok(&["get", "ippool", "default-ipv4-ippool", "-o", "jsonpath={.metadata.resourceVersion}"]);
     assert_eq!(v["metadata"]["resourceVersion"].as_str(), Some(rv.trim()));
 }
+
+/// Point 7 of the Kubernetes issue: the agent's credentials are a service-account token file the
+/// kubelet rotates (at 80% of its life, never less than 10 minutes), and the store reads that
+/// file again (kube-rs: at least once a minute), so a token rotated while the old one still holds
+/// is in use before the old one stops working. (The CNI plugin holds no token: it asks the agent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_token_is_used() {
+    let k = KubeApiServer::start().expect("kube-apiserver starts (scripts/kube-build.sh builds it)");
+    k.kubectl_ok(&["create", "serviceaccount", "agent", "-n", "default"]);
+    k.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "agent",
+        "--clusterrole=cluster-admin",
+        "--serviceaccount=default:agent",
+    ]);
+    // Tokens bound to a Secret: deleting the Secret revokes its token at once.
+    let token = |secret: &str| {
+        k.kubectl_ok(&["create", "secret", "generic", secret, "-n", "default"]);
+        let bound = format!("--bound-object-name={secret}");
+        k.kubectl_ok(&[
+            "create",
+            "token",
+            "agent",
+            "-n",
+            "default",
+            "--bound-object-kind=Secret",
+            &bound,
+            "--duration=10m",
+        ])
+        .trim()
+        .to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    // As the kubelet does: the new token appears whole (written aside, renamed into place).
+    let install = |t: &str| {
+        let tmp = dir.path().join("token.tmp");
+        std::fs::write(&tmp, t).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let first = token("first");
+    install(&first);
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: u\n  user:\n    tokenFile: {}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+             current-context: c\n",
+            k.url,
+            k.ca.display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let ds = KubeStore::connect(&KubeConfig { kubeconfig: Some(kubeconfig) }).await.unwrap();
+    let nodes = "/calico/resources/v3/projectcalico.org/nodes/";
+    ds.list(nodes).await.expect("the first token works");
+    install(&token("second"));
+    // The file is read again within a minute; the first token still holds meanwhile.
+    tokio::time::sleep(Duration::from_secs(55)).await;
+    ds.list(nodes).await.expect("the first token still holds");
+    k.kubectl_ok(&["delete", "secret", "first", "-n", "default"]);
+    let revoked = |t: &str| k.kubectl(&["--token", t, "get", "nodes"]).is_ok_and(|o| !o.status.success());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !revoked(&first) {
+        assert!(std::time::Instant::now() < deadline, "the first token was not revoked with its Secret");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ds.list(nodes).await.expect("the store uses the rotated token");
+}

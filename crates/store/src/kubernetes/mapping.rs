@@ -185,7 +185,8 @@ fn node_value(obj: &Value) -> Value {
             m.insert(field.into(), x.clone());
         }
     }
-    let mut node = json!({"apiVersion": Kind::Node.api_version(), "kind": Kind::Node.kind_name(), "metadata": m, "spec": spec});
+    let mut node =
+        json!({"apiVersion": Kind::Node.api_version(), "kind": Kind::Node.kind_name(), "metadata": m, "spec": spec});
     // Kubernetes' podCIDRs (podCIDR alone on old API servers), as Calico's status.podCIDRs.
     let pod_cidrs = match obj.pointer("/spec/podCIDRs").and_then(Value::as_array) {
         Some(list) => list.clone(),
