@@ -1,5 +1,6 @@
 //! Allocation throughput and latency, embedded store beside a real etcd in one run:
-//! `cargo bench -p gingham-ipam`. GINGHAM_BENCH_N sets allocations per run (default 2000).
+//! `cargo bench -p gingham-ipam`. GINGHAM_BENCH_N sets allocations per run (default 2000);
+//! GINGHAM_BENCH_EMBEDDED_ONLY=1 stops after the embedded rounds (for profiling them).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ struct Row {
     max: Duration,
     writes_per_alloc: f64,
     blocks: usize,
+    /// The median latency of the allocations that claimed a block (sequential runs only).
+    claim_p50: Option<Duration>,
 }
 
 fn req(node: &str, handle: String) -> AutoAssign {
@@ -49,26 +52,33 @@ async fn run(ds: Arc<dyn Datastore>, n: usize, writers: usize, round: usize) -> 
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
             let ds: Arc<dyn Datastore> = counting.clone();
+            let counting = counting.clone();
             tokio::spawn(async move {
                 let ipam = IpamClient::new(ds);
                 let node = format!("bench-node-{round}-{writers}-{w}");
                 let mut lat = Vec::new();
+                let mut claims = Vec::new();
                 for i in 0..n / writers {
-                    let t = Instant::now();
+                    let (t, before) = (Instant::now(), counting.writes());
                     ipam.auto_assign(&req(&node, format!("k8s-pod-network.{round}-{writers}-{w}-{i}"))).await.unwrap();
                     lat.push(t.elapsed());
+                    if counting.writes() > before + 1 {
+                        claims.push(t.elapsed());
+                    }
                 }
-                (lat, ipam.affine_blocks(&node, true).await.unwrap().len())
+                (lat, claims, ipam.affine_blocks(&node, true).await.unwrap().len())
             })
         })
         .collect();
-    let mut lat = Vec::new();
+    let (mut lat, mut claims) = (Vec::new(), Vec::new());
     let mut blocks = 0;
     for t in tasks {
-        let (l, b) = t.await.unwrap();
+        let (l, c, b) = t.await.unwrap();
         lat.extend(l);
+        claims.extend(c);
         blocks += b;
     }
+    claims.sort();
     let wall = start.elapsed();
     lat.sort();
     let total = lat.len();
@@ -80,6 +90,8 @@ async fn run(ds: Arc<dyn Datastore>, n: usize, writers: usize, round: usize) -> 
         max: lat[total - 1],
         writes_per_alloc: counting.writes() as f64 / total as f64,
         blocks,
+        // With one writer the write counter tells claims apart; with several it is shared.
+        claim_p50: (writers == 1 && !claims.is_empty()).then(|| claims[claims.len() / 2]),
     }
 }
 
@@ -106,7 +118,7 @@ async fn raw_cas(ds: Arc<dyn Datastore>, n: usize, writers: usize, round: usize,
     (n / writers * writers) as f64 / start.elapsed().as_secs_f64()
 }
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 /// Sequential and 8-way allocations, each followed by the raw CAS of the same store, ROUNDS
 /// times: the round with the median allocation rate of each, and the median CAS rates.
@@ -157,6 +169,13 @@ fn main() {
         // Rounds alternate allocations and the raw CAS on each store (etcd started only after
         // the embedded rounds, so it takes no CPU from them); each figure is a median of rounds.
         let (e1, e8, ce1, ce8) = rounds(&embedded, n).await;
+        if std::env::var_os("GINGHAM_BENCH_EMBEDDED_ONLY").is_some() {
+            for (mode, s, cas) in [("sequential", &e1, ce1), ("8-way", &e8, ce8)] {
+                let r = &s.median;
+                println!("embedded {mode}: {:.0}/s p50 {:?} p99 {:?}, raw CAS {cas:.0}/s", r.allocs_per_sec, r.p50, r.p99);
+            }
+            return;
+        }
         let server = EtcdServer::start().expect("etcd-server must be installed");
         let etcd: Arc<dyn Datastore> = Arc::new(server.connect().await.unwrap());
         setup(&etcd).await;
@@ -177,8 +196,8 @@ fn main() {
             block.len()
         );
         println!(
-            "{:<10} {:<11} {:>19} {:>7} {:>7} {:>8} {:>7} {:>6} {:>10} {:>10}  {:<22} {:>4}",
-            "store", "mode", "allocs/s min/med/max", "p50 us", "p99 us", "max us", "writes", "blocks", "raw CAS/s", "alloc/CAS", "goal", "met"
+            "{:<10} {:<11} {:>19} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>10} {:>10}  {:<22} {:>4}",
+            "store", "mode", "allocs/s min/med/max", "p50 us", "p99 us", "max us", "claim us", "writes", "blocks", "raw CAS/s", "alloc/CAS", "goal", "met"
         );
         for (store, mode, spread, cas, etcd) in
             [("embedded", "sequential", &e1, ce1, false), ("embedded", "8-way", &e8, ce8, false), ("etcd", "sequential", &x1, c1, true), ("etcd", "8-way", &x8, c8, true)]
@@ -187,17 +206,22 @@ fn main() {
             let ratio = r.allocs_per_sec / cas;
             let (goal, met) = if etcd {
                 (">=0.8x raw CAS".to_string(), ratio >= 0.8)
-            } else {
+            } else if mode == "sequential" {
                 (">=5000/s, p99 <1 ms".to_string(), r.allocs_per_sec >= 5000.0 && r.p99 < Duration::from_millis(1))
+            } else {
+                // Eight in flight on one serialised writer: at 5,000/s each waits >= 1.6 ms on
+                // average (Little's law), so a sub-millisecond p99 cannot be a goal here.
+                (">=5000/s".to_string(), r.allocs_per_sec >= 5000.0)
             };
             println!(
-                "{:<10} {:<11} {:>19} {:>7.0} {:>7.0} {:>8.0} {:>7.3} {:>6} {:>10.0} {:>9.2}x  {:<22} {:>4}",
+                "{:<10} {:<11} {:>19} {:>7.0} {:>7.0} {:>8.0} {:>8} {:>7.3} {:>6} {:>10.0} {:>9.2}x  {:<22} {:>4}",
                 store,
                 mode,
                 format!("{:.0}/{:.0}/{:.0}", spread.min, r.allocs_per_sec, spread.max),
                 r.p50.as_secs_f64() * 1e6,
                 r.p99.as_secs_f64() * 1e6,
                 r.max.as_secs_f64() * 1e6,
+                r.claim_p50.map_or("-".to_string(), |c| format!("{:.0}", c.as_secs_f64() * 1e6)),
                 r.writes_per_alloc,
                 r.blocks,
                 cas,
@@ -207,7 +231,7 @@ fn main() {
             );
         }
         println!(
-            "(median of {ROUNDS} rounds, each allocations then the raw CAS; latencies from the median round; writes = datastore writes per allocation, above 1 are block claims)"
+            "(median of {ROUNDS} rounds, each allocations then the raw CAS; latencies from the median round; claim us = median of the allocations that claimed a block; writes = datastore writes per allocation, above 1 are block claims)"
         );
     });
 }

@@ -159,6 +159,8 @@ pub struct IpamClient {
     node_cache: Mutex<HashMap<String, (BTreeMap<String, String>, TxnOp)>>,
     /// Each node's blocks as last listed (re-listed before any claim).
     affinities: Mutex<HashMap<(String, bool), Vec<IpNet>>>,
+    /// (node, family) whose orphaned blocks this client has looked for.
+    orphans_swept: Mutex<std::collections::HashSet<(String, bool)>>,
     /// How long another node's empty block must have been claimed before this node may take it.
     pub reclaim_after: Duration,
 }
@@ -226,6 +228,7 @@ impl IpamClient {
             handles: Mutex::default(),
             node_locks: Mutex::default(),
             affinities: Mutex::default(),
+            orphans_swept: Mutex::default(),
             config_cache: Mutex::default(),
             calico_config_cache: Mutex::default(),
             assign_cache: Mutex::default(),
@@ -791,28 +794,17 @@ impl IpamClient {
             .collect()
     }
 
-    /// Claim a block for `node`: a free block of the pools (searched from the node's own
-    /// starting point), else another node's empty block whose claim is older than
-    /// `reclaim_after`. Affinity and block are written in one transaction, so a crash never
-    /// leaves a half-claimed block.
-    async fn claim(
+    /// A block that names `node` but lost its affinity record (a release or claim cut short):
+    /// adopt it again. Needs every affinity key, so it runs once per node and family in this
+    /// client's life (an agent start) and whenever no free block is left — not on every claim.
+    async fn adopt_orphan(
         &self,
         pools: &[Pool],
         node: &str,
-        v4: bool,
         known: &[IpNet],
         guards: &[TxnOp],
-        blocks: &gingham_store::Listing,
+        taken: &std::collections::HashSet<IpNet>,
     ) -> Result<Option<IpNet>, IpamError> {
-        let parse = |kv: &gingham_store::KeyValue| -> Result<(AllocationBlock, Revision), IpamError> {
-            let b = AllocationBlock::decode(&kv.value)
-                .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
-            Ok((b, kv.mod_revision))
-        };
-        // Which blocks exist, and which have an affinity record, needs only keys (`blocks` is
-        // such a listing): values are read only where they matter.
-        let taken: std::collections::HashSet<IpNet> =
-            blocks.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
         let others: std::collections::HashSet<IpNet> = self
             .ds
             .list_keys(&all_affinities_prefix())
@@ -823,8 +815,7 @@ impl IpamClient {
             .filter(|(n, _)| n != node)
             .map(|(_, c)| c)
             .collect();
-        // A block that names this node but lost its affinity record: adopt it again. Only
-        // blocks no other node has a record for can be such a block.
+        // Only blocks no other node has a record for can be such a block.
         for cidr in taken.iter().filter(|c| !known.contains(c) && !others.contains(c)) {
             let Some((b, _)) = self.read_block(*cidr).await? else { continue };
             if b.is_affine_to(node)
@@ -845,6 +836,37 @@ impl IpamClient {
                 };
             }
         }
+        Ok(None)
+    }
+
+    /// Claim a block for `node`: an orphan of its own (see [`Self::adopt_orphan`]), a free block
+    /// of the pools (searched from the node's own starting point), else another node's empty
+    /// block whose claim is older than `reclaim_after`. Affinity and block are written in one
+    /// transaction, so a crash never leaves a half-claimed block.
+    async fn claim(
+        &self,
+        pools: &[Pool],
+        node: &str,
+        v4: bool,
+        known: &[IpNet],
+        guards: &[TxnOp],
+        blocks: &gingham_store::Listing,
+    ) -> Result<Option<IpNet>, IpamError> {
+        let parse = |kv: &gingham_store::KeyValue| -> Result<(AllocationBlock, Revision), IpamError> {
+            let b = AllocationBlock::decode(&kv.value)
+                .map_err(|message| IpamError::Corrupt { key: kv.key.clone(), message })?;
+            Ok((b, kv.mod_revision))
+        };
+        // Which blocks exist needs only keys (`blocks` is such a listing): values are read only
+        // where they matter.
+        let taken: std::collections::HashSet<IpNet> =
+            blocks.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
+        let swept = !lock(&self.orphans_swept).insert((node.to_string(), v4));
+        if !swept {
+            if let Some(cidr) = self.adopt_orphan(pools, node, known, guards, &taken).await? {
+                return Ok(Some(cidr));
+            }
+        }
         for pool in pools {
             for cidr in pool.blocks_for(node) {
                 if taken.contains(&cidr) {
@@ -859,6 +881,11 @@ impl IpamClient {
                     Err(StoreError::AlreadyExists { .. }) => continue, // another node took it just now
                     Err(e) => return Err(e.into()),
                 }
+            }
+        }
+        if swept {
+            if let Some(cidr) = self.adopt_orphan(pools, node, known, guards, &taken).await? {
+                return Ok(Some(cidr));
             }
         }
         // No free block left: another node's empty one, old enough, is taken over (this needs

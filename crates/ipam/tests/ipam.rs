@@ -494,6 +494,22 @@ async fn cached_configuration_follows_other_writers(ds: Arc<dyn Datastore>) {
     assert!(err.to_string().starts_with("block limit reached"), "{err}");
 }
 
+/// A block that names its node but lost its affinity record (a release cut short) is adopted
+/// by the node's next claim in a new client (an agent start), not left beside a new block.
+async fn orphaned_blocks_are_adopted(ds: Arc<dyn Datastore>) {
+    apply(&ds, &pool("p", "172.31.0.0/16", "  blockSize: 26")).await;
+    let ipam = IpamClient::new(ds.clone());
+    let first = ipam.auto_assign(&req("node-1", "k8s-pod-network.a", 1)).await.unwrap().v4[0];
+    let affinity = keys(&ds).await.into_iter().find(|k| k.starts_with("/calico/ipam/v2/host/node-1/")).unwrap();
+    ds.delete(&affinity, None).await.unwrap();
+    let restarted = IpamClient::new(ds.clone());
+    let next = restarted.auto_assign(&req("node-1", "k8s-pod-network.b", 1)).await.unwrap().v4[0];
+    assert_eq!(next.trunc(), first.trunc(), "the orphan is adopted, no new block claimed");
+    let now = keys(&ds).await;
+    assert!(now.contains(&affinity), "its affinity is back: {now:?}");
+    assert_eq!(now.iter().filter(|k| k.contains("/assignment/")).count(), 1, "{now:?}");
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod embedded { $( #[tokio::test] async fn $name() { let (ds, _b) = super::open("embedded").await; super::$name(ds).await; } )* }
@@ -514,7 +530,8 @@ both!(
     ipam_configuration_is_mirrored,
     reserved_addresses_are_not_handed_out,
     released_addresses_cool_down,
-    cached_configuration_follows_other_writers
+    cached_configuration_follows_other_writers,
+    orphaned_blocks_are_adopted
 );
 
 /// Twenty releases at once on one block, from one client (the agent's 20-way DELs): every
