@@ -861,8 +861,9 @@ impl IpamClient {
         // where they matter.
         let taken: std::collections::HashSet<IpNet> =
             blocks.items.iter().filter_map(|kv| parse_segment(kv.key.rsplit('/').next()?)).collect();
-        let swept = !lock(&self.orphans_swept).insert((node.to_string(), v4));
-        if !swept {
+        // This client's first claim for the node looks for orphans first, later ones only last.
+        let first_claim = lock(&self.orphans_swept).insert((node.to_string(), v4));
+        if first_claim {
             if let Some(cidr) = self.adopt_orphan(pools, node, known, guards, &taken).await? {
                 return Ok(Some(cidr));
             }
@@ -883,7 +884,7 @@ impl IpamClient {
                 }
             }
         }
-        if swept {
+        if !first_claim {
             if let Some(cidr) = self.adopt_orphan(pools, node, known, guards, &taken).await? {
                 return Ok(Some(cidr));
             }
