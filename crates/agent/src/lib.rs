@@ -11,7 +11,8 @@ use gingham_cni::proto::{Message, Request, Response};
 use gingham_cni::spec::{CniError, code};
 use gingham_ipam::IpamClient;
 use gingham_kernel::Netlink;
-use gingham_store::{Datastore, ResourceStore};
+use gingham_store::resources::ResourceError;
+use gingham_store::{Datastore, ResourceStore, StoreError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -59,8 +60,27 @@ pub struct AgentConfig {
 }
 
 /// Make sure this node's Node resource exists with its address (others route to it and select
-/// on its labels).
+/// on its labels). A datastore that is slow or away for a while (etcd still electing itself, a
+/// node booting before its datastore) is waited for, as at connect; any other error ends the agent.
 async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::IpNet>) -> Result<(), AgentError> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match register_once(resources, node, address).await {
+            Err(ResourceError::Store(StoreError::Unavailable(m))) => {
+                eprintln!("gingham node agent: registering node {node}: waiting for the datastore: {m}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            r => return r.map_err(|e| AgentError::Register { node: node.into(), message: e.to_string() }),
+        }
+    }
+}
+
+async fn register_once(
+    resources: &ResourceStore,
+    node: &str,
+    address: Option<ipnet::IpNet>,
+) -> Result<(), ResourceError> {
     resources
         .modify(Kind::Node, None, node, true, |_, spec: &mut NodeSpec| {
             let Some(a) = address.map(|a| a.to_string()) else { return false };
@@ -73,7 +93,6 @@ async fn register(resources: &ResourceStore, node: &str, address: Option<ipnet::
         })
         .await
         .map(|_| ())
-        .map_err(|e| AgentError::Register { node: node.into(), message: e.to_string() })
 }
 
 /// Serve until `shutdown` resolves. Removes a stale socket file first and its own on exit.

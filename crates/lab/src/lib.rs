@@ -725,6 +725,12 @@ async fn apply(store: &std::sync::Arc<dyn gingham_store::Datastore>, yaml: &str)
     Ok(())
 }
 
+/// The last `n` lines of a log.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Wait until a node's agent answers /readiness.
 fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -746,7 +752,10 @@ fn wait_ready(n: &NodeState, dir: &Path) -> Result<()> {
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.join(format!("{}.log", n.name))).unwrap_or_default();
-            return Err(msg(format!("the agent of {} did not become ready; its log:\n{log}", n.name)));
+            // The agent's trouble is often its datastore's: etcd's own log says why.
+            let etcd = std::fs::read_to_string(dir.join("etcd.log")).map(|l| tail(&l, 20)).unwrap_or_default();
+            let etcd = if etcd.is_empty() { String::new() } else { format!("\netcd's log (last lines):\n{etcd}") };
+            return Err(msg(format!("the agent of {} did not become ready; its log:\n{log}{etcd}", n.name)));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -36,7 +36,10 @@ fn err(e: etcd_client::Error) -> StoreError {
             StoreError::Unavailable(format!("etcd: {e}"))
         }
         etcd_client::Error::GRpcStatus(s)
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+            // A status with a source was made here, by the client's transport (a broken
+            // connection, its own request timeout), not sent by etcd: the server is away or slow.
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                || std::error::Error::source(&s).is_some() =>
         {
             StoreError::Unavailable(format!("etcd: {}", s.message()))
         }
@@ -339,5 +342,27 @@ impl Datastore for EtcdStore {
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.client.clone().compact(revision, None).await.map_err(err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_or_absent_servers_are_unavailable_and_refusals_are_not() {
+        let status = |s| err(etcd_client::Error::GRpcStatus(s));
+        // The client's transport ends a call as Cancelled (its timeout) or Unknown (a broken
+        // pipe), with the cause as the source: the caller waits on it.
+        for code in [tonic::Code::Unknown, tonic::Code::Cancelled] {
+            let mut local = tonic::Status::new(code, "transport error");
+            local.set_source(std::sync::Arc::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe)));
+            assert!(matches!(status(local), StoreError::Unavailable(_)), "{code:?}");
+        }
+        assert!(matches!(status(tonic::Status::cancelled("sent by the server")), StoreError::Backend(_)));
+        assert!(matches!(status(tonic::Status::unavailable("no leader")), StoreError::Unavailable(_)));
+        assert!(matches!(status(tonic::Status::deadline_exceeded("slow")), StoreError::Unavailable(_)));
+        assert!(matches!(status(tonic::Status::permission_denied("no")), StoreError::Backend(_)));
+        assert!(matches!(status(tonic::Status::invalid_argument("bad")), StoreError::Backend(_)));
     }
 }

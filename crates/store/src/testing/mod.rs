@@ -133,6 +133,8 @@ pub struct EtcdServer {
     child: Child,
     dir: tempfile::TempDir,
     pub config: EtcdConfig,
+    client_port: u16,
+    peer_url: String,
 }
 
 /// Client-side TLS material written by [`write_test_certificates`].
@@ -231,9 +233,22 @@ impl EtcdServer {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Self::spawn(dir.path(), &client_url, &peer_url, tls)?;
+        let config = EtcdConfig {
+            endpoints: vec![client_url],
+            ca_cert_file: tls.map(|t| t.ca.display().to_string()),
+            cert_file: tls.map(|t| t.client_cert.display().to_string()),
+            key_file: tls.map(|t| t.client_key.display().to_string()),
+        };
+        let mut server = EtcdServer { child, dir, config, client_port: client, peer_url };
+        server.wait_listening()?;
+        Ok(server)
+    }
+
+    fn spawn(dir: &Path, client_url: &str, peer_url: &str, tls: Option<&TlsFiles>) -> std::io::Result<Child> {
         let mut cmd = Command::new("etcd");
         cmd.arg("--name=gingham-test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--data-dir={}", dir.join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -243,32 +258,41 @@ impl EtcdServer {
             .arg("--logger=zap")
             .arg("--log-level=error")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log"))?);
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log"))?);
         if let Some(t) = tls {
             cmd.arg(format!("--cert-file={}", t.server_cert.display()))
                 .arg(format!("--key-file={}", t.server_key.display()))
                 .arg(format!("--trusted-ca-file={}", t.ca.display()))
                 .arg("--client-cert-auth");
         }
-        let child = cmd.spawn().map_err(|e| {
+        cmd.spawn().map_err(|e| {
             std::io::Error::other(format!("cannot start etcd (is the etcd-server package installed?): {e}"))
-        })?;
-        let config = EtcdConfig {
-            endpoints: vec![client_url],
-            ca_cert_file: tls.map(|t| t.ca.display().to_string()),
-            cert_file: tls.map(|t| t.client_cert.display().to_string()),
-            key_file: tls.map(|t| t.client_key.display().to_string()),
-        };
-        let mut server = EtcdServer { child, dir, config };
+        })
+    }
+
+    fn wait_listening(&mut self) -> std::io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            if Instant::now() > deadline || server.child.try_wait()?.is_some() {
-                let log = std::fs::read_to_string(server.dir.path().join("etcd.log")).unwrap_or_default();
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            if Instant::now() > deadline || self.child.try_wait()?.is_some() {
+                let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
                 return Err(std::io::Error::other(format!("etcd did not start: {log}")));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Kill etcd (its clients see refused connections), keeping its data and ports.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start a killed etcd again on the same data and ports (plain HTTP only).
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.child = Self::spawn(self.dir.path(), &self.config.endpoints[0], &self.peer_url, None)?;
+        self.wait_listening()
     }
 
     /// Connect, retrying while etcd finishes starting (it accepts TCP before it serves).

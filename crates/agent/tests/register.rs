@@ -1,0 +1,50 @@
+//! The agent registers its Node even when etcd goes away between connect and registration
+//! (a real etcd, killed and started again on the same data and port).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gingham_api::Kind;
+use gingham_store::testing::EtcdServer;
+use gingham_store::{Datastore, ResourceStore};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_waits_for_a_datastore_that_went_away() {
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let store: Arc<dyn Datastore> = Arc::new(etcd.connect().await.expect("connect"));
+    etcd.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let node = format!("register-test-{}", std::process::id());
+    let config = gingham_agent::AgentConfig {
+        node: node.clone(),
+        socket: socket.clone(),
+        store: store.clone(),
+        address: gingham_agent::detect::Autodetect::FirstFound,
+        health: None,
+        routing: false,
+        orphan_grace: Duration::from_secs(60),
+        bgp: None,
+        use_pod_cidr: false,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(gingham_agent::run(config, async {
+        let _ = stopped.await;
+    }));
+    // etcd is away for longer than a few retries; the agent must still be waiting, not gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!agent.is_finished(), "the agent gave up while etcd was away: {:?}", agent.await);
+    assert!(!socket.exists(), "the agent serves before its Node is registered");
+    etcd.restart().expect("etcd restart");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the agent did not register after etcd came back");
+        assert!(!agent.is_finished(), "the agent ended: {:?}", agent.await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resources = ResourceStore::new(store);
+    assert!(resources.get(Kind::Node, None, &node).await.unwrap().is_some(), "Node {node} was not written");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), agent).await.expect("agent stops").unwrap().unwrap();
+    assert!(!socket.exists(), "the agent removes its socket on exit");
+}
