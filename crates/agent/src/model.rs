@@ -66,6 +66,9 @@ pub struct Network {
     pub policy: gingham_dataplane::policy::PolicyManager,
     pub nl: Netlink,
     pub underlay_mtu: u32,
+    /// tunl0's index as link events last told it (None: not known, ask the kernel). Kept so
+    /// that a pass over the managers — one per pod change — costs no netlink query for it.
+    tunl0: Option<Option<u32>>,
 }
 
 impl Network {
@@ -89,9 +92,22 @@ impl Network {
             routes,
             nl,
             underlay_mtu,
+            tunl0: None,
         }
     }
+
+    /// Tell the route manager where the VXLAN device and tunl0 are.
+    async fn tunnel_devices(&mut self) {
+        self.routes.set_device(Dev::Vxlan, self.vxlan.index());
+        let tunl = match self.tunl0 {
+            Some(known) => known,
+            None => self.nl.link(TUNL0).await.ok().flatten().map(|l| l.index),
+        };
+        self.routes.set_device(Dev::Ipip, tunl);
+    }
 }
+
+const TUNL0: &str = "tunl0";
 
 pub struct Model {
     node: String,
@@ -235,7 +251,14 @@ impl Model {
                 f = learned => self.learned(f),
                 _ = shared.wake.notified() => {}
                 ev = kernel_event => match ev {
-                    Some(ev) => self.kernel_event(ev),
+                    Some(ev) => {
+                        self.kernel_event(ev);
+                        // A pod's veth brings a burst of link and route events: one pass
+                        // over the managers for all that are already queued.
+                        while let Some(ev) = kernel.as_mut().and_then(|k| k.try_recv().ok()) {
+                            self.kernel_event(ev);
+                        }
+                    }
                     None => kernel = None,
                 },
                 _ = backstop.tick() => {
@@ -247,6 +270,12 @@ impl Model {
                     if self.in_sync {
                         self.policy_drift().await;
                     }
+                }
+            }
+            if kernel.is_none() {
+                // No link events to follow tunl0 by: ask each time.
+                if let Some(net) = self.net.as_mut() {
+                    net.tunl0 = None;
                 }
             }
             self.process().await;
@@ -439,8 +468,13 @@ impl Model {
                     self.dirty = true;
                 }
             }
-            KernelEvent::Link { deleted, name, .. } => {
-                if name == VXLAN_DEVICE {
+            KernelEvent::Link { deleted, name, index } => {
+                if name == TUNL0 {
+                    if let Some(net) = self.net.as_mut() {
+                        net.tunl0 = Some((!deleted).then_some(index));
+                        self.dirty = true;
+                    }
+                } else if name == VXLAN_DEVICE {
                     if let Some(net) = self.net.as_mut() {
                         net.vxlan.device_changed();
                         self.dirty = true;
@@ -457,6 +491,7 @@ impl Model {
             KernelEvent::Overrun => {
                 if let Some(net) = self.net.as_mut() {
                     net.vxlan.device_changed();
+                    net.tunl0 = None;
                 }
                 self.dirty = true;
                 self.metrics.kernel_overruns.fetch_add(1, Ordering::Relaxed);
@@ -705,9 +740,7 @@ impl Model {
             if let Err(e) = net.vxlan.apply().await {
                 errors.push(format!("VXLAN: {e}"));
             }
-            net.routes.set_device(Dev::Vxlan, net.vxlan.index());
-            let tunl = net.nl.link("tunl0").await.ok().flatten().map(|l| l.index);
-            net.routes.set_device(Dev::Ipip, tunl);
+            net.tunnel_devices().await;
             match net.routes.apply().await {
                 Ok(_) => {}
                 Err(e) => errors.push(format!("routes: {e}")),
@@ -736,9 +769,9 @@ impl Model {
             if let Err(e) = net.vxlan.resync().await {
                 errors.push(format!("VXLAN: {e}"));
             }
-            net.routes.set_device(Dev::Vxlan, net.vxlan.index());
-            let tunl = net.nl.link("tunl0").await.ok().flatten().map(|l| l.index);
-            net.routes.set_device(Dev::Ipip, tunl);
+            // The backstop asks the kernel, whatever the events said.
+            net.tunl0 = None;
+            net.tunnel_devices().await;
             if let Err(e) = net.routes.resync().await {
                 errors.push(format!("routes: {e}"));
             }

@@ -97,25 +97,42 @@ impl WorkloadManager {
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut routes: Vec<Route> = self.nl.routes(true).await?;
-        routes.extend(self.nl.routes(false).await?);
         let mut added = 0;
-        for k in keys {
-            let Some(w) = self.want.get(&k) else { continue };
-            let Some(link) = self.nl.link(&w.iface).await? else { continue };
-            for ip in &w.ips {
-                let r = host_route(ip, link.index);
-                if !routes.iter().any(|h| h.dst == r.dst && h.oif == r.oif) {
-                    self.nl.replace_route(&r).await?;
-                    added += 1;
+        let mut keys = keys.into_iter();
+        while let Some(k) = keys.next() {
+            match self.apply_one(&k).await {
+                Ok(n) => added += n,
+                Err(e) => {
+                    // Tried again at the next pass: this one and those not reached.
+                    self.dirty.insert(k);
+                    self.dirty.extend(keys);
+                    return Err(e);
                 }
             }
-            let v6 = w.ips.iter().any(|n| n.addr().is_ipv6());
-            for (key, value) in host_sysctls(&w.iface, v6) {
-                if sysctl::read(&key).ok().as_deref() != Some(value) {
-                    // The interface may be going away right now; that is not an error here.
-                    let _ = sysctl::write(&key, value);
-                }
+        }
+        Ok(added)
+    }
+
+    /// One workload's host routes and sysctls; how many routes were put back.
+    async fn apply_one(&self, k: &str) -> Result<usize, DataplaneError> {
+        let Some(w) = self.want.get(k) else { return Ok(0) };
+        let Some(link) = self.nl.link(&w.iface).await? else { return Ok(0) };
+        let mut added = 0;
+        for ip in &w.ips {
+            let r = host_route(ip, link.index);
+            // One lookup per address: a dump of the node's every route per new pod would grow
+            // with the node.
+            let have = self.nl.route_for(ip.addr()).await?;
+            if !have.is_some_and(|h| h.dst == r.dst && h.oif == r.oif) {
+                self.nl.replace_route(&r).await?;
+                added += 1;
+            }
+        }
+        let v6 = w.ips.iter().any(|n| n.addr().is_ipv6());
+        for (key, value) in host_sysctls(&w.iface, v6) {
+            if sysctl::read(&key).ok().as_deref() != Some(value) {
+                // The interface may be going away right now; that is not an error here.
+                let _ = sysctl::write(&key, value);
             }
         }
         Ok(added)

@@ -560,6 +560,25 @@ impl Netlink {
     }
 
     /// Routes of the main table for one family.
+    /// The main-table route the kernel matches for the address `ip` (`ip route get ip
+    /// fibmatch`): one lookup, not a dump of every route. None when nothing matches or the
+    /// match is a reject route, which the kernel answers with an error of its kind instead.
+    pub async fn route_for(&self, ip: IpAddr) -> Result<Option<Route>> {
+        let mut msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
+            .map_err(|e| KernelError::Netlink(e.to_string()))?
+            .build();
+        msg.header.flags |= netlink_packet_route::route::RouteFlags::FibMatch;
+        let mut s = self.handle.route().get(msg).execute();
+        match s.try_next().await {
+            Ok(Some(m)) if m.header.table == 254 => Ok(to_route(&m)),
+            Ok(_) => Ok(None),
+            // ENETUNREACH: no route; EINVAL: blackhole; EHOSTUNREACH: unreachable; EACCES: prohibit.
+            Err(e) if [101, 22, 113, 13].into_iter().any(|n| is_errno(&e, n)) => Ok(None),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
     pub async fn routes(&self, v4: bool) -> Result<Vec<Route>> {
         let probe = if v4 {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()

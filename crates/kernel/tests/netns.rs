@@ -85,8 +85,25 @@ async fn veth_into_namespace_addresses_routes_sysctls() {
         in_netns(&host.path(), || sysctl::read(&["net", "ipv4", "conf", "calitest0", "proxy_arp"])).unwrap().unwrap();
     assert_eq!(v, "1");
 
+    // One lookup names the FIB entry an address meets: the /32 here, a covering route, or none.
+    let found = h.route_for(pod_ip.addr()).await.unwrap().expect("the host route");
+    assert_eq!((found.dst, found.oif, found.protocol), (pod_ip, Some(hl.index), 3));
+    let block = Route::device("10.65.0.0/26".parse().unwrap(), hl.index, 3);
+    h.replace_route(&block).await.unwrap();
+    let other = h.route_for("10.65.0.9".parse().unwrap()).await.unwrap().expect("the covering route");
+    assert_eq!(other.dst, block.dst);
+    assert!(h.route_for("10.99.1.1".parse().unwrap()).await.unwrap().is_none(), "no route, no match");
+    for kind in ["blackhole", "unreachable", "prohibit"] {
+        let st = Command::new("ip").args(["-n", &host.0, "route", "add", kind, "10.98.0.0/24"]).status().unwrap();
+        assert!(st.success());
+        assert!(h.route_for("10.98.0.1".parse().unwrap()).await.unwrap().is_none(), "a {kind} route is no match");
+        Command::new("ip").args(["-n", &host.0, "route", "del", "10.98.0.0/24"]).status().unwrap();
+    }
+    assert!(h.route_for("fd00::1".parse().unwrap()).await.unwrap().is_none(), "IPv6: no route, no match");
+    assert!(h.delete_route(&block).await.unwrap());
     assert!(h.delete_route(&host_route).await.unwrap());
     assert!(!h.delete_route(&host_route).await.unwrap());
+    assert!(h.route_for(pod_ip.addr()).await.unwrap().is_none());
     // Deleting the host end removes the pair, in both namespaces.
     assert!(h.delete_link("calitest0").await.unwrap());
     assert!(!h.delete_link("calitest0").await.unwrap());
