@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh --kube || exit 1
 cargo build --release --benches --locked -q || exit 1
 
-declare -A LIMIT=([store]=600 [ipam]=600 [cni]=600 [datapath]=1200 [scale]=3000 [nft]=300 [bgp-feed]=600 [bgp-claim]=300 [bgp-rr]=600 [policy]=600 [first-packet]=300 [policy-datapath]=900)
+declare -A LIMIT=([store]=600 [ipam]=600 [cni]=900 [datapath]=1200 [scale]=3000 [nft]=300 [bgp-feed]=600 [bgp-claim]=300 [bgp-rr]=600 [policy]=600 [first-packet]=300 [policy-datapath]=900)
 declare -A ARGS=([store]="-p gingham-store" [ipam]="-p gingham-ipam" [cni]="-p gingham --bench cni"
                  [datapath]="-p gingham --bench datapath" [scale]="-p gingham --bench scale"
                  [nft]="-p gingham-kernel --bench nft" [bgp-feed]="-p gingham-bgp --bench feed"

@@ -96,12 +96,20 @@ impl Network {
         }
     }
 
-    /// Tell the route manager where the VXLAN device and tunl0 are.
+    /// Tell the route manager where the VXLAN device and tunl0 are. tunl0 is asked once, then
+    /// followed by link events (a later event, queued behind this answer, overrides it).
     async fn tunnel_devices(&mut self) {
         self.routes.set_device(Dev::Vxlan, self.vxlan.index());
         let tunl = match self.tunl0 {
             Some(known) => known,
-            None => self.nl.link(TUNL0).await.ok().flatten().map(|l| l.index),
+            None => match self.nl.link(TUNL0).await {
+                Ok(l) => {
+                    let index = l.map(|l| l.index);
+                    self.tunl0 = Some(index);
+                    index
+                }
+                Err(_) => None,
+            },
         };
         self.routes.set_device(Dev::Ipip, tunl);
     }
