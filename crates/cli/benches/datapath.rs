@@ -1,7 +1,9 @@
 //! Datapath throughput: iperf3 TCP pod-to-pod on one node, across nodes natively, and across
 //! nodes over VXLAN — gingham's lab beside the same path built by hand with iproute2
-//! (fixtures/lab-underlay.sh, the project's reference script), in one run, alternating.
-//! `cargo bench -p gingham --bench datapath`; GINGHAM_BENCH_RUNS (3) and GINGHAM_BENCH_SECS (3).
+//! (fixtures/lab-underlay.sh, the project's reference script), in one run. Per path the three
+//! labs (hand-built, gingham, gingham with natOutgoing) are up side by side and measured in
+//! turn, the order rotating every run; min/median/max of the runs and the ratio of medians.
+//! `cargo bench -p gingham --bench datapath`; GINGHAM_BENCH_RUNS (9) and GINGHAM_BENCH_SECS (3).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,32 +34,38 @@ fn sh(args: &[&str], env: &[(&str, &str)]) {
 
 struct GinghamLab {
     dir: tempfile::TempDir,
+    prefix: &'static str,
 }
 
 impl GinghamLab {
     /// `nat`: keep the lab pool's natOutgoing (the hand-built path has no NAT; without it the
-    /// two do the same job).
-    fn up(encap: &str, nat: bool) -> GinghamLab {
+    /// two do the same job). `prefix` names its namespaces, so two can be up at once.
+    fn up(encap: &str, nat: bool, prefix: &'static str) -> GinghamLab {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap().to_string();
+        let lab = GinghamLab { dir, prefix };
         sh(
             &[G, "lab", "up", "--quiet", "--nodes", "2", "--pods-per-node", "2", "--encap", encap],
-            &[("GINGHAM_LAB_DIR", &d), ("GINGHAM_LAB_PREFIX", "gb")],
+            &[("GINGHAM_LAB_DIR", &d), ("GINGHAM_LAB_PREFIX", prefix)],
         );
         if !nat {
-            let store = dir.path().join("store.db");
+            let store = lab.dir.path().join("store.db");
             sh(
                 &[G, "patch", "ippool", "default-ipv4-ippool", "-p", r#"{"spec":{"natOutgoing":false}}"#],
                 &[("GINGHAM_STORE_PATH", store.to_str().unwrap())],
             );
             std::thread::sleep(Duration::from_millis(1000)); // the agents' next sync removes the table
         }
-        GinghamLab { dir }
+        lab
     }
     fn ip(&self, pod: &str) -> String {
         let s: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("state.json")).unwrap()).unwrap();
         s["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap()["ips"][0].as_str().unwrap().to_string()
+    }
+    /// The namespace of a lab pod (`default/pod-1-1`).
+    fn pod_ns(&self, pod: &str) -> String {
+        format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
     }
 }
 
@@ -95,8 +103,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn min_med_max(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
+}
+
 fn main() {
-    let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(9);
     let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     // (path, hand-built mode, gingham encap, same node?)
     let paths = [
@@ -104,40 +118,65 @@ fn main() {
         ("pod→pod, across nodes, native", "native", "none", false),
         ("pod→pod, across nodes, VXLAN", "vxlan", "vxlan", false),
     ];
-    let mut rows: Vec<(&str, f64, f64, f64)> = Vec::new();
+    type Row = (&'static str, Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut rows: Vec<Row> = Vec::new();
     for (name, mode, encap, same) in paths {
+        // The hand-built lab lives in the root namespace's bridge, gingham's labs in their own
+        // namespaces: all three are up at once.
+        let _hand = HandLab::up(mode);
+        let plain = GinghamLab::up(encap, false, "gb");
+        let nat = GinghamLab::up(encap, true, "gn");
+        let (hand_dst, hand_ip) = if same { ("pod1-2", "172.20.1.2") } else { ("pod2-1", "172.20.2.1") };
+        let dst = if same { "default/pod-1-2" } else { "default/pod-2-1" };
         let (mut hand, mut ging, mut ging_nat) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
-            {
-                let _lab = HandLab::up(mode);
-                let (dst, ip) = if same { ("pod1-2", "172.20.1.2") } else { ("pod2-1", "172.20.2.1") };
-                hand.push(iperf::iperf("pod1-1", dst, ip, secs, 5301, false));
-            }
-            for (nat, out) in [(false, &mut ging), (true, &mut ging_nat)] {
-                let lab = GinghamLab::up(encap, nat);
-                let (dst, pod) = if same {
-                    ("gb-pod-default-pod-1-2", "default/pod-1-2")
-                } else {
-                    ("gb-pod-default-pod-2-1", "default/pod-2-1")
-                };
-                out.push(iperf::iperf("gb-pod-default-pod-1-1", dst, &lab.ip(pod), secs, 5301, false));
+        for run in 0..runs {
+            for turn in 0..3 {
+                match (run + turn) % 3 {
+                    0 => hand.push(iperf::iperf("pod1-1", hand_dst, hand_ip, secs, 5301, false)),
+                    1 => ging.push(iperf::iperf(
+                        &plain.pod_ns("default/pod-1-1"),
+                        &plain.pod_ns(dst),
+                        &plain.ip(dst),
+                        secs,
+                        5301,
+                        false,
+                    )),
+                    _ => ging_nat.push(iperf::iperf(
+                        &nat.pod_ns("default/pod-1-1"),
+                        &nat.pod_ns(dst),
+                        &nat.ip(dst),
+                        secs,
+                        5301,
+                        false,
+                    )),
+                }
             }
         }
-        rows.push((name, median(hand), median(ging), median(ging_nat)));
+        rows.push((name, hand, ging, ging_nat));
     }
     println!(
-        "datapath benchmark: iperf3 TCP, 1 stream, {secs} s, median of {runs} alternating runs; load average {}",
+        "datapath benchmark: iperf3 TCP, 1 stream, {secs} s, {runs} runs of each, in rotating order; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
         "hand-built = fixtures/lab-underlay.sh (iproute2 by hand, no NAT); gingham = `gingham lab up` (agents + CNI),"
     );
-    println!("natOutgoing off for the like-for-like ratio; the last columns keep the pool's natOutgoing on\n");
+    println!("natOutgoing off for the like-for-like ratio; the last columns keep the pool's natOutgoing on");
+    println!("Gb/s as min/median/max over the runs; ratios of medians\n");
     println!(
-        "{:<34} {:>15} {:>13} {:>13} {:>16} {:>13}",
-        "path", "hand-built Gb/s", "gingham Gb/s", "gingham/hand", "+natOutgoing Gb/s", "ratio"
+        "{:<32} {:>18} {:>18} {:>8} {:>18} {:>8}",
+        "path", "hand-built Gb/s", "gingham Gb/s", "ratio", "+natOutgoing Gb/s", "ratio"
     );
     for (name, h, g, gn) in rows {
-        println!("{:<34} {:>15.2} {:>13.2} {:>12.2}x {:>16.2} {:>12.2}x", name, h, g, g / h, gn, gn / h);
+        let (mh, mg, mgn) = (median(h.clone()), median(g.clone()), median(gn.clone()));
+        println!(
+            "{:<32} {:>18} {:>18} {:>7.2}x {:>18} {:>7.2}x",
+            name,
+            min_med_max(&h),
+            min_med_max(&g),
+            mg / mh,
+            min_med_max(&gn),
+            mgn / mh
+        );
     }
 }
