@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+#[path = "common/stats.rs"]
+mod stats;
+use stats::{median, min_med_max};
+
 const G: &str = env!("CARGO_BIN_EXE_gingham");
 /// The plugin as `gingham cni install` installs it.
 const PLUGIN: &str = env!("CARGO_BIN_EXE_gingham-cni");
@@ -218,17 +222,6 @@ fn print_breakdown(what: &str, requests: &Steps) {
 struct Row {
     ptp: Vec<Phase>,
     ging: Vec<Phase>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn min_med_max(v: &[f64]) -> String {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(0.0, f64::max);
-    format!("{lo:.1}/{:.1}/{hi:.1}", median(v.to_vec()))
 }
 
 /// A node state the rounds run in: the two plugins' configurations.
@@ -462,8 +455,8 @@ fn main() {
                 println!(
                     "{:<28} {:>17} {:>17} {:>8.1} {:>8.1} {:>6.2}x {:>7.0} {:>7.0} {:>6.1}x  {:<17} {}",
                     format!("{}, {oname} {mname}", s.name),
-                    min_med_max(&p50(&r.ptp)),
-                    min_med_max(&p50(&r.ging)),
+                    min_med_max(&p50(&r.ptp), 1),
+                    min_med_max(&p50(&r.ging), 1),
                     p99(&r.ptp),
                     p99(&r.ging),
                     ratio,

@@ -10,6 +10,9 @@ use std::process::Command;
 
 #[path = "common/iperf.rs"]
 mod iperf;
+#[path = "common/stats.rs"]
+mod stats;
+use stats::{median, min_med_max};
 use std::time::Duration;
 
 const G: &str = env!("CARGO_BIN_EXE_gingham");
@@ -67,6 +70,10 @@ impl GinghamLab {
     fn pod_ns(&self, pod: &str) -> String {
         format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
     }
+    /// iperf3 TCP from one lab pod to another's address: Gbit/s.
+    fn iperf(&self, src: &str, dst: &str, secs: u32) -> f64 {
+        iperf::iperf(&self.pod_ns(src), &self.pod_ns(dst), &self.ip(dst), secs, 5301, false)
+    }
 }
 
 impl Drop for GinghamLab {
@@ -98,17 +105,6 @@ impl Drop for HandLab {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn min_med_max(v: &[f64]) -> String {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(0.0, f64::max);
-    format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
-}
-
 fn main() {
     let runs: usize = std::env::var("GINGHAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(9);
     let secs: u32 = std::env::var("GINGHAM_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
@@ -133,22 +129,8 @@ fn main() {
             for turn in 0..3 {
                 match (run + turn) % 3 {
                     0 => hand.push(iperf::iperf("pod1-1", hand_dst, hand_ip, secs, 5301, false)),
-                    1 => ging.push(iperf::iperf(
-                        &plain.pod_ns("default/pod-1-1"),
-                        &plain.pod_ns(dst),
-                        &plain.ip(dst),
-                        secs,
-                        5301,
-                        false,
-                    )),
-                    _ => ging_nat.push(iperf::iperf(
-                        &nat.pod_ns("default/pod-1-1"),
-                        &nat.pod_ns(dst),
-                        &nat.ip(dst),
-                        secs,
-                        5301,
-                        false,
-                    )),
+                    1 => ging.push(plain.iperf("default/pod-1-1", dst, secs)),
+                    _ => ging_nat.push(nat.iperf("default/pod-1-1", dst, secs)),
                 }
             }
         }
@@ -172,10 +154,10 @@ fn main() {
         println!(
             "{:<32} {:>18} {:>18} {:>7.2}x {:>18} {:>7.2}x",
             name,
-            min_med_max(&h),
-            min_med_max(&g),
+            min_med_max(&h, 2),
+            min_med_max(&g, 2),
             mg / mh,
-            min_med_max(&gn),
+            min_med_max(&gn, 2),
             mgn / mh
         );
     }
