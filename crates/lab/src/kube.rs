@@ -72,11 +72,7 @@ pub fn start(state: &mut State, underlay_ns: &str, etcd: &str, quiet: bool) -> R
     while kubectl(state, &["get", "--raw", "/readyz"], None).is_err() {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(state.dir.join("kube-apiserver.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            return Err(msg(format!(
-                "kube-apiserver not ready within 90 s:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )));
+            return Err(msg(format!("kube-apiserver not ready within 90 s:\n{}", crate::tail(&log, 15))));
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -726,7 +726,7 @@ async fn apply(store: &std::sync::Arc<dyn gingham_store::Datastore>, yaml: &str)
 }
 
 /// The last `n` lines of a log.
-fn tail(log: &str, n: usize) -> String {
+pub(crate) fn tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
