@@ -109,7 +109,12 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     } else {
         None
     };
-    register(&resources, &config.node, detected.as_ref().map(|(_, a)| *a)).await?;
+    tokio::pin!(shutdown);
+    // Told to stop while still waiting for the datastore: nothing was started yet.
+    tokio::select! {
+        r = register(&resources, &config.node, detected.as_ref().map(|(_, a)| *a)) => r?,
+        _ = &mut shutdown => return Ok(()),
+    }
     let net = match detected {
         Some((iface, addr)) => {
             let node_ip = detect::ipv4(&addr).ok_or_else(|| AgentError::Register {
@@ -185,7 +190,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let listener =
         socket::bind(&path).map_err(|m| AgentError::Socket { path: path.display().to_string(), message: m })?;
     let slots = Arc::new(tokio::sync::Semaphore::new(socket::MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,

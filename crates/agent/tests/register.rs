@@ -1,5 +1,6 @@
 //! The agent registers its Node even when etcd goes away between connect and registration
-//! (a real etcd, killed and started again on the same data and port).
+//! (a real etcd, killed and started again on the same data and port), and can be stopped while
+//! it waits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,6 +8,20 @@ use std::time::{Duration, Instant};
 use gingham_api::Kind;
 use gingham_store::testing::EtcdServer;
 use gingham_store::{Datastore, ResourceStore};
+
+fn config(node: &str, socket: &std::path::Path, store: Arc<dyn Datastore>) -> gingham_agent::AgentConfig {
+    gingham_agent::AgentConfig {
+        node: node.into(),
+        socket: socket.into(),
+        store,
+        address: gingham_agent::detect::Autodetect::FirstFound,
+        health: None,
+        routing: false,
+        orphan_grace: Duration::from_secs(60),
+        bgp: None,
+        use_pod_cidr: false,
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_waits_for_a_datastore_that_went_away() {
@@ -16,17 +31,7 @@ async fn registration_waits_for_a_datastore_that_went_away() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let node = format!("register-test-{}", std::process::id());
-    let config = gingham_agent::AgentConfig {
-        node: node.clone(),
-        socket: socket.clone(),
-        store: store.clone(),
-        address: gingham_agent::detect::Autodetect::FirstFound,
-        health: None,
-        routing: false,
-        orphan_grace: Duration::from_secs(60),
-        bgp: None,
-        use_pod_cidr: false,
-    };
+    let config = config(&node, &socket, store.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(gingham_agent::run(config, async {
         let _ = stopped.await;
@@ -47,4 +52,24 @@ async fn registration_waits_for_a_datastore_that_went_away() {
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), agent).await.expect("agent stops").unwrap().unwrap();
     assert!(!socket.exists(), "the agent removes its socket on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waiting_for_its_datastore_stops_when_told() {
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let store: Arc<dyn Datastore> = Arc::new(etcd.connect().await.expect("connect"));
+    etcd.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let node = format!("register-stop-test-{}", std::process::id());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(gingham_agent::run(config(&node, &socket, store), async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!agent.is_finished(), "the agent gave up while etcd was away: {:?}", agent.await);
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), agent).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "told to stop while waiting, the agent must end cleanly: {ended:?}");
+    assert!(!socket.exists(), "it never served");
 }
