@@ -23,19 +23,32 @@ fn config(node: &str, socket: &std::path::Path, store: Arc<dyn Datastore>) -> gi
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_waits_for_a_datastore_that_went_away() {
+/// A real etcd the client has connected to, then killed (its data and port kept).
+async fn etcd_gone_after_connect() -> (EtcdServer, Arc<dyn Datastore>) {
     let mut etcd = EtcdServer::start().expect("etcd");
     let store: Arc<dyn Datastore> = Arc::new(etcd.connect().await.expect("connect"));
     etcd.kill();
+    (etcd, store)
+}
+
+type Agent = tokio::task::JoinHandle<Result<(), gingham_agent::AgentError>>;
+
+/// The agent on a task of its own, and the sender that tells it to stop.
+fn start(node: &str, socket: &std::path::Path, store: Arc<dyn Datastore>) -> (tokio::sync::oneshot::Sender<()>, Agent) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(gingham_agent::run(config(node, socket, store), async {
+        let _ = stopped.await;
+    }));
+    (stop, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_waits_for_a_datastore_that_went_away() {
+    let (mut etcd, store) = etcd_gone_after_connect().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let node = format!("register-test-{}", std::process::id());
-    let config = config(&node, &socket, store.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(gingham_agent::run(config, async {
-        let _ = stopped.await;
-    }));
+    let (stop, agent) = start(&node, &socket, store.clone());
     // etcd is away for longer than a few retries; the agent must still be waiting, not gone.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!agent.is_finished(), "the agent gave up while etcd was away: {:?}", agent.await);
@@ -56,16 +69,11 @@ async fn registration_waits_for_a_datastore_that_went_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_waiting_for_its_datastore_stops_when_told() {
-    let mut etcd = EtcdServer::start().expect("etcd");
-    let store: Arc<dyn Datastore> = Arc::new(etcd.connect().await.expect("connect"));
-    etcd.kill();
+    let (_etcd, store) = etcd_gone_after_connect().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let node = format!("register-stop-test-{}", std::process::id());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(gingham_agent::run(config(&node, &socket, store), async {
-        let _ = stopped.await;
-    }));
+    let (stop, agent) = start(&node, &socket, store);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!agent.is_finished(), "the agent gave up while etcd was away: {:?}", agent.await);
     stop.send(()).unwrap();
