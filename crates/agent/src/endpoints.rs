@@ -413,6 +413,11 @@ impl EndpointService {
         }
     }
 
+    /// The kernel's part (veth pair, then addresses, routes, sysctls) runs in a task of its own
+    /// beside the datastore's (IPAM, then the endpoint record and the wait for its policy): the
+    /// pair is made while addresses are assigned, and the pod's addresses go on while its
+    /// policy is programmed (its interface drops everything until then). The pod's MAC is
+    /// chosen here, so the record needs nothing from the kernel.
     async fn add_steps(
         &self,
         ep: &Endpoint,
@@ -422,102 +427,60 @@ impl EndpointService {
         undo: &mut Undo,
     ) -> Result<CniResult, CniError> {
         crate::steps::mark("lock and checks");
-        undo.ipam = true;
-        let got = self.assign(ep, id, false).await?;
-        crate::steps::mark("IPAM");
         let published = self.metrics.pod_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let mtu = match (ep.mtu, published) {
             (0, 0) => 1500,
             (0, m) => m,
             (m, _) => m,
         };
-        // A stale host end with this name (an earlier pod of the same name) is replaced.
-        self.host.delete_link(&id.host_veth).await.map_err(|e| kernel("removing a stale host interface failed", e))?;
+        let plumbing = Plumbing {
+            host: self.host.clone(),
+            pod: pod.clone(),
+            ns: ns_file.try_clone().map_err(|e| internal("cannot pass on the pod's network namespace", e))?,
+            ifname: ep.ifname.clone(),
+            host_veth: id.host_veth.clone(),
+            mtu,
+            mac: pod_mac(),
+        };
+        let mac = plumbing.mac;
+        let (ips_tx, ips_rx) = tokio::sync::oneshot::channel();
         undo.veth = true;
-        self.host
-            .add_veth(&id.host_veth, &ep.ifname, ns_file, mtu, Some(HOST_MAC))
-            .await
-            .map_err(|e| kernel("creating the veth pair failed", e))?;
-        let host_link = self
-            .host
-            .link(&id.host_veth)
-            .await
-            .map_err(|e| kernel("reading the host interface failed", e))?
-            .ok_or_else(|| CniError::new(code::INTERNAL, "the host interface vanished"))?;
-        let pod_link = pod
-            .link(&ep.ifname)
-            .await
-            .map_err(|e| kernel("reading the pod interface failed", e))?
-            .ok_or_else(|| CniError::new(code::INTERNAL, "the pod interface vanished"))?;
-        crate::steps::mark("veth");
-        let has_v6 = !got.v6.is_empty();
-        // Host side: proxy ARP/NDP answers for the gateway; no delay on the first packet.
-        for (key, value) in gingham_dataplane::workloads::host_sysctls(&id.host_veth, has_v6) {
-            sysctl::write(&key, value).map_err(|e| kernel("setting a host interface sysctl failed", e))?;
+        undo.ipam = true;
+        let kernel = tokio::spawn(plumbing.run(ips_rx));
+        // Whatever the datastore's part gives, the kernel's is awaited before anything is
+        // undone (its task drops its work when the addresses never come).
+        let recorded = self.record(ep, id, mac, ips_tx, undo).await;
+        let plumbed = kernel.await.map_err(|e| internal("the kernel part of ADD failed", e)).and_then(|r| r);
+        let ips = recorded?;
+        let (host_link, pod_link, kernel_steps) = plumbed?;
+        for (name, us) in kernel_steps {
+            crate::steps::alongside(name, us);
         }
-        if has_v6 {
-            let ifn = ep.ifname.clone();
-            sysctl::write_in_file(
-                ns_file,
-                vec![
-                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn.clone(), "accept_dad".into()], "0".into()),
-                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn, "disable_ipv6".into()], "0".into()),
-                ],
-            )
-            .map_err(|e| kernel("setting a pod interface sysctl failed", e))?;
-        }
-        // Pod side: /32 (/128) addresses, the link-local gateway, default routes.
-        for n in got.v4.iter().chain(&got.v6) {
-            let host_net = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
-            pod.add_address(pod_link.index, host_net).await.map_err(|e| kernel("adding the pod address failed", e))?;
-        }
-        pod.set_up(pod_link.index).await.map_err(|e| kernel("bringing the pod interface up failed", e))?;
-        self.host.set_up(host_link.index).await.map_err(|e| kernel("bringing the host interface up failed", e))?;
-        let gw4: IpAddr = GATEWAY_V4.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1)));
-        if !got.v4.is_empty() {
-            pod.replace_route(&Route::device(
-                IpNet::new(gw4, 32).unwrap_or_default(),
-                pod_link.index,
-                WORKLOAD_ROUTE_PROTO,
-            ))
-            .await
-            .map_err(|e| kernel("adding the gateway route failed", e))?;
-            pod.replace_route(&Route::via(
-                IpNet::V4(ipnet::Ipv4Net::default()),
-                gw4,
-                pod_link.index,
-                WORKLOAD_ROUTE_PROTO,
-            ))
-            .await
-            .map_err(|e| kernel("adding the default route failed", e))?;
-        }
-        if has_v6 {
-            let gw6 = IpAddr::V6(host_link_local());
-            pod.replace_route(&Route::via(
-                IpNet::V6(ipnet::Ipv6Net::default()),
-                gw6,
-                pod_link.index,
-                WORKLOAD_ROUTE_PROTO,
-            ))
-            .await
-            .map_err(|e| kernel("adding the IPv6 default route failed", e))?;
-        }
-        // Host routes to each pod address through its veth.
-        for n in got.v4.iter().chain(&got.v6) {
-            let dst = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
-            self.host
-                .replace_route(&Route::device(dst, host_link.index, WORKLOAD_ROUTE_PROTO))
-                .await
-                .map_err(|e| kernel("adding the host route failed", e))?;
-        }
-        crate::steps::mark("addresses, routes, sysctls");
+        crate::steps::mark("rest of the kernel part");
+        Ok(result_for(ep, id, &host_link, &pod_link, &ips))
+    }
+
+    /// The datastore's part of an ADD: addresses assigned (and handed to the kernel's part),
+    /// the endpoint recorded, its policy in place; the addresses.
+    async fn record(
+        &self,
+        ep: &Endpoint,
+        id: &Identity,
+        mac: [u8; 6],
+        ips_tx: tokio::sync::oneshot::Sender<gingham_ipam::Assigned>,
+        undo: &mut Undo,
+    ) -> Result<Vec<IpNet>, CniError> {
+        let got = self.assign(ep, id, false).await?;
+        crate::steps::mark("IPAM");
+        // The kernel's part has ended (failed) when nobody takes them: the caller finds out.
+        let _ = ips_tx.send(got.clone());
         undo.wep = true;
-        self.write_endpoint(ep, id, &got, &pod_link.mac).await?;
+        self.write_endpoint(ep, id, &got, &Some(mac)).await?;
         crate::steps::mark("endpoint write");
         let ips: Vec<IpNet> = got.v4.iter().chain(&got.v6).copied().collect();
         self.policy_in_place(&id.host_veth, &ips).await?;
         crate::steps::mark("policy in place");
-        Ok(result_for(ep, id, &host_link, &pod_link, &ips))
+        Ok(ips)
     }
 
     /// Wait until this node's agent has the endpoint's policy in the kernel, built for these
@@ -985,6 +948,140 @@ fn result_for(
             .collect(),
         routes,
         dns: Default::default(),
+    }
+}
+
+/// A pod's MAC: random, unicast, locally administered (as the kernel picks one).
+fn pod_mac() -> [u8; 6] {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default(),
+    );
+    let b = h.finish().to_be_bytes();
+    [(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// What the kernel's part of an ADD needs, owned (it runs in a task of its own).
+struct Plumbing {
+    host: Netlink,
+    pod: Netlink,
+    ns: File,
+    ifname: String,
+    host_veth: String,
+    mtu: u32,
+    mac: [u8; 6],
+}
+
+/// Steps of the kernel's part, timed in its task: (name, µs).
+type KernelSteps = Vec<(&'static str, u64)>;
+
+impl Plumbing {
+    /// The veth pair, then — once IPAM's addresses arrive on `ips` — addresses, routes and
+    /// sysctls on both ends; the two links. Ends at once, with an error, if they never come.
+    async fn run(
+        self,
+        ips: tokio::sync::oneshot::Receiver<gingham_ipam::Assigned>,
+    ) -> Result<(gingham_kernel::Link, gingham_kernel::Link, KernelSteps), CniError> {
+        let t = std::time::Instant::now();
+        // A stale host end with this name (an earlier pod of the same name) is replaced.
+        self.host
+            .delete_link(&self.host_veth)
+            .await
+            .map_err(|e| kernel("removing a stale host interface failed", e))?;
+        self.host
+            .add_veth_with_macs(&self.host_veth, &self.ifname, &self.ns, self.mtu, Some(HOST_MAC), Some(self.mac))
+            .await
+            .map_err(|e| kernel("creating the veth pair failed", e))?;
+        let host_link = self
+            .host
+            .link(&self.host_veth)
+            .await
+            .map_err(|e| kernel("reading the host interface failed", e))?
+            .ok_or_else(|| CniError::new(code::INTERNAL, "the host interface vanished"))?;
+        let pod_link = self
+            .pod
+            .link(&self.ifname)
+            .await
+            .map_err(|e| kernel("reading the pod interface failed", e))?
+            .ok_or_else(|| CniError::new(code::INTERNAL, "the pod interface vanished"))?;
+        let veth_us = t.elapsed().as_micros() as u64;
+        let got = ips.await.map_err(|_| CniError::new(code::INTERNAL, "no addresses were assigned"))?;
+        let t = std::time::Instant::now();
+        self.addresses(&got, &host_link, &pod_link).await?;
+        let steps = vec![("veth", veth_us), ("addresses, routes, sysctls", t.elapsed().as_micros() as u64)];
+        Ok((host_link, pod_link, steps))
+    }
+
+    async fn addresses(
+        &self,
+        got: &gingham_ipam::Assigned,
+        host_link: &gingham_kernel::Link,
+        pod_link: &gingham_kernel::Link,
+    ) -> Result<(), CniError> {
+        let (host, pod) = (&self.host, &self.pod);
+        let has_v6 = !got.v6.is_empty();
+        // Host side: proxy ARP/NDP answers for the gateway; no delay on the first packet.
+        for (key, value) in gingham_dataplane::workloads::host_sysctls(&self.host_veth, has_v6) {
+            sysctl::write(&key, value).map_err(|e| kernel("setting a host interface sysctl failed", e))?;
+        }
+        if has_v6 {
+            let ifn = self.ifname.clone();
+            sysctl::write_in_file(
+                &self.ns,
+                vec![
+                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn.clone(), "accept_dad".into()], "0".into()),
+                    (vec!["net".into(), "ipv6".into(), "conf".into(), ifn, "disable_ipv6".into()], "0".into()),
+                ],
+            )
+            .map_err(|e| kernel("setting a pod interface sysctl failed", e))?;
+        }
+        // Pod side: /32 (/128) addresses, the link-local gateway, default routes.
+        for n in got.v4.iter().chain(&got.v6) {
+            let host_net = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
+            pod.add_address(pod_link.index, host_net).await.map_err(|e| kernel("adding the pod address failed", e))?;
+        }
+        pod.set_up(pod_link.index).await.map_err(|e| kernel("bringing the pod interface up failed", e))?;
+        host.set_up(host_link.index).await.map_err(|e| kernel("bringing the host interface up failed", e))?;
+        let gw4: IpAddr = GATEWAY_V4.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1)));
+        if !got.v4.is_empty() {
+            pod.replace_route(&Route::device(
+                IpNet::new(gw4, 32).unwrap_or_default(),
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the gateway route failed", e))?;
+            pod.replace_route(&Route::via(
+                IpNet::V4(ipnet::Ipv4Net::default()),
+                gw4,
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the default route failed", e))?;
+        }
+        if has_v6 {
+            let gw6 = IpAddr::V6(host_link_local());
+            pod.replace_route(&Route::via(
+                IpNet::V6(ipnet::Ipv6Net::default()),
+                gw6,
+                pod_link.index,
+                WORKLOAD_ROUTE_PROTO,
+            ))
+            .await
+            .map_err(|e| kernel("adding the IPv6 default route failed", e))?;
+        }
+        // Host routes to each pod address through its veth.
+        for n in got.v4.iter().chain(&got.v6) {
+            let dst = IpNet::new(n.addr(), n.max_prefix_len()).unwrap_or(*n);
+            host.replace_route(&Route::device(dst, host_link.index, WORKLOAD_ROUTE_PROTO))
+                .await
+                .map_err(|e| kernel("adding the host route failed", e))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,8 @@
 //! Where a CNI request's time goes: the handler marks each step, and the time since the
 //! previous mark is sent back with the answer (the plugin prints it when asked, for the CNI
-//! benchmark's breakdown). Marks outside a request are ignored.
+//! benchmark's breakdown). Marks outside a request are ignored. Steps that ran beside the
+//! handler's own (in a task of their own) are recorded under `ALONGSIDE` + their name: they
+//! overlap the others and do not add up with them.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -24,6 +26,14 @@ pub fn mark(name: &str) {
         s.last = now;
         s.list.push((name.to_string(), us));
     });
+}
+
+/// What names a step that ran beside the others.
+pub const ALONGSIDE: &str = "(alongside) ";
+
+/// A step that ran beside the handler's own for `us` µs (timed where it ran).
+pub fn alongside(name: &str, us: u64) {
+    let _ = STEPS.try_with(|s| s.borrow_mut().list.push((format!("{ALONGSIDE}{name}"), us)));
 }
 
 /// Run `f` recording its steps (µs each).

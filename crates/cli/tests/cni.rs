@@ -43,6 +43,16 @@ fn add_check_del_in_every_version() {
             "1"
         );
         assert!(lab.gingham(&["get", "wep", "-o", "wide"]).contains(&format!("node--1-k8s-web--{i}-eth0")));
+        // The endpoint is recorded beside the veth's making: the MAC it names is the pod's own.
+        let wep: Value =
+            serde_json::from_str(&lab.gingham(&["get", "wep", &format!("node--1-k8s-web--{i}-eth0"), "-o", "json"]))
+                .unwrap();
+        let pod_link = ok(&["ip", "-n", &ns, "-o", "link", "show", "eth0"]);
+        let mac = wep["spec"]["mac"].as_str().unwrap();
+        assert!(pod_link.contains(&format!("link/ether {mac} ")), "{mac} vs {pod_link}");
+        assert_eq!(r["interfaces"][1]["mac"], mac);
+        let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "unicast, locally administered: {mac}");
         if *v != "0.3.0" && *v != "0.3.1" {
             let mut check = conf.clone();
             check["prevResult"] = r.clone();

@@ -210,11 +210,24 @@ impl Netlink {
         mtu: u32,
         host_mac: Option<[u8; 6]>,
     ) -> Result<()> {
-        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(peer.to_string())
-            .mtu(mtu)
-            .setns_by_fd(peer_ns.as_raw_fd())
-            .build();
+        self.add_veth_with_macs(host, peer, peer_ns, mtu, host_mac, None).await
+    }
+
+    /// [`Self::add_veth`], with the peer's MAC chosen by the caller too (None: the kernel's).
+    pub async fn add_veth_with_macs(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: &File,
+        mtu: u32,
+        host_mac: Option<[u8; 6]>,
+        peer_mac: Option<[u8; 6]>,
+    ) -> Result<()> {
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_string()).mtu(mtu);
+        if let Some(mac) = peer_mac {
+            peer_msg = peer_msg.address(mac.to_vec());
+        }
+        let peer_msg = peer_msg.setns_by_fd(peer_ns.as_raw_fd()).build();
         let mut b = LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_string())
             .mtu(mtu)

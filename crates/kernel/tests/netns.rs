@@ -46,6 +46,14 @@ async fn veth_into_namespace_addresses_routes_sysctls() {
         h.add_veth("calitest0", "eth1", &open_netns(&pod.path()).unwrap(), 1450, None).await,
         Err(gingham_kernel::KernelError::Exists(_))
     ));
+    // The peer's MAC chosen by the caller (an ADD records it before the pair exists).
+    let peer_mac = [0x0a, 0x58, 0x01, 0x02, 0x03, 0x04];
+    h.add_veth_with_macs("calitest1", "eth1", &open_netns(&pod.path()).unwrap(), 1500, Some(mac), Some(peer_mac))
+        .await
+        .unwrap();
+    assert_eq!(p.link("eth1").await.unwrap().unwrap().mac, Some(peer_mac));
+    assert_eq!(h.link("calitest1").await.unwrap().unwrap().mac, Some(mac));
+    assert!(h.delete_link("calitest1").await.unwrap());
 
     let pod_ip: ipnet::IpNet = "10.65.0.5/32".parse().unwrap();
     p.add_address(pl.index, pod_ip).await.unwrap();
