@@ -423,7 +423,12 @@ impl Model {
                 }
             }
         }
+        // Policed pods' traffic must be tracked before they are said to be in place (their
+        // rules accept replies by connection state).
         net.nat.set_policed(policed);
+        if let Err(e) = net.nat.apply().await {
+            errors.push(format!("NAT: {e}"));
+        }
         self.programmed.send_replace(Arc::new(programmed));
     }
 
@@ -744,6 +749,9 @@ impl Model {
     async fn apply(&mut self) {
         self.dirty = false;
         let mut errors = Vec::new();
+        // Policy first: a CNI ADD waits for it, and it needs nothing the others program (its
+        // rules name interfaces, which may come later).
+        self.apply_policy(&mut errors).await;
         if let Some(net) = self.net.as_mut() {
             if let Err(e) = net.vxlan.apply().await {
                 errors.push(format!("VXLAN: {e}"));
@@ -760,12 +768,6 @@ impl Model {
         }
         if let Err(e) = self.workloads.apply().await {
             errors.push(format!("workloads: {e}"));
-        }
-        self.apply_policy(&mut errors).await;
-        if let Some(net) = self.net.as_mut() {
-            if let Err(e) = net.nat.apply().await {
-                errors.push(format!("NAT: {e}"));
-            }
         }
         self.report(errors);
     }
@@ -792,11 +794,6 @@ impl Model {
             errors.push(format!("workloads: {e}"));
         }
         self.apply_policy(&mut errors).await;
-        if let Some(net) = self.net.as_mut() {
-            if let Err(e) = net.nat.apply().await {
-                errors.push(format!("NAT: {e}"));
-            }
-        }
         self.report(errors);
     }
 
