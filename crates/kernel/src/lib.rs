@@ -242,10 +242,12 @@ impl Netlink {
         }
     }
 
-    /// Delete a link by name; false if it did not exist.
+    /// Delete a link by name (one request: the kernel looks the name up); false if it did not
+    /// exist.
     pub async fn delete_link(&self, name: &str) -> Result<bool> {
-        let Some(l) = self.link(name).await? else { return Ok(false) };
-        match self.handle.link().del(l.index).execute().await {
+        let mut req = self.handle.link().del(0);
+        req.message_mut().attributes.push(LinkAttribute::IfName(name.to_string()));
+        match req.execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc_enodev()) => Ok(false),
             Err(e) => Err(nl(e)),
