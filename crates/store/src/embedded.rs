@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -340,14 +340,14 @@ impl EmbeddedStore {
 
     /// Run `f` in an IMMEDIATE transaction (takes the write lock up front, so the reads inside
     /// it see the state the write applies to) and wake local watchers.
-    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Revision)>) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<(T, Revision)>) -> Result<T> {
         if self.shared.read_only {
             return Err(self.shared.named(StoreError::Unavailable(
                 "is read-only for this user: writing needs write access to the file and its directory".into(),
             )));
         }
         let (out, rev) = self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let tx = Tx::begin(conn, true).map_err(db_err)?;
             let (out, rev) = f(&tx)?;
             // A transaction of many writes moves the revision by many: compare, not modulo.
             if rev - compact_rev(&tx).map_err(db_err)? > KEEP_REVISIONS + COMPACT_EVERY {
@@ -483,10 +483,46 @@ fn compact_rev(conn: &Connection) -> rusqlite::Result<Revision> {
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
 }
 
+/// A transaction begun and ended through cached statements (rusqlite's own parses its BEGIN and
+/// COMMIT every time: a measurable part of a small write); rolled back if dropped unfinished.
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> Tx<'c> {
+    /// `immediate`: take the write lock up front (BEGIN IMMEDIATE), else when first needed.
+    fn begin(conn: &'c Connection, immediate: bool) -> rusqlite::Result<Tx<'c>> {
+        conn.prepare_cached(if immediate { "BEGIN IMMEDIATE" } else { "BEGIN DEFERRED" })?.execute([])?;
+        Ok(Tx { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.conn.is_autocommit() {
+            let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+        }
+    }
+}
+
 /// Forget history below `rev`. Every row at or below the compaction point is one `current`
 /// points at (`append` drops such a row as soon as it is superseded), so only the rows between
 /// the old point and `rev` are looked at: the cost is the history dropped, not the store's size.
-fn compact_tx(tx: &rusqlite::Transaction<'_>, rev: Revision) -> Result<()> {
+fn compact_tx(tx: &Connection, rev: Revision) -> Result<()> {
     let from = compact_rev(tx).map_err(db_err)?;
     tx.execute(COMPACT_RANGE, params![from, rev]).map_err(db_err)?;
     tx.execute("UPDATE meta SET value = MAX(value, ?1 - 1) WHERE name = 'compact_rev'", params![rev])
@@ -553,19 +589,20 @@ impl Datastore for EmbeddedStore {
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.with_conn(|conn| {
-            conn.query_row(
+            conn.prepare_cached(
                 "SELECT c.rev, c.create_rev, l.value FROM current c JOIN log l ON l.rev = c.rev WHERE c.key = ?1",
-                params![key],
-                |r| {
+            )
+            .and_then(|mut s| {
+                s.query_row(params![key], |r| {
                     Ok(KeyValue {
                         key: key.to_string(),
                         mod_revision: r.get(0)?,
                         create_revision: r.get(1)?,
                         value: r.get(2)?,
                     })
-                },
-            )
-            .optional()
+                })
+                .optional()
+            })
             .map_err(db_err)
         })
     }
@@ -578,7 +615,7 @@ impl Datastore for EmbeddedStore {
 
     async fn list_keys(&self, prefix: &str) -> Result<Listing> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
+            let tx = Tx::begin(conn, false).map_err(db_err)?;
             let end = upper_bound(prefix);
             let items = {
                 let mut stmt = tx.prepare_cached(if end.is_some() { KEYS_RANGE } else { KEYS_FROM }).map_err(db_err)?;
@@ -611,7 +648,7 @@ impl Datastore for EmbeddedStore {
     ) -> Result<Revision> {
         self.with_conn(|conn| {
             // One read transaction: every page and the revision are one consistent snapshot.
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_err)?;
+            let tx = Tx::begin(conn, false).map_err(db_err)?;
             let end = upper_bound(prefix);
             {
                 let mut stmt = tx.prepare_cached(if end.is_some() { LIST_RANGE } else { LIST_FROM }).map_err(db_err)?;
@@ -778,7 +815,7 @@ impl Datastore for EmbeddedStore {
 
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let tx = Tx::begin(conn, true).map_err(db_err)?;
             let current = current_revision(&tx).map_err(db_err)?;
             if revision > current {
                 return Err(StoreError::Backend(format!(
