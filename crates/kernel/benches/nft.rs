@@ -1,7 +1,9 @@
 //! What one nftables change costs: gingham's netlink encoding (crates/kernel's `Nft::apply`)
 //! beside libnftables inside the process (what the agent used before, `apply_with_libnftables`)
 //! and an `nft -f -` process per change (before that), on a table that also holds 10,000
-//! rules, in a namespace of its own; and loading those 10,000 rules both in-process ways.
+//! rules, in a namespace of its own; and loading those 10,000 rules both in-process ways,
+//! GINGHAM_BENCH_ROUNDS (9) times alternating (min/median/max, ratio of medians). The changes
+//! are interleaved one by one, 200 of each.
 //! `cargo bench -p gingham-kernel --bench nft`.
 
 use std::io::Write;
@@ -56,7 +58,9 @@ async fn main() {
             ),
         ));
     }
-    // Loading 10,000 rules, both in-process ways (libnftables into a twin table, then removed).
+    // Loading 10,000 rules, both in-process ways, into a twin table (removed after each load),
+    // in alternating rounds; then the bench table itself, over netlink.
+    let rounds: usize = std::env::var("GINGHAM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
     let twin = Table::new(Family::Inet, "twin");
     let twin_ops: Vec<Op> = ops
         .iter()
@@ -68,13 +72,21 @@ async fn main() {
             other => other.clone(),
         })
         .collect();
-    let started = Instant::now();
-    nft.apply_with_libnftables(&twin_ops).await.unwrap();
-    let lib_load = started.elapsed();
-    nft.apply(&[Op::DeleteTable(twin)]).await.unwrap();
-    let started = Instant::now();
+    let (mut lib_loads, mut wire_loads) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for lib in if round % 2 == 0 { [true, false] } else { [false, true] } {
+            let started = Instant::now();
+            if lib {
+                nft.apply_with_libnftables(&twin_ops).await.unwrap();
+                lib_loads.push(started.elapsed().as_secs_f64() * 1e3);
+            } else {
+                nft.apply(&twin_ops).await.unwrap();
+                wire_loads.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            nft.apply(&[Op::DeleteTable(twin.clone())]).await.unwrap();
+        }
+    }
     nft.apply(&ops).await.unwrap();
-    let load = started.elapsed();
     let elem = |i: u32| Element::Net(format!("172.{}.{}.0/24", 16 + i / 256, i % 256).parse().unwrap());
     let chain_ops = |i: u32| {
         vec![
@@ -120,12 +132,24 @@ async fn main() {
         proc_chain.push(s.elapsed());
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.0}/{:.0}/{hi:.0}", median(v))
+    };
     println!(
-        "nftables change cost, table with 10,000 rules (loaded in {:.0} ms over netlink, {:.0} ms through libnftables: {:.2}x); load average {}",
-        ms(load),
-        ms(lib_load),
-        load.as_secs_f64() / lib_load.as_secs_f64(),
+        "nftables change cost, table with 10,000 rules; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "loading the 10,000 rules, {rounds} alternating rounds, ms min/median/max: gingham netlink {}, libnftables {}: {:.2}x",
+        spread(&wire_loads),
+        spread(&lib_loads),
+        median(&wire_loads) / median(&lib_loads)
     );
     println!(
         "{:<36} {:>22} {:>22} {:>22} {:>10} {:>10}",
