@@ -3,7 +3,9 @@
 //! BIRD 2, each in a namespace of its own, in the same run: time until every prefix is in the
 //! Loc-RIB and in the kernel's FIB, and memory per route.
 //! `cargo bench -p gingham-bgp --bench feed` (root; bird2 installed by scripts/install-deps.sh).
-//! GINGHAM_FEED_PREFIXES changes the count.
+//! GINGHAM_FEED_PREFIXES changes the count; GINGHAM_BENCH_ROUNDS (9) the rounds, the two
+//! receivers alternating (which goes first swaps every round): min/median/max of the rounds,
+//! ratios of medians.
 
 use std::io::{Read as _, Write as _};
 
@@ -302,31 +304,53 @@ fn main() {
         return;
     }
     let n: usize = std::env::var("GINGHAM_FEED_PREFIXES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let g = gingham(n);
-    let b = bird(n);
+    let rounds: usize = std::env::var("GINGHAM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
+    let (mut gs, mut bs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            gs.push(gingham(n));
+            bs.push(bird(n));
+        } else {
+            bs.push(bird(n));
+            gs.push(gingham(n));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
+    };
+    let col = |rows: &[Row], f: &dyn Fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    let rib = |r: &Row| r.rib.as_secs_f64();
+    let fib = |r: &Row| r.fib.as_secs_f64();
+    let rss = |r: &Row| r.rss_delta_kib as f64;
     println!(
-        "\nBGP feed benchmark: {n} IPv4 prefixes from an injector peer (pre-encoded UPDATEs, 200 prefixes each) over a veth; load average {}",
+        "\nBGP feed benchmark: {n} IPv4 prefixes from an injector peer (pre-encoded UPDATEs, 200 prefixes each) over a veth, {rounds} alternating rounds; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
-        "{:<10} {:>11} {:>9} {:>14} {:>14} {:>12}",
+        "{:<10} {:>18} {:>18} {:>14} {:>14} {:>12}",
         "receiver", "Loc-RIB s", "FIB s", "FIB routes/s", "RSS delta MiB", "bytes/route"
     );
-    for (name, r) in [("gingham", &g), ("BIRD 2", &b)] {
+    for (name, rows) in [("gingham", &gs), ("BIRD 2", &bs)] {
+        let (f, m) = (median(col(rows, &fib)), median(col(rows, &rss)));
         println!(
-            "{:<10} {:>11.2} {:>9.2} {:>14.0} {:>14.1} {:>12.0}",
+            "{:<10} {:>18} {:>18} {:>14.0} {:>14.1} {:>12.0}",
             name,
-            r.rib.as_secs_f64(),
-            r.fib.as_secs_f64(),
-            n as f64 / r.fib.as_secs_f64(),
-            r.rss_delta_kib as f64 / 1024.0,
-            r.rss_delta_kib as f64 * 1024.0 / n as f64
+            spread(&col(rows, &rib)),
+            spread(&col(rows, &fib)),
+            n as f64 / f,
+            m / 1024.0,
+            m * 1024.0 / n as f64
         );
     }
     println!(
-        "gingham/BIRD: Loc-RIB time {:.2}x, FIB time {:.2}x, bytes per route {:.2}x (below 1 is better)",
-        g.rib.as_secs_f64() / b.rib.as_secs_f64(),
-        g.fib.as_secs_f64() / b.fib.as_secs_f64(),
-        g.rss_delta_kib as f64 / b.rss_delta_kib.max(1) as f64
+        "gingham/BIRD (medians): Loc-RIB time {:.2}x, FIB time {:.2}x, bytes per route {:.2}x (below 1 is better); times min/median/max",
+        median(col(&gs, &rib)) / median(col(&bs, &rib)),
+        median(col(&gs, &fib)) / median(col(&bs, &fib)),
+        median(col(&gs, &rss)) / median(col(&bs, &rss)).max(1.0)
     );
 }
