@@ -272,9 +272,10 @@ fn main() {
         format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
     };
     println!(
-        "\nRoute reflector: {n} client sessions, one block each, until every client has every other block ({} routes delivered), alternating rounds (gingham+BIRD) {}; load average {}",
+        "\nRoute reflector: {n} client sessions, one block each, until every client has every other block ({} routes delivered), alternating rounds (gingham+BIRD) {}+{}; load average {}",
         n * (n - 1),
-        format!("{}+{}", gs.len(), bs.len()),
+        gs.len(),
+        bs.len(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
