@@ -133,6 +133,113 @@ fn felix(policies: usize) -> (String, String) {
     (sets, t)
 }
 
+/// One Felix-style round at `n` policies, in a namespace of its own: (sync, label, pod).
+fn felix_round(n: usize, round: usize) -> (Duration, Duration, Duration) {
+    // Felix-style, in its own namespace.
+    let f = Ns(format!("gbpf-{}-{n}-{round}", std::process::id()));
+    gingham_kernel::netns::add(&f.0).unwrap();
+    let (sets, rules) = felix(n);
+    let felix_sync = run(&f.0, "ipset", &["restore"], &sets) + run(&f.0, "iptables-restore", &["--noflush"], &rules);
+    // A local endpoint's label, back and forth: its set memberships and its chain.
+    let felix_label = median(
+        (0..LABEL_RUNS)
+            .map(|k| {
+                let (from, to) = if k % 2 == 0 { (0, MOVED_TO) } else { (MOVED_TO, 0) };
+                run(
+                    &f.0,
+                    "ipset",
+                    &["restore"],
+                    &format!("del cali40s-app-{from} 10.60.0.0\nadd cali40s-app-{to} 10.60.0.0\n"),
+                ) + run(
+                    &f.0,
+                    "iptables-restore",
+                    &["--noflush"],
+                    &format!("*filter\n{}COMMIT\n", felix_endpoint(0, to, n, true)),
+                )
+            })
+            .collect(),
+    );
+    // A pod elsewhere: one set member.
+    let felix_remote = run(&f.0, "ipset", &["restore"], "add cali40s-app-1 10.61.0.0\n");
+    drop(f);
+    (felix_sync, felix_label, felix_remote)
+}
+
+/// One gingham round at `n` policies, in a namespace of its own: (sync, label, pod, calc, floor).
+fn gingham_round(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    round: usize,
+) -> (Duration, Duration, Duration, Duration, Duration) {
+    // gingham.
+    let g = Ns(format!("gbpg-{}-{n}-{round}", std::process::id()));
+    let path = gingham_kernel::netns::add(&g.0).unwrap();
+    let nft = Nft::in_namespace_file(&std::fs::File::open(&path).unwrap()).unwrap();
+    let mut m = PolicyManager::new(nft, PolicyConfig::default());
+    let out = rt.block_on(async {
+        let t = Instant::now();
+        let mut e = Engine::default();
+        for i in 0..ENDPOINTS {
+            e.set_item(&format!("wep/{i}"), Some(endpoint(i, i % APPS)));
+        }
+        for j in 0..n {
+            let spec = serde_json::from_str(&policy_json(j)).unwrap();
+            e.set_policy(
+                &format!("ns-{}/p{j}", j % NAMESPACES),
+                Some(network_policy(&spec, &format!("ns-{}", j % NAMESPACES)).unwrap()),
+            );
+        }
+        let d = e.take_dirty();
+        let calc = t.elapsed();
+        m.apply(&e, &d).await.unwrap();
+        let sync = t.elapsed();
+        // One label change, back and forth: endpoint 0 moves from app-0 to app-10 (from one
+        // list of 20 policies to another) and back. The bench's 1,000 endpoints have 50
+        // distinct policy lists, as replicas do; a cluster of unique pods shares less.
+        let mut labels = Vec::new();
+        for k in 0..LABEL_RUNS {
+            let t = Instant::now();
+            e.set_item("wep/0", Some(endpoint(0, if k % 2 == 0 { MOVED_TO } else { 0 })));
+            let d = e.take_dirty();
+            m.apply(&e, &d).await.unwrap();
+            labels.push(t.elapsed());
+        }
+        let label = median(labels);
+        // The kernel's floor for any change that adds a verdict: it re-validates every jump
+        // of the table at commit. One chain with one `accept` rule, added and removed.
+        let floor = {
+            use gingham_kernel::nft::{Op, Rule, Statement};
+            let t = gingham_dataplane::policy::table();
+            let mut runs = Vec::new();
+            for _ in 0..LABEL_RUNS {
+                let s = Instant::now();
+                m.nft()
+                    .apply(&[
+                        Op::AddChain(t.clone(), "floor".into(), None),
+                        Op::AddRule(t.clone(), "floor".into(), Rule::new(vec![], vec![Statement::Accept])),
+                    ])
+                    .await
+                    .unwrap();
+                runs.push(s.elapsed());
+                let gone = [Op::FlushChain(t.clone(), "floor".into()), Op::DeleteChain(t.clone(), "floor".into())];
+                m.nft().apply(&gone).await.unwrap();
+            }
+            median(runs)
+        };
+        // A pod elsewhere starts: only set members change.
+        let t = Instant::now();
+        let mut remote = endpoint(ENDPOINTS, 1);
+        remote.local_interface = None;
+        e.set_item("wep/remote", Some(remote));
+        let d = e.take_dirty();
+        m.apply(&e, &d).await.unwrap();
+        (sync, label, t.elapsed(), calc, floor)
+    });
+    drop(m);
+    drop(g);
+    out
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     println!(
@@ -154,102 +261,38 @@ fn main() {
         "sync: calc",
         "kernel floor"
     );
+    let rounds: usize = std::env::var("GINGHAM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
+    let mut sync_spreads = Vec::new();
     for n in [100usize, 1000, 5000] {
-        // Felix-style, in its own namespace.
-        let f = Ns(format!("gbpf-{}-{n}", std::process::id()));
-        gingham_kernel::netns::add(&f.0).unwrap();
-        let (sets, rules) = felix(n);
-        let felix_sync =
-            run(&f.0, "ipset", &["restore"], &sets) + run(&f.0, "iptables-restore", &["--noflush"], &rules);
-        // A local endpoint's label, back and forth: its set memberships and its chain.
-        let felix_label = median(
-            (0..LABEL_RUNS)
-                .map(|k| {
-                    let (from, to) = if k % 2 == 0 { (0, MOVED_TO) } else { (MOVED_TO, 0) };
-                    run(
-                        &f.0,
-                        "ipset",
-                        &["restore"],
-                        &format!("del cali40s-app-{from} 10.60.0.0\nadd cali40s-app-{to} 10.60.0.0\n"),
-                    ) + run(
-                        &f.0,
-                        "iptables-restore",
-                        &["--noflush"],
-                        &format!("*filter\n{}COMMIT\n", felix_endpoint(0, to, n, true)),
-                    )
-                })
-                .collect(),
+        // Alternating rounds (who goes first swaps each round); each figure is a median of them.
+        let (mut fx, mut gg) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                fx.push(felix_round(n, round));
+                gg.push(gingham_round(&rt, n, round));
+            } else {
+                gg.push(gingham_round(&rt, n, round));
+                fx.push(felix_round(n, round));
+            }
+        }
+        let (felix_sync, felix_label, felix_remote) = (
+            median(fx.iter().map(|r| r.0).collect()),
+            median(fx.iter().map(|r| r.1).collect()),
+            median(fx.iter().map(|r| r.2).collect()),
         );
-        // A pod elsewhere: one set member.
-        let felix_remote = run(&f.0, "ipset", &["restore"], "add cali40s-app-1 10.61.0.0\n");
-        drop(f);
-
-        // gingham.
-        let g = Ns(format!("gbpg-{}-{n}", std::process::id()));
-        let path = gingham_kernel::netns::add(&g.0).unwrap();
-        let nft = Nft::in_namespace_file(&std::fs::File::open(&path).unwrap()).unwrap();
-        let mut m = PolicyManager::new(nft, PolicyConfig::default());
-        let (sync, label, remote, calc, floor) = rt.block_on(async {
-            let t = Instant::now();
-            let mut e = Engine::default();
-            for i in 0..ENDPOINTS {
-                e.set_item(&format!("wep/{i}"), Some(endpoint(i, i % APPS)));
-            }
-            for j in 0..n {
-                let spec = serde_json::from_str(&policy_json(j)).unwrap();
-                e.set_policy(
-                    &format!("ns-{}/p{j}", j % NAMESPACES),
-                    Some(network_policy(&spec, &format!("ns-{}", j % NAMESPACES)).unwrap()),
-                );
-            }
-            let d = e.take_dirty();
-            let calc = t.elapsed();
-            m.apply(&e, &d).await.unwrap();
-            let sync = t.elapsed();
-            // One label change, back and forth: endpoint 0 moves from app-0 to app-10 (from one
-            // list of 20 policies to another) and back. The bench's 1,000 endpoints have 50
-            // distinct policy lists, as replicas do; a cluster of unique pods shares less.
-            let mut labels = Vec::new();
-            for k in 0..LABEL_RUNS {
-                let t = Instant::now();
-                e.set_item("wep/0", Some(endpoint(0, if k % 2 == 0 { MOVED_TO } else { 0 })));
-                let d = e.take_dirty();
-                m.apply(&e, &d).await.unwrap();
-                labels.push(t.elapsed());
-            }
-            let label = median(labels);
-            // The kernel's floor for any change that adds a verdict: it re-validates every jump
-            // of the table at commit. One chain with one `accept` rule, added and removed.
-            let floor = {
-                use gingham_kernel::nft::{Op, Rule, Statement};
-                let t = gingham_dataplane::policy::table();
-                let mut runs = Vec::new();
-                for _ in 0..LABEL_RUNS {
-                    let s = Instant::now();
-                    m.nft()
-                        .apply(&[
-                            Op::AddChain(t.clone(), "floor".into(), None),
-                            Op::AddRule(t.clone(), "floor".into(), Rule::new(vec![], vec![Statement::Accept])),
-                        ])
-                        .await
-                        .unwrap();
-                    runs.push(s.elapsed());
-                    let gone = [Op::FlushChain(t.clone(), "floor".into()), Op::DeleteChain(t.clone(), "floor".into())];
-                    m.nft().apply(&gone).await.unwrap();
-                }
-                median(runs)
-            };
-            // A pod elsewhere starts: only set members change.
-            let t = Instant::now();
-            let mut remote = endpoint(ENDPOINTS, 1);
-            remote.local_interface = None;
-            e.set_item("wep/remote", Some(remote));
-            let d = e.take_dirty();
-            m.apply(&e, &d).await.unwrap();
-            (sync, label, t.elapsed(), calc, floor)
-        });
-        drop(m);
-        drop(g);
+        let (sync, label, remote, calc, floor) = (
+            median(gg.iter().map(|r| r.0).collect()),
+            median(gg.iter().map(|r| r.1).collect()),
+            median(gg.iter().map(|r| r.2).collect()),
+            median(gg.iter().map(|r| r.3).collect()),
+            median(gg.iter().map(|r| r.4).collect()),
+        );
+        let spread = |v: Vec<Duration>| {
+            let ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+            let (lo, hi) = ms.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+            format!("{lo:.1}-{hi:.1}")
+        };
+        sync_spreads.push((n, spread(gg.iter().map(|r| r.0).collect()), spread(fx.iter().map(|r| r.0).collect())));
         let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
         println!(
             "{n:>9} {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>13} {:>13} {:>5.2}x {:>11} {:>13}",
@@ -266,8 +309,11 @@ fn main() {
             ms(floor)
         );
     }
+    for (n, g, f) in sync_spreads {
+        println!("sync at {n} policies, min-max over the rounds: gingham {g} ms, Felix-style {f} ms");
+    }
     println!(
-        "(label: a local endpoint changes app and back, median of {LABEL_RUNS} — its set memberships and its own chain, now a goto to the chain its 20 new policies' replicas share; pod: an endpoint on another node joins a set.\n \
+        "(every figure: the median of {rounds} alternating rounds, ratios of medians; label: a local endpoint changes app and back, each round's median of {LABEL_RUNS} — its set memberships and its own chain, now a goto to the chain its 20 new policies' replicas share; pod: an endpoint on another node joins a set.\n \
          gingham: calculation + one transaction; Felix-style: ipset restore + iptables-restore, process start included as Felix pays it;\n \
          kernel floor: one chain with one accept rule added to gingham's table — every commit adding a verdict re-validates the table's jumps)"
     );
