@@ -691,7 +691,7 @@ async fn main() {
             if let Some(old) = &old {
                 agents.push(("e5049a0", old.clone(), Duration::from_secs(60)));
             }
-            for round in 0..rounds {
+            for _ in 0..rounds {
                 for (who, exe, cap) in &agents {
                     rows.push(measure(who, exe, backend, ds.clone(), &env, nodes, churn, *cap).await);
                 }
