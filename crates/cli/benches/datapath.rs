@@ -71,8 +71,8 @@ impl GinghamLab {
         format!("{}-pod-{}", self.prefix, pod.replace('/', "-"))
     }
     /// iperf3 TCP from one lab pod to another's address: Gbit/s.
-    fn iperf(&self, src: &str, dst: &str, secs: u32) -> f64 {
-        iperf::iperf(&self.pod_ns(src), &self.pod_ns(dst), &self.ip(dst), secs, 5301, false)
+    fn iperf(&self, src: &str, dst: &str, secs: u32) -> (f64, f64) {
+        iperf::iperf_with_cpu(&self.pod_ns(src), &self.pod_ns(dst), &self.ip(dst), secs, 5301, false)
     }
 }
 
@@ -114,7 +114,8 @@ fn main() {
         ("pod→pod, across nodes, native", "native", "none", false),
         ("pod→pod, across nodes, VXLAN", "vxlan", "vxlan", false),
     ];
-    type Row = (&'static str, Vec<f64>, Vec<f64>, Vec<f64>);
+    // Per run: (Gb/s, CPU s per GB).
+    type Row = (&'static str, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>);
     let mut rows: Vec<Row> = Vec::new();
     for (name, mode, encap, same) in paths {
         // The hand-built lab lives in the root namespace's bridge, gingham's labs in their own
@@ -128,7 +129,7 @@ fn main() {
         for run in 0..runs {
             for turn in 0..3 {
                 match (run + turn) % 3 {
-                    0 => hand.push(iperf::iperf("pod1-1", hand_dst, hand_ip, secs, 5301, false)),
+                    0 => hand.push(iperf::iperf_with_cpu("pod1-1", hand_dst, hand_ip, secs, 5301, false)),
                     1 => ging.push(plain.iperf("default/pod-1-1", dst, secs)),
                     _ => ging_nat.push(nat.iperf("default/pod-1-1", dst, secs)),
                 }
@@ -144,21 +145,41 @@ fn main() {
         "hand-built = fixtures/lab-underlay.sh (iproute2 by hand, no NAT); gingham = `gingham lab up` (agents + CNI),"
     );
     println!("natOutgoing off for the like-for-like ratio; the last columns keep the pool's natOutgoing on");
-    println!("Gb/s as min/median/max over the runs; ratios of medians\n");
+    println!("Gb/s as min/median/max over the runs; ratios of medians");
+    println!("CPU ms/GB: the whole machine's busy CPU time per GB received (median; below 1x is cheaper)\n");
     println!(
-        "{:<32} {:>18} {:>18} {:>8} {:>18} {:>8}",
-        "path", "hand-built Gb/s", "gingham Gb/s", "ratio", "+natOutgoing Gb/s", "ratio"
+        "{:<32} {:>18} {:>18} {:>8} {:>18} {:>8}   {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "path",
+        "hand-built Gb/s",
+        "gingham Gb/s",
+        "ratio",
+        "+natOutgoing Gb/s",
+        "ratio",
+        "hand CPU",
+        "gingham",
+        "ratio",
+        "+nat",
+        "ratio"
     );
     for (name, h, g, gn) in rows {
-        let (mh, mg, mgn) = (median(h.clone()), median(g.clone()), median(gn.clone()));
+        let rate = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<f64>>();
+        let cpu = |v: &[(f64, f64)]| median(v.iter().map(|x| x.1 * 1e3).collect());
+        let (h_, g_, gn_) = (rate(&h), rate(&g), rate(&gn));
+        let (mh, mg, mgn) = (median(h_.clone()), median(g_.clone()), median(gn_.clone()));
+        let (ch, cg, cgn) = (cpu(&h), cpu(&g), cpu(&gn));
         println!(
-            "{:<32} {:>18} {:>18} {:>7.2}x {:>18} {:>7.2}x",
+            "{:<32} {:>18} {:>18} {:>7.2}x {:>18} {:>7.2}x   {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>6.2}x",
             name,
-            min_med_max(&h, 2),
-            min_med_max(&g, 2),
+            min_med_max(&h_, 2),
+            min_med_max(&g_, 2),
             mg / mh,
-            min_med_max(&gn, 2),
-            mgn / mh
+            min_med_max(&gn_, 2),
+            mgn / mh,
+            ch,
+            cg,
+            cg / ch,
+            cgn,
+            cgn / ch
         );
     }
 }
