@@ -451,8 +451,11 @@ impl EndpointService {
         // undone (its task drops its work when the addresses never come).
         let recorded = self.record(ep, id, mac, ips_tx, undo).await;
         let plumbed = kernel.await.map_err(|e| internal("the kernel part of ADD failed", e)).and_then(|r| r);
+        // A datastore error comes first (the kernel's part then only saw no addresses come).
         let ips = recorded?;
         let (host_link, pod_link, kernel_steps) = plumbed?;
+        let ips =
+            ips.ok_or_else(|| CniError::new(code::INTERNAL, "the kernel part of ADD ended without its addresses"))?;
         for (name, us) in kernel_steps {
             crate::steps::alongside(name, us);
         }
@@ -461,7 +464,8 @@ impl EndpointService {
     }
 
     /// The datastore's part of an ADD: addresses assigned (and handed to the kernel's part),
-    /// the endpoint recorded, its policy in place; the addresses.
+    /// the endpoint recorded, its policy in place; the addresses — None when the kernel's part
+    /// had already failed (nothing more is written; its error tells why).
     async fn record(
         &self,
         ep: &Endpoint,
@@ -469,18 +473,19 @@ impl EndpointService {
         mac: [u8; 6],
         ips_tx: tokio::sync::oneshot::Sender<gingham_ipam::Assigned>,
         undo: &mut Undo,
-    ) -> Result<Vec<IpNet>, CniError> {
+    ) -> Result<Option<Vec<IpNet>>, CniError> {
         let got = self.assign(ep, id, false).await?;
         crate::steps::mark("IPAM");
-        // The kernel's part has ended (failed) when nobody takes them: the caller finds out.
-        let _ = ips_tx.send(got.clone());
+        if ips_tx.send(got.clone()).is_err() {
+            return Ok(None);
+        }
         undo.wep = true;
         self.write_endpoint(ep, id, &got, &Some(mac)).await?;
         crate::steps::mark("endpoint write");
         let ips: Vec<IpNet> = got.v4.iter().chain(&got.v6).copied().collect();
         self.policy_in_place(&id.host_veth, &ips).await?;
         crate::steps::mark("policy in place");
-        Ok(ips)
+        Ok(Some(ips))
     }
 
     /// Wait until this node's agent has the endpoint's policy in the kernel, built for these
