@@ -14,6 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "../../cli/benches/common/stats.rs"]
+mod stats;
 
 use gingham_bgp::fsm::Config;
 use gingham_bgp::packet::{AsPathSegment, Attrs, Codec, Family, Message, Nlri, Open, SegmentKind, Update};
@@ -315,14 +317,7 @@ fn main() {
             gs.push(gingham(n));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
-    };
+    let (median, spread) = (stats::median, |v: &[f64]| stats::min_med_max(v, 2));
     let col = |rows: &[Row], f: &dyn Fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
     let rib = |r: &Row| r.rib.as_secs_f64();
     let fib = |r: &Row| r.fib.as_secs_f64();

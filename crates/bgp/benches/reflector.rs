@@ -12,6 +12,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "../../cli/benches/common/stats.rs"]
+mod stats;
 
 use gingham_bgp::fsm::Config;
 use gingham_bgp::packet::{Attrs, Capability, Codec, Family, Message, Nlri, Open, Update};
@@ -263,14 +265,7 @@ fn main() {
             }
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        format!("{lo:.2}/{:.2}/{hi:.2}", median(v.to_vec()))
-    };
+    let (median, spread) = (stats::median, |v: &[f64]| stats::min_med_max(v, 2));
     println!(
         "\nRoute reflector: {n} client sessions, one block each, until every client has every other block ({} routes delivered), alternating rounds (gingham+BIRD) {}+{}; load average {}",
         n * (n - 1),

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use gingham_kernel::netns;
 use gingham_kernel::nft::*;
 
+#[path = "../../cli/benches/common/stats.rs"]
+mod stats;
+
 fn pct(mut v: Vec<Duration>) -> (Duration, Duration) {
     v.sort();
     (v[v.len() / 2], v[(v.len() * 99 / 100).min(v.len() - 1)])
@@ -132,15 +135,8 @@ async fn main() {
         proc_chain.push(s.elapsed());
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        format!("{lo:.0}/{:.0}/{hi:.0}", median(v))
-    };
+    let median = |v: &[f64]| stats::median(v.to_vec());
+    let spread = |v: &[f64]| stats::min_med_max(v, 0);
     println!(
         "nftables change cost, table with 10,000 rules; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
