@@ -89,11 +89,19 @@ pub struct EndpointService {
 pub const TEARDOWN_PREFIX: &str = "gdl";
 
 fn teardown_name() -> String {
+    format!("{TEARDOWN_PREFIX}{:012x}", random_u64() & 0xffff_ffff_ffff)
+}
+
+/// 64 bits no two calls share: std's randomly keyed hasher over a counter and the clock.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let t =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
-    format!("{TEARDOWN_PREFIX}{:012x}", (t as u64 ^ n.rotate_left(40)) & 0xffff_ffff_ffff)
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default(),
+    );
+    h.finish()
 }
 
 /// Whether a link name is one of our teardown names.
@@ -958,14 +966,7 @@ fn result_for(
 
 /// A pod's MAC: random, unicast, locally administered (as the kernel picks one).
 fn pod_mac() -> [u8; 6] {
-    use std::hash::{BuildHasher, Hasher};
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default(),
-    );
-    let b = h.finish().to_be_bytes();
+    let b = random_u64().to_be_bytes();
     [(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 

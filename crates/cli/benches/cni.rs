@@ -133,8 +133,9 @@ fn breakdown(wall: Duration, stderr: &str) -> Option<Vec<(String, Duration)>> {
         .iter()
         .filter_map(|s| Some((s[0].as_str()?.to_string(), Duration::from_micros(s[1].as_u64()?))))
         .collect();
-    // Steps "(alongside) …" ran beside the others (the agent's kernel part): not summed.
-    let in_agent: Duration = agent.iter().filter(|(n, _)| !n.starts_with("(alongside) ")).map(|(_, d)| *d).sum();
+    // Steps that ran beside the others (the agent's kernel part) are not summed.
+    let alongside = gingham_agent::steps::ALONGSIDE;
+    let in_agent: Duration = agent.iter().filter(|(n, _)| !n.starts_with(alongside)).map(|(_, d)| *d).sum();
     let mut out = vec![
         ("plugin start, config, result".to_string(), wall.saturating_sub(rt)),
         ("socket round trip, queue".to_string(), rt.saturating_sub(in_agent)),
